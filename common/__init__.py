@@ -1,0 +1,1 @@
+"""Pieces every Tessera package shares: typed configuration and user-facing errors."""

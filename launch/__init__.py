@@ -1,0 +1,1 @@
+"""Entry points and cluster glue: the `tessera` CLI, launchers, SLURM rendering."""

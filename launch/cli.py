@@ -1,0 +1,73 @@
+"""The `tessera` console script: one subcommand per pipeline stage.
+
+Each subcommand lives in ``launch/commands/<module>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int | None``; it is imported only when used, so ``tessera --help`` stays fast.
+User mistakes (:class:`common.errors.UserError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from common.errors import UserError
+
+# name → (module under launch.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prep": ("prep", "clean, filter and deduplicate raw text into documents.jsonl + report.json"),
+    "tokenizer": ("tokenizer", "train a tokenizer (tessera tokenizer train ...)"),
+    "shard": ("shard", "tokenize documents into webdataset tar shards with a manifest"),
+    "pretrain": ("pretrain", "pretrain a model (CLM, MLM or span corruption)"),
+    "sft": ("sft", "instruction-tune a model on conversations"),
+    "align": ("align", "align a model on preference pairs (DPO, IPO, cDPO, SimPO, ORPO)"),
+    "generate": ("generate", "decode text from a checkpoint"),
+    "export": ("export", "export a checkpoint to the Hugging Face layout"),
+    "import": ("import_hf", "import a Hugging Face model directory as a Tessera checkpoint"),
+    "eval": ("evaluate", "perplexity of a checkpoint on a shard directory"),
+    "slurm": ("slurm", "render (and submit) an sbatch script for a config"),
+    "plot": ("plot", "draw a run's metrics as PNG plots"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Train Transformer language models end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            _load(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        print(f"tessera: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        parser = build_parser(only=command)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return int(_load(COMMANDS[args.command][0]).run(args) or 0)
+    except UserError as exc:
+        print(f"tessera {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(f"launch.commands.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"launch.commands.{module}":
+            raise UserError("this command is not available yet") from None
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
