@@ -1,0 +1,194 @@
+"""Conversations: record formats, chat-template rendering, assistant-only masks, bad records."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+
+import pytest
+
+from common.errors import UserError
+from data.conversations import (
+    BadRecord,
+    default_chat_template,
+    encode_preference,
+    encode_records,
+    encode_sft,
+    read_records,
+    render,
+    to_messages,
+    to_preference,
+)
+
+MULTI_TURN = {
+    "messages": [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Colour of the sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And of grass?"},
+        {"role": "assistant", "content": "Green, mostly."},
+    ]
+}
+
+
+def expected_tokens(tokenizer, messages) -> list[tuple[int, int]]:
+    """(id, trained?) built turn by turn from the template's definition, independently of the code."""
+    out = [(tokenizer.bos_id, 0)]
+    end = tokenizer.token_id("<|end|>")
+    for m in messages:
+        trained = int(m["role"] == "assistant")
+        out += [(i, 0) for i in tokenizer.encode(f"<|{m['role']}|>\n", add_special_tokens=False)]
+        out += [(i, trained) for i in tokenizer.encode(m["content"], add_special_tokens=False)]
+        out.append((end, trained))
+    return out
+
+
+def test_multi_turn_mask_is_exactly_the_assistant_turns(tokenizer):
+    ids, mask = encode_sft(MULTI_TURN, tokenizer)
+    assert list(zip(ids, mask)) == expected_tokens(tokenizer, MULTI_TURN["messages"])
+    trained = [
+        tokenizer.decode([i for i, m in group]) for k, group in itertools.groupby(zip(ids, mask), lambda t: t[1]) if k
+    ]
+    assert trained == ["Blue.<|end|>", "Green, mostly.<|end|>"]
+    assert ids.count(tokenizer.bos_id) == 1
+
+
+def test_sft_formats_become_the_same_messages():
+    user, answer = "Name a colour.", "Red."
+    expected = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    assert to_messages({"instruction": user, "input": "", "output": answer}) == expected
+    assert to_messages({"instruction": user, "input": "", "response": answer}) == expected
+    assert to_messages({"prompt": user, "completion": answer}) == expected
+    assert (
+        to_messages({"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}) == expected
+    )
+    assert to_messages({"messages": expected, "system": "Be brief."})[0] == {"role": "system", "content": "Be brief."}
+    alpaca = to_messages({"instruction": "Translate.", "input": "ciao", "output": "hello"})
+    assert alpaca[0]["content"] == "Translate.\n\nciao"
+
+
+def test_real_sft_sets_encode_with_trained_tokens(tokenizer, shared_data):
+    for path in ("sft_alpaca_en_demo.json", "sft_rasbt_instruction_data.json", "sft_gpteacher_roleplay.json"):
+        for record in itertools.islice(read_records(shared_data / path), 20):
+            ids, mask = encode_sft(record, tokenizer)
+            assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
+            assert ids[len(mask) - 1 - mask[::-1].index(1)] == tokenizer.token_id("<|end|>")
+
+
+def test_preference_formats(tokenizer, shared_data):
+    lf = json.loads((shared_data / "pref_llamafactory_dpo_en_demo.json").read_text())
+    system_record = next(r for r in lf if r["conversations"][0]["from"] == "system")
+    prompt, chosen, rejected = to_preference(system_record)
+    assert prompt[0]["role"] == "system" and prompt[-1]["role"] == "user"
+    assert chosen == [{"role": "assistant", "content": system_record["chosen"]["value"]}]
+    assert rejected[0]["content"] == system_record["rejected"]["value"]
+
+    rasbt = json.loads((shared_data / "pref_rasbt_instruction_data_with_preference.json").read_text())[0]
+    prompt, chosen, rejected = to_preference(rasbt)
+    assert prompt[0]["content"].startswith(rasbt["instruction"]) and rasbt["input"] in prompt[0]["content"]
+    assert (chosen[0]["content"], rejected[0]["content"]) == (rasbt["chosen"], rasbt["rejected"])
+
+    hh = next(read_records(shared_data / "pref_hh_rlhf_harmless_base_test_shared.jsonl"))
+    prompt, chosen, rejected = to_preference(hh)
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert prompt[0]["content"] == "what are some pranks with a pen i can do?"
+    assert hh["chosen"].endswith(chosen[0]["content"]) and hh["rejected"].endswith(rejected[0]["content"])
+    assert chosen != rejected
+
+    as_lists = {k: [*prompt, *v] for k, v in (("chosen", chosen), ("rejected", rejected))}
+    assert to_preference(as_lists) == (prompt, chosen, rejected)
+    assert to_preference({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."})[1][0]["content"] == "Hello!"
+
+
+def test_preference_ids_continue_the_prompt(tokenizer):
+    record = {"prompt": "Colour of the sky?", "chosen": "Blue.", "rejected": "Green."}
+    prompt_ids, chosen_ids, rejected_ids = encode_preference(record, tokenizer)
+    sft_ids, sft_mask = encode_sft({"prompt": record["prompt"], "completion": record["chosen"]}, tokenizer)
+    assert prompt_ids + chosen_ids == sft_ids
+    assert sft_mask == [0] * len(prompt_ids) + [1] * len(chosen_ids)
+    assert tokenizer.decode(rejected_ids) == "Green.<|end|>"
+    assert tokenizer.decode(prompt_ids[-2:]) == "<|assistant|>\n"
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({"instruction": "Say hi."}, "missing field 'output'"),
+        ({"instruction": "Say hi.", "input": "", "output": "   "}, "empty response"),
+        ({"text": "just text"}, "unrecognised format"),
+        ({"prompt": "Hi", "chosen": "Hello"}, "missing field 'rejected'"),
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "unsupported role"),
+    ],
+)
+def test_bad_records_fail_with_one_line_naming_the_record(tokenizer, record, reason):
+    encode = encode_preference if "chosen" in record else encode_sft
+    with pytest.raises(BadRecord) as info:
+        encode(record, tokenizer, name="train.json record 7")
+    message = str(info.value)
+    assert message.startswith("train.json record 7: ") and reason in message and "\n" not in message
+
+
+def test_prompt_longer_than_seq_len(tokenizer):
+    long_prompt = {"prompt": "word " * 200, "completion": "ok"}
+    with pytest.raises(BadRecord, match="prompt longer than seq_len"):
+        encode_sft(long_prompt, tokenizer, max_len=64)
+    with pytest.raises(BadRecord, match="prompt longer than seq_len"):
+        encode_preference({"prompt": "word " * 200, "chosen": "a", "rejected": "b"}, tokenizer, max_len=64)
+    ids, mask = encode_sft({"prompt": "Hi", "completion": "word " * 200}, tokenizer, max_len=64)
+    assert len(ids) == 64 and mask[-1] == 1
+    record = {"prompt": "Hi", "chosen": "word " * 200, "rejected": "b"}
+    prompt, chosen, rejected = encode_preference(record, tokenizer, max_len=64)
+    assert len(prompt) + len(chosen) == 64
+    assert rejected == [*tokenizer.encode("b", add_special_tokens=False), tokenizer.token_id("<|end|>")]
+
+
+def test_skip_bad_counts_by_reason(tokenizer, shared_data):
+    records = list(itertools.islice(read_records(shared_data / "pref_hh_rlhf_harmless_base_test_shared.jsonl"), 400))
+    with pytest.raises(BadRecord, match=r"^hh record \d+: empty response"):
+        list(encode_records(records, tokenizer, "preference", source="hh record"))
+    skipped: Counter[str] = Counter()
+    kept = list(encode_records(records, tokenizer, "preference", max_len=128, skip_bad=True, skipped=skipped))
+    assert skipped["empty response"] >= 1
+    assert len(kept) + sum(skipped.values()) == len(records)
+    assert all(len(p) + len(c) <= 128 and len(p) + len(r) <= 128 for p, c, r in kept)
+
+
+def test_double_bos_is_refused_and_a_missing_bos_added(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ bos_token }}" + default_chat_template())
+    with pytest.raises(UserError, match="two BOS"):
+        encode_sft(MULTI_TURN, tokenizer)
+    monkeypatch.setattr(tokenizer, "chat_template", default_chat_template().replace("{{- bos_token -}}", ""))
+    ids, _ = encode_sft(MULTI_TURN, tokenizer)
+    assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.bos_id) == 1
+
+
+def test_foreign_template_masks_up_to_its_end_of_turn(tokenizer, monkeypatch):
+    chatml = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    monkeypatch.setattr(tokenizer, "chat_template", chatml)
+    ids, mask = encode_sft(MULTI_TURN, tokenizer)
+    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "Blue.<|end|>Green, mostly.<|end|>"
+    unprefixed = [{"role": "user", "content": "x"}]
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ messages | length }}")
+    with pytest.raises(UserError, match="prefix"):
+        encode_sft({"messages": [*unprefixed, {"role": "assistant", "content": "y"}]}, tokenizer)
+
+
+def test_default_template_renders_like_transformers(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token="<|bos|>", eos_token="<|eos|>")
+    hf.chat_template = default_chat_template()
+    messages = MULTI_TURN["messages"][:4]
+    for gen in (False, True):
+        ours = render(
+            default_chat_template(), messages, add_generation_prompt=gen, bos_token="<|bos|>", eos_token="<|eos|>"
+        )
+        assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == ours
+    ids, _ = encode_sft(MULTI_TURN, hf)
+    assert ids == encode_sft(MULTI_TURN, tokenizer)[0]
