@@ -1,0 +1,188 @@
+"""Preference objectives on (chosen, rejected) pairs: DPO, IPO, cDPO, SimPO and ORPO.
+
+The formulas follow the papers as TRL implements them, and the logged metrics carry TRL's names
+(``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``). With β, the policy's and the reference's summed log-probs
+π_c, π_r, ρ_c, ρ_r of the chosen and rejected continuations, and ā the per-token mean log-prob:
+
+  dpo    -log σ(β·[(π_c-ρ_c) - (π_r-ρ_r)])
+  cdpo   the same with label smoothing ε: -(1-ε)·log σ(β·h) - ε·log σ(-β·h)
+  ipo    (h̄ - 1/(2β))², h̄ built from per-token means
+  simpo  -log σ(β·(ā_c - ā_r) - γ)                         reference-free
+  orpo   α·NLL_c - β·log σ(log odds(ā_c) - log odds(ā_r))   reference-free
+
+The reference is either precomputed (``ref_chosen_logps``/``ref_rejected_logps`` in the batch, see
+:mod:`trainer.reference`) or a frozen copy of the starting model held by the same strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from common.errors import ConfigError
+from trainer.objectives import Batch, LossOutput, ObjectiveContext
+from trainer.objectives.cross_entropy import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from trainer.config import AlignConfig
+
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+LENGTH_NORMALISED = frozenset({"ipo", "simpo", "orpo"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLogps:
+    """Summed log-probs of each pair's chosen and rejected continuation, and their token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLosses:
+    """Per-pair losses, implicit rewards and the log-probs the loss used (summed or per token)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+
+
+def preference_losses(
+    policy: PairLogps,
+    reference: PairLogps | None,
+    *,
+    loss: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    orpo_alpha: float = 1.0,
+) -> PairLosses:
+    """The closed-form loss of each pair under ``loss`` (dpo, cdpo, ipo, simpo, orpo)."""
+    if loss in LENGTH_NORMALISED:
+        chosen, rejected = policy.per_token()
+    else:
+        chosen, rejected = policy.chosen, policy.rejected
+    if loss in REFERENCE_FREE:
+        if loss == "simpo":
+            logits = beta * (chosen - rejected) - simpo_gamma
+            losses = -F.logsigmoid(logits)
+        else:
+            log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+            losses = -orpo_alpha * chosen - beta * F.logsigmoid(log_odds)
+        return PairLosses(losses, beta * chosen.detach(), beta * rejected.detach(), chosen, rejected)
+    if reference is None:
+        raise ValueError(f"{loss} needs reference log-probs")
+    ref_chosen, ref_rejected = reference.per_token() if loss == "ipo" else (reference.chosen, reference.rejected)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    logits = chosen_ratio - rejected_ratio
+    if loss == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        smoothing = label_smoothing if loss == "cdpo" else 0.0
+        losses = -(1 - smoothing) * F.logsigmoid(beta * logits) - smoothing * F.logsigmoid(-beta * logits)
+    return PairLosses(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), chosen, rejected)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0."""
+    return torch.log(-torch.expm1(x.clamp(max=-1e-7)))
+
+
+def concat_pairs(batch: Batch, key: str, pad: int) -> torch.Tensor:
+    """``chosen_<key>`` over ``rejected_<key>`` in one [2B, T] tensor, right-padded with ``pad``."""
+    chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+    width = max(chosen.shape[1], rejected.shape[1])
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=pad) for t in (chosen, rejected)])
+
+
+def pair_inputs(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Input ids and keyword inputs of chosen and rejected stacked, for one forward per pair batch."""
+    kwargs = {"attention_mask": concat_pairs(batch, "attention_mask", 0)} if "chosen_attention_mask" in batch else {}
+    return concat_pairs(batch, "input_ids", 0), kwargs
+
+
+def pair_logps(model: torch.nn.Module, batch: Batch) -> PairLogps:
+    """Summed log-probs of the labelled (shifted, -100 elsewhere) tokens of each continuation."""
+    input_ids, kwargs = pair_inputs(batch)
+    labels = concat_pairs(batch, "labels", IGNORE_INDEX)
+    logits = model(input_ids, **kwargs)
+    token_logps = -F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
+    sums, tokens = token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    n = batch["chosen_input_ids"].shape[0]
+    return PairLogps(sums[:n], sums[n:], tokens[:n], tokens[n:])
+
+
+def pair_metrics(out: PairLosses) -> dict[str, torch.Tensor]:
+    """TRL's metric names, each summed over the pairs (the loop divides by the global pair count)."""
+    c, r = out.chosen_rewards, out.rejected_rewards
+    return {
+        "rewards/chosen": c.sum(),
+        "rewards/rejected": r.sum(),
+        "rewards/accuracies": (c > r).float().sum(),
+        "rewards/margins": (c - r).sum(),
+        "logps/chosen": out.chosen_logps.detach().sum(),
+        "logps/rejected": out.rejected_logps.detach().sum(),
+    }
+
+
+class PreferenceObjective:
+    """The loop's view of a preference loss: pairs are the units."""
+
+    data_objective = "preference"
+
+    def __init__(self, align: AlignConfig, reference_model: torch.nn.Module | None) -> None:
+        self.align = align
+        self.loss_name = str(align.loss)
+        self.reference_model = reference_model
+
+    def count(self, batch: Batch) -> int:
+        return int(batch["chosen_input_ids"].shape[0])
+
+    def reference_logps(self, batch: Batch, policy: PairLogps) -> PairLogps | None:
+        if self.loss_name in REFERENCE_FREE:
+            return None
+        if "ref_chosen_logps" in batch:
+            chosen, rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            return PairLogps(chosen, rejected, policy.chosen_tokens, policy.rejected_tokens)
+        if self.reference_model is None:
+            raise ConfigError(
+                "align.reference is precomputed but the batch has no reference log-probs; run the "
+                "precompute pass (trainer.reference) on the data first"
+            )
+        with torch.no_grad():
+            return pair_logps(self.reference_model, batch)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
+        policy = pair_logps(model, batch)
+        out = preference_losses(
+            policy,
+            self.reference_logps(batch, policy),
+            loss=self.loss_name,
+            beta=self.align.beta,
+            label_smoothing=self.align.label_smoothing,
+            simpo_gamma=self.align.simpo_gamma,
+            orpo_alpha=self.align.orpo_alpha,
+        )
+        count = torch.tensor(policy.chosen.shape[0], device=policy.chosen.device)
+        return LossOutput(loss_sum=out.losses.sum(), count=count, metrics=pair_metrics(out))
+
+
+def build(ctx: ObjectiveContext) -> PreferenceObjective:
+    from trainer.reference import live_reference
+
+    align = ctx.cfg.align
+    needs_live = str(align.loss) not in REFERENCE_FREE and str(align.reference) == "live"
+    return PreferenceObjective(align, live_reference(ctx) if needs_live else None)
