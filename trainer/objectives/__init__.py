@@ -1,0 +1,96 @@
+"""Objectives: loss functions over batches, behind one protocol the loop drives.
+
+An objective turns one micro-batch into a *sum* of per-unit losses and the number of units
+(target tokens for language modelling, pairs for preference losses). The loop never averages
+per micro-batch: before any forward it adds ``count(batch)`` over the accumulation steps and
+all-reduces it over ranks, then back-propagates ``loss_sum * world_size / global_count`` for each
+micro-batch (data-parallel gradient reduction averages over ranks). The step's gradient is thus
+exactly that of the mean over every unit of the global batch, however tokens fall across
+micro-steps and ranks.
+
+To add an objective, write a module here with a class that satisfies :class:`Objective` and a
+``build(ctx: ObjectiveContext) -> Objective`` function, and name it in :data:`REGISTRY`.
+``ctx`` carries the run config, tokenizer and strategy (``ctx.strategy.wrap_frozen(model)``
+shards a frozen reference model the same way as the trained one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
+    from trainer.strategy import Strategy
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class LossOutput:
+    """``loss_sum``: summed loss over this micro-batch's units (a scalar that back-propagates);
+    ``count``: the units in it (a scalar tensor, equal to ``count(batch)``); ``metrics``: extra
+    scalars to log (e.g. ``rewards/accuracies``), each a *sum* over units, divided by the global
+    count by the loop like the loss."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Objective(Protocol):
+    data_objective: str
+    """Which collator the data loader uses: clm, mlm, span, sft or preference."""
+
+    def count(self, batch: Batch) -> int:
+        """Loss units in ``batch``, known before any forward."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
+        """Forward ``batch`` through ``model`` (as wrapped by the strategy) and sum the loss."""
+        ...
+
+
+@dataclasses.dataclass
+class ObjectiveContext:
+    """What an objective's ``build`` may need."""
+
+    name: str  # the registry name it was built for (e.g. "sft" builds the CLM loss on sft batches)
+    cfg: RunConfig
+    tokenizer: Any
+    strategy: Strategy
+    model: torch.nn.Module  # the trained model, already wrapped by the strategy
+
+
+# objective name → module under trainer.objectives that has ``build(ctx)``
+REGISTRY: dict[str, str] = {
+    "clm": "clm",
+    "mlm": "mlm",
+    "span": "span",
+    "sft": "clm",
+    "preference": "preference",
+    "reward": "reward",
+}
+
+# what each pretraining architecture learns when train.objective is not set
+PRETRAIN_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}
+
+
+def objective_name(cfg: RunConfig, task: str) -> str:
+    """The objective a run trains: train.objective if set, else what the task and arch imply."""
+    if cfg.train.objective:
+        return cfg.train.objective
+    if task == "pretrain":
+        return PRETRAIN_OBJECTIVE[str(cfg.model.arch)]
+    return {"sft": "sft", "align": "preference"}[task]
+
+
+def build_objective(name: str, ctx: ObjectiveContext) -> Objective:
+    if name not in REGISTRY:
+        raise ConfigError(f"train.objective: {name!r} is not one of {', '.join(REGISTRY)}")
+    return importlib.import_module(f"trainer.objectives.{REGISTRY[name]}").build(ctx)

@@ -1,0 +1,66 @@
+"""Token cross-entropy summed over targets, with a chunked linear+CE that never holds full logits.
+
+``chunked_linear_cross_entropy(hidden, weight, labels)`` computes ``sum(CE(hidden @ weight.T, labels))``
+a chunk of rows at a time: logits of one chunk ([chunk, V]) exist at once, and the gradients for
+``hidden`` and ``weight`` are computed in the same pass (as Liger-Kernel does), so the backward
+needs no logits either. Pure PyTorch; equal to the plain path up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE over positions whose label is not -100 (logits [..., V], labels [...])."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+        """Every row of ``hidden`` has a target in ``labels`` (the caller dropped ignored ones)."""
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            target = labels[start : start + chunk_size]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += (lse - picked).sum()
+            if need_grad:
+                grad_logits = torch.softmax(logits, dim=-1)
+                grad_logits.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
+                grad_hidden[start : start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_weight += grad_logits.t() @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_output.to(grad_hidden.dtype),
+            (grad_weight * grad_output).to(ctx.weight_dtype),
+            None,
+            None,
+        )
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Summed CE of ``hidden [..., D] @ weight[V, D].T`` against ``labels [...]`` (-100 ignored)."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1)
+    keep = flat != IGNORE_INDEX  # rows without a target cost nothing
+    return _ChunkedLinearCE.apply(rows[keep], weight, flat[keep], chunk_size)

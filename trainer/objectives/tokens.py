@@ -1,0 +1,51 @@
+"""The shared shape of token-level objectives (CLM, MLM, span corruption): CE on labelled positions.
+
+Labels follow the data loader's convention: ``labels[b, t]`` is the target of position ``t``
+(already shifted for causal models), -100 where nothing is learnt. With ``chunk_size > 0`` the
+model returns its final hidden states and the LM head runs inside the chunked linear+CE, so full
+logits never exist; otherwise the model's logits go through plain CE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainer.objectives import Batch, LossOutput
+from trainer.objectives.cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, cross_entropy_sum
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a DDP or DeepSpeed wrapper (FSDP2 wraps in place)."""
+    return getattr(model, "module", model)
+
+
+class TokenObjective:
+    """Base: subclasses say which batch keys feed the model (:meth:`model_inputs`)."""
+
+    data_objective = "clm"
+
+    def __init__(self, chunk_size: int = 0) -> None:
+        self.chunk_size = chunk_size
+
+    def model_inputs(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        raise NotImplementedError
+
+    def count(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
+        args, kwargs = self.model_inputs(batch)
+        labels = batch["labels"]
+        if self.chunk_size:
+            hidden = model(*args, **kwargs, return_hidden=True)
+            loss_sum = chunked_linear_cross_entropy(hidden, unwrap(model).output_weight(), labels, self.chunk_size)
+        else:
+            loss_sum = cross_entropy_sum(model(*args, **kwargs), labels)
+        return LossOutput(loss_sum=loss_sum, count=(labels != IGNORE_INDEX).sum())
+
+
+def chunk_size_for(ctx: Any) -> int:
+    """The configured chunk size, or 0 where the strategy cannot use the LM head outside forward."""
+    return ctx.cfg.train.loss_chunk_size if ctx.strategy.supports_hidden_loss else 0
