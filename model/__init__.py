@@ -1,0 +1,13 @@
+"""The Transformer family: configs, presets, blocks, the three architectures, HF interop, decoding.
+
+Only torch (and numpy) is needed here; ``model`` never imports ``torch.distributed``, ``trainer``
+or ``launch``.
+"""
+
+from model.config import Arch, Attn, Mlp, ModelConfig, Norm, NormPosition, Pos
+from model.transformer import Seq2SeqLM, SequenceClassifier, TesseraModel, TransformerLM, build_model
+
+__all__ = [
+    "Arch", "Attn", "Mlp", "ModelConfig", "Norm", "NormPosition", "Pos",
+    "Seq2SeqLM", "SequenceClassifier", "TesseraModel", "TransformerLM", "build_model",
+]

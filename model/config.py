@@ -1,0 +1,155 @@
+"""``ModelConfig``: one typed description of every Transformer variant Tessera builds.
+
+Presets (``model/presets.py``) are named starting points; keys given beside ``preset`` override it.
+``validate`` refuses combinations that cannot work, with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from common.config import Config
+from common.errors import ConfigError
+
+
+class Arch(enum.StrEnum):
+    decoder = "decoder"
+    encoder = "encoder"
+    encoder_decoder = "encoder_decoder"
+
+
+class Pos(enum.StrEnum):
+    learned = "learned"
+    sinusoidal = "sinusoidal"
+    rope = "rope"
+    alibi = "alibi"
+    t5_bias = "t5_bias"
+    none = "none"
+
+
+class Norm(enum.StrEnum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class NormPosition(enum.StrEnum):
+    pre = "pre"
+    post = "post"
+
+
+class Mlp(enum.StrEnum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+    geglu = "geglu"
+
+
+class Attn(enum.StrEnum):
+    eager = "eager"
+    sdpa = "sdpa"
+    flex = "flex"
+
+
+@dataclasses.dataclass
+class ModelConfig(Config):
+    """Shape and choices of a Transformer. ``head_dim`` is ``d_model // n_heads``."""
+
+    preset: str | None = None
+    arch: Arch = Arch.decoder
+    vocab_size: int = 8192
+    d_model: int = 64
+    n_layers: int = 2
+    n_decoder_layers: int | None = None  # encoder_decoder only; None means n_layers
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None means n_heads (MHA); 1 is MQA
+    d_ff: int = 256
+    max_seq_len: int = 256
+    pos: Pos = Pos.rope
+    rope_theta: float = 10000.0
+    t5_num_buckets: int = 32
+    t5_max_distance: int = 128
+    norm: Norm = Norm.rmsnorm
+    norm_eps: float = 1e-5
+    norm_position: NormPosition = NormPosition.pre
+    mlp: Mlp = Mlp.swiglu
+    gelu_tanh: bool = False  # tanh approximation of GELU (GPT-2 "gelu_new", T5 v1.1 "gated-gelu")
+    attn: Attn = Attn.sdpa
+    attn_scale: float | None = None  # None means 1/sqrt(head_dim); T5 uses 1.0
+    sliding_window: int | None = None  # a query sees itself and the window-1 keys before it
+    tie_embeddings: bool = True
+    bias: bool = False  # biases of linear layers and LayerNorm
+    dropout: float = 0.0
+    init_std: float = 0.02
+    n_labels: int = 1  # outputs of the classifier / reward head
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    @property
+    def causal(self) -> bool:
+        """Whether the main stack (the only one, or the encoder of encoder_decoder) is causal."""
+        return self.arch == Arch.decoder
+
+    @classmethod
+    def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        from model.presets import PRESETS
+
+        name = raw.get("preset")
+        if name is None:
+            return raw
+        if name not in PRESETS:
+            key = f"{where}.preset" if where else "preset"
+            raise ConfigError(f"{key}: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return {**PRESETS[name], **raw}
+
+    def validate(self, where: str) -> None:
+        def fail(key: str, message: str) -> None:
+            raise ConfigError(f"{where}.{key}: {message}" if where else f"{key}: {message}")
+
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "n_labels"):
+            if getattr(self, key) < 1:
+                fail(key, f"must be at least 1, got {getattr(self, key)}")
+        if self.d_model % self.n_heads:
+            fail("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            fail("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.n_decoder_layers is not None and self.arch != Arch.encoder_decoder:
+            fail("n_decoder_layers", "only arch=encoder_decoder has a separate decoder stack")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            fail("n_decoder_layers", f"must be at least 1, got {self.n_decoder_layers}")
+        if self.pos == Pos.rope and self.head_dim % 2:
+            fail("pos", f"rope needs an even head_dim, got {self.head_dim}")
+        if self.pos == Pos.sinusoidal and self.d_model % 2:
+            fail("pos", f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.pos == Pos.none and self.arch != Arch.decoder:
+            fail("pos", f"pos=none leaves arch={self.arch} without any order information; use a position encoding")
+        if self.pos == Pos.alibi and self.arch == Arch.encoder_decoder:
+            fail("pos", "alibi is not defined for encoder_decoder (cross-attention has no distance); use t5_bias")
+        if self.pos == Pos.t5_bias and (self.t5_num_buckets < 2 or self.t5_max_distance < 2):
+            fail("t5_num_buckets", "t5_bias needs t5_num_buckets >= 2 and t5_max_distance >= 2")
+        if self.sliding_window is not None:
+            if self.arch != Arch.decoder:
+                fail("sliding_window", f"only arch=decoder (causal) supports a sliding window, not {self.arch}")
+            if self.sliding_window < 1:
+                fail("sliding_window", f"must be at least 1, got {self.sliding_window}")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.attn == Attn.flex and self.dropout > 0:
+            fail("attn", "flex attention has no attention dropout; set dropout=0 or attn=sdpa")
+        if self.norm_eps <= 0:
+            fail("norm_eps", f"must be positive, got {self.norm_eps}")
+        if self.init_std <= 0:
+            fail("init_std", f"must be positive, got {self.init_std}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            fail("pad_token_id", f"must be a token id below vocab_size={self.vocab_size}")

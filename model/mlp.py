@@ -1,0 +1,35 @@
+"""Feed-forward block: plain GELU, or gated (SwiGLU / GeGLU) with one fused gate+up projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import Mlp, ModelConfig
+
+
+class MLP(nn.Module):
+    """``down(act(up(x)))``; gated variants compute ``down(act(gate(x)) * up(x))``.
+
+    For gated MLPs ``up`` holds gate and up stacked (gate first), so one matmul does both.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp != Mlp.gelu
+        self.act = F.silu if cfg.mlp == Mlp.swiglu else _gelu(cfg.gelu_tanh)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(h))
+
+
+def _gelu(tanh: bool):
+    approximate = "tanh" if tanh else "none"
+    return lambda x: F.gelu(x, approximate=approximate)

@@ -1,0 +1,160 @@
+"""Position encodings, one registry: absolute (learned, sinusoidal) added to embeddings, RoPE applied
+to queries and keys, and score biases (ALiBi, T5 relative buckets) added to attention scores.
+
+Score biases expose two views of the same function of (head, query index, key index): ``dense``
+for eager/SDPA (a materialised [H, Tq, Tk] tensor) and ``score_mod`` for FlexAttention.
+Both depend only on key - query, so a uniform shift (left padding, a KV cache) leaves them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig, Pos
+
+
+class AbsolutePositions(nn.Module):
+    """Learned (a trained table) or sinusoidal (fixed, Vaswani et al.) position vectors."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.max_seq_len = cfg.max_seq_len
+        self.learned = cfg.pos == Pos.learned
+        if self.learned:
+            self.table = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            self.register_buffer("table", torch.empty(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        if self.learned:
+            return
+        n, d = self.table.shape
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+        table = torch.zeros(n, d)
+        table[:, 0::2] = torch.sin(pos * freq)
+        table[:, 1::2] = torch.cos(pos * freq)
+        self.table = table.to(self.table.device)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.learned:
+            return self.table(position_ids)
+        return self.table[position_ids]
+
+
+class Rope(nn.Module):
+    """Rotary embeddings (half-split layout, as Llama in transformers); cos/sin cached to max_seq_len."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.theta = cfg.rope_theta
+        self.head_dim = cfg.head_dim
+        self.register_buffer("cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        length = self.cos.shape[0]
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1).to(self.cos.device)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, 1, T, head_dim] (fp32) for ``position_ids`` [B, T] (< max_seq_len)."""
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, head_dim] by the angles in cos/sin (computed in fp32)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Alibi(nn.Module):
+    """ALiBi: score bias ``-slope_h * |q - k|`` (symmetric, so it also serves a bidirectional encoder)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.register_buffer("slopes", torch.empty(cfg.n_heads), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.slopes = alibi_slopes(self.n_heads).to(self.slopes.device)
+
+    def dense(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        distance = (q_idx[:, None] - k_idx[None, :]).abs().float()
+        return -self.slopes[:, None, None] * distance
+
+    def score_mod(self, q_offset: int) -> ScoreMod:
+        slopes = self.slopes
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx + q_offset - kv_idx).abs()
+
+        return mod
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Geometric slopes of the ALiBi paper, interleaved for a head count that is not a power of 2."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    extra = [2 ** (-4 * (2 * i + 1) / closest) for i in range(n_heads - closest)]
+    return torch.tensor(base + extra, dtype=torch.float32)
+
+
+class T5Bias(nn.Module):
+    """T5 relative attention bias: a learned [num_buckets, n_heads] table indexed by bucketed k - q."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.t5_num_buckets
+        self.max_distance = cfg.t5_max_distance
+        self.table = nn.Embedding(cfg.t5_num_buckets, cfg.n_heads)
+
+    def bucket(self, relative: torch.Tensor) -> torch.Tensor:
+        """transformers' ``T5Attention._relative_position_bucket`` on ``relative = key - query``."""
+        num_buckets = self.num_buckets
+        buckets = torch.zeros_like(relative)
+        if self.bidirectional:
+            num_buckets //= 2
+            buckets = buckets + (relative > 0).long() * num_buckets
+            relative = relative.abs()
+        else:
+            relative = (-relative).clamp(min=0)
+        max_exact = num_buckets // 2
+        scaled = torch.log(relative.float().clamp(min=1) / max_exact) / math.log(self.max_distance / max_exact)
+        large = (max_exact + (scaled * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+        return buckets + torch.where(relative < max_exact, relative, large)
+
+    def dense(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        return self.table(self.bucket(k_idx[None, :] - q_idx[:, None])).permute(2, 0, 1)
+
+    def score_mod(self, q_offset: int) -> ScoreMod:
+        weight = self.table.weight
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + weight[self.bucket(kv_idx - q_idx - q_offset), h]
+
+        return mod
+
+
+def make_score_bias(cfg: ModelConfig, causal: bool) -> nn.Module | None:
+    """The score-bias module of a stack (None for encodings that do not act on scores)."""
+    if cfg.pos == Pos.alibi:
+        return Alibi(cfg)
+    if cfg.pos == Pos.t5_bias:
+        return T5Bias(cfg, bidirectional=not causal)
+    return None

@@ -1,0 +1,253 @@
+"""The three architectures and their heads, assembled from ``model.blocks``.
+
+- :class:`TransformerLM`: decoder (causal LM) or encoder (masked LM), one stack.
+- :class:`Seq2SeqLM`: encoder + decoder with cross-attention, shared token embeddings.
+- :class:`SequenceClassifier`: one stack + a linear score head (classification / reward model).
+
+``build_model(cfg, head)`` picks the class. Every model has ``.config``, ``.blocks()`` (the units
+a trainer wraps with FSDP and activation checkpointing), ``.output_weight()`` and a seeded
+``init_weights``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import UserError
+from model.attention import Attention, KVCache
+from model.blocks import Block, Stack
+from model.config import Arch, ModelConfig, NormPosition, Pos
+from model.mlp import MLP
+from model.norm import RMSNorm, make_norm
+from model.position import AbsolutePositions
+
+HEADS = ("lm", "classifier")
+
+
+class Embeddings(nn.Module):
+    """Token embeddings plus absolute positions (learned / sinusoidal); post-norm models normalise them."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.positions = AbsolutePositions(cfg) if cfg.pos in (Pos.learned, Pos.sinusoidal) else None
+        self.norm = make_norm(cfg) if cfg.norm_position == NormPosition.post else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(input_ids)
+        if self.positions is not None:
+            x = x + self.positions(position_ids).to(x.dtype)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class OutputHead(nn.Module):
+    """Hidden states → vocabulary logits. Masked LMs first transform (dense, GELU, norm) and add a bias.
+
+    A tied head uses the token embedding matrix; an encoder-decoder with tied embeddings scales the
+    hidden states by d_model**-0.5 first, as T5 does.
+    """
+
+    def __init__(self, cfg: ModelConfig, masked: bool) -> None:
+        super().__init__()
+        if masked:
+            self.transform = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias),
+                                           nn.GELU("tanh" if cfg.gelu_tanh else "none"), make_norm(cfg))
+        else:
+            self.transform = None
+        self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if masked else None
+        tied_seq2seq = cfg.tie_embeddings and cfg.arch == Arch.encoder_decoder
+        self.scale = cfg.d_model**-0.5 if tied_seq2seq else 1.0
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, return_hidden: bool) -> torch.Tensor:
+        if self.transform is not None:
+            hidden = self.transform(hidden)
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
+        if return_hidden:
+            return hidden
+        return F.linear(hidden, weight, self.bias).float()
+
+
+class TesseraModel(nn.Module):
+    """What every Tessera model offers besides ``forward``."""
+
+    config: ModelConfig
+
+    def blocks(self) -> list[nn.Module]:
+        """All transformer blocks (encoder's, then decoder's)."""
+        return [m for m in self.modules() if isinstance(m, Block)]
+
+    def embeddings(self) -> nn.Embedding:
+        return self.embed.tokens
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from ``seed``: N(0, init_std), residual outputs scaled by 1/sqrt(2·layers),
+        zero biases, unit norms; recomputes fixed buffers (RoPE, sinusoidal, ALiBi). Meta tensors are skipped."""
+        cfg = self.config
+        std = cfg.init_std
+        residual_std = std / math.sqrt(2 * len(self.blocks()))
+        device = next(self.parameters()).device
+        generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
+
+        def normal(t: torch.Tensor, s: float) -> None:
+            if generator is not None:
+                nn.init.normal_(t, 0.0, s, generator=generator)
+
+        residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}
+        residual |= {id(m.down) for m in self.modules() if isinstance(m, MLP)}
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                normal(module.weight, residual_std if id(module) in residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                normal(module.weight, std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, OutputHead):
+                if module.weight is not None:
+                    normal(module.weight, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM head weight [V, D] (the token embeddings when tied)."""
+        head = self.head
+        return head.weight if head.weight is not None else self.embed.tokens.weight
+
+    def output_bias(self) -> torch.Tensor | None:
+        """The LM head bias [V] (masked LMs only), for a fused linear + cross-entropy."""
+        return self.head.bias
+
+
+def resolve_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      document_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
+                      offset: int = 0) -> torch.Tensor:
+    """Position ids [B, T]: given ones; else restart at each document; else count real tokens of
+    ``attention_mask`` (which may cover cached tokens too, so left padding starts at 0); else
+    ``offset + arange(T)``."""
+    if position_ids is not None:
+        return position_ids
+    batch, length = input_ids.shape
+    index = torch.arange(length, device=input_ids.device).expand(batch, length)
+    if document_ids is not None:
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        return index - torch.where(starts, index, 0).cummax(dim=1).values
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    return index + offset
+
+
+class TransformerLM(TesseraModel):
+    """Decoder-only causal LM (arch=decoder) or encoder masked LM (arch=encoder)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.stack = Stack(cfg, cfg.n_layers, causal=cfg.causal)
+        self.head = OutputHead(cfg, masked=not cfg.causal)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (fp32), or the head's input [B, T, D] when ``return_hidden``.
+
+        ``attention_mask`` marks real tokens (True) and, with a ``cache``, covers cached tokens too.
+        """
+        offset = cache.length(self.stack.layers[0].attn.layer_id) if cache is not None else 0
+        positions = resolve_positions(input_ids, attention_mask, document_ids, position_ids, offset)
+        hidden = self.stack(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask,
+                            document_ids=document_ids, cache=cache)
+        return self.head(hidden, self.output_weight(), return_hidden)
+
+
+class Seq2SeqLM(TesseraModel):
+    """Encoder-decoder LM (T5-like): bidirectional encoder, causal decoder with cross-attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.encoder = Stack(cfg, cfg.n_layers, causal=False)
+        self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, layer_offset=cfg.n_layers)
+        self.head = OutputHead(cfg, masked=False)
+        self.init_weights()
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        positions = resolve_positions(input_ids, attention_mask, None, None)
+        return self.encoder(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask)
+
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, *,
+               attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+               return_hidden: bool = False, cache: KVCache | None = None) -> torch.Tensor:
+        """Decoder logits given the encoder output ``memory`` (``attention_mask`` is the encoder's)."""
+        offset = cache.length(self.decoder.layers[0].attn.layer_id) if cache is not None else 0
+        positions = resolve_positions(decoder_input_ids, decoder_attention_mask, None, None, offset)
+        hidden = self.decoder(self.embed(decoder_input_ids, positions), position_ids=positions,
+                              key_padding=decoder_attention_mask, memory=memory, memory_padding=attention_mask,
+                              cache=cache)
+        return self.head(hidden, self.output_weight(), return_hidden)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, *,
+                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, Td, V] (fp32), or the head's input [B, Td, D] when ``return_hidden``."""
+        memory = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, memory, attention_mask=attention_mask,
+                           decoder_attention_mask=decoder_attention_mask, return_hidden=return_hidden)
+
+
+class SequenceClassifier(TesseraModel):
+    """One stack + a linear score head: pooled at the last real token (decoder) or the first (encoder)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.stack = Stack(cfg, cfg.n_layers, causal=cfg.causal)
+        self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=cfg.bias)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, n_labels] (fp32)."""
+        positions = resolve_positions(input_ids, attention_mask, None, position_ids)
+        hidden = self.stack(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask)
+        if not self.config.causal:
+            pooled = hidden[:, 0]
+        elif attention_mask is None:
+            pooled = hidden[:, -1]
+        else:
+            index = torch.arange(hidden.shape[1], device=hidden.device) * attention_mask.long()
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index.argmax(dim=-1)]
+        return self.score(pooled).float()
+
+    def output_weight(self) -> torch.Tensor:
+        raise UserError("a classifier model has no LM head")
+
+
+def build_model(cfg: ModelConfig, head: str = "lm") -> TesseraModel:
+    """The model for ``cfg`` with ``head`` "lm" (causal / masked / seq2seq LM by arch) or "classifier"."""
+    if head not in HEADS:
+        raise UserError(f"unknown model head {head!r}; choose from {', '.join(HEADS)}")
+    if head == "classifier":
+        if cfg.arch == Arch.encoder_decoder:
+            raise UserError("the classifier head needs arch=decoder or arch=encoder, not encoder_decoder")
+        return SequenceClassifier(cfg)
+    if cfg.arch == Arch.encoder_decoder:
+        return Seq2SeqLM(cfg)
+    return TransformerLM(cfg)
