@@ -180,9 +180,20 @@ class PreferenceObjective:
         return LossOutput(loss_sum=out.losses.sum(), count=count, metrics=pair_metrics(out))
 
 
+def check_align(align: AlignConfig) -> None:
+    """Hyper-parameters that make no sense for the chosen loss fail before any step."""
+    if align.beta <= 0:
+        raise ConfigError(f"align.beta must be > 0, got {align.beta}")
+    if str(align.loss) == "cdpo" and not 0 < align.label_smoothing < 0.5:
+        raise ConfigError(f"align.label_smoothing must be in (0, 0.5) for cdpo, got {align.label_smoothing}")
+    if str(align.loss) != "cdpo" and align.label_smoothing:
+        raise ConfigError(f"align.label_smoothing applies to loss cdpo only, not {align.loss}")
+
+
 def build(ctx: ObjectiveContext) -> PreferenceObjective:
     from trainer.reference import live_reference
 
     align = ctx.cfg.align
+    check_align(align)
     needs_live = str(align.loss) not in REFERENCE_FREE and str(align.reference) == "live"
     return PreferenceObjective(align, live_reference(ctx) if needs_live else None)
