@@ -64,6 +64,9 @@ class BadRecord(UserError):
     def named(self, name: str) -> BadRecord:
         return BadRecord(self.reason, self.detail, name)
 
+    def __reduce__(self) -> tuple[type[BadRecord], tuple[str, str, str | None]]:
+        return BadRecord, (self.reason, self.detail, self.name)  # survives a worker process
+
 
 @functools.cache
 def default_chat_template() -> str:

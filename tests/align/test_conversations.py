@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 from collections import Counter
 
 import pytest
@@ -35,7 +36,7 @@ MULTI_TURN = {
 def expected_tokens(tokenizer, messages) -> list[tuple[int, int]]:
     """(id, trained?) built turn by turn from the template's definition, independently of the code."""
     out = [(tokenizer.bos_id, 0)]
-    end = tokenizer.token_id("<|end|>")
+    end = tokenizer.token_to_id("<|end|>")
     for m in messages:
         trained = int(m["role"] == "assistant")
         out += [(i, 0) for i in tokenizer.encode(f"<|{m['role']}|>\n", add_special_tokens=False)]
@@ -73,7 +74,7 @@ def test_real_sft_sets_encode_with_trained_tokens(tokenizer, shared_data):
         for record in itertools.islice(read_records(shared_data / path), 20):
             ids, mask = encode_sft(record, tokenizer)
             assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
-            assert ids[len(mask) - 1 - mask[::-1].index(1)] == tokenizer.token_id("<|end|>")
+            assert ids[len(mask) - 1 - mask[::-1].index(1)] == tokenizer.token_to_id("<|end|>")
 
 
 def test_preference_formats(tokenizer, shared_data):
@@ -128,6 +129,8 @@ def test_bad_records_fail_with_one_line_naming_the_record(tokenizer, record, rea
         encode(record, tokenizer, name="train.json record 7")
     message = str(info.value)
     assert message.startswith("train.json record 7: ") and reason in message and "\n" not in message
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (str(copy), copy.reason) == (message, info.value.reason)
 
 
 def test_prompt_longer_than_seq_len(tokenizer):
@@ -141,7 +144,7 @@ def test_prompt_longer_than_seq_len(tokenizer):
     record = {"prompt": "Hi", "chosen": "word " * 200, "rejected": "b"}
     prompt, chosen, rejected = encode_preference(record, tokenizer, max_len=64)
     assert len(prompt) + len(chosen) == 64
-    assert rejected == [*tokenizer.encode("b", add_special_tokens=False), tokenizer.token_id("<|end|>")]
+    assert rejected == [*tokenizer.encode("b", add_special_tokens=False), tokenizer.token_to_id("<|end|>")]
 
 
 def test_skip_bad_counts_by_reason(tokenizer, shared_data):
@@ -182,8 +185,8 @@ def test_foreign_template_masks_up_to_its_end_of_turn(tokenizer, monkeypatch):
 def test_default_template_renders_like_transformers(tokenizer):
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token="<|bos|>", eos_token="<|eos|>")
-    hf.chat_template = default_chat_template()
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tokenizer.path))
+    assert hf.chat_template == default_chat_template()
     messages = MULTI_TURN["messages"][:4]
     for gen in (False, True):
         ours = render(
