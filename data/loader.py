@@ -1,0 +1,218 @@
+"""The data loader the trainer uses: ``build_loader(cfg, objective=..., ...)`` → :class:`Loader`.
+
+A :class:`Loader` iterates batches (``dict[str, torch.Tensor]``, keys per objective in
+:mod:`data.collate`) forever for ``split="train"`` (epochs roll over) and once over the data for
+``split="valid"`` (every rank gets the same number of batches; the last may be short).
+
+Resuming: ``state_dict()`` is a few integers that are **the same on every rank** (all ranks consume
+in lockstep; see :mod:`data.stream`). Save any rank's copy; ``load_state_dict(state)`` on any world
+size and any micro-batch size continues with exactly the units not yet consumed. A list of states
+(one per old rank) is accepted too. Changing ``seq_len``, the seed or the data is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from data.collate import collate_mlm, collate_preference, collate_rows, collate_sft, collate_span
+from data.config import DataConfig
+from data.stream import SampleStream, ShardSet, Source, StreamState
+
+Batch = dict[str, torch.Tensor]
+OBJECTIVES = ("clm", "mlm", "span", "sft", "preference")
+STATE_VERSION = 1
+_KIND = {"clm": "text", "mlm": "text", "span": "text", "sft": "sft", "preference": "preference"}
+
+
+def build_loader(
+    cfg: DataConfig, *, objective: str, tokenizer: Any, rank: int, world_size: int, micro_batch_size: int,
+    seed: int, split: str = "train",
+) -> Loader:
+    """The batches of ``objective`` for this rank. ``cfg.seed`` (when set) overrides ``seed``."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown data objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if split not in ("train", "valid"):
+        raise UserError(f"unknown split {split!r}; use train or valid")
+    if micro_batch_size < 1:
+        raise UserError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+    if split == "train":
+        sources = [Source(d.path, d.weight) for d in cfg.datasets()]
+    elif cfg.valid:
+        sources = [Source(cfg.valid)]
+    else:
+        raise UserError("data.valid is not set: give a shard directory to evaluate on")
+    shards = ShardSet(sources, on_corrupt=str(cfg.on_corrupt), verify_checksums=cfg.verify_checksums,
+                      allow_pipe=cfg.allow_pipe)
+    if shards.kind != _KIND[objective]:
+        raise UserError(f"{sources[0].path} holds {shards.kind} shards; the {objective} objective needs "
+                        f"{_KIND[objective]} shards (tessera shard --kind {_KIND[objective]})")
+    if getattr(tokenizer, "sha256", shards.manifests[0].tokenizer_sha256) != shards.manifests[0].tokenizer_sha256:
+        raise UserError(f"{sources[0].path} was tokenized with another tokenizer than {tokenizer.path}")
+    mode = {"clm": "rows", "mlm": "chunks", "span": "chunks", "sft": "rows" if cfg.packing else "samples",
+            "preference": "samples"}[objective]
+    train = split == "train"
+    stream = SampleStream(
+        shards, mode=mode, seq_len=cfg.seq_len, seed=cfg.seed if cfg.seed is not None else seed, rank=rank,
+        world_size=world_size, batch_size=micro_batch_size, shuffle=cfg.shuffle and train,
+        shuffle_buffer=cfg.shuffle_buffer, epochs=None if train else 1,
+    )
+    batcher = Batcher(objective, cfg, _TokenIds.of(tokenizer))
+    return Loader(stream, batcher, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor)
+
+
+def count_target_tokens(batch: Batch) -> int:
+    """Positions that carry a loss (labels other than -100), over every ``*labels`` key."""
+    return sum(int((v != -100).sum()) for k, v in batch.items() if k.endswith("labels"))
+
+
+def count_input_tokens(batch: Batch) -> int:
+    """Tokens the model reads (padding excluded): for tokens/s."""
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    if masks:
+        return sum(int(m.sum()) for m in masks)
+    return int(batch["input_ids"].numel())
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenIds:
+    """The ids collators need, without the tokenizer object (cheap to send to worker processes)."""
+
+    pad: int
+    eos: int
+    mask: int
+    vocab_size: int
+    special: tuple[int, ...]
+    sentinels: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _TokenIds:
+        return cls(tokenizer.pad_id, tokenizer.eos_id, tokenizer.mask_id, tokenizer.vocab_size,
+                   tuple(sorted(tokenizer.special_ids)), tuple(tokenizer.sentinel_ids))
+
+
+class Batcher:
+    """Reads a batch's units from the stream and collates them for one objective."""
+
+    def __init__(self, objective: str, cfg: DataConfig, ids: _TokenIds) -> None:
+        self.objective, self.cfg, self.ids = objective, cfg, ids
+        if objective == "span" and not ids.sentinels:
+            raise UserError("span corruption needs sentinel tokens; train the tokenizer with them")
+
+    def __call__(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch:
+        units = [(epoch, int(u)) for epoch, positions in pieces for u in positions]
+        if stream.mode == "rows":
+            return self._rows(stream, units)
+        if stream.mode == "chunks":
+            chunks = [stream.plan(e).chunk(u) for e, u in units]
+            rngs = [np.random.default_rng([stream.seed, e, u, 0xA5C]) for e, u in units]
+            if self.objective == "mlm":
+                return collate_mlm(
+                    chunks, rngs, pad_id=self.ids.pad, mask_id=self.ids.mask, special_ids=np.array(self.ids.special),
+                    vocab_size=self.ids.vocab_size, probability=self.cfg.mlm_probability,
+                    mask_fraction=self.cfg.mlm_mask_fraction, random_fraction=self.cfg.mlm_random_fraction,
+                )
+            return collate_span(chunks, rngs, pad_id=self.ids.pad, eos_id=self.ids.eos, sentinel_ids=self.ids.sentinels,
+                                density=self.cfg.span_noise_density, mean_span=self.cfg.span_mean_length)
+        samples = [stream.plan(e).sample(u) for e, u in units]
+        shards = stream.shards
+        arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
+        if self.objective == "sft":
+            return collate_sft(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
+        logps = None if shards.reference_logps is None else shards.reference_logps[samples]
+        return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
+
+    def _rows(self, stream: SampleStream, units: list[tuple[int, int]]) -> Batch:
+        fields = (0, 1) if self.objective == "sft" else (0,)
+        n = stream.seq_len + 1
+        tokens = np.empty((len(units), n), np.int64)
+        starts = np.empty((len(units), n), bool)
+        mask = np.empty((len(units), n), np.uint8) if len(fields) == 2 else None
+        for b, (epoch, unit) in enumerate(units):
+            arrays, starts[b] = stream.plan(epoch).row(unit, fields)
+            tokens[b] = arrays[0]
+            if mask is not None:
+                mask[b] = arrays[1]
+        return collate_rows(tokens, starts, mask)
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """The DataLoader's dataset: worker ``w`` of ``K`` makes this rank's batches ``j ≡ w (mod K)``."""
+
+    def __init__(self, stream: SampleStream, batcher: Batcher, start: StreamState) -> None:
+        self.stream, self.batcher, self.start = stream, batcher, start
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for pieces in self.stream.batches(self.start, worker, workers):
+            yield self.batcher(self.stream, pieces)
+
+
+class Loader:
+    """Iterable of batches with an exact, world-size-independent ``state_dict``."""
+
+    def __init__(self, stream: SampleStream, batcher: Batcher, *, num_workers: int = 0, prefetch_factor: int = 2):
+        self.stream, self.batcher = stream, batcher
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self._start = StreamState()
+        self._yielded = 0
+
+    @property
+    def finite(self) -> bool:
+        return self.stream.epochs is not None
+
+    @property
+    def skipped_shards(self) -> list[str]:
+        """Shards left out as corrupt (with ``on_corrupt=skip``), one message each."""
+        return list(self.stream.shards.skipped)
+
+    def __len__(self) -> int:
+        """Batches per pass (evaluation) or per epoch (training, from epoch 0)."""
+        units = self.stream.plan(0).num_units // self.stream.world_size
+        return -(-units // self.stream.batch_size) if self.finite else units // self.stream.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Training: continues from the current state (a new iterator resumes where the last one
+        stopped). Evaluation: one full pass every time."""
+        if self.finite:
+            self._start, self._yielded = StreamState(), 0
+        else:
+            self._start, self._yielded = self._current(), 0
+        loader = torch.utils.data.DataLoader(
+            _Batches(self.stream, self.batcher, self._start), batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for batch in loader:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._current()
+        return {"version": STATE_VERSION, "epoch": state.epoch, "consumed": state.consumed, "seed": self.stream.seed,
+                "unit": f"{self.stream.mode}:{self.stream.seq_len}", "data": self.stream.shards.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        if not isinstance(state, dict):  # one state per old rank: they are all the same
+            states = list(state)
+            if not states or any(s != states[0] for s in states):
+                raise UserError("the saved data-loader states of the ranks disagree; the checkpoint is inconsistent")
+            state = states[0]
+        expected = self.state_dict()
+        for key, what in (("version", "format version"), ("unit", "unit (mode:seq_len)"), ("seed", "seed"),
+                          ("data", "data fingerprint")):
+            if state.get(key) != expected[key]:
+                raise UserError(f"cannot resume the data loader: the checkpoint's {what} is {state.get(key)!r}, "
+                                f"this run's is {expected[key]!r}")
+        self._start, self._yielded = StreamState(int(state["epoch"]), int(state["consumed"])), 0
+
+    def _current(self) -> StreamState:
+        if self.finite:
+            return StreamState()
+        return self.stream.advance(self._start, self._yielded)

@@ -1,0 +1,118 @@
+"""Corpus → shards: tokenize documents (text) or conversations (sft, preference) in parallel worker
+processes and write them with :class:`data.shards.ShardWriter`, in input order."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import UserError
+from data.readers import iter_documents, iter_records
+from data.shards import ShardManifest, ShardWriter
+from data.tokenizer import TessTokenizer, load_tokenizer
+
+CHUNK = 256
+_worker: dict[str, Any] = {}
+
+
+def parse_size(text: str | int) -> int:
+    """``"64MB"``, ``"512K"``, ``"1G"`` or a plain byte count → bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if scale > 1 else s)
+    except ValueError:
+        raise UserError(f"bad size {text!r}; write e.g. 64MB, 512KB or 1000000") from None
+    if value <= 0:
+        raise UserError(f"bad size {text!r}; it must be positive")
+    return int(value * scale)
+
+
+def make_shards(
+    inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *, kind: str = "text",
+    shard_bytes: int = 64 << 20, append_eos: bool = False, add_bos: bool = False, text_field: str = "text",
+    txt_mode: str = "block", max_len: int | None = None, skip_bad: bool = False, metadata: bool = False,
+    num_workers: int = 1,
+) -> tuple[ShardManifest, Counter[str]]:
+    """Tokenize ``inputs`` and write shards of ``kind`` into ``out_dir``; returns the manifest and
+    the counts of skipped records by reason."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    writer = ShardWriter(
+        out_dir, kind=kind, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
+        shard_bytes=shard_bytes,
+        extra={"tokenizer_path": str(Path(tokenizer_dir).resolve()), "append_eos": append_eos, "add_bos": add_bos},
+    )
+    if kind == "text":
+        items: Iterable[tuple[str, Any]] = (
+            (d.id, d.text) for d in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode)
+        )
+    else:
+        items = iter_records(inputs)
+    options = {"kind": kind, "append_eos": append_eos, "add_bos": add_bos, "max_len": max_len, "skip_bad": skip_bad}
+    skipped: Counter[str] = Counter()
+    for names, samples, reasons in _encode_chunks(items, str(tokenizer_dir), options, num_workers):
+        skipped.update(reasons)
+        for name, arrays in zip(names, samples):
+            if arrays is not None:
+                writer.write(arrays, {"id": name} if metadata else None)
+    manifest = writer.close()
+    if skipped:
+        manifest.extra["skipped"] = dict(skipped)
+        manifest.save()
+    return manifest, skipped
+
+
+def _encode_chunks(
+    items: Iterable[tuple[str, Any]], tokenizer_dir: str, options: dict[str, Any], num_workers: int
+) -> Iterator[tuple[list[str], list[dict[str, np.ndarray] | None], Counter[str]]]:
+    chunks = (list(c) for c in _batched(items, CHUNK))
+    if num_workers <= 1:
+        _init(tokenizer_dir, options)
+        yield from map(_encode_chunk, chunks)
+        return
+    with mp.get_context("fork").Pool(num_workers, _init, (tokenizer_dir, options)) as pool:
+        yield from pool.imap(_encode_chunk, chunks)
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[tuple[Any, ...]]:
+    it = iter(items)
+    while chunk := tuple(itertools.islice(it, n)):
+        yield chunk
+
+
+def _init(tokenizer_dir: str, options: dict[str, Any]) -> None:
+    _worker["tokenizer"] = load_tokenizer(tokenizer_dir)
+    _worker.update(options)
+
+
+def _encode_chunk(chunk: list[tuple[str, Any]]) -> tuple[list[str], list[dict[str, np.ndarray] | None], Counter[str]]:
+    tok: TessTokenizer = _worker["tokenizer"]
+    names = [name for name, _ in chunk]
+    if _worker["kind"] == "text":
+        ids = tok.encode_batch([text for _, text in chunk])
+        bos = [tok.bos_id] if _worker["add_bos"] else []
+        eos = [tok.eos_id] if _worker["append_eos"] else []
+        return names, [{"tokens": np.asarray(bos + t + eos)} if t else None for t in ids], Counter()
+    from data.conversations import BadRecord, encode_preference, encode_sft
+
+    encode = encode_sft if _worker["kind"] == "sft" else encode_preference
+    fields = ("input_ids", "loss_mask") if _worker["kind"] == "sft" else ("prompt", "chosen", "rejected")
+    out: list[dict[str, np.ndarray] | None] = []
+    skipped: Counter[str] = Counter()
+    for name, record in chunk:
+        try:
+            out.append(dict(zip(fields, map(np.asarray, encode(record, tok, max_len=_worker["max_len"], name=name)))))
+        except BadRecord as exc:
+            if not _worker["skip_bad"]:
+                raise UserError(str(exc)) from None  # BadRecord does not survive pickling back to the parent
+            skipped[exc.reason] += 1
+            out.append(None)
+    return names, out, skipped

@@ -1,0 +1,149 @@
+"""Streaming readers for raw corpora: .txt, .jsonl and .json files, plain or gzip, or directories of them.
+
+A .txt file gives one document per blank-line-separated block (``txt_mode="block"``) or one per
+file (``"file"``); .jsonl gives one per line and .json one per array item, with the text taken from
+``text_field``. Files are read line by line, so memory stays flat (a .json array is the exception:
+it is parsed whole).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from common.errors import UserError
+
+SUFFIXES = (".txt", ".jsonl", ".json")
+TXT_MODES = ("block", "file")
+
+
+@dataclass
+class Document:
+    """One raw document: a stable id, its text, and whatever other fields the record carried."""
+
+    id: str
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files named directly, plus the supported files under named directories (sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in SUFFIXES)
+            if not found:
+                raise UserError(f"{path}: no .txt, .jsonl or .json files (plain or .gz) in this directory")
+            files += found
+        elif path.is_file():
+            if _suffix(path) not in SUFFIXES:
+                raise UserError(f"{path}: unsupported file type; use .txt, .jsonl or .json (optionally .gz)")
+            files.append(path)
+        else:
+            raise UserError(f"no such file or directory: {path}")
+    return files
+
+
+def iter_documents(
+    inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "block"
+) -> Iterator[Document]:
+    """Every document of every input, in order."""
+    if txt_mode not in TXT_MODES:
+        raise UserError(f"unknown txt mode {txt_mode!r}; choose from {', '.join(TXT_MODES)}")
+    for path in expand_inputs(inputs):
+        suffix = _suffix(path)
+        with _open(path) as f:
+            if suffix == ".txt":
+                yield from _txt(f, path, txt_mode)
+            elif suffix == ".jsonl":
+                yield from _jsonl(f, path, text_field)
+            else:
+                yield from _json(f, path, text_field)
+
+
+def iter_records(inputs: Iterable[str | Path]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, record) for every JSON object of .jsonl/.json inputs (SFT and preference data)."""
+    for path in expand_inputs(inputs):
+        suffix = _suffix(path)
+        if suffix == ".txt":
+            raise UserError(f"{path}: conversations must be .jsonl or .json records, not plain text")
+        with _open(path) as f:
+            items = _jsonl_objects(f, path) if suffix == ".jsonl" else enumerate(_json_array(f, path))
+            for index, record in items:
+                yield f"{path.name} record {index}", record
+
+
+def _suffix(path: Path) -> str:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return Path(name).suffix.lower()
+
+
+def _open(path: Path) -> TextIO:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
+def _txt(f: TextIO, path: Path, mode: str) -> Iterator[Document]:
+    if mode == "file":
+        yield Document(path.name, f.read())
+        return
+    block: list[str] = []
+    index = 0
+    for line in f:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield Document(f"{path.name}:{index}", "".join(block))
+            index += 1
+            block = []
+    if block:
+        yield Document(f"{path.name}:{index}", "".join(block))
+
+
+def _jsonl_objects(f: TextIO, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    index = 0
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        yield index, record
+        index += 1
+
+
+def _json_array(f: TextIO, path: Path) -> list[Any]:
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    return data if isinstance(data, list) else [data]
+
+
+def _jsonl(f: TextIO, path: Path, text_field: str) -> Iterator[Document]:
+    for index, record in _jsonl_objects(f, path):
+        yield _from_record(record, path, index, text_field)
+
+
+def _json(f: TextIO, path: Path, text_field: str) -> Iterator[Document]:
+    for index, record in enumerate(_json_array(f, path)):
+        yield _from_record(record, path, index, text_field)
+
+
+def _from_record(record: Any, path: Path, index: int, text_field: str) -> Document:
+    if not isinstance(record, dict):
+        raise UserError(f"{path} record {index}: expected a JSON object, got {type(record).__name__}")
+    text = record.get(text_field)
+    if not isinstance(text, str):
+        keys = ", ".join(sorted(record)) or "none"
+        raise UserError(f"{path} record {index}: no text field {text_field!r} (keys: {keys}); set --text-field")
+    meta = {k: v for k, v in record.items() if k not in (text_field, "id")}
+    return Document(str(record.get("id", f"{path.name}:{index}")), text, meta)

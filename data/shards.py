@@ -1,0 +1,290 @@
+"""The shard format: webdataset tar files of token arrays, a manifest, and a fast indexed reader.
+
+A sample is a group of tar members sharing a key: ``{key}.{field}.npy`` (little-endian numpy arrays)
+and optionally ``{key}.json`` (metadata). Stock webdataset reads these tars as they are. The fields
+depend on the kind: text → ``tokens``; sft → ``input_ids`` and ``loss_mask`` (uint8);
+preference → ``prompt``, ``chosen``, ``rejected``. Token arrays are uint16 when the vocabulary
+fits, else uint32.
+
+``manifest.json`` beside the tars lists every shard (name, samples, tokens, bytes, sha256), the
+tokenizer's hash, the kind and the format version. The reader memory-maps a shard and builds an
+index of where each sample's arrays start by walking the tar headers, so a sample is a zero-copy
+numpy view. A shard that is missing, truncated, malformed or disagrees with the manifest raises a
+one-line :class:`ShardError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import mmap
+import subprocess
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import UserError
+
+FORMAT = "tessera-shards"
+FORMAT_VERSION = 1
+KINDS: dict[str, tuple[str, ...]] = {
+    "text": ("tokens",),
+    "sft": ("input_ids", "loss_mask"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+MASK_FIELDS = frozenset({"loss_mask"})
+REFERENCE_LOGPS = "reference_logps.npy"
+_BLOCK = 512
+
+
+class ShardError(UserError):
+    """A shard that cannot be read as the manifest describes it."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass
+class ShardManifest:
+    """What ``manifest.json`` holds; ``root`` is the directory it was read from."""
+
+    kind: str
+    dtype: str
+    tokenizer_sha256: str
+    vocab_size: int
+    shards: list[ShardInfo]
+    root: Path = Path(".")
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return KINDS[self.kind]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def field_dtype(self, name: str) -> np.dtype:
+        return np.dtype("u1") if name in MASK_FIELDS else np.dtype(self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "fields": list(self.fields),
+            "dtype": self.dtype, "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size},
+            "num_samples": self.num_samples, "num_tokens": self.num_tokens,
+            "shards": [dataclasses.asdict(s) for s in self.shards], **self.extra,
+        }
+
+    def save(self) -> Path:
+        path = self.root / "manifest.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path) -> ShardManifest:
+        root = Path(root)
+        path = root / "manifest.json" if not root.name.endswith(".json") else root
+        if not path.is_file():
+            raise UserError(f"no shard manifest at {path}; make shards with `tessera shard`")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise ValueError("not a Tessera shard manifest")
+            if raw.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {raw.get('version')}, this Tessera reads {FORMAT_VERSION}")
+            if raw["kind"] not in KINDS:
+                raise ValueError(f"unknown kind {raw['kind']!r}")
+            known = {"format", "version", "kind", "fields", "dtype", "tokenizer", "num_samples", "num_tokens",
+                     "shards"}
+            return cls(
+                kind=raw["kind"], dtype=raw["dtype"], tokenizer_sha256=raw["tokenizer"]["sha256"],
+                vocab_size=int(raw["tokenizer"]["vocab_size"]), shards=[ShardInfo(**s) for s in raw["shards"]],
+                root=path.parent, extra={k: v for k, v in raw.items() if k not in known},
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path}: malformed manifest ({exc})") from None
+
+
+class ShardWriter:
+    """Writes samples into numbered tar shards of about ``shard_bytes`` each, then the manifest."""
+
+    def __init__(
+        self, out_dir: str | Path, *, kind: str, vocab_size: int, tokenizer_sha256: str,
+        shard_bytes: int = 64 << 20, extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise UserError(f"unknown shard kind {kind!r}; choose from {', '.join(KINDS)}")
+        self.root = Path(out_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if any(self.root.glob("*.tar")) or (self.root / "manifest.json").exists():
+            raise UserError(f"{self.root} already holds shards; choose an empty --out directory")
+        self.kind, self.shard_bytes = kind, max(int(shard_bytes), _BLOCK * 4)
+        self.dtype = token_dtype(vocab_size)
+        self.manifest = ShardManifest(kind, self.dtype.str, tokenizer_sha256, vocab_size, [], self.root,
+                                      dict(extra or {}))
+        self._tar: tarfile.TarFile | None = None
+        self._samples = self._tokens = 0
+        self._count = 0
+
+    def write(self, arrays: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
+        """Add one sample: an array per field of the kind (lists of ints are fine)."""
+        if self._tar is None:
+            self._tar = tarfile.open(self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
+        key = f"{self._count:010d}"
+        for name in KINDS[self.kind]:
+            array = np.asarray(arrays[name], dtype=self.manifest.field_dtype(name))
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, array, allow_pickle=False)
+            self._add(f"{key}.{name}.npy", buf.getvalue())
+            if name not in MASK_FIELDS:
+                self._tokens += array.size
+        if meta:
+            self._add(f"{key}.json", json.dumps(dict(meta), ensure_ascii=False).encode())
+        self._count += 1
+        self._samples += 1
+        if self._tar.fileobj.tell() >= self.shard_bytes:
+            self._close_shard()
+
+    def close(self) -> ShardManifest:
+        """Finish the last shard and write manifest.json."""
+        self._close_shard()
+        if not self.manifest.shards:
+            raise UserError("no samples to write: every input document was empty or skipped")
+        self.manifest.save()
+        return self.manifest
+
+    def _add(self, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(payload), 0o644, 0
+        self._tar.addfile(info, io.BytesIO(payload))
+
+    def _path(self, index: int) -> Path:
+        return self.root / f"{index:05d}.tar"
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        path = self._path(len(self.manifest.shards))
+        data = path.read_bytes()
+        self.manifest.shards.append(
+            ShardInfo(path.name, self._samples, self._tokens, len(data), hashlib.sha256(data).hexdigest())
+        )
+        self._tar, self._samples, self._tokens = None, 0, 0
+
+
+@dataclasses.dataclass
+class ShardIndex:
+    """Where each sample's arrays lie in a shard: byte offsets of the data and element counts,
+    both ``[samples, fields]``."""
+
+    offsets: np.ndarray
+    counts: np.ndarray
+
+
+def open_shard(manifest: ShardManifest, info: ShardInfo, *, allow_pipe: bool = False) -> Any:
+    """The shard's bytes as a buffer (a read-only memory map, or a pipe's output when allowed)."""
+    if info.name.startswith("pipe:"):
+        if not allow_pipe:
+            raise ShardError(f"shard {info.name!r} is a pipe: URL; set data.allow_pipe=true to run shell commands")
+        done = subprocess.run(info.name[5:], shell=True, capture_output=True, check=False)
+        if done.returncode:
+            raise ShardError(f"shard {info.name!r}: the command failed with status {done.returncode}")
+        return done.stdout
+    path = manifest.root / info.name
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing")
+    size = path.stat().st_size
+    if size != info.bytes:
+        raise ShardError(f"shard {path} is {size} bytes, the manifest says {info.bytes} (truncated or replaced?)")
+    with path.open("rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def check_shard(buf: Any, manifest: ShardManifest, info: ShardInfo, *, verify_checksum: bool) -> ShardIndex:
+    """Validate a shard's bytes against the manifest and index its samples."""
+    where = manifest.root / info.name
+    if len(buf) != info.bytes:
+        raise ShardError(f"shard {where} is {len(buf)} bytes, the manifest says {info.bytes} (truncated?)")
+    if verify_checksum and hashlib.sha256(buf).hexdigest() != info.sha256:
+        raise ShardError(f"shard {where} does not match its sha256 in the manifest (corrupt or replaced)")
+    try:
+        index = _index_tar(buf, manifest)
+    except ValueError as exc:
+        raise ShardError(f"shard {where} is malformed: {exc}") from None
+    if len(index.offsets) != info.samples:
+        raise ShardError(f"shard {where} holds {len(index.offsets)} samples, the manifest says {info.samples}")
+    return index
+
+
+def _index_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
+    fields = {name: i for i, name in enumerate(manifest.fields)}
+    itemsize = [manifest.field_dtype(name).itemsize for name in manifest.fields]
+    offsets: list[list[int]] = []
+    counts: list[list[int]] = []
+    key = None
+    pos, end = 0, len(buf)
+    while pos + _BLOCK <= end:
+        header = buf[pos : pos + _BLOCK]
+        if header.count(0) == _BLOCK:
+            break
+        if header[257:262] != b"ustar":
+            raise ValueError(f"no tar header at byte {pos}")
+        name = header[:100].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        data = pos + _BLOCK
+        pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        if pos > end:
+            raise ValueError(f"member {name} runs past the end of the file")
+        stem, _, ext = name.partition(".")
+        if ext == "json":
+            continue
+        field = fields.get(ext[:-4]) if ext.endswith(".npy") else None
+        if field is None:
+            raise ValueError(f"unexpected member {name} for kind {manifest.kind}")
+        if stem != key:
+            key = stem
+            offsets.append([-1] * len(fields))
+            counts.append([0] * len(fields))
+        start, nbytes = _npy_data(buf, data, size)
+        offsets[-1][field] = start
+        counts[-1][field] = nbytes // itemsize[field]
+    else:
+        raise ValueError("the end-of-archive marker is missing (truncated?)")
+    index = ShardIndex(np.asarray(offsets, dtype=np.int64).reshape(-1, len(fields)),
+                       np.asarray(counts, dtype=np.int64).reshape(-1, len(fields)))
+    if (index.offsets < 0).any():
+        raise ValueError("a sample lacks one of its fields")
+    return index
+
+
+def _npy_data(buf: Any, start: int, size: int) -> tuple[int, int]:
+    """(absolute offset, byte length) of the array data inside an .npy member."""
+    if buf[start : start + 6] != b"\x93NUMPY":
+        raise ValueError(f"member at byte {start} is not a .npy array")
+    major = buf[start + 6]
+    width = 2 if major == 1 else 4
+    header_len = int.from_bytes(buf[start + 8 : start + 8 + width], "little")
+    data = start + 8 + width + header_len
+    return data, size - (data - start)

@@ -1,0 +1,312 @@
+"""The deterministic, distributed, resumable sample stream over one or more shard manifests.
+
+The idea is mosaicml streaming's, done on our tars:
+
+* **Epoch order** — a pure function of (seed, epoch, manifests, weights): per dataset, its shards are
+  permuted, their samples laid end to end and shuffled inside windows of ``shuffle_buffer``
+  samples; with several datasets each contributes ``round(N * weight / sum(weights))`` samples per
+  epoch (cycling when upsampled) and the contributions are interleaved by a seeded permutation.
+* **Units** — what a rank consumes: whole samples (``"samples"``), pieces of at most ``seq_len``
+  tokens of each sample (``"chunks"``), or rows of the epoch's concatenated token stream
+  (``"rows"``: row ``g`` is tokens ``[g*L, g*L + L + 1)``, overlapping the next row by one token so
+  its labels are complete).
+* **Split** — of the units not yet consumed in the epoch, ``[P, U)``, rank ``r`` of ``W`` takes
+  ``P + r, P + r + W, ...`` — ``(U - P) // W`` of them, the same count on every rank (the last
+  ``(U - P) % W`` units of an epoch are dropped). A rank's batch ``j`` (``B`` units) is made by
+  DataLoader worker ``j % K``, the order in which the DataLoader hands batches back.
+* **State** — ``(epoch, consumed)``: all ranks advance in lockstep, so after any number of steps the
+  consumed units form the prefix ``[0, consumed)`` of the epoch's order, whatever the world size.
+  Resuming on another world size splits the rest ``[consumed, U)`` anew: every remaining unit
+  exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import UserError
+from data.shards import REFERENCE_LOGPS, ShardError, ShardManifest, check_shard, open_shard
+
+UNIT_MODES = ("samples", "chunks", "rows")
+
+
+@dataclasses.dataclass
+class Source:
+    """One dataset of a mixture: a shard directory and its sampling weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+class ShardSet:
+    """Every sample of every source, validated and indexed; samples have flat integer ids.
+
+    Shards that fail validation raise (``on_corrupt="fail"``) or are left out and listed in
+    ``skipped`` (``"skip"``); either way every rank makes the same decision, so the order stays
+    identical across ranks.
+    """
+
+    def __init__(
+        self, sources: Sequence[Source], *, on_corrupt: str = "fail", verify_checksums: bool = True,
+        allow_pipe: bool = False,
+    ) -> None:
+        if not sources:
+            raise UserError("no training data: set data.train to a shard directory")
+        self.sources = list(sources)
+        self.manifests = [ShardManifest.load(s.path) for s in sources]
+        first = self.manifests[0]
+        for m in self.manifests[1:]:
+            if (m.kind, m.tokenizer_sha256) != (first.kind, first.tokenizer_sha256):
+                raise UserError(f"{m.root} holds {m.kind} shards from another tokenizer or kind than {first.root}; "
+                                "a mixture needs one tokenizer and one kind")
+        self.kind, self.fields = first.kind, first.fields
+        self.allow_pipe = allow_pipe
+        self.skipped: list[str] = []
+        self._buffers: list[Any] = []
+        self._shard_paths: list[tuple[int, int]] = []
+        offsets, counts, shard_of = [], [], []
+        self.source_start: list[int] = []
+        self.source_shards: list[list[tuple[int, int]]] = []  # (first flat id, samples) of each good shard
+        start = 0
+        for si, m in enumerate(self.manifests):
+            self.source_start.append(start)
+            good = []
+            for shi, info in enumerate(m.shards):
+                try:
+                    buf = open_shard(m, info, allow_pipe=allow_pipe)
+                    index = check_shard(buf, m, info, verify_checksum=verify_checksums)
+                except ShardError as exc:
+                    if on_corrupt != "skip":
+                        raise
+                    self.skipped.append(str(exc))
+                    buf, index = None, None
+                n = info.samples
+                if index is None:
+                    offsets.append(np.zeros((n, len(self.fields)), np.int64))
+                    counts.append(np.zeros((n, len(self.fields)), np.int64))
+                else:
+                    offsets.append(index.offsets)
+                    counts.append(index.counts)
+                    good.append((start, n))
+                shard_of.append(np.full(n, len(self._buffers), np.int32))
+                self._buffers.append(buf)
+                self._shard_paths.append((si, shi))
+                start += n
+            self.source_shards.append(good)
+        self.num_samples = start
+        self.offsets = np.concatenate(offsets) if offsets else np.zeros((0, len(self.fields)), np.int64)
+        self.counts = np.concatenate(counts) if counts else np.zeros((0, len(self.fields)), np.int64)
+        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self.dtypes = [first.field_dtype(f) for f in self.fields]
+        if not any(self.source_shards):
+            raise UserError("every shard was skipped as corrupt: " + "; ".join(self.skipped))
+        self.reference_logps = self._reference_logps()
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn reopen lazily
+        state = dict(self.__dict__)
+        state["_buffers"] = [None if b is None else "reopen" for b in self._buffers]
+        return state
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the sample space: shard checksums and weights."""
+        h = hashlib.sha256()
+        for source, m in zip(self.sources, self.manifests):
+            h.update(f"{source.weight!r}".encode())
+            for info in m.shards:
+                h.update(info.sha256.encode())
+        return h.hexdigest()[:16]
+
+    def length(self, field: int = 0) -> np.ndarray:
+        """Element counts of one field for every flat sample id."""
+        return self.counts[:, field]
+
+    def read(self, sample: int, field: int = 0) -> np.ndarray:
+        """A sample's array for one field: a zero-copy view into the shard's memory map."""
+        shard = int(self.shard_of[sample])
+        buf = self._buffers[shard]
+        if isinstance(buf, str):
+            si, shi = self._shard_paths[shard]
+            buf = self._buffers[shard] = open_shard(self.manifests[si], self.manifests[si].shards[shi],
+                                                    allow_pipe=self.allow_pipe)
+        return np.frombuffer(buf, self.dtypes[field], int(self.counts[sample, field]), int(self.offsets[sample, field]))
+
+    def _reference_logps(self) -> np.ndarray | None:
+        """Precomputed reference log-probs ``[sample, (chosen, rejected)]`` saved beside preference shards."""
+        if self.kind != "preference":
+            return None
+        parts = []
+        for m in self.manifests:
+            path = Path(m.root) / REFERENCE_LOGPS
+            if not path.is_file():
+                return None
+            values = np.load(path)
+            if values.shape != (m.num_samples, 2):
+                raise UserError(f"{path} has shape {values.shape}; expected ({m.num_samples}, 2)")
+            parts.append(values.astype(np.float32))
+        return np.concatenate(parts)
+
+
+def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> np.ndarray:
+    """Flat sample ids of one epoch, in order: a pure function of its arguments."""
+    per_source = []
+    for si, good in enumerate(shards.source_shards):
+        rng = np.random.default_rng([seed, epoch, si, 0x5EED])
+        order = rng.permutation(len(good)) if shuffle else np.arange(len(good))
+        ids = np.concatenate([np.arange(good[i][0], good[i][0] + good[i][1]) for i in order]) if good else \
+            np.zeros(0, np.int64)
+        if shuffle and len(ids) > 1:
+            keys = rng.random(len(ids))
+            ids = ids[np.lexsort((keys, np.arange(len(ids)) // max(1, buffer)))]
+        per_source.append(ids)
+    if len(per_source) == 1:
+        return per_source[0]
+    total = sum(len(ids) for ids in per_source)
+    weights = np.array([s.weight for s in shards.sources], dtype=np.float64)
+    takes = [int(round(total * w / weights.sum())) if len(ids) else 0 for w, ids in zip(weights, per_source)]
+    labels = np.repeat(np.arange(len(per_source)), takes)
+    if shuffle:
+        labels = np.random.default_rng([seed, epoch, 0x313C]).permutation(labels)
+    out = np.empty(len(labels), np.int64)
+    for si, (ids, take) in enumerate(zip(per_source, takes)):
+        out[labels == si] = np.resize(ids, take)
+    return out
+
+
+class EpochPlan:
+    """One epoch's units: how many there are and what each one reads."""
+
+    def __init__(self, shards: ShardSet, order: np.ndarray, mode: str, seq_len: int, field: int = 0) -> None:
+        self.shards, self.order, self.mode, self.seq_len, self.field = shards, order, mode, seq_len, field
+        lengths = shards.length(field)[order]
+        if mode == "samples":
+            self.num_units = len(order)
+        elif mode == "chunks":
+            pieces = np.maximum(1, -(-lengths // seq_len))
+            self.chunk_start = np.concatenate([[0], np.cumsum(pieces)])
+            self.num_units = int(self.chunk_start[-1])
+        elif mode == "rows":
+            self.token_start = np.concatenate([[0], np.cumsum(lengths)])
+            self.num_units = max(0, int(self.token_start[-1]) - 1) // seq_len
+        else:
+            raise ValueError(f"unknown unit mode {mode!r}")
+
+    def sample(self, unit: int) -> int:
+        """The flat sample id of a ``samples`` unit."""
+        return int(self.order[unit])
+
+    def chunk(self, unit: int) -> np.ndarray:
+        """The tokens of a ``chunks`` unit: piece ``j`` of its sample."""
+        i = int(np.searchsorted(self.chunk_start, unit, "right")) - 1
+        j = unit - int(self.chunk_start[i])
+        return self.shards.read(int(self.order[i]), self.field)[j * self.seq_len : (j + 1) * self.seq_len]
+
+    def row(self, unit: int, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """A ``rows`` unit: ``seq_len + 1`` elements per field, and a bool array marking where a
+        document begins inside the row (index 0 is marked when a document starts exactly there)."""
+        n = self.seq_len + 1
+        begin = unit * self.seq_len
+        out = [np.empty(n, self.shards.dtypes[f]) for f in fields]
+        starts = np.zeros(n, bool)
+        i = int(np.searchsorted(self.token_start, begin, "right")) - 1
+        at = 0
+        while at < n:
+            doc_begin = int(self.token_start[i])
+            lo = begin + at - doc_begin
+            if lo == 0:
+                starts[at] = True
+            sid = int(self.order[i])
+            take = min(n - at, int(self.token_start[i + 1]) - doc_begin - lo)
+            for o, f in zip(out, fields):
+                o[at : at + take] = self.shards.read(sid, f)[lo : lo + take]
+            at += take
+            i += 1
+        return out, starts
+
+
+@dataclasses.dataclass
+class StreamState:
+    """Where a stream stands: units ``[0, consumed)`` of ``epoch`` are done (on every rank)."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+
+class SampleStream:
+    """The units one rank consumes, batch by batch, from a starting state; infinite for training,
+    one pass for evaluation (``epochs=1``, whose last batch may be short)."""
+
+    def __init__(
+        self, shards: ShardSet, *, mode: str, seq_len: int, seed: int, rank: int, world_size: int,
+        batch_size: int, shuffle: bool = True, shuffle_buffer: int = 4096, field: int = 0,
+        epochs: int | None = None,
+    ) -> None:
+        if mode not in UNIT_MODES:
+            raise ValueError(f"unknown unit mode {mode!r}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is outside a world of {world_size}")
+        self.shards, self.mode, self.seq_len, self.seed = shards, mode, seq_len, seed
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.shuffle, self.shuffle_buffer, self.field, self.epochs = shuffle, shuffle_buffer, field, epochs
+        self._plans: dict[int, EpochPlan] = {}
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            if len(self._plans) > 2:
+                self._plans.pop(min(self._plans))
+            order = epoch_order(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
+            plan = EpochPlan(self.shards, order, self.mode, self.seq_len, self.field)
+            if plan.num_units < self.world_size:
+                raise UserError(
+                    f"the data gives {plan.num_units} {self.mode} per epoch at seq_len {self.seq_len}, fewer than "
+                    f"the {self.world_size} ranks; add data or use fewer ranks"
+                )
+            self._plans[epoch] = plan
+        return self._plans[epoch]
+
+    def rank_units(self, state: StreamState) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, unit positions) for this rank, epoch after epoch, starting at ``state``."""
+        epoch, consumed = state.epoch, state.consumed
+        while self.epochs is None or epoch < self.epochs:
+            total = self.plan(epoch).num_units
+            count = max(0, total - consumed) // self.world_size
+            start = consumed + self.rank
+            yield epoch, np.arange(start, start + count * self.world_size, self.world_size)
+            epoch, consumed = epoch + 1, 0
+
+    def batches(self, state: StreamState, worker: int = 0, num_workers: int = 1) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """This worker's batches: batch ``j`` for ``j % num_workers == worker``, each a list of
+        (epoch, unit positions) pieces holding ``batch_size`` units in all (fewer only at the end of
+        a finite stream)."""
+        pending: list[tuple[int, np.ndarray]] = []
+        filled = j = 0
+        for epoch, units in self.rank_units(state):
+            at = 0
+            while at < len(units):
+                take = min(self.batch_size - filled, len(units) - at)
+                if j % num_workers == worker:
+                    pending.append((epoch, units[at : at + take]))
+                filled, at = filled + take, at + take
+                if filled == self.batch_size:
+                    if j % num_workers == worker:
+                        yield pending
+                    pending, filled, j = [], 0, j + 1
+        if filled and j % num_workers == worker:
+            yield pending
+
+    def advance(self, state: StreamState, batches: int) -> StreamState:
+        """The state after this rank (and so every rank) consumed ``batches`` full batches."""
+        per_rank = batches * self.batch_size
+        epoch, consumed = state.epoch, state.consumed
+        while True:
+            left = (self.plan(epoch).num_units - consumed) // self.world_size
+            if per_rank < left:
+                return StreamState(epoch, consumed + per_rank * self.world_size)
+            per_rank -= left
+            epoch, consumed = epoch + 1, 0
+

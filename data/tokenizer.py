@@ -1,0 +1,174 @@
+"""Tokenizer training and loading: Hugging Face ``tokenizers`` saved in the layout transformers loads.
+
+Byte-level BPE by default (Unigram as an option, over the same byte alphabet so every string
+round-trips). The special tokens come first, so their ids are stable and small:
+``<|pad|>=0 <|bos|>=1 <|eos|>=2 <|unk|>=3 <|mask|>=4``, then the chat roles ``<|system|> <|user|>
+<|assistant|> <|end|>``, then the T5 sentinels ``<extra_id_0>..<extra_id_{N-1}>``. Everything the
+rest of Tessera needs goes through :class:`TessTokenizer` (``load_tokenizer(dir)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+from data.conversations import default_chat_template
+
+PAD, BOS, EOS, UNK, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|mask|>"
+ROLES = ("system", "user", "assistant", "end")
+MODELS = ("bpe", "unigram")
+DEFAULT_SENTINELS = 32
+
+
+def special_tokens(num_sentinels: int = DEFAULT_SENTINELS) -> list[str]:
+    """All special tokens in id order."""
+    return [PAD, BOS, EOS, UNK, MASK, *(f"<|{r}|>" for r in ROLES), *(f"<extra_id_{i}>" for i in range(num_sentinels))]
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    *,
+    vocab_size: int,
+    model: str = "bpe",
+    num_sentinels: int = DEFAULT_SENTINELS,
+    min_frequency: int = 2,
+    model_max_length: int = 2048,
+) -> TessTokenizer:
+    """Train on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = special_tokens(num_sentinels)
+    if model not in MODELS:
+        raise UserError(f"unknown tokenizer model {model!r}; choose from {', '.join(MODELS)}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(specials) + len(alphabet) + 1:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: {len(specials)} special tokens and "
+            f"{len(alphabet)} byte symbols need at least {len(specials) + len(alphabet) + 1}"
+        )
+    if model == "bpe":
+        tok = Tokenizer(models.BPE())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            initial_alphabet=alphabet, show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
+            initial_alphabet=alphabet, show_progress=False,
+        )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_non_empty(texts), trainer)
+    if tok.get_vocab_size() <= len(specials):
+        raise UserError("the tokenizer saw no text to train on; check the input files")
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
+    ])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK, "mask_token": MASK,
+        "additional_special_tokens": specials[5:],
+        "chat_template": default_chat_template(),
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "tessera": {"model": model, "num_sentinels": num_sentinels},
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token",
+                                "additional_special_tokens")}, indent=2) + "\n")
+    return load_tokenizer(out)
+
+
+class TessTokenizer:
+    """The tokenizer as the trainer, generation, SFT and alignment use it.
+
+    ``encode`` adds no special tokens unless asked (then a BOS in front, as transformers does with
+    this tokenizer). ``chat_template``, ``bos_token`` and ``eos_token`` make it a
+    :class:`data.conversations.ChatTokenizer`.
+    """
+
+    def __init__(self, path: Path, tok: Any, config: dict[str, Any]) -> None:
+        self.path = path
+        self._tok = tok
+        self.chat_template: str = config.get("chat_template") or default_chat_template()
+        self.bos_token, self.eos_token = config.get("bos_token", BOS), config.get("eos_token", EOS)
+        self.pad_token, self.mask_token = config.get("pad_token", PAD), config.get("mask_token", MASK)
+        self.bos_id = self._require(self.bos_token)
+        self.eos_id = self._require(self.eos_token)
+        self.pad_id = self._require(self.pad_token)
+        self.mask_id = self._require(self.mask_token)
+        self.unk_id: int | None = tok.token_to_id(config.get("unk_token", UNK))
+        self.role_ids: dict[str, int] = {r: self._require(f"<|{r}|>") for r in ROLES}
+        self.sentinel_ids: list[int] = []
+        while (sid := tok.token_to_id(f"<extra_id_{len(self.sentinel_ids)}>")) is not None:
+            self.sentinel_ids.append(sid)
+        self.vocab_size: int = tok.get_vocab_size()
+        self.special_ids: frozenset[int] = frozenset(
+            tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special
+        )
+        self.sha256: str = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+
+    def _require(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise UserError(f"{self.path}: the tokenizer has no {token} token; train it with `tessera tokenizer train`")
+        return tid
+
+    @property
+    def end_id(self) -> int:
+        """``<|end|>``: closes every chat turn; generation stops on it for chat models."""
+        return self.role_ids["end"]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def load_tokenizer(path: str | Path) -> TessTokenizer:
+    """Load a directory written by :func:`train_tokenizer` (or any with tokenizer.json + config)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_file() and path.name == "tokenizer.json":
+        path = path.parent
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"no tokenizer at {path}: expected {file} (make one with `tessera tokenizer train`)")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as exc:
+        raise UserError(f"{file}: not a valid tokenizers file ({exc})") from None
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return TessTokenizer(path, tok, config)
+
+
+def _non_empty(texts: Iterable[str]) -> Iterator[str]:
+    return (t for t in texts if t and not t.isspace())
