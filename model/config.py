@@ -78,6 +78,7 @@ class ModelConfig(Config):
     attn_scale: float | None = None  # None means 1/sqrt(head_dim); T5 uses 1.0
     sliding_window: int | None = None  # a query sees itself and the window-1 keys before it
     tie_embeddings: bool = True
+    scale_output: bool = False  # multiply final hidden states by d_model**-0.5 before the LM head (original T5)
     bias: bool = False  # biases of linear layers and LayerNorm
     dropout: float = 0.0
     init_std: float = 0.02

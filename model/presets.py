@@ -38,5 +38,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-bert": {**_BERT, "vocab_size": 8192, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256,
                   "max_seq_len": 512},
     "tiny-t5": {**_T5, "vocab_size": 8192, "d_model": 64, "n_layers": 2, "n_decoder_layers": 2, "n_heads": 4,
-                "d_ff": 128, "max_seq_len": 512, "tie_embeddings": True},
+                "d_ff": 128, "max_seq_len": 512, "tie_embeddings": True, "scale_output": True},
 }

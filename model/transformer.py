@@ -50,8 +50,8 @@ class Embeddings(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states → vocabulary logits. Masked LMs first transform (dense, GELU, norm) and add a bias.
 
-    A tied head uses the token embedding matrix; an encoder-decoder with tied embeddings scales the
-    hidden states by d_model**-0.5 first, as T5 does.
+    A tied head uses the token embedding matrix; ``scale_output`` multiplies the hidden states by
+    d_model**-0.5 first (original T5 with tied embeddings).
     """
 
     def __init__(self, cfg: ModelConfig, masked: bool) -> None:
@@ -63,8 +63,7 @@ class OutputHead(nn.Module):
             self.transform = None
         self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if masked else None
-        tied_seq2seq = cfg.tie_embeddings and cfg.arch == Arch.encoder_decoder
-        self.scale = cfg.d_model**-0.5 if tied_seq2seq else 1.0
+        self.scale = cfg.d_model**-0.5 if cfg.scale_output else 1.0
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, return_hidden: bool) -> torch.Tensor:
         if self.transform is not None:

@@ -1,0 +1,384 @@
+"""Hugging Face interop: LlamaForCausalLM, GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration.
+
+Pure tensor mapping (no transformers import): each layout is a :class:`Layout` that translates
+``config.json`` to a ``ModelConfig`` and back, and lists which HF tensors make each Tessera tensor
+(several HF tensors concatenate into one fused Tessera tensor: q/k/v → qkv, gate/up → up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from common.errors import UserError
+from model.config import Arch, Mlp, ModelConfig, Norm, NormPosition, Pos
+
+# (tessera name, HF names concatenated along dim 0, transpose each HF tensor: GPT-2 Conv1D)
+Entry = tuple[str, tuple[str, ...], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One transformers model class: its config translation and its tensor map."""
+
+    architecture: str
+    model_type: str
+    embedding_tensor: str
+    head_tensor: str  # tied when absent or equal to the embeddings
+    requires: dict[str, Any]  # ModelConfig values this layout can represent
+    config_from_hf: Callable[[dict[str, Any]], dict[str, Any]]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    entries: Callable[[ModelConfig], list[Entry]]
+
+
+def _linear(ours: str, hf: str, bias: bool, *, parts: tuple[str, ...] = ("",), transpose: bool = False) -> list[Entry]:
+    """Weight (and bias) entries of a linear layer made of HF linears ``hf + part`` for each part."""
+    out = [(f"{ours}.weight", tuple(f"{hf}{p}.weight" for p in parts), transpose)]
+    if bias:
+        out.append((f"{ours}.bias", tuple(f"{hf}{p}.bias" for p in parts), False))
+    return out
+
+
+def _norm(ours: str, hf: str, bias: bool) -> list[Entry]:
+    return _linear(ours, hf, bias)
+
+
+def _require_equal(hf: dict[str, Any], key: str, expected: Any, what: str) -> None:
+    if key in hf and hf[key] != expected:
+        raise UserError(f"config.json: {key}={hf[key]!r} is not supported ({what})")
+
+
+def _head_dim_check(hf: dict[str, Any], d_model: int, n_heads: int, key: str) -> None:
+    if hf.get(key) not in (None, d_model // n_heads) or d_model % n_heads:
+        raise UserError(f"config.json: {key}={hf.get(key)} differs from hidden size / heads; not supported")
+
+
+# --- Llama -------------------------------------------------------------------------------------
+
+def _llama_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"config.json: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    _require_equal(hf, "hidden_act", "silu", "Llama MLP must be SwiGLU")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise UserError("config.json: attention_bias and mlp_bias differ; Tessera has one bias switch")
+    _head_dim_check(hf, hf["hidden_size"], hf["num_attention_heads"], "head_dim")
+    return {
+        "arch": "decoder", "pos": "rope", "norm": "rmsnorm", "norm_position": "pre", "mlp": "swiglu",
+        "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
+        "n_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
+        "d_ff": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "bias": hf.get("attention_bias", False),
+    }
+
+
+def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def _llama_entries(cfg: ModelConfig) -> list[Entry]:
+    out: list[Entry] = [("embed.tokens.weight", ("model.embed_tokens.weight",), False)]
+    for i in range(cfg.n_layers):
+        hf, us = f"model.layers.{i}", f"stack.layers.{i}"
+        out += _linear(f"{us}.attn.qkv", f"{hf}.self_attn.", cfg.bias, parts=("q_proj", "k_proj", "v_proj"))
+        out += _linear(f"{us}.attn.out", f"{hf}.self_attn.o_proj", cfg.bias)
+        out += _linear(f"{us}.mlp.up", f"{hf}.mlp.", cfg.bias, parts=("gate_proj", "up_proj"))
+        out += _linear(f"{us}.mlp.down", f"{hf}.mlp.down_proj", cfg.bias)
+        out += _norm(f"{us}.attn_norm", f"{hf}.input_layernorm", False)
+        out += _norm(f"{us}.mlp_norm", f"{hf}.post_attention_layernorm", False)
+    out += _norm("stack.final_norm", "model.norm", False)
+    return out
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------
+
+_GELU = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
+
+
+def _gelu_tanh(hf: dict[str, Any], key: str) -> bool:
+    act = hf.get(key, "gelu")
+    if act not in _GELU:
+        raise UserError(f"config.json: {key}={act!r} is not supported; choose from {', '.join(_GELU)}")
+    return _GELU[act]
+
+
+def _gpt2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    _require_equal(hf, "scale_attn_by_inverse_layer_idx", False, "per-layer attention scaling")
+    d_model = hf["n_embd"]
+    return {
+        "arch": "decoder", "pos": "learned", "norm": "layernorm", "norm_position": "pre", "mlp": "gelu",
+        "bias": True, "gelu_tanh": _gelu_tanh(hf, "activation_function"), "vocab_size": hf["vocab_size"],
+        "d_model": d_model, "n_layers": hf["n_layer"], "n_heads": hf["n_head"],
+        "d_ff": hf.get("n_inner") or 4 * d_model, "max_seq_len": hf["n_positions"],
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+    }
+
+
+def _gpt2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+        "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len, "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": "gelu_new" if cfg.gelu_tanh else "gelu", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0, "bos_token_id": None, "eos_token_id": None,
+    }
+
+
+def _gpt2_entries(cfg: ModelConfig) -> list[Entry]:
+    out: list[Entry] = [("embed.tokens.weight", ("transformer.wte.weight",), False),
+                        ("embed.positions.table.weight", ("transformer.wpe.weight",), False)]
+    for i in range(cfg.n_layers):
+        hf, us = f"transformer.h.{i}", f"stack.layers.{i}"
+        out += _linear(f"{us}.attn.qkv", f"{hf}.attn.c_attn", True, transpose=True)
+        out += _linear(f"{us}.attn.out", f"{hf}.attn.c_proj", True, transpose=True)
+        out += _linear(f"{us}.mlp.up", f"{hf}.mlp.c_fc", True, transpose=True)
+        out += _linear(f"{us}.mlp.down", f"{hf}.mlp.c_proj", True, transpose=True)
+        out += _norm(f"{us}.attn_norm", f"{hf}.ln_1", True)
+        out += _norm(f"{us}.mlp_norm", f"{hf}.ln_2", True)
+    out += _norm("stack.final_norm", "transformer.ln_f", True)
+    return out
+
+
+# --- BERT --------------------------------------------------------------------------------------
+
+def _bert_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    _require_equal(hf, "position_embedding_type", "absolute", "only absolute positions")
+    return {
+        "arch": "encoder", "pos": "learned", "norm": "layernorm", "norm_position": "post", "mlp": "gelu",
+        "bias": True, "gelu_tanh": _gelu_tanh(hf, "hidden_act"), "vocab_size": hf["vocab_size"],
+        "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+        "d_ff": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 512),
+        "norm_eps": hf.get("layer_norm_eps", 1e-12),
+        "pad_token_id": hf.get("pad_token_id") or 0,
+    }
+
+
+def _bert_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff,
+        "hidden_act": "gelu_new" if cfg.gelu_tanh else "gelu", "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": 2,
+        "layer_norm_eps": cfg.norm_eps, "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute",
+    }
+
+
+def _bert_entries(cfg: ModelConfig) -> list[Entry]:
+    emb = "bert.embeddings"
+    out: list[Entry] = [("embed.tokens.weight", (f"{emb}.word_embeddings.weight",), False),
+                        ("embed.positions.table.weight", (f"{emb}.position_embeddings.weight",), False)]
+    out += _norm("embed.norm", f"{emb}.LayerNorm", True)
+    for i in range(cfg.n_layers):
+        hf, us = f"bert.encoder.layer.{i}", f"stack.layers.{i}"
+        out += _linear(f"{us}.attn.qkv", f"{hf}.attention.self.", True, parts=("query", "key", "value"))
+        out += _linear(f"{us}.attn.out", f"{hf}.attention.output.dense", True)
+        out += _norm(f"{us}.attn_norm", f"{hf}.attention.output.LayerNorm", True)
+        out += _linear(f"{us}.mlp.up", f"{hf}.intermediate.dense", True)
+        out += _linear(f"{us}.mlp.down", f"{hf}.output.dense", True)
+        out += _norm(f"{us}.mlp_norm", f"{hf}.output.LayerNorm", True)
+    out += _linear("head.transform.0", "cls.predictions.transform.dense", True)
+    out += _norm("head.transform.2", "cls.predictions.transform.LayerNorm", True)
+    out.append(("head.bias", ("cls.predictions.bias",), False))
+    return out
+
+
+# --- T5 ----------------------------------------------------------------------------------------
+
+def _t5_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    proj = hf.get("feed_forward_proj", "relu")
+    if proj not in ("gated-gelu", "gated-gelu_new"):
+        raise UserError(f"config.json: feed_forward_proj={proj!r} is not supported (T5 v1.1 'gated-gelu' only)")
+    _head_dim_check(hf, hf["d_model"], hf["num_heads"], "d_kv")
+    # transformers 5 ties lm_head to the shared embeddings unless the checkpoint holds a different
+    # lm_head, and keeps the old meaning of tie_word_embeddings=False as "do not scale"
+    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    return {
+        "arch": "encoder_decoder", "pos": "t5_bias", "norm": "rmsnorm", "norm_position": "pre", "mlp": "geglu",
+        "gelu_tanh": True, "bias": False, "attn_scale": 1.0, "vocab_size": hf["vocab_size"],
+        "d_model": hf["d_model"], "n_layers": hf["num_layers"],
+        "n_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"], "n_heads": hf["num_heads"],
+        "d_ff": hf["d_ff"], "t5_num_buckets": hf.get("relative_attention_num_buckets", 32),
+        "t5_max_distance": hf.get("relative_attention_max_distance", 128),
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
+        "scale_output": bool(scale), "pad_token_id": hf.get("pad_token_id") or 0,
+    }
+
+
+def _t5_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff,
+        "num_layers": cfg.n_layers, "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.n_heads,
+        "relative_attention_num_buckets": cfg.t5_num_buckets, "relative_attention_max_distance": cfg.t5_max_distance,
+        "dropout_rate": 0.0, "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": cfg.scale_output,  # transformers reads it as "scale the decoder outputs"
+        "is_encoder_decoder": True, "pad_token_id": cfg.pad_token_id, "decoder_start_token_id": cfg.pad_token_id,
+        "eos_token_id": 1,
+    }
+
+
+def _t5_entries(cfg: ModelConfig) -> list[Entry]:
+    out: list[Entry] = [("embed.tokens.weight", ("shared.weight",), False)]
+    for stack, n_layers in (("encoder", cfg.n_layers), ("decoder", cfg.decoder_layers)):
+        out.append((f"{stack}.score_bias.table.weight",
+                    (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",), False))
+        for i in range(n_layers):
+            hf, us = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
+            out += _linear(f"{us}.attn.qkv", f"{hf}.0.SelfAttention.", False, parts=("q", "k", "v"))
+            out += _linear(f"{us}.attn.out", f"{hf}.0.SelfAttention.o", False)
+            out += _norm(f"{us}.attn_norm", f"{hf}.0.layer_norm", False)
+            mlp = f"{hf}.{2 if stack == 'decoder' else 1}"
+            if stack == "decoder":
+                out += _linear(f"{us}.cross_attn.q", f"{hf}.1.EncDecAttention.q", False)
+                out += _linear(f"{us}.cross_attn.kv", f"{hf}.1.EncDecAttention.", False, parts=("k", "v"))
+                out += _linear(f"{us}.cross_attn.out", f"{hf}.1.EncDecAttention.o", False)
+                out += _norm(f"{us}.cross_norm", f"{hf}.1.layer_norm", False)
+            out += _linear(f"{us}.mlp.up", f"{mlp}.DenseReluDense.", False, parts=("wi_0", "wi_1"))
+            out += _linear(f"{us}.mlp.down", f"{mlp}.DenseReluDense.wo", False)
+            out += _norm(f"{us}.mlp_norm", f"{mlp}.layer_norm", False)
+        out += _norm(f"{stack}.final_norm", f"{stack}.final_layer_norm", False)
+    return out
+
+
+_COMMON = {"attn_scale": None, "sliding_window": None, "scale_output": False}
+_SINGLE_KV = {"n_kv_heads": "n_heads"}  # marker: these layouts have no grouped KV heads
+
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout("LlamaForCausalLM", "llama", "model.embed_tokens.weight", "lm_head.weight",
+                    {**_COMMON, "arch": Arch.decoder, "pos": Pos.rope, "norm": Norm.rmsnorm,
+                     "norm_position": NormPosition.pre, "mlp": Mlp.swiglu},
+                    _llama_from_hf, _llama_to_hf, _llama_entries),
+    "gpt2": Layout("GPT2LMHeadModel", "gpt2", "transformer.wte.weight", "lm_head.weight",
+                   {**_COMMON, **_SINGLE_KV, "arch": Arch.decoder, "pos": Pos.learned, "norm": Norm.layernorm,
+                    "norm_position": NormPosition.pre, "mlp": Mlp.gelu, "bias": True},
+                   _gpt2_from_hf, _gpt2_to_hf, _gpt2_entries),
+    "bert": Layout("BertForMaskedLM", "bert", "bert.embeddings.word_embeddings.weight",
+                   "cls.predictions.decoder.weight",
+                   {**_COMMON, **_SINGLE_KV, "arch": Arch.encoder, "pos": Pos.learned, "norm": Norm.layernorm,
+                    "norm_position": NormPosition.post, "mlp": Mlp.gelu, "bias": True},
+                   _bert_from_hf, _bert_to_hf, _bert_entries),
+    "t5": Layout("T5ForConditionalGeneration", "t5", "shared.weight", "lm_head.weight",
+                 {**_SINGLE_KV, "arch": Arch.encoder_decoder, "pos": Pos.t5_bias, "norm": Norm.rmsnorm,
+                  "norm_position": NormPosition.pre, "mlp": Mlp.geglu, "bias": False, "attn_scale": 1.0,
+                  "gelu_tanh": True, "sliding_window": None},
+                 _t5_from_hf, _t5_to_hf, _t5_entries),
+}
+
+
+def layout_for_hf(hf_config: dict[str, Any]) -> Layout:
+    """The layout of a transformers ``config.json`` (by ``model_type``)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in LAYOUTS:
+        raise UserError(f"config.json: model_type {model_type!r} is not supported; "
+                        f"Tessera imports {', '.join(LAYOUTS)}")
+    return LAYOUTS[model_type]
+
+
+def layout_for(cfg: ModelConfig) -> Layout:
+    """The transformers layout that represents ``cfg`` exactly (UserError when none does)."""
+    reasons = []
+    for name, layout in LAYOUTS.items():
+        bad = [key for key, value in layout.requires.items() if not _satisfies(cfg, key, value)]
+        if not bad:
+            return layout
+        reasons.append(f"{name} needs {', '.join(f'{k}={_show(layout.requires[k])}' for k in bad)}")
+    raise UserError("no Hugging Face layout represents this model: " + "; ".join(reasons))
+
+
+def _satisfies(cfg: ModelConfig, key: str, value: Any) -> bool:
+    if value == "n_heads":
+        return cfg.kv_heads == cfg.n_heads
+    return getattr(cfg, key) == value
+
+
+def _show(value: Any) -> str:
+    return "n_heads" if value == "n_heads" else str(getattr(value, "value", value))
+
+
+def config_from_hf(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ModelConfig:
+    """A ``ModelConfig`` equivalent to a transformers ``config.json`` and its tensors (which say
+    whether the LM head is tied: absent, or equal to the embeddings)."""
+    layout = layout_for_hf(hf_config)
+    try:
+        raw = layout.config_from_hf(hf_config)
+    except KeyError as exc:
+        raise UserError(f"config.json: missing key {exc.args[0]!r}") from None
+    tensors = _normalise_hf_names(tensors, layout)
+    head = tensors.get(layout.head_tensor)
+    raw["tie_embeddings"] = head is None or torch.equal(head, tensors.get(layout.embedding_tensor, head))
+    return ModelConfig.from_dict({k: v for k, v in raw.items() if v is not None}, "config.json")
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A transformers ``config.json`` mapping for ``cfg``."""
+    layout = layout_for(cfg)
+    return {"architectures": [layout.architecture], "model_type": layout.model_type, "dtype": "float32",
+            "tie_word_embeddings": cfg.tie_embeddings, **layout.config_to_hf(cfg)}
+
+
+def _entries(layout: Layout, cfg: ModelConfig) -> list[Entry]:
+    entries = layout.entries(cfg)
+    if not cfg.tie_embeddings:
+        entries.append(("head.weight", (layout.head_tensor,), False))
+    return entries
+
+
+def state_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Tessera state dict from HF tensors (the model's ``model.safetensors`` contents)."""
+    layout = layout_for(cfg)
+    tensors = _normalise_hf_names(tensors, layout)
+    state = {}
+    for ours, names, transpose in _entries(layout, cfg):
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise UserError(f"model.safetensors: tensor {missing[0]!r} is missing for a {layout.architecture}")
+        parts = [tensors[n].t() if transpose else tensors[n] for n in names]
+        state[ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    if layout.model_type == "bert" and "bert.embeddings.token_type_embeddings.weight" in tensors:
+        # Tessera has no token types: token type 0 (what every single-segment input uses) is folded in
+        state["embed.positions.table.weight"] = (state["embed.positions.table.weight"]
+                                                 + tensors["bert.embeddings.token_type_embeddings.weight"][0])
+    return state
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF tensors from a Tessera state dict: fused tensors split, Conv1D weights transposed, a tied
+    head written out as a copy of the embeddings (transformers re-ties equal tensors)."""
+    layout = layout_for(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for ours, names, transpose in _entries(layout, cfg):
+        tensor = state[ours]
+        for name, part in zip(names, torch.split(tensor, _split_sizes(names, tensor.shape[0], cfg), dim=0)):
+            out[name] = (part.t() if transpose else part).contiguous().clone()
+    if cfg.tie_embeddings:
+        out[layout.head_tensor] = out[layout.embedding_tensor].clone()
+    if layout.model_type == "bert":
+        dtype = out[layout.embedding_tensor].dtype
+        out["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(2, cfg.d_model, dtype=dtype)
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
+    return out
+
+
+def _split_sizes(names: tuple[str, ...], total: int, cfg: ModelConfig) -> list[int]:
+    if len(names) == 3:  # q, k, v
+        kv = cfg.kv_heads * cfg.head_dim
+        return [total - 2 * kv, kv, kv]
+    return [total // len(names)] * len(names)
+
+
+def _normalise_hf_names(tensors: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Accept the prefix-less names of older GPT-2 checkpoints (``h.0.attn...`` for ``transformer.h.0...``)."""
+    if layout.model_type == "gpt2" and "transformer.wte.weight" not in tensors:
+        return {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in tensors.items()}
+    return tensors

@@ -1,0 +1,163 @@
+"""Model directories: ``model.safetensors`` + ``model.yaml`` (the ModelConfig and the head), with any
+tokenizer files beside them. ``load_pretrained`` also reads Hugging Face directories (config.json)
+and follows a ``latest`` file (a trainer's ``checkpoints/`` directory) to the step it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from common.errors import UserError
+from model.config import ModelConfig
+from model.transformer import HEADS, SequenceClassifier, TesseraModel, build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.yaml"
+HF_CONFIG = "config.json"
+LATEST = "latest"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The model directory ``path`` means: itself, or (repeatedly) the sub-directory its ``latest`` names."""
+    path = Path(path)
+    for _ in range(8):
+        if not path.is_dir():
+            raise UserError(f"checkpoint not found: {path} is not a directory")
+        if (path / CONFIG).is_file() or (path / HF_CONFIG).is_file():
+            return path
+        latest = path / LATEST
+        if not latest.is_file():
+            raise UserError(f"{path}: not a model directory (no {CONFIG}, {HF_CONFIG} or {LATEST} file)")
+        name = latest.read_text().strip()
+        if not name:
+            raise UserError(f"{latest}: empty; it should hold the name of a checkpoint sub-directory")
+        path = path / name
+    raise UserError(f"{path}: too many nested '{LATEST}' files")
+
+
+def head_of(model: TesseraModel) -> str:
+    return "classifier" if isinstance(model, SequenceClassifier) else "lm"
+
+
+def save_pretrained(model: TesseraModel, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``model.yaml`` into ``directory`` (each file atomically)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    meta = {**model.config.to_dict(), "head": head_of(model)}
+    _atomic(directory / CONFIG, lambda tmp: tmp.write_text(yaml.safe_dump(meta, sort_keys=False)))
+    return directory
+
+
+def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
+    """Load a Tessera or Hugging Face model directory (or a checkpoints dir with ``latest``).
+
+    ``head`` overrides the saved head: an LM checkpoint loaded with ``head="classifier"`` keeps its
+    body and starts a fresh score head (a reward model from an SFT model).
+    """
+    directory = resolve_checkpoint(path)
+    tensors = read_safetensors(directory / WEIGHTS)
+    if (directory / CONFIG).is_file():
+        meta = _read_yaml(directory / CONFIG)
+        saved_head = meta.pop("head", "lm")
+        cfg = ModelConfig.from_dict(meta, "model")
+        state = tensors
+    else:
+        from model.hf import config_from_hf, state_from_hf
+
+        cfg = config_from_hf(_read_json(directory / HF_CONFIG), tensors)
+        saved_head, state = "lm", state_from_hf(tensors, cfg)
+    head = head or saved_head
+    if head not in HEADS:
+        raise UserError(f"unknown model head {head!r}; choose from {', '.join(HEADS)}")
+    model = build_model(cfg, head)
+    if head != saved_head:  # keep the shared body (embed.*, stack.*), drop the other head
+        body = {k: v for k, v in state.items() if k.startswith(("embed.", "stack."))}
+        missing, _ = model.load_state_dict(body, strict=False)
+        if any(k.startswith(("embed.", "stack.")) for k in missing):
+            raise UserError(f"{directory}: weights do not fit a {head} model of this config")
+    else:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+            raise UserError(f"{directory / WEIGHTS}: weights do not match {CONFIG}: {first[0].strip()}") from None
+    return model
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or corrupt file is a one-line UserError."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
+    """Copy the tokenizer files found in ``source`` to ``target``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    return copied
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UserError(f"{path}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of model config keys")
+    return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def save_hf(model: TesseraModel, directory: str | Path) -> Path:
+    """Write the Hugging Face layout (``config.json`` + ``model.safetensors``) of an LM model."""
+    from safetensors.torch import save_file
+
+    from model.hf import config_to_hf, state_to_hf
+
+    if head_of(model) != "lm":
+        raise UserError("only LM models export to a Hugging Face layout (this one has a classifier head)")
+    hf_config = config_to_hf(model.config)
+    tensors = state_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _atomic(directory / HF_CONFIG, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"))
+    return directory
