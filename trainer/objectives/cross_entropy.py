@@ -23,16 +23,20 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                chunk_size: int):
         """Every row of ``hidden`` has a target in ``labels`` (the caller dropped ignored ones)."""
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = any(ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             target = labels[start : start + chunk_size]
             logits = (h @ weight.t()).float()
+            if bias is not None:
+                logits += bias.float()
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[:, None]).squeeze(1)
             total += (lse - picked).sum()
@@ -41,26 +45,33 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 grad_logits.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
                 grad_hidden[start : start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 grad_weight += grad_logits.t() @ h.float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (
             grad_hidden * grad_output.to(grad_hidden.dtype),
             (grad_weight * grad_output).to(ctx.weight_dtype),
+            None if ctx.bias_dtype is None else (grad_bias * grad_output).to(ctx.bias_dtype),
             None,
             None,
         )
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 4096,
 ) -> torch.Tensor:
-    """Summed CE of ``hidden [..., D] @ weight[V, D].T`` against ``labels [...]`` (-100 ignored)."""
+    """Summed CE of ``hidden [..., D] @ weight[V, D].T (+ bias)`` against ``labels [...]`` (-100 ignored)."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
     keep = flat != IGNORE_INDEX  # rows without a target cost nothing
-    return _ChunkedLinearCE.apply(rows[keep], weight, flat[keep], chunk_size)
+    return _ChunkedLinearCE.apply(rows[keep], weight, bias, flat[keep], chunk_size)

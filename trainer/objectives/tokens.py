@@ -40,7 +40,10 @@ class TokenObjective:
         labels = batch["labels"]
         if self.chunk_size:
             hidden = model(*args, **kwargs, return_hidden=True)
-            loss_sum = chunked_linear_cross_entropy(hidden, unwrap(model).output_weight(), labels, self.chunk_size)
+            plain = unwrap(model)
+            loss_sum = chunked_linear_cross_entropy(
+                hidden, plain.output_weight(), labels, plain.output_bias(), self.chunk_size
+            )
         else:
             loss_sum = cross_entropy_sum(model(*args, **kwargs), labels)
         return LossOutput(loss_sum=loss_sum, count=(labels != IGNORE_INDEX).sum())

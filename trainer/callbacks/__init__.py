@@ -1,0 +1,49 @@
+"""Side jobs of the loop, as callbacks: evaluation, checkpoints, preemption, metrics file, W&B, progress.
+
+The loop calls, on every rank, ``on_train_start(trainer)``, ``on_step_end(trainer, metrics)`` after
+each optimizer step (``metrics`` is a dict a callback may add to; later callbacks see the
+additions) and ``on_train_end(trainer)``. Callbacks run in list order: the ones that compute
+(evaluation) come before the ones that record (files, W&B, progress bar).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        pass
+
+
+def default_callbacks(trainer: Trainer) -> list[Callback]:
+    """The callbacks a run gets from its config."""
+    from trainer.callbacks.checkpointing import Checkpointing
+    from trainer.callbacks.evaluation import Evaluation
+    from trainer.callbacks.metrics_file import MetricsFile
+    from trainer.callbacks.preemption import Preemption
+    from trainer.callbacks.progress import ProgressBar
+
+    cfg = trainer.cfg
+    callbacks: list[Callback] = []
+    if cfg.train.eval_every and cfg.data.valid:
+        callbacks.append(Evaluation(cfg.train.eval_every, cfg.train.eval_steps))
+    callbacks += [Checkpointing(cfg.checkpoint.every, cfg.checkpoint.save_final), Preemption()]
+    if trainer.env.is_main:
+        callbacks.append(MetricsFile(cfg.log.dir / "metrics.jsonl", cfg.log.every))
+        if cfg.log.wandb:
+            from trainer.callbacks.wandb_logger import WandbLogger
+
+            callbacks.append(WandbLogger(cfg))
+        if cfg.log.progress:
+            callbacks.append(ProgressBar(cfg.train.max_steps))
+    return callbacks

@@ -1,0 +1,194 @@
+"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/sft/align.
+
+Load it with ``common.config.load_config(RunConfig, path, overrides)``. Checks that need the
+world size (global batch divisibility) happen in :func:`trainer.run.run`, once it is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import Any
+
+from common.config import Config
+from common.errors import ConfigError
+from data.config import DataConfig
+from model.config import ModelConfig
+
+
+class StrategyName(enum.StrEnum):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    zero1 = "zero1"
+    zero2 = "zero2"
+    zero3 = "zero3"
+
+
+class Schedule(enum.StrEnum):
+    cosine = "cosine"
+    linear = "linear"
+    wsd = "wsd"  # warmup, stable, then decay over the last decay_fraction of the steps
+    constant = "constant"
+
+
+class Precision(enum.StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Offload(enum.StrEnum):
+    none = "none"
+    optimizer = "optimizer"
+    optimizer_params = "optimizer+params"
+
+
+@dataclasses.dataclass
+class RunModelConfig(ModelConfig):
+    """The model section: a ModelConfig plus ``init``, a checkpoint or HF directory to start from."""
+
+    init: Path | None = None
+    vocab_from_tokenizer: bool = True  # set vocab_size to the tokenizer's (false when vocab_size is given)
+
+    @classmethod
+    def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        if "vocab_size" in raw:
+            raw.setdefault("vocab_from_tokenizer", False)
+        return super().preprocess(raw, where)
+
+    def model_config(self) -> ModelConfig:
+        """The architecture alone, as ``model.build_model`` and ``model.yaml`` take it."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**fields)
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    strategy: StrategyName = StrategyName.single
+    micro_batch_size: int = 8
+    global_batch_size: int | None = None  # None: micro_batch_size × ranks (no accumulation)
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: Schedule = Schedule.cosine
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+    weight_decay: float = 0.1
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    precision: Precision = Precision.fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    eval_every: int = 0  # 0: no evaluation
+    eval_steps: int = 20
+    max_bad_steps: int = 10  # stop after this many skipped (NaN/inf or spiking) steps
+    spike_factor: float = 0.0  # skip a step whose loss exceeds this × the running mean; 0 disables
+    offload: Offload = Offload.none
+    hsdp: bool = False  # fsdp: shard within a node, replicate across nodes
+    deepspeed_config: Path | None = None  # the user's own ds_config JSON (zero*), checked against ours
+    objective: str | None = None  # override what the task/arch implies (clm, mlm, span, sft, preference, reward)
+    loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
+    dist_timeout_s: int = 600
+
+    def validate(self, where: str) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{where}.{key}: {why}")
+
+        for key in ("micro_batch_size", "max_steps"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be at least 1")
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            raise bad(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+            )
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise bad("lr", f"need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise bad("warmup_steps", "must not be negative")
+        if not 0 < self.decay_fraction <= 1:
+            raise bad("decay_fraction", "must be in (0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise bad("betas", f"expected two numbers in [0, 1), got {self.betas}")
+        if self.grad_clip < 0 or self.spike_factor < 0 or self.loss_chunk_size < 0:
+            raise bad("grad_clip", "grad_clip, spike_factor and loss_chunk_size must be >= 0")
+        if self.offload is not Offload.none and self.strategy in (StrategyName.single, StrategyName.ddp):
+            raise bad("offload", f"needs strategy fsdp or zero1/2/3, not {self.strategy}")
+        if self.offload is Offload.optimizer_params and self.strategy in (StrategyName.zero1, StrategyName.zero2):
+            raise bad("offload", "parameter offload needs zero3 or fsdp")
+        if self.deepspeed_config is not None and not self.strategy.startswith("zero"):
+            raise bad("deepspeed_config", f"only used by zero1/zero2/zero3, not {self.strategy}")
+        if self.hsdp and self.strategy is not StrategyName.fsdp:
+            raise bad("hsdp", "only applies to strategy fsdp")
+
+
+@dataclasses.dataclass
+class CheckpointConfig(Config):
+    dir: Path | None = None  # None: <log.dir>/checkpoints
+    every: int = 0  # save every N steps (0: only at the end and on preemption)
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in dir, if any), never, or a checkpoint path
+    save_final: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ConfigError(f"{where}: every must be >= 0 and keep_last >= 1")
+
+
+@dataclasses.dataclass
+class LogConfig(Config):
+    dir: Path = Path("runs/default")
+    every: int = 1
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "tessera"
+    wandb_run_name: str | None = None
+    wandb_group: str | None = None
+    wandb_tags: list[str] = dataclasses.field(default_factory=list)
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs are looked up
+
+
+@dataclasses.dataclass
+class SFTConfig(Config):
+    """Instruction tuning (the chat data itself is configured under data)."""
+
+
+class AlignLoss(enum.StrEnum):
+    dpo = "dpo"
+    ipo = "ipo"
+    cdpo = "cdpo"
+    simpo = "simpo"
+    orpo = "orpo"
+
+
+class Reference(enum.StrEnum):
+    precomputed = "precomputed"
+    live = "live"
+
+
+@dataclasses.dataclass
+class AlignConfig(Config):
+    loss: AlignLoss = AlignLoss.dpo
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cdpo
+    simpo_gamma: float = 0.5
+    orpo_alpha: float = 1.0
+    reference: Reference = Reference.live
+
+
+@dataclasses.dataclass
+class RunConfig(Config):
+    model: RunModelConfig = dataclasses.field(default_factory=RunModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoint.dir or self.log.dir / "checkpoints"

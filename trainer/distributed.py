@@ -1,0 +1,106 @@
+"""Process-group set-up from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+Without those variables the run is one process; it still gets a one-rank gloo group when the
+strategy needs one (FSDP and DeepSpeed always talk through a process group). nccl on GPUs, gloo
+on CPU. ``launch/env.py`` maps other launchers' variables onto these before calling us.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from common.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(need_group: bool, timeout_s: int = 600) -> DistEnv:
+    """Join (or create) the process group described by the environment; idempotent."""
+    world_size = _int_env("WORLD_SIZE", 1)
+    rank = _int_env("RANK", 0)
+    local_rank = _int_env("LOCAL_RANK", rank)
+    local_world_size = _int_env("LOCAL_WORLD_SIZE", world_size)
+    if not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if (world_size > 1 or need_group) and not dist.is_initialized():
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise UserError(f"{name} is not set; start multi-process runs with torchrun or tessera --nproc")
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, world_size, local_rank, local_world_size, device)
+
+
+def teardown(barrier: bool = True) -> None:
+    """Leave the process group; after a clean run a barrier first, so no rank exits while others talk."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_gather_object(obj: object) -> list[object]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,265 @@
+"""The training loop: one optimizer step = accumulation micro-batches on every rank, then a step.
+
+Read :meth:`Trainer.train_step` top to bottom; side jobs (evaluation, checkpoints, preemption,
+logging) are callbacks called after each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import dump_yaml
+from common.errors import UserError
+from trainer import checkpoint
+from trainer.callbacks import Callback
+from trainer.config import RunConfig
+from trainer.distributed import DistEnv, all_reduce
+from trainer.guard import LossGuard
+from trainer.metrics import memory_gb, mfu, peak_flops
+from trainer.objectives import Batch, Objective
+from trainer.schedule import lr_at
+from trainer.strategy import Strategy
+
+log = logging.getLogger("tessera.trainer")
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """How to rebuild the plain model for the consolidated ``model/`` directory of a checkpoint."""
+
+    config: Any  # model.config.ModelConfig
+    head: str
+    tokenizer_dir: Path | None  # its files are copied beside the weights
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def input_tokens(batch: Batch) -> int:
+    """Tokens fed to the model (for throughput): every ``*input_ids`` tensor."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        strategy: Strategy,
+        objective: Objective,
+        loader: Any,
+        *,
+        model_spec: ModelSpec,
+        valid_batches: Callable[[], Iterable[Batch]] | None = None,
+        flops_per_token: float = 0.0,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.strategy = strategy
+        self.model = strategy.model
+        self.objective = objective
+        self.loader = loader
+        self.model_spec = model_spec
+        self.valid_batches = valid_batches
+        self.flops_per_token = flops_per_token
+        self.callbacks = list(callbacks)
+        self.writer = checkpoint.CheckpointWriter(cfg.checkpoint_dir, cfg.checkpoint.keep_last, env)
+        self.guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_factor)
+        self.peak_flops = peak_flops(env.device, cfg.log.peak_tflops)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_saved: Path | None = None
+        self.last_saved_step = -1
+        self.stop_reason: str | None = None
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        batches = iter(self.loader)
+        try:
+            while self.step < self.cfg.train.max_steps and self.stop_reason is None:
+                metrics = self.train_step(batches)
+                for callback in self.callbacks:
+                    callback.on_step_end(self, metrics)
+                self.history.append(metrics)
+        except UserError:
+            self.stop_reason = "error"
+            raise
+        finally:
+            for callback in self.callbacks:
+                callback.on_train_end(self)
+
+    def train_step(self, batches: Iterator[Batch]) -> dict[str, Any]:
+        started = time.perf_counter()
+        cfg, world, device = self.cfg.train, self.env.world_size, self.env.device
+        micro_batches = [next(batches) for _ in range(self.strategy.accumulation)]
+
+        # the global number of loss units (tokens, pairs) is known before any forward: normalise by it
+        sizes = torch.tensor(
+            [sum(self.objective.count(b) for b in micro_batches), sum(input_tokens(b) for b in micro_batches)],
+            dtype=torch.float64, device=device,
+        )
+        global_count, global_tokens = (int(x) for x in all_reduce(sizes).tolist())
+        scale = world / max(global_count, 1)
+
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, device)
+            with self.strategy.accumulate(last=i == len(micro_batches) - 1):
+                with self.strategy.autocast():
+                    out = self.objective.loss(self.model, batch)
+                self.strategy.backward(out.loss_sum * scale)
+            for name, value in {"loss": out.loss_sum, **out.metrics}.items():
+                sums[name] = sums.get(name, 0) + value.detach().double()
+
+        names = list(sums)
+        totals = all_reduce(torch.stack([sums[n] for n in names])) / max(global_count, 1)
+        values = dict(zip(names, totals.tolist()))
+        loss = values.pop("loss")
+
+        skip = self.guard.check(loss, global_count)
+        lr = lr_at(self.step, cfg)
+        grad_norm = self.strategy.step(lr, skip=skip is not None)
+        if skip is None and not np.isfinite(grad_norm):
+            skip = f"gradient norm is {grad_norm}"
+        self.step += 1
+        self.tokens_seen += global_tokens
+        self.guard.record(self.step, loss, skip)
+        if skip is not None:
+            log.warning("step %d skipped: %s", self.step, skip)
+
+        elapsed = time.perf_counter() - started
+        tokens_per_s = global_tokens / elapsed
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(self.flops_per_token, tokens_per_s, world, self.peak_flops),
+            "memory_gb": memory_gb(device),
+            "step_time_s": elapsed,
+            "skipped": skip is not None,
+            **values,
+        }
+
+    def stop(self, message: str, reason: str) -> None:
+        """Ask the loop to end after this step (callbacks call this)."""
+        if self.env.is_main:
+            log.warning(message)
+        self.stop_reason = reason
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int) -> float:
+        """Mean loss per unit over the first ``max_batches`` validation batches of every rank."""
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for i, batch in enumerate(self.valid_batches()):
+            if i == max_batches:
+                break
+            with self.strategy.autocast():
+                out = self.objective.loss(self.model, to_device(batch, self.env.device))
+            totals += torch.stack([out.loss_sum.double(), out.count.double()])
+        self.model.train()
+        loss_sum, count = all_reduce(totals).tolist()
+        return loss_sum / max(count, 1)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a complete checkpoint of this step (all ranks call it together)."""
+        if self.last_saved_step == self.step:
+            return self.last_saved
+        tmp = self.writer.begin(self.step)
+        self.strategy.save(tmp)
+        torch.save({"loader": self.loader.state_dict(), "rng": rng_state()}, tmp / checkpoint.rank_file(self.env.rank))
+        weights = self.strategy.full_state_dict()
+        if self.env.is_main:
+            self.write_model_dir(weights, tmp / "model")
+            dump_yaml(self.cfg, tmp / "config.yaml")
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.env.world_size,
+            "strategy": str(self.cfg.train.strategy),
+            "guard": self.guard.state_dict(),
+        }
+        self.last_saved = self.writer.commit(tmp, self.step, state)
+        self.last_saved_step = self.step
+        return self.last_saved
+
+    def write_model_dir(self, weights: dict[str, torch.Tensor], out: Path) -> None:
+        """The consolidated model (what ``model.init``, generate and export load) + tokenizer files."""
+        from model import build_model
+        from model.io import save_pretrained
+
+        plain = build_model(self.model_spec.config, head=self.model_spec.head)
+        plain.load_state_dict(weights)
+        save_pretrained(plain, out)
+        tokenizer_dir = self.model_spec.tokenizer_dir
+        if tokenizer_dir is not None:
+            for path in tokenizer_dir.iterdir():
+                if path.is_file() and path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                    shutil.copy2(path, out / path.name)
+
+    def resume(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` (verified), also when it was saved at another world size."""
+        state = checkpoint.read_state(path)
+        saved_world = state["world_size"]
+        if saved_world != self.env.world_size and not self.strategy.reshardable:
+            raise UserError(
+                f"checkpoint {path} was saved by {state['strategy']} on {saved_world} ranks; "
+                f"{self.cfg.train.strategy} cannot resume it on {self.env.world_size} "
+                "(start from its weights with model.init instead, or use fsdp/ddp)"
+            )
+        self.strategy.load(path)
+        ranks = [torch.load(path / checkpoint.rank_file(r), weights_only=False) for r in range(saved_world)]
+        if saved_world == self.env.world_size:
+            self.loader.load_state_dict(ranks[self.env.rank]["loader"])
+            set_rng_state(ranks[self.env.rank]["rng"])
+        else:
+            self.loader.load_state_dict(merge_loader_states([r["loader"] for r in ranks]))
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.guard.load_state_dict(state["guard"])
+        self.last_saved, self.last_saved_step = path, self.step
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+
+def merge_loader_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """A loader state from another world size: the data loader takes the list of every old rank's."""
+    return {"ranks": states}

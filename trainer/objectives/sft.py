@@ -1,0 +1,38 @@
+"""SFT: the causal-LM loss on assistant tokens only (the collator puts -100 everywhere else).
+
+A micro-batch whose labels are all masked (no assistant token survived truncation, or the data was
+rendered without assistant turns) carries no signal: it is counted and reported with a warning,
+and since the loop divides by the global count of trained tokens it adds nothing to the step
+instead of diluting it as a silent loss of 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trainer.objectives import Batch, ObjectiveContext
+from trainer.objectives.clm import CausalLM
+from trainer.objectives.tokens import chunk_size_for
+
+log = logging.getLogger(__name__)
+
+
+class SupervisedFineTuning(CausalLM):
+    def __init__(self, chunk_size: int) -> None:
+        super().__init__("sft", chunk_size)
+        self.all_masked_batches = 0
+
+    def count(self, batch: Batch) -> int:
+        n = super().count(batch)
+        if n == 0:
+            self.all_masked_batches += 1
+            log.warning(
+                "SFT micro-batch with every label masked (no assistant tokens): nothing to learn from it "
+                "(%d such batches so far); check the data's chat template and data.seq_len",
+                self.all_masked_batches,
+            )
+        return n
+
+
+def build(ctx: ObjectiveContext) -> SupervisedFineTuning:
+    return SupervisedFineTuning(chunk_size_for(ctx))

@@ -1,0 +1,173 @@
+"""The one entry point: ``run(cfg, task)`` builds everything a run needs, trains, and reports.
+
+task ∈ {pretrain, sft, align}. For pretrain the objective follows model.arch (decoder → clm,
+encoder → mlm, encoder_decoder → span); train.objective overrides it. Works as one process or
+as one rank of many (torchrun-style variables; ``launch/`` maps other launchers onto them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from common.config import dump_yaml
+from common.errors import ConfigError, UserError
+from trainer import checkpoint
+from trainer.callbacks import Callback, default_callbacks
+from trainer.config import RunConfig
+from trainer.distributed import DistEnv, init_distributed, teardown
+from trainer.loop import ModelSpec, Trainer
+from trainer.objectives import ObjectiveContext, build_objective, objective_name
+from trainer.strategy import build_strategy, needs_process_group
+
+TASKS = ("pretrain", "sft", "align")
+log = logging.getLogger("tessera.trainer")
+
+
+@dataclasses.dataclass
+class RunResult:
+    steps: int
+    losses: list[float]  # the training loss of every step run in this process (not before a resume)
+    final_loss: float | None
+    eval_loss: float | None
+    tokens_seen: int
+    run_dir: Path
+    checkpoint: Path | None  # the last checkpoint written or resumed from
+    preempted: bool
+
+
+def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank; the global batch must split evenly."""
+    micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if global_batch is None:
+        return 1
+    if global_batch % (micro * world_size):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by micro_batch_size × ranks "
+            f"= {micro} × {world_size}; pick a multiple of {micro * world_size}"
+        )
+    return global_batch // (micro * world_size)
+
+
+def find_tokenizer_dir(cfg: RunConfig) -> Path:
+    """data.tokenizer if set, else the tokenizer saved with model.init, else the one the training
+    shards were made with (``tokenizer_path`` in their manifest.json)."""
+    candidates = [getattr(cfg.data, "tokenizer", None)]
+    if cfg.model.init is not None:
+        candidates.append(model_dir_of(cfg.model.init))
+    for spec in cfg.data.datasets():
+        manifest = Path(spec.path) / "manifest.json"
+        if not manifest.is_file():
+            raise UserError(f"data.train: no shards at {spec.path} (expected {manifest}; make them with tessera shard)")
+        candidates.append(json.loads(manifest.read_text()).get("tokenizer_path"))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "tokenizer.json").is_file():
+            return Path(candidate)
+    raise ConfigError("no tokenizer found: the shards' manifest names none that exists; set data.tokenizer")
+
+
+def model_dir_of(path: Path) -> Path:
+    """A checkpoint step directory or checkpoints/ dir → its consolidated model/; other paths as given."""
+    if (path / checkpoint.LATEST).is_file() or (path / checkpoint.MANIFEST).is_file():
+        return checkpoint.resolve(path) / "model"
+    return path
+
+
+def build_model(cfg: RunConfig, head: str, vocab_size: int) -> tuple[torch.nn.Module, object]:
+    """The model to train (seeded init, or loaded from model.init) and its plain ModelConfig."""
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.init is not None:
+        from model.io import load_pretrained
+
+        net = load_pretrained(model_dir_of(cfg.model.init), head=head)
+        return net, net.config
+    from model import build_model as build
+
+    model_cfg = cfg.model.model_config()
+    if cfg.model.vocab_from_tokenizer:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    elif model_cfg.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return build(model_cfg, head=head), model_cfg
+
+
+def run(cfg: RunConfig, task: str, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train ``cfg`` for ``task``; every rank calls it. Extra ``callbacks`` run after the defaults."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    env = init_distributed(needs_process_group(cfg.train.strategy), cfg.train.dist_timeout_s)
+    if env.is_main and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = False
+    try:
+        result = _run(cfg, task, env, callbacks)
+        ok = True
+        return result
+    finally:
+        teardown(barrier=ok)
+
+
+def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> RunResult:
+    from data.loader import build_loader
+    from data.tokenizer import load_tokenizer
+
+    accumulation = accumulation_steps(cfg, env.world_size)
+    tokenizer_dir = find_tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    name = objective_name(cfg, task)
+    head = "classifier" if name == "reward" else "lm"
+    net, model_cfg = build_model(cfg, head, tokenizer.vocab_size)
+    strategy = build_strategy(cfg.train, env, accumulation)
+    wrapped = strategy.wrap(net)
+    objective = build_objective(name, ObjectiveContext(name, cfg, tokenizer, strategy, wrapped))
+    torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
+
+    def loader(split: str):
+        return build_loader(
+            cfg.data, objective=objective.data_objective, tokenizer=tokenizer, rank=env.rank,
+            world_size=env.world_size, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, split=split,
+        )
+
+    from model.flops import flops_per_token
+
+    trainer = Trainer(
+        cfg, env, strategy, objective, loader("train"),
+        model_spec=ModelSpec(model_cfg, head, tokenizer_dir),
+        valid_batches=(lambda: loader("valid")) if cfg.data.valid else None,
+        flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
+    )
+    trainer.callbacks = default_callbacks(trainer) + list(extra)
+    start = resume_point(cfg)
+    if start is not None:
+        trainer.resume(start)
+    if env.is_main:
+        cfg.log.dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, cfg.log.dir / "config.yaml")
+    trainer.fit()
+    evals = [m["eval/loss"] for m in trainer.history if "eval/loss" in m]
+    losses = [m["loss"] for m in trainer.history]
+    return RunResult(
+        steps=trainer.step,
+        losses=losses,
+        final_loss=losses[-1] if losses else None,
+        eval_loss=evals[-1] if evals else None,
+        tokens_seen=trainer.tokens_seen,
+        run_dir=cfg.log.dir,
+        checkpoint=trainer.last_saved,
+        preempted=trainer.stop_reason == "preempted",
+    )
+
+
+def resume_point(cfg: RunConfig) -> Path | None:
+    """checkpoint.resume: auto → the latest complete checkpoint if any; never → None; else that path."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return checkpoint.latest(cfg.checkpoint_dir)
+    return checkpoint.resolve(Path(resume))

@@ -1,0 +1,104 @@
+"""Strategies hide the parallelism: each wraps a plain ``nn.Module`` and owns its optimizer.
+
+The loop only talks to this interface: ``wrap`` once, then per step ``accumulate(last)`` around
+each micro-batch's forward and ``backward``, then ``step(lr, skip)``; ``save``/``load`` for
+checkpoints in the strategy's own sharded format, and ``full_state_dict`` for export.
+
+| name   | module            | what it is                                                      |
+|--------|-------------------|-----------------------------------------------------------------|
+| single | single.py         | one process, plain AdamW                                        |
+| ddp    | ddp.py            | DistributedDataParallel                                         |
+| fsdp   | fsdp.py           | FSDP2 ``fully_shard`` per block (+ HSDP, bf16 policy, offload)  |
+| zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.distributed import DistEnv
+
+
+class Strategy(abc.ABC):
+    """One way to run data-parallel training; subclasses are small."""
+
+    # Whether the LM head weight may be used outside the model's forward (the chunked linear+CE does);
+    # false where parameters are gathered only inside a module's own forward (ZeRO-3).
+    supports_hidden_loss = True
+    # Whether a checkpoint saved at one world size loads at another.
+    reshardable = True
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.accumulation = accumulation  # micro-batches per optimizer step on each rank
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @abc.abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Place, shard and wrap ``model``; build its optimizer; return the module to call."""
+
+    @abc.abstractmethod
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """Place (and shard, where the strategy shards) a model that is never trained."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def step(self, lr: float, skip: bool = False) -> float:
+        """Clip, apply the update at ``lr`` unless ``skip``, clear gradients; return the grad norm."""
+
+    @abc.abstractmethod
+    def save(self, path: Path) -> None:
+        """Write model + optimizer state under ``path`` (every rank calls it)."""
+
+    @abc.abstractmethod
+    def load(self, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on CPU on rank 0 (None elsewhere); every rank calls it."""
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward+backward; ``last`` marks the one that syncs gradients."""
+        yield
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes (bf16 autocast where the strategy does not cast itself)."""
+        return contextlib.nullcontext()
+
+
+def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> Strategy:
+    name = str(cfg.strategy)
+    if name == "single":
+        from trainer.strategy.single import Single
+
+        return Single(cfg, env, accumulation)
+    if name == "ddp":
+        from trainer.strategy.ddp import DDP
+
+        return DDP(cfg, env, accumulation)
+    if name == "fsdp":
+        from trainer.strategy.fsdp import FSDP
+
+        return FSDP(cfg, env, accumulation)
+    from trainer.strategy.deepspeed import DeepSpeed
+
+    return DeepSpeed(cfg, env, accumulation)
+
+
+def needs_process_group(name: str) -> bool:
+    """Every strategy but ``single`` talks through a process group, even with one rank."""
+    return name != "single"

@@ -1,0 +1,59 @@
+"""FSDP2: ``fully_shard`` on every block and then the root; HSDP over nodes; bf16; CPU offload.
+
+bf16 uses a ``MixedPrecisionPolicy`` (bf16 compute, fp32 gradient reduction, fp32 master
+weights in the sharded parameters), so no autocast. With ``train.hsdp`` the mesh is 2-D
+(nodes × ranks per node): parameters are sharded within a node and replicated across nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from common.errors import ConfigError
+from trainer.strategy.single import Single
+
+
+class FSDP(Single):
+    def mesh(self) -> DeviceMesh:
+        env = self.env
+        if not self.cfg.hsdp:
+            return init_device_mesh(env.device.type, (env.world_size,))
+        if env.world_size % env.local_world_size:
+            raise ConfigError(f"train.hsdp: world size {env.world_size} is not nodes × {env.local_world_size}")
+        return init_device_mesh(
+            env.device.type, (env.num_nodes, env.local_world_size), mesh_dim_names=("replicate", "shard")
+        )
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        bf16 = self.cfg.precision == "bf16"
+        options = {
+            "mesh": self.mesh(),
+            "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy(),
+            "offload_policy": CPUOffloadPolicy() if self.cfg.offload != "none" else OffloadPolicy(),
+        }
+        for block in model.blocks():
+            fully_shard(block, **options)
+        return fully_shard(model, **options)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return self.shard(model)
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        return self.shard(model.to(self.env.device)).eval()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(last)
+        yield

@@ -1,0 +1,75 @@
+"""One process: the plain model and AdamW. Also the base of the torch-native ddp and fsdp.
+
+Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict``,
+which key the model and optimizer state by parameter name whatever the wrapping, so a
+checkpoint from any torch-native strategy and world size loads into any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from trainer.strategy import Strategy
+from trainer.strategy.optim import build_adamw, set_lr
+from trainer.strategy.prepare import prepare
+
+
+class Single(Strategy):
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self.module = prepare(model.to(self.env.device), self.cfg.activation_checkpointing, self.cfg.compile)
+        self.model = self.parallelize(self.module)
+        self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
+        return self.model
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Hook for subclasses: wrap the prepared model for data parallelism."""
+        return model
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        return model.to(self.env.device).eval()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float, skip: bool = False) -> float:
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not skip and math.isfinite(norm):
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
+
+    def load(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path / "dcp")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.env.is_main else None
