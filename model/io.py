@@ -107,6 +107,14 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 
 
+def find_tokenizer_dir(path: str | Path) -> Path | None:
+    """Where the tokenizer of checkpoint ``path`` lives: the resolved model directory, else ``path``."""
+    for candidate in (resolve_checkpoint(path), Path(path)):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
 def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     """Copy the tokenizer files found in ``source`` to ``target``; returns their names."""
     copied = []
