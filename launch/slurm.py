@@ -1,0 +1,129 @@
+"""sbatch scripts for a training run: ``srun torchrun`` (c10d rendezvous on the first node) or one
+DeepSpeed launcher per node with a generated hostfile, logs per job, and preemption handling
+(``--signal=B:USR1@120`` → the trainer checkpoints → the job requeues itself and resumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from common.errors import UserError
+from launch.env import RDZV_TIMEOUT_VAR, SLURM_PORT_BASE
+
+SIGNAL_LEAD_S = 120  # USR1 this long before the time limit: enough to write a checkpoint
+RDZV_TIMEOUT_S = 600  # how long nodes wait for each other at the rendezvous
+
+_TIME = re.compile(r"\d+(-\d+(:\d+){0,2}|(:\d+){0,2})")  # SLURM's M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+_MEM = re.compile(r"\d+[KMGT]?")
+_NAME = re.compile(r"[\w.,-]+")
+
+
+class Launcher(enum.StrEnum):
+    torchrun = "torchrun"
+    deepspeed = "deepspeed"
+
+
+@dataclasses.dataclass
+class SlurmJob:
+    """One training run as a batch job. ``args`` are the entry point's own (--config, overrides)."""
+
+    task: str
+    args: list[str]
+    nodes: int
+    gpus_per_node: int  # 0: CPU nodes, one process each
+    log_dir: Path
+    workdir: Path
+    job_name: str
+    launcher: Launcher = Launcher.torchrun
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    master_port: int | None = None  # default: derived from the job id, so jobs sharing a node differ
+    python: str = sys.executable
+
+    @property
+    def procs_per_node(self) -> int:
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise UserError(f"--nodes must be at least 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise UserError(f"--gpus-per-node must be 0 (CPU) or more, got {self.gpus_per_node}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise UserError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
+        if self.time is not None and not _TIME.fullmatch(self.time):
+            raise UserError(f"--time {self.time!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+        if self.mem is not None and not _MEM.fullmatch(self.mem):
+            raise UserError(f"--mem {self.mem!r} is not a SLURM size (e.g. 64G, 500M)")
+        for key in ("partition", "account", "qos", "job_name"):
+            value = getattr(self, key)
+            if value is not None and not _NAME.fullmatch(value):
+                raise UserError(f"--{key.replace('_', '-')} {value!r} has characters SLURM does not accept")
+        for key in ("log_dir", "workdir"):
+            path = str(getattr(self, key))
+            if re.search(r"\s", path):
+                raise UserError(f"{key.replace('_', ' ')} {path!r} has whitespace, which #SBATCH lines cannot hold")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise UserError(f"--master-port {self.master_port} is not a TCP port")
+
+
+def render(job: SlurmJob) -> str:
+    """The sbatch script text for ``job``."""
+    import jinja2
+
+    job.validate()
+    options = [
+        (key.replace("_", "-"), getattr(job, key))
+        for key in ("partition", "account", "qos", "time", "cpus_per_task", "mem")
+        if getattr(job, key) is not None
+    ]
+    template = resources.files("launch").joinpath("templates/sbatch.sh.j2").read_text()
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.from_string(template).render(
+        task=job.task,
+        args_text=shlex.join(job.args),
+        job_name=job.job_name,
+        nodes=job.nodes,
+        gpus_per_node=job.gpus_per_node,
+        procs_per_node=job.procs_per_node,
+        options=options,
+        workdir=job.workdir,
+        log_dir=job.log_dir,
+        signal_lead_s=SIGNAL_LEAD_S,
+        shutdown_timeout_s=SIGNAL_LEAD_S - 30,
+        omp_threads=max(1, (job.cpus_per_task or 1) // job.procs_per_node),
+        rdzv_timeout_var=RDZV_TIMEOUT_VAR,
+        rdzv_timeout_s=RDZV_TIMEOUT_S,
+        master_port=job.master_port,
+        port_base=SLURM_PORT_BASE,
+        launcher=job.launcher.value,
+        python=shlex.quote(job.python),
+    )
+
+
+def submit(script: Path) -> str:
+    """``sbatch`` the script; returns the job id."""
+    if not shutil.which("sbatch"):
+        raise UserError("sbatch is not on PATH; run this on a SLURM login node, or drop --submit")
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines() or [f"exit status {out.returncode}"]
+        raise UserError(f"sbatch refused {script}: {lines[-1]}")
+    return out.stdout.strip().split(";")[0]
