@@ -1,0 +1,152 @@
+import itertools
+
+import pytest
+import torch
+
+from common.errors import ConfigError, UserError
+from model import build_model
+from tests.model.conftest import tiny
+
+ARCHS = ("decoder", "encoder", "encoder_decoder")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5_bias", "none")
+
+
+def allowed(arch, pos):
+    try:
+        tiny(arch=arch, pos=pos)
+        return True
+    except ConfigError:
+        return False
+
+
+COMBOS = [c for c in itertools.product(ARCHS, POSITIONS) if allowed(*c)]
+
+
+def run(model, ids, mask, dec_ids=None):
+    if model.config.arch == "encoder_decoder":
+        return model(ids, dec_ids, attention_mask=mask)
+    return model(ids, attention_mask=mask)
+
+
+def test_refused_combinations_are_the_documented_ones():
+    refused = {c for c in itertools.product(ARCHS, POSITIONS) if not allowed(*c)}
+    assert refused == {("encoder", "none"), ("encoder_decoder", "none"), ("encoder_decoder", "alibi")}
+
+
+@pytest.mark.parametrize(("arch", "pos"), COMBOS)
+def test_every_combination_trains_and_backends_agree(arch, pos):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 64, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False  # right padding in row 1
+    dec_ids = torch.randint(1, 64, (2, 6))
+    real = mask if arch != "encoder_decoder" else torch.ones(2, 6, dtype=torch.bool)
+    outputs, grads = {}, {}
+    for attn in ("eager", "sdpa"):
+        model = build_model(tiny(arch=arch, pos=pos, attn=attn))
+        logits = run(model, ids, mask, dec_ids)
+        logits[real].logsumexp(-1).sum().backward()
+        outputs[attn] = logits.detach()
+        grads[attn] = {n: p.grad for n, p in model.named_parameters()}
+        assert all(g is not None and torch.isfinite(g).all() for g in grads[attn].values())
+    model = build_model(tiny(arch=arch, pos=pos, attn="flex"))
+    with torch.no_grad():
+        outputs["flex"] = run(model, ids, mask, dec_ids)
+    for attn in ("sdpa", "flex"):
+        torch.testing.assert_close(outputs[attn][real], outputs["eager"][real], atol=1e-5, rtol=0)
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize(("arch", "pos"), [("decoder", "rope"), ("decoder", "learned"), ("decoder", "alibi"),
+                                           ("encoder", "t5_bias"), ("encoder", "sinusoidal")])
+@torch.no_grad()
+def test_document_masking_equals_each_document_alone(arch, pos, attn):
+    model = build_model(tiny(arch=arch, pos=pos, attn=attn)).eval()
+    lengths = (4, 7, 3)
+    docs = [torch.randint(1, 64, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    together = model(packed, document_ids=doc_ids)
+    alone = torch.cat([model(d) for d in docs], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex"])
+@torch.no_grad()
+def test_left_padding_equals_no_padding(attn):
+    model = build_model(tiny(pos="rope", attn=attn)).eval()
+    ids = torch.randint(1, 64, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[False] * 3 + [True] * 6])
+    torch.testing.assert_close(model(padded, attention_mask=mask)[:, 3:], model(ids), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_sliding_window_limits_what_a_token_sees_and_backends_agree():
+    ids = torch.randint(1, 64, (1, 12))
+    changed = ids.clone()
+    changed[0, :4] = (changed[0, :4] + 1) % 64
+    out = {}
+    for attn in ("eager", "sdpa", "flex"):
+        model = build_model(tiny(n_layers=1, pos="alibi", attn=attn, sliding_window=3)).eval()
+        out[attn] = model(ids)
+        # with one layer, position 8 sees positions 6..8 only: the first four tokens cannot matter
+        torch.testing.assert_close(model(changed)[:, 6:], out[attn][:, 6:], atol=1e-6, rtol=0)
+        assert not torch.allclose(model(changed)[:, 4], out[attn][:, 4])
+    torch.testing.assert_close(out["sdpa"], out["eager"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["flex"], out["eager"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_return_hidden_times_output_weight_is_the_logits(arch):
+    model = build_model(tiny(arch=arch, pos="t5_bias", tie_embeddings=arch != "decoder",
+                             scale_output=arch == "encoder_decoder")).eval()
+    ids = torch.randint(1, 64, (2, 5))
+    args = (ids, ids[:, :3]) if arch == "encoder_decoder" else (ids,)
+    hidden = model(*args, return_hidden=True)
+    assert hidden.shape[-1] == 32
+    logits = torch.nn.functional.linear(hidden, model.output_weight(), model.output_bias())
+    torch.testing.assert_close(logits, model(*args), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_classifier_pools_the_last_real_token_of_a_decoder_and_the_first_of_an_encoder():
+    ids = torch.randint(1, 64, (1, 5))
+    padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[True] * 5 + [False] * 2])
+    decoder = build_model(tiny(n_labels=3), head="classifier").eval()
+    scores = decoder(ids)
+    assert scores.shape == (1, 3)
+    torch.testing.assert_close(decoder(padded, attention_mask=mask), scores, atol=1e-5, rtol=0)
+    encoder = build_model(tiny(arch="encoder", pos="learned"), head="classifier").eval()
+    torch.testing.assert_close(encoder(padded, attention_mask=mask), encoder(ids), atol=1e-5, rtol=0)
+
+
+def test_blocks_init_and_heads():
+    seq2seq = build_model(tiny(arch="encoder_decoder", pos="t5_bias", n_decoder_layers=3))
+    assert len(seq2seq.blocks()) == 5
+    a, b = build_model(tiny()), build_model(tiny())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    b.init_weights(seed=1)
+    assert not torch.equal(a.stack.layers[0].attn.qkv.weight, b.stack.layers[0].attn.qkv.weight)
+    with pytest.raises(UserError, match="unknown model head 'reward'"):
+        build_model(tiny(), head="reward")
+    with pytest.raises(UserError, match="classifier head needs arch=decoder or arch=encoder"):
+        build_model(tiny(arch="encoder_decoder", pos="t5_bias"), head="classifier")
+
+
+def test_flex_refuses_backward_on_cpu_with_one_line():
+    model = build_model(tiny(attn="flex"))
+    with pytest.raises(UserError, match="attn=flex has no backward on CPU"):
+        model(torch.randint(1, 64, (1, 4)))
+
+
+@torch.no_grad()
+def test_multi_query_attention_agrees_across_backends():
+    ids = torch.randint(1, 64, (2, 9))
+    outs = [build_model(tiny(n_kv_heads=1, attn=a)).eval()(ids) for a in ("eager", "sdpa", "flex")]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=0)
