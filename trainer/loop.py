@@ -250,8 +250,8 @@ class Trainer:
         if saved_world == self.env.world_size:
             self.loader.load_state_dict(ranks[self.env.rank]["loader"])
             set_rng_state(ranks[self.env.rank]["rng"])
-        else:
-            self.loader.load_state_dict(merge_loader_states([r["loader"] for r in ranks]))
+        else:  # the loader continues with exactly the units no old rank consumed
+            self.loader.load_state_dict([r["loader"] for r in ranks])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])
@@ -259,7 +259,3 @@ class Trainer:
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
-
-def merge_loader_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """A loader state from another world size: the data loader takes the list of every old rank's."""
-    return {"ranks": states}

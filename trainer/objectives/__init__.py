@@ -72,7 +72,7 @@ REGISTRY: dict[str, str] = {
     "clm": "clm",
     "mlm": "mlm",
     "span": "span",
-    "sft": "clm",
+    "sft": "sft",
     "preference": "preference",
     "reward": "reward",
 }

@@ -1,4 +1,4 @@
-"""Causal LM (also SFT): next-token CE on packed rows, attention kept within each document."""
+"""Causal LM: next-token CE on packed rows, attention kept within each document."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from trainer.objectives.tokens import TokenObjective, chunk_size_for
 
 class CausalLM(TokenObjective):
     def __init__(self, data_objective: str, chunk_size: int) -> None:
+        """``data_objective`` is clm for pretraining rows, sft for chat rows (the SFT objective)."""
         super().__init__(chunk_size)
         self.data_objective = data_objective
 
@@ -21,4 +22,4 @@ class CausalLM(TokenObjective):
 
 
 def build(ctx: ObjectiveContext) -> CausalLM:
-    return CausalLM("sft" if ctx.name == "sft" else "clm", chunk_size_for(ctx))
+    return CausalLM("clm", chunk_size_for(ctx))

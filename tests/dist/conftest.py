@@ -1,0 +1,38 @@
+"""A tiny real corpus shared by the training tests: a BPE tokenizer and text shards, built once."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).parents[2] / "examples" / "data" / "pretrain_tinystories_valid_head.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    tokenizer: Path
+    train: Path
+    valid: Path
+
+
+def _blocks(text: str, start: int, count: int) -> str:
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    return "\n\n".join(blocks[start : start + count]) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    from data.make_shards import make_shards
+    from data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    text = SOURCE.read_text()
+    (root / "train.txt").write_text(_blocks(text, 0, 240))
+    (root / "valid.txt").write_text(_blocks(text, 240, 40))
+    train_tokenizer([_blocks(text, 0, 240)], root / "tokenizer", vocab_size=384)
+    for split in ("train", "valid"):
+        make_shards([str(root / f"{split}.txt")], root / "tokenizer", root / split, kind="text",
+                    shard_bytes=8 << 10, append_eos=True)
+    return Corpus(root / "tokenizer", root / "train", root / "valid")

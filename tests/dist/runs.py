@@ -1,0 +1,44 @@
+"""Helpers for training tests: a tiny config over the shared corpus, and a rank function that trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import merge, parse_overrides
+from trainer.callbacks import Callback
+from trainer.config import RunConfig
+from trainer.run import RunResult, run
+
+TINY_MODELS = {
+    "decoder": {"preset": "tiny-llama", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 64},
+    "encoder": {"preset": "tiny-bert", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
+    "encoder_decoder": {"preset": "tiny-t5", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
+}
+
+
+def tiny_config(corpus: Any, run_dir: Path, *overrides: str, arch: str = "decoder") -> dict[str, Any]:
+    """A raw RunConfig mapping: a ~30k-parameter model, seq 32, fp32, 10 steps, no progress bar."""
+    raw = {
+        "model": dict(TINY_MODELS[arch]),
+        "data": {"train": str(corpus.train), "valid": str(corpus.valid), "seq_len": 32, "num_workers": 0},
+        "train": {"micro_batch_size": 4, "max_steps": 10, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
+                  "seed": 0, "grad_clip": 1.0},
+        "checkpoint": {"keep_last": 2},
+        "log": {"dir": str(run_dir), "progress": False},
+    }
+    return merge(raw, parse_overrides(list(overrides)))
+
+
+def train(raw: dict[str, Any], task: str = "pretrain", callbacks: tuple[Callback, ...] = ()) -> RunResult:
+    """What each rank runs."""
+    return run(RunConfig.from_dict(raw), task, callbacks)
+
+
+def final_weights(result: RunResult) -> dict[str, torch.Tensor]:
+    """The consolidated weights of the run's last checkpoint."""
+    from safetensors.torch import load_file
+
+    return load_file(str(result.checkpoint / "model" / "model.safetensors"))
