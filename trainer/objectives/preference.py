@@ -191,9 +191,15 @@ def check_align(align: AlignConfig) -> None:
 
 
 def build(ctx: ObjectiveContext) -> PreferenceObjective:
-    from trainer.reference import live_reference
+    """The objective, with its reference: built and frozen (live) or scored once into the shard
+    directories before the data loader opens them (precomputed)."""
+    from trainer.reference import live_reference, precompute_reference
 
     align = ctx.cfg.align
     check_align(align)
-    needs_live = str(align.loss) not in REFERENCE_FREE and str(align.reference) == "live"
-    return PreferenceObjective(align, live_reference(ctx) if needs_live else None)
+    if str(align.loss) in REFERENCE_FREE:
+        return PreferenceObjective(align, None)
+    if str(align.reference) == "precomputed":
+        precompute_reference(ctx)
+        return PreferenceObjective(align, None)
+    return PreferenceObjective(align, live_reference(ctx))
