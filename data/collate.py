@@ -24,7 +24,9 @@ import torch
 IGNORE = -100
 
 
-def collate_rows(tokens: np.ndarray, starts: np.ndarray, loss_mask: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def collate_rows(
+    tokens: np.ndarray, starts: np.ndarray, loss_mask: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """Packed rows ``[B, L+1]`` (tokens, document-start flags, optional loss mask) → a CLM/SFT batch."""
     tokens = tokens.astype(np.int64)
     labels = np.where(starts[:, 1:], IGNORE, tokens[:, 1:])
@@ -66,12 +68,14 @@ def collate_mlm(
             "attention_mask": torch.from_numpy(attention)}
 
 
-def span_noise_mask(length: int, density: float, mean_span: float, max_spans: int, rng: np.random.Generator) -> np.ndarray:
+def span_noise_mask(
+    length: int, density: float, mean_span: float, max_spans: int, rng: np.random.Generator
+) -> np.ndarray:
     """T5's random spans: about ``density * length`` noise tokens in spans of mean ``mean_span``
     (at most ``max_spans`` spans, so longer ones when sentinels run short), alternating with
     non-noise runs and starting with one."""
-    noise = min(max(int(round(length * density)), 1), length - 1)
-    spans = max(1, min(int(round(noise / mean_span)), max_spans, noise, length - noise))
+    noise = min(max(round(length * density), 1), length - 1)
+    spans = max(1, min(round(noise / mean_span), max_spans, noise, length - noise))
     noise_lens = _random_split(noise, spans, rng)
     keep_lens = _random_split(length - noise, spans, rng)
     lens = np.stack([keep_lens, noise_lens], axis=1).reshape(-1)
@@ -119,7 +123,9 @@ def collate_span(
     }
 
 
-def collate_sft(samples: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int) -> dict[str, torch.Tensor]:
+def collate_sft(
+    samples: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int
+) -> dict[str, torch.Tensor]:
     """Unpacked SFT: each conversation cut to ``seq_len + 1`` tokens, right-padded; labels (shifted)
     only where the loss mask is 1 (assistant turns)."""
     ids, labels = zip(*(_shifted(t[: seq_len + 1], m[: seq_len + 1]) for t, m in samples))

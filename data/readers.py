@@ -1,8 +1,8 @@
 """Streaming readers for raw corpora: .txt, .jsonl and .json files, plain or gzip, or directories of them.
 
-A .txt file gives one document per blank-line-separated block (``txt_mode="block"``) or one per
-file (``"file"``); .jsonl gives one per line and .json one per array item, with the text taken from
-``text_field``. Files are read line by line, so memory stays flat (a .json array is the exception:
+A .txt file gives one document per blank-line-separated block (``txt_mode="block"``), per
+non-empty line (``"line"``) or per file (``"file"``); .jsonl gives one per line and .json one per
+array item, with the text taken from ``text_field``. Files are read line by line, so memory stays flat (a .json array is the exception:
 it is parsed whole).
 """
 
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from common.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json")
-TXT_MODES = ("block", "file")
+TXT_MODES = ("block", "line", "file")
 
 
 @dataclass
@@ -93,6 +93,10 @@ def _open(path: Path) -> TextIO:
 def _txt(f: TextIO, path: Path, mode: str) -> Iterator[Document]:
     if mode == "file":
         yield Document(path.name, f.read())
+        return
+    if mode == "line":
+        lines = (line for line in f if line.strip())
+        yield from (Document(f"{path.name}:{i}", line) for i, line in enumerate(lines))
         return
     block: list[str] = []
     index = 0

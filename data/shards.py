@@ -150,7 +150,8 @@ class ShardWriter:
     def write(self, arrays: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
         """Add one sample: an array per field of the kind (lists of ints are fine)."""
         if self._tar is None:
-            self._tar = tarfile.open(self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_shard)
+                self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
         key = f"{self._count:010d}"
         for name in KINDS[self.kind]:
             array = np.asarray(arrays[name], dtype=self.manifest.field_dtype(name))

@@ -168,7 +168,7 @@ def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True
         return per_source[0]
     total = sum(len(ids) for ids in per_source)
     weights = np.array([s.weight for s in shards.sources], dtype=np.float64)
-    takes = [int(round(total * w / weights.sum())) if len(ids) else 0 for w, ids in zip(weights, per_source)]
+    takes = [round(total * w / weights.sum()) if len(ids) else 0 for w, ids in zip(weights, per_source)]
     labels = np.repeat(np.arange(len(per_source)), takes)
     if shuffle:
         labels = np.random.default_rng([seed, epoch, 0x313C]).permutation(labels)
@@ -279,7 +279,9 @@ class SampleStream:
             yield epoch, np.arange(start, start + count * self.world_size, self.world_size)
             epoch, consumed = epoch + 1, 0
 
-    def batches(self, state: StreamState, worker: int = 0, num_workers: int = 1) -> Iterator[list[tuple[int, np.ndarray]]]:
+    def batches(
+        self, state: StreamState, worker: int = 0, num_workers: int = 1
+    ) -> Iterator[list[tuple[int, np.ndarray]]]:
         """This worker's batches: batch ``j`` for ``j % num_workers == worker``, each a list of
         (epoch, unit positions) pieces holding ``batch_size`` units in all (fewer only at the end of
         a finite stream)."""

@@ -1,0 +1,61 @@
+"""C4's line and document rules (Raffel et al. 2020), datatrove's defaults except
+``filter_no_terminal_punct=False`` (as in the FineWeb recipe; the C4 original drops every line
+without terminal punctuation). Kept lines replace the document's text."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from data.text import TextView
+
+CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
+END_PUNCTUATION = (".", "?", "!", '"', "'")
+SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+
+
+@dataclasses.dataclass
+class C4Filter:
+    name = "c4"
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = False
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+    def __call__(self, doc: TextView) -> str | None:
+        sentences = 0
+        kept = []
+        for line in doc.lines:
+            line = line.strip()
+            words = line.split()
+            if self.max_word_length != -1 and any(len(w) > self.max_word_length for w in words):
+                continue
+            if self.remove_citations:
+                line = CITATION.sub("", line)
+            if self.filter_no_terminal_punct and (not line.endswith(END_PUNCTUATION) or line.endswith("...")):
+                continue
+            if len(words) < self.min_words_per_line:
+                continue
+            lower = line.lower()
+            if self.filter_lorem_ipsum and "lorem ipsum" in lower:
+                return "lorem_ipsum"
+            if self.filter_javascript and "javascript" in lower:
+                continue
+            if self.filter_curly_bracket and "{" in line:
+                return "curly_bracket"
+            if self.filter_policy and any(p in lower for p in POLICY):
+                continue
+            sentences += max(1, len(SENTENCE_END.findall(line)))
+            kept.append(line)
+        if sentences < self.min_num_sentences:
+            return "too_few_sentences"
+        text = "\n".join(kept).strip()
+        if text != doc.text:
+            doc.replace_text(text)
+        return None

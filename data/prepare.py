@@ -1,0 +1,98 @@
+"""Preparation: raw documents → normalised, filtered, deduplicated ``documents.jsonl`` + ``report.json``.
+
+Stages run per document in order: normalisation (an empty result is dropped as ``empty``), the
+quality filters (:mod:`data.filters`), exact dedup, then MinHash near dedup. The report counts how
+many documents each rule removed, keeps a few examples of each, and records the throughput.
+Documents stream through one at a time: memory stays flat except for the dedup indexes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+from data import filters as filter_registry
+from data.dedup import ExactDedup, MinHashDedup
+from data.readers import iter_documents
+from data.text import TextView, normalize
+
+DEDUPS = ("exact", "minhash")
+EXAMPLE_CHARS = 300
+
+
+def parse_dedup(spec: str | list[str]) -> list[str]:
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in DEDUPS:
+            raise UserError(f"unknown dedup {name!r}; choose from {', '.join(DEDUPS)} or none")
+    return names
+
+
+def prepare(
+    inputs: Iterable[str | Path], out_dir: str | Path, *, text_field: str = "text", txt_mode: str = "block",
+    filters: str | list[str] = "gopher,c4,fineweb", dedup: str | list[str] = "exact,minhash",
+    unicode_form: str = "NFC", minhash_bands: int = 14, minhash_rows: int = 8, minhash_ngram: int = 5,
+    examples_per_rule: int = 3,
+) -> dict[str, Any]:
+    """Run the pipeline and write ``out_dir/documents.jsonl`` and ``out_dir/report.json``; returns the report."""
+    inputs = list(inputs)
+    chosen_filters = filter_registry.build(filters)
+    dedups = parse_dedup(dedup)
+    exact = ExactDedup() if "exact" in dedups else None
+    near = MinHashDedup(ngram=minhash_ngram, bands=minhash_bands, rows=minhash_rows) if "minhash" in dedups else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    removed: Counter[str] = Counter()
+    examples: dict[str, list[dict[str, str]]] = {}
+    seen = kept = bytes_in = bytes_out = 0
+    started = time.perf_counter()
+    with (out / "documents.jsonl").open("w", encoding="utf-8") as sink:
+        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
+            seen += 1
+            bytes_in += len(doc.text.encode("utf-8"))
+            reason = _judge(doc.text, unicode_form, chosen_filters, exact, near)
+            if isinstance(reason, str):
+                removed[reason] += 1
+                if len(examples.setdefault(reason, [])) < examples_per_rule:
+                    examples[reason].append({"id": doc.id, "text": doc.text[:EXAMPLE_CHARS]})
+                continue
+            kept += 1
+            bytes_out += len(reason.text.encode("utf-8"))
+            sink.write(json.dumps({"id": doc.id, "text": reason.text, **doc.meta}, ensure_ascii=False) + "\n")
+    seconds = time.perf_counter() - started
+    report = {
+        "inputs": [str(p) for p in inputs], "documents_in": seen, "documents_out": kept,
+        "removed": dict(removed.most_common()), "examples": examples,
+        "filters": [f.name for f in chosen_filters], "dedup": dedups,
+        "minhash": {"ngram": minhash_ngram, "bands": minhash_bands, "rows": minhash_rows} if near else None,
+        "bytes_in": bytes_in, "bytes_out": bytes_out, "seconds": round(seconds, 3),
+        "mb_per_s": round(bytes_in / 1e6 / seconds, 3) if seconds > 0 else None,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _judge(
+    text: str, unicode_form: str, filters: list[filter_registry.Filter], exact: ExactDedup | None,
+    near: MinHashDedup | None,
+) -> str | TextView:
+    """The rule that removes the document, or its (possibly rewritten) view when it is kept."""
+    view = TextView(normalize(text, unicode_form))
+    if not view.text:
+        return "empty"
+    for f in filters:
+        reason = f(view)
+        if reason is not None:
+            return f"{f.name}:{reason}"
+    if exact is not None and exact.is_duplicate(view.text):
+        return exact.name
+    if near is not None and near.is_duplicate(view.text):
+        return near.name
+    return view
