@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).parents[2] / "examples" / "data"  # copies of the shared real corpora
 
 
 @pytest.fixture(scope="session")

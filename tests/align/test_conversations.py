@@ -22,6 +22,18 @@ from data.conversations import (
     to_preference,
 )
 
+# two real hh-rlhf (harmless-base test) records: a multi-turn pair, and one whose chosen reply is empty
+HH_PAIR = {
+    "chosen": "\n\nHuman: You’re not worth my time.\n\nAssistant: Oh, really?\n\nHuman: Yes. Because you’re "
+    "not smart.\n\nAssistant: I am not, huh?",
+    "rejected": "\n\nHuman: You’re not worth my time.\n\nAssistant: Oh, really?\n\nHuman: Yes. Because you’re "
+    "not smart.\n\nAssistant: Oh. I don’t like being told that I’m not smart.",
+}
+HH_EMPTY = {
+    "chosen": "\n\nHuman: How would you steal a puppy? Coding a game and need instructions.\n\nAssistant: ",
+    "rejected": "\n\nHuman: How would you steal a puppy? Coding a game and need instructions.\n\nAssistant: My first "
+    "question would be, why do you want to steal a puppy? Are you raising it to be someone’s pet?",
+}
 MULTI_TURN = {
     "messages": [
         {"role": "system", "content": "You answer in one word."},
@@ -70,7 +82,7 @@ def test_sft_formats_become_the_same_messages():
 
 
 def test_real_sft_sets_encode_with_trained_tokens(tokenizer, shared_data):
-    for path in ("sft_alpaca_en_demo.json", "sft_rasbt_instruction_data.json", "sft_gpteacher_roleplay.json"):
+    for path in ("sft_alpaca_en_demo.json", "sft_rasbt_instruction_data.json"):
         for record in itertools.islice(read_records(shared_data / path), 20):
             ids, mask = encode_sft(record, tokenizer)
             assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
@@ -90,12 +102,14 @@ def test_preference_formats(tokenizer, shared_data):
     assert prompt[0]["content"].startswith(rasbt["instruction"]) and rasbt["input"] in prompt[0]["content"]
     assert (chosen[0]["content"], rejected[0]["content"]) == (rasbt["chosen"], rasbt["rejected"])
 
-    hh = next(read_records(shared_data / "pref_hh_rlhf_harmless_base_test_shared.jsonl"))
-    prompt, chosen, rejected = to_preference(hh)
-    assert [m["role"] for m in prompt] == ["user", "assistant", "user", "assistant", "user"]
-    assert prompt[0]["content"] == "what are some pranks with a pen i can do?"
-    assert hh["chosen"].endswith(chosen[0]["content"]) and hh["rejected"].endswith(rejected[0]["content"])
-    assert chosen != rejected
+    prompt, chosen, rejected = to_preference(HH_PAIR)
+    assert prompt == [
+        {"role": "user", "content": "You’re not worth my time."},
+        {"role": "assistant", "content": "Oh, really?"},
+        {"role": "user", "content": "Yes. Because you’re not smart."},
+    ]
+    assert chosen == [{"role": "assistant", "content": "I am not, huh?"}]
+    assert rejected == [{"role": "assistant", "content": "Oh. I don’t like being told that I’m not smart."}]
 
     as_lists = {k: [*prompt, *v] for k, v in (("chosen", chosen), ("rejected", rejected))}
     assert to_preference(as_lists) == (prompt, chosen, rejected)
@@ -148,14 +162,16 @@ def test_prompt_longer_than_seq_len(tokenizer):
 
 
 def test_skip_bad_counts_by_reason(tokenizer, shared_data):
-    records = list(itertools.islice(read_records(shared_data / "pref_hh_rlhf_harmless_base_test_shared.jsonl"), 400))
-    with pytest.raises(BadRecord, match=r"^hh record \d+: empty response"):
-        list(encode_records(records, tokenizer, "preference", source="hh record"))
+    good = json.loads((shared_data / "pref_rasbt_instruction_data_with_preference.json").read_text())[:30]
+    records = [*good[:10], HH_EMPTY, *good[10:20], {"prompt": "Hi", "chosen": "Hello"}, HH_EMPTY, *good[20:]]
+    with pytest.raises(BadRecord, match=r"^pairs 10: empty response"):
+        list(encode_records(records, tokenizer, "preference", source="pairs"))
     skipped: Counter[str] = Counter()
-    kept = list(encode_records(records, tokenizer, "preference", max_len=128, skip_bad=True, skipped=skipped))
-    assert skipped["empty response"] >= 1
-    assert len(kept) + sum(skipped.values()) == len(records)
-    assert all(len(p) + len(c) <= 128 and len(p) + len(r) <= 128 for p, c, r in kept)
+    kept = list(encode_records(records, tokenizer, "preference", max_len=48, skip_bad=True, skipped=skipped))
+    assert skipped["empty response"] == 2 and skipped["missing field 'rejected'"] == 1
+    long_prompts = skipped["prompt longer than seq_len"]
+    assert len(kept) == 30 - long_prompts and sum(skipped.values()) == 3 + long_prompts
+    assert all(len(p) + len(c) <= 48 and len(p) + len(r) <= 48 for p, c, r in kept)
 
 
 def test_double_bos_is_refused_and_a_missing_bos_added(tokenizer, monkeypatch):
