@@ -2,8 +2,8 @@
 
 A .txt file gives one document per blank-line-separated block (``txt_mode="block"``), per
 non-empty line (``"line"``) or per file (``"file"``); .jsonl gives one per line and .json one per
-array item, with the text taken from ``text_field``. Files are read line by line, so memory stays flat (a .json array is the exception:
-it is parsed whole).
+array item, with the text taken from ``text_field``. Files are read line by line, so memory stays
+flat (a .json array is the exception: it is parsed whole).
 """
 
 from __future__ import annotations

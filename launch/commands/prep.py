@@ -1,0 +1,37 @@
+"""`tessera prep INPUT... --out DIR`: clean, filter and deduplicate raw text."""
+
+from __future__ import annotations
+
+import argparse
+
+from data.readers import TXT_MODES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl/.json files (or .gz), or directories")
+    parser.add_argument("--out", required=True, help="output directory: documents.jsonl and report.json")
+    parser.add_argument("--text-field", default="text", help="the text field of .jsonl/.json records (default text)")
+    parser.add_argument("--txt-mode", choices=TXT_MODES, default="block",
+                        help="a .txt document is a blank-line-separated block, a line, or the whole file")
+    parser.add_argument("--filters", default="gopher,c4,fineweb",
+                        help="comma list of gopher, gopher_quality, gopher_repetition, c4, fineweb; or none")
+    parser.add_argument("--dedup", default="exact,minhash", help="comma list of exact, minhash; or none")
+    parser.add_argument("--unicode", default="NFC", choices=["NFC", "NFKC", "none"], help="Unicode normal form")
+    parser.add_argument("--minhash-bands", type=int, default=14)
+    parser.add_argument("--minhash-rows", type=int, default=8)
+    parser.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
+
+
+def run(args: argparse.Namespace) -> int:
+    from data.prepare import prepare
+
+    report = prepare(
+        args.inputs, args.out, text_field=args.text_field, txt_mode=args.txt_mode, filters=args.filters,
+        dedup=args.dedup, unicode_form="" if args.unicode == "none" else args.unicode,
+        minhash_bands=args.minhash_bands, minhash_rows=args.minhash_rows, minhash_ngram=args.minhash_ngram,
+    )
+    print(f"kept {report['documents_out']} of {report['documents_in']} documents "
+          f"({report['bytes_in'] / 1e6:.2f} MB in {report['seconds']:.1f} s, {report['mb_per_s']} MB/s) → {args.out}")
+    for rule, count in report["removed"].items():
+        print(f"  removed {count:7d}  {rule}")
+    return 0
