@@ -1,9 +1,9 @@
 """SFT: the causal-LM loss on assistant tokens only (the collator puts -100 everywhere else).
 
-A micro-batch whose labels are all masked (no assistant token survived truncation, or the data was
-rendered without assistant turns) carries no signal: it is counted and reported with a warning,
-and since the loop divides by the global count of trained tokens it adds nothing to the step
-instead of diluting it as a silent loss of 0.
+A micro-batch whose labels are all masked (no assistant token survived truncation, or the data
+has no assistant turns) carries no signal: it is counted and reported with a warning. The loop
+divides by the global count of trained tokens, so it adds nothing to the step instead of diluting
+it as a silent loss of 0, and a global batch with no trained token at all is skipped by the guard.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from trainer.objectives import Batch, ObjectiveContext
 from trainer.objectives.clm import CausalLM
 from trainer.objectives.tokens import chunk_size_for
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tessera.trainer")
 
 
 class SupervisedFineTuning(CausalLM):
@@ -28,7 +28,7 @@ class SupervisedFineTuning(CausalLM):
             self.all_masked_batches += 1
             log.warning(
                 "SFT micro-batch with every label masked (no assistant tokens): nothing to learn from it "
-                "(%d such batches so far); check the data's chat template and data.seq_len",
+                "(%d such micro-batches so far); check the chat data and data.seq_len",
                 self.all_masked_batches,
             )
         return n
