@@ -1,0 +1,102 @@
+import gzip
+import itertools
+import json
+import random
+
+import pytest
+
+from common.errors import UserError
+from data.dedup import MinHashDedup, simplify
+from data.prepare import prepare
+from data.readers import iter_documents
+
+VOCAB = ["".join(p) for p in itertools.product(["ba", "ke", "mi", "lo", "su", "ta", "re", "no", "pi", "du"], repeat=3)]
+
+
+def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    w = simplify(text).split()
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def jaccard(a: str, b: str) -> float:
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_planted_duplicates_are_found_and_distinct_documents_kept(tmp_path):
+    rng = random.Random(3)
+    base = [" ".join(rng.choices(VOCAB, k=300)) for _ in range(120)]
+    records = [{"id": f"doc{i}", "text": t} for i, t in enumerate(base)]
+    near_pairs = []
+    for i in range(100):
+        words = base[i].split()
+        for _ in range(rng.randint(1, 6)):  # a few scattered edits: Jaccard ~0.75-0.97
+            words[rng.randrange(len(words))] = rng.choice(VOCAB)
+        near = " ".join(words)
+        near_pairs.append((f"near{i}", jaccard(base[i], near), simplify(near) == simplify(base[i])))
+        records.append({"id": f"near{i}", "text": near})
+    for i in range(30):  # exact copies up to case, punctuation and spacing
+        records.append({"id": f"exact{i}", "text": "  " + base[i].upper().replace(" ", " ,  ", 5) + "!"})
+    rng.shuffle(records[120:])
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = prepare([src], tmp_path / "out", filters="none", dedup="exact,minhash")
+
+    kept = {json.loads(line)["id"] for line in (tmp_path / "out" / "documents.jsonl").read_text().splitlines()}
+    assert {f"doc{i}" for i in range(120)} <= kept  # every distinct document survives
+    assert not any(k.startswith("exact") for k in kept)
+    similar = [name for name, j, _ in near_pairs if j >= 0.8]
+    recall = sum(name not in kept for name in similar) / len(similar)
+    assert len(similar) >= 50 and recall >= 0.9
+    identical = sum(same for _, _, same in near_pairs)  # an edit may put back the same word
+    assert report["removed"]["exact_duplicate"] == 30 + identical
+    assert report["removed"]["near_duplicate"] == len([n for n, _, _ in near_pairs if n not in kept]) - identical
+    assert report["documents_out"] == len(kept)
+    assert report["examples"]["exact_duplicate"][0]["id"].startswith(("exact", "near"))
+
+
+def test_minhash_estimates_jaccard():
+    rng = random.Random(0)
+    a = " ".join(rng.choices(VOCAB, k=400))
+    words = a.split()
+    for i in range(0, 400, 40):
+        words[i] = "changed"
+    b = " ".join(words)
+    m = MinHashDedup(bands=32, rows=8)
+    estimate = (m.signature(a) == m.signature(b)).mean()
+    assert abs(estimate - jaccard(a, b)) < 0.08
+
+
+def test_prepare_reads_every_format_and_reports(tmp_path, examples):
+    gz = tmp_path / "c4.jsonl.gz"
+    gz.write_bytes(gzip.compress((examples / "pretrain_c4_demo.jsonl").read_bytes()))
+    story = tmp_path / "stories.txt"
+    story.write_text("\n\n".join((examples / "pretrain_tinystories_valid_head.txt").read_text().split("\n\n")[:200]))
+    report = prepare([gz, story], tmp_path / "out")
+    assert report["documents_in"] == 300 + 200
+    assert 0 < report["documents_out"] < report["documents_in"]
+    assert sum(report["removed"].values()) == report["documents_in"] - report["documents_out"]
+    assert report["removed"]["gopher_quality:gopher_short_doc"] > 0
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["documents_out"] == report["documents_out"]
+    docs = [json.loads(line) for line in (tmp_path / "out" / "documents.jsonl").read_text().splitlines()]
+    assert len(docs) == report["documents_out"] and all(d["text"] and d["id"] for d in docs)
+    assert {d["id"].split(":")[0] for d in docs} == {"c4.jsonl.gz", "stories.txt"}
+
+
+def test_reader_modes_and_errors(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("one\ntwo\n\n\nthree\n")
+    assert [d.text for d in iter_documents([txt])] == ["one\ntwo\n", "three\n"]
+    assert [d.text for d in iter_documents([txt], txt_mode="line")] == ["one\n", "two\n", "three\n"]
+    assert len(list(iter_documents([txt], txt_mode="file"))) == 1
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match="no text field 'text'.*--text-field"):
+        list(iter_documents([bad]))
+    assert [d.text for d in iter_documents([bad], text_field="body")] == ["x"]
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(UserError, match="unsupported file type"):
+        list(iter_documents([tmp_path / "c.csv"]))
+    with pytest.raises(UserError, match="unknown dedup"):
+        prepare([txt], tmp_path / "o", dedup="fuzzy")
