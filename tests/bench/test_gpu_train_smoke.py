@@ -1,0 +1,24 @@
+"""The GPU benchmark script itself runs (tiny shapes, CPU) and reports every row it promises."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+from bench import gpu_train
+
+
+@pytest.mark.slow
+def test_smoke_writes_json_with_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--workloads", "tiny-llama,tiny-t5", "--modes", "tessera,hf", "--json", str(out)]
+    assert gpu_train.main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["workload"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {("tiny-llama", "tessera"), ("tiny-llama", "hf"), ("tiny-t5", "tessera"), ("tiny-t5", "hf")}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["tokens_per_s"] > 0 and row["loss"] == pytest.approx(row["loss"])  # finite
+    assert rows[("tiny-llama", "tessera")]["vs_best_hf"] == pytest.approx(
+        rows[("tiny-llama", "tessera")]["tokens_per_s"] / rows[("tiny-llama", "hf")]["tokens_per_s"])
+    assert "tiny-t5" in capsys.readouterr().out
