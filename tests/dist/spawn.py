@@ -76,6 +76,9 @@ def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None 
             name, message, trace = outcome.value
             failure = f"rank {outcome.rank} raised {name}: {message}\n{trace}"
     if failure is not None:
+        time.sleep(0.5)  # a rank that crashed is often reaped just after its peers noticed
+        died = [f"rank {r} died with exit code {p.exitcode}" for r, p in enumerate(procs) if (p.exitcode or 0) < 0]
+        failure = "; ".join([*died, failure])
         for p in procs:
             if p.is_alive():
                 p.kill()
