@@ -159,10 +159,10 @@ def slurm_hosts(nodelist: str) -> list[str]:
 
 
 def _from_torchrun(e: Mapping[str, str], node: str) -> DistEnv:
-    if "TORCHELASTIC_RUN_ID" in e:
-        launcher = "torchrun"
-    elif any(k.startswith("ACCELERATE_") for k in e):
+    if any(k.startswith("ACCELERATE_") for k in e):  # accelerate starts ranks through torchrun
         launcher = "accelerate"
+    elif "TORCHELASTIC_RUN_ID" in e:
+        launcher = "torchrun"
     elif "CROSS_RANK" in e:  # set by deepspeed.launcher.launch
         launcher = "deepspeed"
     else:

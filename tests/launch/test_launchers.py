@@ -1,0 +1,73 @@
+"""launch.pretrain under each launcher (2 gloo ranks on CPU) matches the single-process loss curve."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launching import assert_same_curve, check_run, child_env, losses, write_config
+
+from launch.env import free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+TIMEOUT_S = 300
+
+
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S)
+    check_run(done, done.stdout + done.stderr)
+    return done
+
+
+def ranks_seen(output: str, launcher: str) -> set[str]:
+    return {line.split(":", 1)[1].split(" (")[0].strip() for line in output.splitlines()
+            if line.startswith("tessera pretrain: rank") and f"via {launcher}," in line}
+
+
+def test_tessera_nproc_runs_ddp(tmp_path, shards, reference):
+    cfg = write_config(tmp_path / "run.yaml", shards, tmp_path / "run")
+    done = run([str(BIN / "tessera"), "pretrain", "--config", str(cfg), "--nproc", "2", "train.strategy=ddp"],
+               tmp_path)
+    assert ranks_seen(done.stderr, "env") == {"rank 0/2", "rank 1/2"}
+    assert_same_curve(losses(tmp_path / "run"), reference)
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_two_torchrun_nodes_run_ddp(tmp_path, shards, reference):
+    """Two torchrun invocations, --nnodes 2 on 127.0.0.1 with c10d rendezvous: two simulated nodes."""
+    cfg = write_config(tmp_path / "run.yaml", shards, tmp_path / "run")
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+             "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=ddp2",
+             "-m", "launch.pretrain", f"--config={cfg}", "train.strategy=ddp"],
+            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        check_run(proc, output)
+    assert ranks_seen("".join(outputs), "torchrun") == {"rank 0/2", "rank 1/2"}
+    assert_same_curve(losses(tmp_path / "run"), reference)
+
+
+def test_deepspeed_launcher_with_hostfile_runs_zero2(tmp_path, shards, reference):
+    cfg = write_config(tmp_path / "run.yaml", shards, tmp_path / "run")
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    done = run([str(BIN / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh_check",
+                "--master_addr", "127.0.0.1", f"--master_port={free_port()}", "--module", "launch.pretrain",
+                f"--config={cfg}", "train.strategy=zero2"], tmp_path)
+    assert ranks_seen(done.stdout + done.stderr, "deepspeed") == {"rank 0/2", "rank 1/2"}
+    assert_same_curve(losses(tmp_path / "run"), reference)
+
+
+def test_accelerate_launch_runs_our_fsdp(tmp_path, shards, reference):
+    cfg = write_config(tmp_path / "run.yaml", shards, tmp_path / "run")
+    recipe = Path(__file__).parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
+    done = run([str(BIN / "accelerate"), "launch", "--config_file", str(recipe), f"--main_process_port={free_port()}",
+                "-m", "launch.pretrain", f"--config={cfg}", "train.strategy=fsdp"], tmp_path)
+    assert ranks_seen(done.stdout + done.stderr, "accelerate") == {"rank 0/2", "rank 1/2"}
+    assert_same_curve(losses(tmp_path / "run"), reference)
