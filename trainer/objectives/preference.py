@@ -154,16 +154,16 @@ class PreferenceObjective:
     def reference_logps(self, batch: Batch, policy: PairLogps) -> PairLogps | None:
         if self.loss_name in REFERENCE_FREE:
             return None
+        if self.reference_model is not None:  # live: stored values, if any, may be another model's
+            with torch.no_grad():
+                return pair_logps(self.reference_model, batch)
         if "ref_chosen_logps" in batch:
             chosen, rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             return PairLogps(chosen, rejected, policy.chosen_tokens, policy.rejected_tokens)
-        if self.reference_model is None:
-            raise ConfigError(
-                "align.reference is precomputed but the batch has no reference log-probs; run the "
-                "precompute pass (trainer.reference) on the data first"
-            )
-        with torch.no_grad():
-            return pair_logps(self.reference_model, batch)
+        raise ConfigError(
+            "align.reference is precomputed but the batch has no reference log-probs; run the "
+            "precompute pass (trainer.reference) on the data first"
+        )
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
         policy = pair_logps(model, batch)
