@@ -36,3 +36,20 @@ def corpus(tmp_path_factory) -> Corpus:
         make_shards([str(root / f"{split}.txt")], root / "tokenizer", root / split, kind="text",
                     shard_bytes=8 << 10, append_eos=True)
     return Corpus(root / "tokenizer", root / "train", root / "valid")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_imports() -> None:
+    """Import once in the parent what every rank needs: forked ranks inherit it (saves ~7 s per rank)."""
+    import torch
+    import torch.distributed.checkpoint
+    import torch.distributed.fsdp
+
+    import data.loader  # noqa: F401
+    import model.io  # noqa: F401
+    import trainer.run  # noqa: F401
+    from trainer.strategy.deepspeed import import_deepspeed
+
+    import_deepspeed()
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (imported by initialize; compiles at import)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports torch._dynamo
