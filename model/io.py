@@ -66,16 +66,18 @@ def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
     body and starts a fresh score head (a reward model from an SFT model).
     """
     directory = resolve_checkpoint(path)
-    tensors = read_safetensors(directory / WEIGHTS)
     if (directory / CONFIG).is_file():
         meta = _read_yaml(directory / CONFIG)
         saved_head = meta.pop("head", "lm")
         cfg = ModelConfig.from_dict(meta, "model")
-        state = tensors
+        state = read_safetensors(directory / WEIGHTS)
     else:
-        from model.hf import config_from_hf, state_from_hf
+        from model.hf import config_from_hf, layout_for_hf, state_from_hf
 
-        cfg = config_from_hf(_read_json(directory / HF_CONFIG), tensors)
+        hf_config = _read_json(directory / HF_CONFIG)
+        layout_for_hf(hf_config)  # an unsupported model type fails before its weights are read
+        tensors = read_safetensors(directory / WEIGHTS)
+        cfg = config_from_hf(hf_config, tensors)
         saved_head, state = "lm", state_from_hf(tensors, cfg)
     head = head or saved_head
     if head not in HEADS:

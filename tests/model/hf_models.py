@@ -1,0 +1,40 @@
+"""Tiny, randomly initialised transformers models built locally from configs (no download)."""
+
+import torch
+
+SPECS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, rope_theta=500.0)),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(
+        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
+    "bert": ("BertForMaskedLM", "BertConfig", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64)),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)),
+}
+
+
+def hf_model(name: str, seed: int = 0, std: float = 0.15):
+    """A transformers model with every weight drawn at random (norms around 1), in eval mode."""
+    import transformers
+
+    class_name, config_name, kwargs = SPECS[name]
+    model = getattr(transformers, class_name)(getattr(transformers, config_name)(**kwargs)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            is_norm_weight = param.ndim == 1 and ("norm" in pname.lower() or "ln_" in pname) and pname.endswith(
+                "weight")
+            param.copy_(1.0 + noise if is_norm_weight else noise)
+    return model
+
+
+def hf_logits(model, ids, mask=None, dec_ids=None):
+    with torch.no_grad():
+        if dec_ids is not None:
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids).logits
+        return model(input_ids=ids, attention_mask=mask).logits
