@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from trainer.callbacks import Callback
@@ -53,7 +54,5 @@ def _run_id(run_dir: Any) -> str:
     """One W&B run per run directory, so a resumed (requeued) job continues the same run."""
     path = run_dir / "wandb_run_id"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(secrets.token_hex(4))  # W&B ids: 8 lowercase alphanumerics
     return path.read_text().strip()
