@@ -1,0 +1,84 @@
+"""`tessera generate / export / import` on a real trained tokenizer and a tiny model directory."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.cli import main
+from model import ModelConfig, build_model
+from model.generate import generate
+from model.io import load_pretrained, save_pretrained
+
+TEXT = Path(__file__).resolve().parents[2] / "examples" / "data" / "pretrain_tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with checkpoints/latest → step_00000005 holding a tiny Llama and its tokenizer."""
+    from data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    lines = TEXT.read_text().splitlines()[:3000]
+    tokenizer = train_tokenizer(lines, root / "tok", vocab_size=400)
+    cfg = ModelConfig.from_dict({"preset": "tiny-llama", "vocab_size": len(tokenizer), "init_std": 0.2})
+    step = root / "checkpoints" / "step_00000005"
+    save_pretrained(build_model(cfg), step)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(root / "tok" / name, step / name)
+    (root / "checkpoints" / "latest").write_text("step_00000005")
+    return root
+
+
+def test_generate_prints_the_model_continuations(run_dir, capsys):
+    from tokenizers import Tokenizer
+
+    prompts = ["First Citizen:", "To be"]
+    code = main(["generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", prompts[0],
+                 "--prompt", prompts[1], "--max-new-tokens", "6", "--json"])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+
+    tok = Tokenizer.from_file(str(run_dir / "tok" / "tokenizer.json"))
+    bos, eos = tok.token_to_id("<|bos|>"), tok.token_to_id("<|eos|>")
+    model = load_pretrained(run_dir / "checkpoints")
+    for prompt, row in zip(prompts, rows):
+        ids = torch.tensor([[bos, *tok.encode(prompt, add_special_tokens=False).ids]])
+        out = generate(model, ids, max_new_tokens=6, eos_token_ids=[eos, tok.token_to_id("<|end|>")])
+        assert row["completion"] == tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def test_export_then_import_round_trips_through_transformers(run_dir, tmp_path, capsys):
+    import transformers
+
+    assert main(["export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
+    assert "exported LlamaForCausalLM" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([hf_tok("Before we proceed any further")["input_ids"]])
+    ours = load_pretrained(run_dir / "checkpoints").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max() <= 1e-4
+
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "back")(ids), ours(ids), atol=1e-6, rtol=0)
+
+
+def test_bad_arguments_fail_with_one_line(run_dir, tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == f"tessera generate: error: checkpoint not found: {tmp_path / 'missing'}" \
+        " is not a directory"
+    assert main(["import", "--hf", str(run_dir / "tok"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a Hugging Face model directory (no config.json)" in capsys.readouterr().err
+    save_pretrained(build_model(ModelConfig.from_dict({"preset": "tiny-llama", "pos": "alibi"})), tmp_path / "m")
+    assert main(["export", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face layout represents this model" in err and err.count("\n") == 1
+    assert main(["generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", "x",
+                 "--num-beams", "2", "--temperature", "0.5"]) == 2
+    assert "beam search is deterministic" in capsys.readouterr().err
