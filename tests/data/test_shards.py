@@ -1,0 +1,119 @@
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from common.errors import UserError
+from data.shards import ShardError, ShardManifest, ShardWriter, check_shard, open_shard
+from data.stream import ShardSet, Source
+
+
+def test_manifest_and_round_trip(text_shards, tokenizer):
+    m = ShardManifest.load(text_shards)
+    assert m.kind == "text" and m.dtype == "<u2" and len(m.shards) >= 4
+    assert m.tokenizer_sha256 == tokenizer.sha256
+    raw = json.loads((text_shards / "manifest.json").read_text())
+    assert raw["version"] == 1 and raw["num_samples"] == m.num_samples == 1000
+    for info in m.shards:
+        data = (text_shards / info.name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (info.bytes, info.sha256)
+    shards = ShardSet([Source(str(text_shards))])
+    assert shards.num_samples == 1000 and int(shards.length().sum()) == m.num_tokens
+    first = next(p for p in text_shards.parents[1].glob("subset*/stories.txt"))
+    story = first.read_text().split("\n\n")[0]
+    tokens = shards.read(0)
+    assert tokens[-1] == tokenizer.eos_id
+    assert tokenizer.decode(tokens[:-1]) == story + "\n"
+
+
+def test_stock_webdataset_reads_our_tars(text_shards):
+    import webdataset as wds
+
+    m = ShardManifest.load(text_shards)
+    url = str(text_shards / m.shards[0].name)
+    samples = list(wds.WebDataset(url, shardshuffle=False).decode())
+    assert len(samples) == m.shards[0].samples
+    ours = ShardSet([Source(str(text_shards))])
+    assert samples[3]["__key__"] == "0000000003"
+    np.testing.assert_array_equal(samples[3]["tokens.npy"], ours.read(3))
+
+
+def test_sft_and_preference_kinds(sft_shards, preference_shards, tokenizer):
+    sft = ShardSet([Source(str(sft_shards))])
+    ids, mask = sft.read(0, 0), sft.read(0, 1)
+    assert sft.fields == ("input_ids", "loss_mask") and len(ids) == len(mask) and mask.dtype == np.uint8
+    assert ids[0] == tokenizer.bos_id and mask.any() and not mask.all()
+    assert tokenizer.decode(ids[mask == 1]).endswith("<|end|>")
+    pref = ShardSet([Source(str(preference_shards))])
+    prompt, chosen, rejected = (pref.read(5, f) for f in range(3))
+    assert tokenizer.decode(prompt).endswith("<|assistant|>\n")
+    assert tokenizer.decode(chosen).endswith("<|end|>") and tokenizer.decode(rejected).endswith("<|end|>")
+
+
+def test_uint32_for_large_vocabularies(tmp_path):
+    w = ShardWriter(tmp_path, kind="text", vocab_size=70_000, tokenizer_sha256="x")
+    w.write({"tokens": [1, 69_999, 65_536]})
+    m = w.close()
+    assert m.dtype == "<u4"
+    np.testing.assert_array_equal(ShardSet([Source(str(tmp_path))]).read(0), [1, 69_999, 65_536])
+
+
+def corrupt_copy(src, dst, how):
+    shutil.copytree(src, dst)
+    m = ShardManifest.load(dst)
+    path = dst / m.shards[1].name
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[5000] ^= 0xFF
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "header":
+        data[257:262] = b"xxxxx"
+    path.write_bytes(bytes(data))
+    return m.shards[1].name
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("flip", "does not match its sha256"), ("truncate", "is .* bytes, the manifest says"),
+])
+def test_corrupt_shard_fails_with_its_name_or_is_skipped(text_shards, tmp_path, how, message):
+    name = corrupt_copy(text_shards, tmp_path / "c", how)
+    with pytest.raises(ShardError, match=f"{name}.*{message}|{message}.*{name}") as exc:
+        ShardSet([Source(str(tmp_path / "c"))])
+    assert "\n" not in str(exc.value) and name in str(exc.value)
+    shards = ShardSet([Source(str(tmp_path / "c"))], on_corrupt="skip")
+    m = ShardManifest.load(tmp_path / "c")
+    assert len(shards.skipped) == 1 and name in shards.skipped[0]
+    assert sum(n for _, n in shards.source_shards[0]) == m.num_samples - m.shards[1].samples
+
+
+def test_malformed_tar_without_checksum(text_shards, tmp_path):
+    name = corrupt_copy(text_shards, tmp_path / "c", "header")
+    with pytest.raises(ShardError, match=f"{name} is malformed: no tar header"):
+        ShardSet([Source(str(tmp_path / "c"))], verify_checksums=False)
+
+
+def test_missing_shard_and_manifest(text_shards, tmp_path):
+    shutil.copytree(text_shards, tmp_path / "c")
+    (tmp_path / "c" / "00002.tar").unlink()
+    with pytest.raises(ShardError, match="00002.tar is missing"):
+        ShardSet([Source(str(tmp_path / "c"))])
+    with pytest.raises(UserError, match="no shard manifest"):
+        ShardSet([Source(str(tmp_path / "nothing"))])
+
+
+def test_pipe_urls_are_refused_unless_allowed(text_shards, tmp_path):
+    m = ShardManifest.load(text_shards)
+    info = m.shards[0]
+    info.name = f"pipe:cat {text_shards / info.name}"
+    with pytest.raises(ShardError, match="pipe: URL; set data.allow_pipe=true"):
+        open_shard(m, info)
+    buf = open_shard(m, info, allow_pipe=True)
+    assert len(check_shard(buf, m, info, verify_checksum=True).offsets) == info.samples
+
+
+def test_writer_refuses_a_used_directory(text_shards):
+    with pytest.raises(UserError, match="already holds shards"):
+        ShardWriter(text_shards, kind="text", vocab_size=100, tokenizer_sha256="x")

@@ -1,0 +1,117 @@
+"""The stream's promises: a pure-function order, equal shares per rank, exact resume on any world size."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data.config import DataConfig
+from data.loader import build_loader
+from data.stream import SampleStream, ShardSet, Source, StreamState, epoch_order
+
+
+@pytest.fixture(scope="module")
+def shards(text_shards):
+    return ShardSet([Source(str(text_shards))])
+
+
+def units_seen(stream_args, world, workers, state=StreamState(), batches=None):
+    """(epoch, unit) pairs each rank consumes, worker by worker, for ``batches`` batches per rank."""
+    seen = []
+    for rank in range(world):
+        s = SampleStream(rank=rank, world_size=world, **stream_args)
+        per_worker = [s.batches(state, w, workers) for w in range(workers)]
+        for j in range(batches):
+            pieces = next(per_worker[j % workers])
+            seen += [(e, int(u)) for e, units in pieces for u in units]
+    return seen
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch(shards):
+    a, b = epoch_order(shards, 7, 0), epoch_order(shards, 7, 0)
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a.tolist()) == list(range(shards.num_samples))
+    assert not np.array_equal(a, epoch_order(shards, 7, 1))
+    assert not np.array_equal(a, epoch_order(shards, 8, 0))
+    np.testing.assert_array_equal(epoch_order(shards, 7, 0, shuffle=False), np.arange(shards.num_samples))
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shards):
+    args = dict(shards=shards, mode="samples", seq_len=64, seed=1, batch_size=5)
+    world = 2
+    per_rank = shards.num_samples // world
+    seen = units_seen(args, world, 2, batches=per_rank // 5)
+    assert len(seen) == len(set(seen)) == world * (per_rank // 5) * 5 == shards.num_samples
+    stream = SampleStream(rank=0, world_size=1, **args)
+    samples = Counter(stream.plan(e).sample(u) for e, u in seen)
+    assert set(samples) == set(range(shards.num_samples)) and set(samples.values()) == {1}
+
+
+def test_epochs_roll_over_with_a_new_order(shards):
+    args = dict(shards=shards, mode="samples", seq_len=64, seed=1, batch_size=7)
+    seen = units_seen(args, 2, 1, batches=shards.num_samples // 7)  # a little more than one epoch per rank
+    epochs = Counter(e for e, _ in seen)
+    assert set(epochs) == {0, 1} and epochs[0] == shards.num_samples
+
+
+def loader(path, world=1, rank=0, workers=0, batch=4, objective="clm", tokenizer=None, **cfg):
+    config = DataConfig.from_dict({"train": str(path), "seq_len": 128, "num_workers": workers, **cfg})
+    return build_loader(config, objective=objective, tokenizer=tokenizer, rank=rank, world_size=world,
+                        micro_batch_size=batch, seed=5)
+
+
+def rows(batches):
+    return [tuple(r) for b in batches for r in b["input_ids"].tolist()]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_packed_rows_split_over_ranks_and_workers_partition_the_epoch(text_shards, tokenizer):
+    single = loader(text_shards, batch=8, tokenizer=tokenizer)
+    everything = rows(take(iter(single), len(single)))
+    split = []
+    for rank in range(2):
+        part = loader(text_shards, world=2, rank=rank, workers=2, batch=4, tokenizer=tokenizer)
+        split += rows(take(iter(part), len(part)))
+    assert len(everything) > 500 and Counter(split) == Counter(everything)
+
+
+def test_resume_equals_the_uninterrupted_stream(text_shards, tokenizer):
+    full = loader(text_shards, workers=2, batch=8, tokenizer=tokenizer)
+    steps = len(full) + 37  # past an epoch boundary
+    reference = take(iter(full), steps + 25)
+    first = loader(text_shards, workers=2, batch=8, tokenizer=tokenizer)
+    it = iter(first)
+    take(it, steps)
+    state = first.state_dict()
+    assert state["epoch"] == 1
+    resumed = loader(text_shards, workers=0, batch=8, tokenizer=tokenizer)
+    resumed.load_state_dict(state)
+    for a, b in zip(reference[steps:], take(iter(resumed), 25), strict=True):
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    again = iter(first)  # a new iterator on the same loader continues too
+    assert bool((next(again)["input_ids"] == reference[steps]["input_ids"]).all())
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_sees_the_rest_exactly_once(text_shards, tokenizer, before, after):
+    single = loader(text_shards, batch=64, tokenizer=tokenizer)
+    full = rows(take(iter(single), len(single) + 1))[: single.stream.plan(0).num_units]  # the epoch's rows in order
+    steps = 23
+    seen_before, states = [], []
+    for rank in range(before):
+        ld = loader(text_shards, world=before, rank=rank, batch=4, workers=2 if rank == 0 else 0, tokenizer=tokenizer)
+        seen_before += rows(take(iter(ld), steps))
+        states.append(ld.state_dict())
+    consumed = states[0]["consumed"]
+    assert all(s == states[0] for s in states) and consumed == steps * 4 * before
+    share = (len(full) - consumed) // after  # each new rank's rest of the epoch
+    seen_after = []
+    for rank in range(after):
+        ld = loader(text_shards, world=after, rank=rank, batch=1, tokenizer=tokenizer)
+        ld.load_state_dict(states)
+        seen_after += rows(take(iter(ld), share))
+    assert Counter(seen_before + seen_after) == Counter(full[: consumed + after * share])
+    assert len(full) - consumed - after * share < after  # only the epoch's last (rest % after) rows are dropped
