@@ -89,3 +89,31 @@ def test_reward_objective_is_bradley_terry_on_last_token_scores():
     assert out.metrics["rewards/accuracies"].item() == sum(m > 0 for m in margins)
     out.loss_sum.backward()
     assert model.score.weight.grad is not None and model.score.weight.grad.abs().sum() > 0
+
+
+def test_sft_objective_reports_all_masked_micro_batches(caplog):
+    from trainer.objectives.sft import SupervisedFineTuning
+
+    objective = SupervisedFineTuning(chunk_size=0)
+    masked = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.full((2, 5), -100)}
+    trained = masked | {"labels": torch.tensor([[-100, -100, 3, 4, -100], [-100] * 5])}
+    assert objective.count(trained) == 2 and objective.all_masked_batches == 0
+    with caplog.at_level("WARNING", logger="tessera.trainer"):
+        assert objective.count(masked) == 0
+    assert objective.all_masked_batches == 1 and "every label masked" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"beta": 0.0}, "align.beta must be > 0"),
+        ({"loss": "cdpo"}, "label_smoothing must be in"),
+        ({"loss": "dpo", "label_smoothing": 0.1}, "applies to loss cdpo only"),
+    ],
+)
+def test_align_hyperparameters_are_checked(overrides, message):
+    from common.errors import ConfigError
+    from trainer.objectives.preference import check_align
+
+    with pytest.raises(ConfigError, match=message):
+        check_align(AlignConfig.from_dict(overrides, "align"))
