@@ -98,7 +98,7 @@ def test_malformed_tar_without_checksum(text_shards, tmp_path):
 def test_missing_shard_and_manifest(text_shards, tmp_path):
     shutil.copytree(text_shards, tmp_path / "c")
     (tmp_path / "c" / "00002.tar").unlink()
-    with pytest.raises(ShardError, match="00002.tar is missing"):
+    with pytest.raises(ShardError, match=r"00002\.tar is missing"):
         ShardSet([Source(str(tmp_path / "c"))])
     with pytest.raises(UserError, match="no shard manifest"):
         ShardSet([Source(str(tmp_path / "nothing"))])
@@ -108,7 +108,7 @@ def test_pipe_urls_are_refused_unless_allowed(text_shards, tmp_path):
     m = ShardManifest.load(text_shards)
     info = m.shards[0]
     info.name = f"pipe:cat {text_shards / info.name}"
-    with pytest.raises(ShardError, match="pipe: URL; set data.allow_pipe=true"):
+    with pytest.raises(ShardError, match=r"pipe: URL; set data\.allow_pipe=true"):
         open_shard(m, info)
     buf = open_shard(m, info, allow_pipe=True)
     assert len(check_shard(buf, m, info, verify_checksum=True).offsets) == info.samples

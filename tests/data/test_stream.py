@@ -15,12 +15,12 @@ def shards(text_shards):
     return ShardSet([Source(str(text_shards))])
 
 
-def units_seen(stream_args, world, workers, state=StreamState(), batches=None):
+def units_seen(stream_args, world, workers, batches):
     """(epoch, unit) pairs each rank consumes, worker by worker, for ``batches`` batches per rank."""
     seen = []
     for rank in range(world):
         s = SampleStream(rank=rank, world_size=world, **stream_args)
-        per_worker = [s.batches(state, w, workers) for w in range(workers)]
+        per_worker = [s.batches(StreamState(), w, workers) for w in range(workers)]
         for j in range(batches):
             pieces = next(per_worker[j % workers])
             seen += [(e, int(u)) for e, units in pieces for u in units]
