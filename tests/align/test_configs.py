@@ -1,0 +1,32 @@
+"""The shipped SFT and alignment recipes load, validate and pick the objective they mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from trainer.config import RunConfig
+from trainer.objectives import objective_name
+from trainer.objectives.preference import check_align
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+RECIPES = sorted((CONFIGS / "sft").glob("*.yaml")) + sorted((CONFIGS / "align").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.parent.name for p in RECIPES} == {"sft", "align"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_loads(path):
+    cfg = load_config(RunConfig, path)
+    task = path.parent.name
+    assert cfg.model.init is not None and cfg.data.valid
+    if task == "align":
+        check_align(cfg.align)
+        expected = "reward" if "reward" in path.name else "preference"
+        assert objective_name(cfg, task) == expected
+    else:
+        assert objective_name(cfg, task) == "sft"
