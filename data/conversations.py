@@ -120,7 +120,9 @@ def to_preference(record: Mapping[str, Any]) -> tuple[list[Message], list[Messag
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns or turns[0]["role"] != "assistant":
             raise BadRecord(f"{name} must start with an assistant turn")
-    _check_not_empty(prompt + chosen + rejected)
+    _check_not_empty(prompt, "prompt")
+    _check_not_empty(chosen, "chosen")
+    _check_not_empty(rejected, "rejected")
     return prompt, chosen, rejected
 
 
@@ -182,10 +184,10 @@ def _with_system(record: Mapping[str, Any], messages: list[Message]) -> list[Mes
     return messages
 
 
-def _check_not_empty(messages: list[Message]) -> None:
+def _check_not_empty(messages: list[Message], where: str = "turn") -> None:
     for i, m in enumerate(messages):
         if not m["content"].strip():
-            raise BadRecord("empty response" if m["role"] == "assistant" else f"empty {m['role']} turn", f"turn {i}")
+            raise BadRecord("empty response" if m["role"] == "assistant" else f"empty {m['role']} turn", f"{where} {i}")
 
 
 def _dialogue(value: Any, where: str) -> list[Message]:
