@@ -22,9 +22,12 @@ from trainer.distributed import free_port
 
 
 class RanksFailed(AssertionError):
-    def __init__(self, message: str, exitcodes: list[int | None]) -> None:
+    """``error`` is (exception type name, message) of the first rank that raised, if one did."""
+
+    def __init__(self, message: str, exitcodes: list[int | None], error: tuple[str, str] | None) -> None:
         super().__init__(message)
         self.exitcodes = exitcodes
+        self.error = error
 
 
 @dataclasses.dataclass
@@ -59,7 +62,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None 
         p.start()
     results: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
-    failure = None
+    failure = error = None
     while len(results) < world_size and failure is None:
         try:
             outcome = out.get(timeout=0.2)
@@ -74,6 +77,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None 
             results[outcome.rank] = outcome.value
         else:
             name, message, trace = outcome.value
+            error = (name, message)
             failure = f"rank {outcome.rank} raised {name}: {message}\n{trace}"
     if failure is not None:
         time.sleep(0.5)  # a rank that crashed is often reaped just after its peers noticed
@@ -85,5 +89,5 @@ def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None 
     for p in procs:
         p.join(timeout=30)
     if failure is not None:
-        raise RanksFailed(failure, [p.exitcode for p in procs])
+        raise RanksFailed(failure, [p.exitcode for p in procs], error)
     return [results[r] for r in range(world_size)]
