@@ -1,16 +1,8 @@
-"""Tiny model configs shared by the model tests."""
+"""Model-test set-up."""
 
 import warnings
 
 import pytest
-
-from model import ModelConfig
-
-TINY = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 32}
-
-
-def tiny(**overrides) -> ModelConfig:
-    return ModelConfig.from_dict({**TINY, **overrides})
 
 
 @pytest.fixture(autouse=True)

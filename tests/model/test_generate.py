@@ -5,8 +5,7 @@ from common.errors import UserError
 from model import build_model
 from model.generate import generate
 from model.io import load_pretrained
-from tests.model.conftest import tiny
-from tests.model.hf_models import hf_model
+from tests.model.helpers import hf_model, tiny
 
 
 @pytest.fixture(autouse=True)

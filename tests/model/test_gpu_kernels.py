@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import build_model
-from tests.model.conftest import tiny
+from tests.model.helpers import tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

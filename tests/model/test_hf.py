@@ -6,8 +6,7 @@ import torch
 from common.errors import UserError
 from model import build_model
 from model.io import load_pretrained, save_hf
-from tests.model.conftest import tiny
-from tests.model.hf_models import SPECS, hf_logits, hf_model
+from tests.model.helpers import SPECS, hf_logits, hf_model, tiny
 
 
 def ours_logits(model, ids, mask=None, dec_ids=None):

@@ -5,7 +5,7 @@ import yaml
 from common.errors import UserError
 from model import build_model
 from model.io import load_pretrained, resolve_checkpoint, save_pretrained
-from tests.model.conftest import tiny
+from tests.model.helpers import tiny
 
 
 def test_save_load_round_trip_and_latest(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from common.errors import ConfigError, UserError
 from model import build_model
-from tests.model.conftest import tiny
+from tests.model.helpers import tiny
 
 ARCHS = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5_bias", "none")

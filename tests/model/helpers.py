@@ -1,6 +1,16 @@
-"""Tiny, randomly initialised transformers models built locally from configs (no download)."""
+"""Shared by the model tests: tiny Tessera configs, and tiny randomly initialised transformers
+models built locally from configs (no download)."""
 
 import torch
+
+from model import ModelConfig
+
+TINY = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 32}
+
+
+def tiny(**overrides) -> ModelConfig:
+    return ModelConfig.from_dict({**TINY, **overrides})
+
 
 SPECS = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(
