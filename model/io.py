@@ -25,13 +25,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory ``path`` means: itself, or (repeatedly) the sub-directory its ``latest`` names."""
+    """The model directory ``path`` means: itself, its ``model/`` (a trainer's step directory), or
+    (repeatedly) the sub-directory its ``latest`` names (a trainer's ``checkpoints/`` directory)."""
     path = Path(path)
     for _ in range(8):
         if not path.is_dir():
             raise UserError(f"checkpoint not found: {path} is not a directory")
         if (path / CONFIG).is_file() or (path / HF_CONFIG).is_file():
             return path
+        if (path / "model" / CONFIG).is_file():
+            return path / "model"
         latest = path / LATEST
         if not latest.is_file():
             raise UserError(f"{path}: not a model directory (no {CONFIG}, {HF_CONFIG} or {LATEST} file)")

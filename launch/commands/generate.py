@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user turn in the tokenizer's chat template (for SFT/DPO models)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 
@@ -47,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
     seq2seq = isinstance(model, Seq2SeqLM)
     rows = []
     for text in args.prompt:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        if seq2seq and "eos" in special:
+        prompt = _chat_prompt(text, tok_dir / "tokenizer_config.json") if args.chat else text
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        if args.chat:  # the chat template placed BOS and the assistant's role tag itself
+            pass
+        elif seq2seq and "eos" in special:
             ids = [*ids, special["eos"]]
         elif not seq2seq and "bos" in special:
             ids = [special["bos"], *ids]
@@ -69,6 +74,20 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False) if args.json
               else text + completion)
     return 0
+
+
+def _chat_prompt(text: str, config_file: Path) -> str:
+    """``text`` as one user turn followed by the assistant's generation prompt."""
+    from data.conversations import default_chat_template, render
+
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+    template = config.get("chat_template") or default_chat_template()
+    return render(template, [{"role": "user", "content": text}], add_generation_prompt=True, **specials)
+
+
+def _token_text(token: str | dict | None) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _special_ids(tokenizer, config_file: Path) -> dict[str, int]:
