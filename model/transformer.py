@@ -88,17 +88,19 @@ class TesseraModel(nn.Module):
         return self.embed.tokens
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init from ``seed``: N(0, init_std), residual outputs scaled by 1/sqrt(2·layers),
-        zero biases, unit norms; recomputes fixed buffers (RoPE, sinusoidal, ALiBi). Meta tensors are skipped."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise: N(0, init_std), residual output projections scaled by 1/sqrt(2·blocks), zero
+        biases, unit norms; recompute fixed buffers (RoPE, sinusoidal, ALiBi). Random numbers come
+        from ``seed`` when given, else from torch's global RNG (so ``torch.manual_seed`` governs
+        the constructor's init). Meta tensors are left alone."""
         cfg = self.config
         std = cfg.init_std
         residual_std = std / math.sqrt(2 * len(self.blocks()))
         device = next(self.parameters()).device
-        generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
+        generator = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
 
         def normal(t: torch.Tensor, s: float) -> None:
-            if generator is not None:
+            if not t.is_meta:
                 nn.init.normal_(t, 0.0, s, generator=generator)
 
         residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}

@@ -48,3 +48,12 @@ def hf_logits(model, ids, mask=None, dec_ids=None):
         if dec_ids is not None:
             return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids).logits
         return model(input_ids=ids, attention_mask=mask).logits
+
+
+def seeded(cfg: ModelConfig, head: str = "lm", seed: int = 0):
+    """``build_model`` with weights from ``seed``: equal weights for equal shapes, whatever the backend."""
+    from model import build_model
+
+    model = build_model(cfg, head)
+    model.init_weights(seed)
+    return model

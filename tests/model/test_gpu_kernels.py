@@ -5,8 +5,7 @@ flash / cuDNN kernel (nothing materialised)."""
 import pytest
 import torch
 
-from model import build_model
-from tests.model.helpers import tiny
+from tests.model.helpers import seeded, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -26,7 +25,7 @@ def test_flex_backward_matches_eager(pos):
     ids, docs = packed_batch()
     grads, outs = {}, {}
     for attn in ("eager", "flex"):
-        model = build_model(tiny(pos=pos, attn=attn, max_seq_len=256, sliding_window=64)).to(CUDA)
+        model = seeded(tiny(pos=pos, attn=attn, max_seq_len=256, sliding_window=64)).to(CUDA)
         logits = model(ids, document_ids=docs)
         logits.logsumexp(-1).mean().backward()
         outs[attn] = logits.detach()
@@ -40,8 +39,8 @@ def test_flex_backward_matches_eager(pos):
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
 def test_bf16_stays_close_to_the_fp32_reference(attn, arch):
     ids, docs = packed_batch()
-    reference = build_model(tiny(arch=arch, pos="rope", attn="eager", max_seq_len=256)).to(CUDA).eval()
-    fused = build_model(tiny(arch=arch, pos="rope", attn=attn, max_seq_len=256)).to(CUDA, torch.bfloat16).eval()
+    reference = seeded(tiny(arch=arch, pos="rope", attn="eager", max_seq_len=256)).to(CUDA).eval()
+    fused = seeded(tiny(arch=arch, pos="rope", attn=attn, max_seq_len=256)).to(CUDA, torch.bfloat16).eval()
     with torch.no_grad():
         expected = reference(ids, document_ids=docs)
         got = fused(ids, document_ids=docs)
@@ -53,7 +52,7 @@ def test_bf16_stays_close_to_the_fp32_reference(attn, arch):
 def test_sdpa_runs_plain_causal_attention_on_flash_or_cudnn(n_kv_heads):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model = build_model(tiny(d_model=256, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=512)).to(CUDA, torch.bfloat16)
+    model = seeded(tiny(d_model=256, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=512)).to(CUDA, torch.bfloat16)
     ids = torch.randint(1, 64, (2, 512), device=CUDA)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         loss = model(ids).logsumexp(-1).mean()  # raises if neither fused kernel accepts the call

@@ -5,7 +5,7 @@ import torch
 
 from common.errors import ConfigError, UserError
 from model import build_model
-from tests.model.helpers import tiny
+from tests.model.helpers import seeded, tiny
 
 ARCHS = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5_bias", "none")
@@ -43,13 +43,13 @@ def test_every_combination_trains_and_backends_agree(arch, pos):
     real = mask if arch != "encoder_decoder" else torch.ones(2, 6, dtype=torch.bool)
     outputs, grads = {}, {}
     for attn in ("eager", "sdpa"):
-        model = build_model(tiny(arch=arch, pos=pos, attn=attn))
+        model = seeded(tiny(arch=arch, pos=pos, attn=attn))
         logits = run(model, ids, mask, dec_ids)
         logits[real].logsumexp(-1).sum().backward()
         outputs[attn] = logits.detach()
         grads[attn] = {n: p.grad for n, p in model.named_parameters()}
         assert all(g is not None and torch.isfinite(g).all() for g in grads[attn].values())
-    model = build_model(tiny(arch=arch, pos=pos, attn="flex"))
+    model = seeded(tiny(arch=arch, pos=pos, attn="flex"))
     with torch.no_grad():
         outputs["flex"] = run(model, ids, mask, dec_ids)
     for attn in ("sdpa", "flex"):
@@ -63,7 +63,7 @@ def test_every_combination_trains_and_backends_agree(arch, pos):
                                            ("encoder", "t5_bias"), ("encoder", "sinusoidal")])
 @torch.no_grad()
 def test_document_masking_equals_each_document_alone(arch, pos, attn):
-    model = build_model(tiny(arch=arch, pos=pos, attn=attn)).eval()
+    model = seeded(tiny(arch=arch, pos=pos, attn=attn)).eval()
     lengths = (4, 7, 3)
     docs = [torch.randint(1, 64, (1, n)) for n in lengths]
     packed = torch.cat(docs, dim=1)
@@ -76,7 +76,7 @@ def test_document_masking_equals_each_document_alone(arch, pos, attn):
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex"])
 @torch.no_grad()
 def test_left_padding_equals_no_padding(attn):
-    model = build_model(tiny(pos="rope", attn=attn)).eval()
+    model = seeded(tiny(pos="rope", attn=attn)).eval()
     ids = torch.randint(1, 64, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.tensor([[False] * 3 + [True] * 6])
@@ -90,7 +90,7 @@ def test_sliding_window_limits_what_a_token_sees_and_backends_agree():
     changed[0, :4] = (changed[0, :4] + 1) % 64
     out = {}
     for attn in ("eager", "sdpa", "flex"):
-        model = build_model(tiny(n_layers=1, pos="alibi", attn=attn, sliding_window=3)).eval()
+        model = seeded(tiny(n_layers=1, pos="alibi", attn=attn, sliding_window=3)).eval()
         out[attn] = model(ids)
         # with one layer, position 8 sees positions 6..8 only: the first four tokens cannot matter
         torch.testing.assert_close(model(changed)[:, 6:], out[attn][:, 6:], atol=1e-6, rtol=0)
@@ -102,7 +102,7 @@ def test_sliding_window_limits_what_a_token_sees_and_backends_agree():
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
 def test_return_hidden_times_output_weight_is_the_logits(arch):
-    model = build_model(tiny(arch=arch, pos="t5_bias", tie_embeddings=arch != "decoder",
+    model = seeded(tiny(arch=arch, pos="t5_bias", tie_embeddings=arch != "decoder",
                              scale_output=arch == "encoder_decoder")).eval()
     ids = torch.randint(1, 64, (2, 5))
     args = (ids, ids[:, :3]) if arch == "encoder_decoder" else (ids,)
@@ -117,21 +117,28 @@ def test_classifier_pools_the_last_real_token_of_a_decoder_and_the_first_of_an_e
     ids = torch.randint(1, 64, (1, 5))
     padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
     mask = torch.tensor([[True] * 5 + [False] * 2])
-    decoder = build_model(tiny(n_labels=3), head="classifier").eval()
+    decoder = seeded(tiny(n_labels=3), head="classifier").eval()
     scores = decoder(ids)
     assert scores.shape == (1, 3)
     torch.testing.assert_close(decoder(padded, attention_mask=mask), scores, atol=1e-5, rtol=0)
-    encoder = build_model(tiny(arch="encoder", pos="learned"), head="classifier").eval()
+    encoder = seeded(tiny(arch="encoder", pos="learned"), head="classifier").eval()
     torch.testing.assert_close(encoder(padded, attention_mask=mask), encoder(ids), atol=1e-5, rtol=0)
 
 
 def test_blocks_init_and_heads():
     seq2seq = build_model(tiny(arch="encoder_decoder", pos="t5_bias", n_decoder_layers=3))
     assert len(seq2seq.blocks()) == 5
-    a, b = build_model(tiny()), build_model(tiny())
+    torch.manual_seed(5)
+    a = build_model(tiny())
+    torch.manual_seed(5)
+    b = build_model(tiny())
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    b.init_weights(seed=1)
+    a.init_weights(seed=1)
     assert not torch.equal(a.stack.layers[0].attn.qkv.weight, b.stack.layers[0].attn.qkv.weight)
+    b.init_weights(seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    std = a.stack.layers[0].mlp.down.weight.std().item()
+    assert 0.5 * 0.02 / 2 < std < 1.5 * 0.02 / 2  # residual projections: init_std / sqrt(2 * 2 blocks)
     with pytest.raises(UserError, match="unknown model head 'reward'"):
         build_model(tiny(), head="reward")
     with pytest.raises(UserError, match="classifier head needs arch=decoder or arch=encoder"):
@@ -147,6 +154,6 @@ def test_flex_refuses_backward_on_cpu_with_one_line():
 @torch.no_grad()
 def test_multi_query_attention_agrees_across_backends():
     ids = torch.randint(1, 64, (2, 9))
-    outs = [build_model(tiny(n_kv_heads=1, attn=a)).eval()(ids) for a in ("eager", "sdpa", "flex")]
+    outs = [seeded(tiny(n_kv_heads=1, attn=a)).eval()(ids) for a in ("eager", "sdpa", "flex")]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=0)
