@@ -38,11 +38,11 @@ class _Outcome:
 
 
 def _child(rank: int, world_size: int, port: int, env: dict[str, str], fn: Callable, args: tuple, out: Any) -> None:
-    os.environ.update(env)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+    os.environ.update(env)  # e.g. LOCAL_WORLD_SIZE=1: every rank a node of its own
     try:
         out.put(_Outcome(rank, True, fn(*args)))
     except BaseException as exc:  # report everything, including UserError lines, to the parent

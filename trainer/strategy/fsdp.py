@@ -20,6 +20,11 @@ from trainer.strategy.single import Single
 
 
 class FSDP(Single):
+    @property
+    def offloads(self) -> bool:
+        """CPU offload applies on accelerators; on a CPU-only host the shards already live in memory."""
+        return self.cfg.offload != "none" and self.env.device.type != "cpu"
+
     def mesh(self) -> DeviceMesh:
         env = self.env
         if not self.cfg.hsdp:
@@ -37,7 +42,7 @@ class FSDP(Single):
             "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if bf16
             else MixedPrecisionPolicy(),
-            "offload_policy": CPUOffloadPolicy() if self.cfg.offload != "none" else OffloadPolicy(),
+            "offload_policy": CPUOffloadPolicy() if self.offloads else OffloadPolicy(),
         }
         for block in model.blocks():
             fully_shard(block, **options)
