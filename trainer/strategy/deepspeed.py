@@ -49,8 +49,10 @@ class DeepSpeed(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         deepspeed = import_deepspeed()
         model = prepare(model.to(self.env.device), self.cfg.activation_checkpointing, self.cfg.compile)
-        optimizer = build_adamw(model, self.cfg, torch.device("cpu") if self.cfg.offload != "none" else self.env.device)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config())
+        config = self.config()
+        offloaded = "offload_optimizer" in config["zero_optimization"]  # ours or the user's ds_config
+        optimizer = build_adamw(model, self.cfg, torch.device("cpu") if offloaded else self.env.device)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return self.model
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
