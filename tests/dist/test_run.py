@@ -68,7 +68,7 @@ def one_line_error(raw, world_size: int = 1) -> str:
         spawn(train, world_size, raw)
     assert info.value.error is not None, str(info.value)
     name, message = info.value.error
-    assert name in ("UserError", "ConfigError") and "\n" not in message, message
+    assert name in ("UserError", "ConfigError", "TrainingDiverged") and "\n" not in message, message
     return message
 
 
@@ -89,3 +89,15 @@ def test_truncated_checkpoint_is_refused(corpus, tmp_path):
         f.truncate(100)
     message = one_line_error(tiny_config(corpus, tmp_path, "train.max_steps=4"))
     assert "truncated" in message and "model/model.safetensors is 100 bytes" in message
+
+
+@pytest.mark.parametrize("strategy", ["single", "zero2"])
+def test_spike_guard_skips_counts_and_stops(corpus, tmp_path, strategy):
+    # with spike_factor 0.5 every step after the first 10 counts as a spike: 2 are skipped, the 3rd stops the run
+    raw = tiny_config(corpus, tmp_path, f"train.strategy={strategy}", "train.max_steps=20",
+                      "train.spike_factor=0.5", "train.max_bad_steps=2")
+    message = one_line_error(raw, 1 if strategy == "single" else 2)
+    assert message.startswith("stopped at step 13: 3 steps skipped (last: loss spike")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["skipped"]] == [11, 12]
+    assert not (tmp_path / "checkpoints").exists()  # a diverged run writes no final checkpoint
