@@ -13,6 +13,7 @@ size and any micro-batch size continues with exactly the units not yet consumed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -105,9 +106,9 @@ class Batcher:
             raise UserError("span corruption needs sentinel tokens; train the tokenizer with them")
 
     def __call__(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch:
-        units = [(epoch, int(u)) for epoch, positions in pieces for u in positions]
         if stream.mode == "rows":
-            return self._rows(stream, units)
+            return self._rows(stream, pieces)
+        units = [(epoch, int(u)) for epoch, positions in pieces for u in positions]
         if stream.mode == "chunks":
             chunks = [stream.plan(e).chunk(u) for e, u in units]
             rngs = [np.random.default_rng([stream.seed, e, u, 0xA5C]) for e, u in units]
@@ -127,18 +128,12 @@ class Batcher:
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
 
-    def _rows(self, stream: SampleStream, units: list[tuple[int, int]]) -> Batch:
+    def _rows(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch:
         fields = (0, 1) if self.objective == "sft" else (0,)
-        n = stream.seq_len + 1
-        tokens = np.empty((len(units), n), np.int64)
-        starts = np.empty((len(units), n), bool)
-        mask = np.empty((len(units), n), np.uint8) if len(fields) == 2 else None
-        for b, (epoch, unit) in enumerate(units):
-            arrays, starts[b] = stream.plan(epoch).row(unit, fields)
-            tokens[b] = arrays[0]
-            if mask is not None:
-                mask[b] = arrays[1]
-        return collate_rows(tokens, starts, mask)
+        parts = [stream.plan(epoch).rows(units, fields) for epoch, units in pieces]
+        arrays = [np.concatenate([p[0][f] for p in parts]) for f in range(len(fields))]
+        starts = np.concatenate([p[1] for p in parts])
+        return collate_rows(arrays[0], starts, arrays[1] if len(fields) == 2 else None)
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -147,11 +142,30 @@ class _Batches(torch.utils.data.IterableDataset):
     def __init__(self, stream: SampleStream, batcher: Batcher, start: StreamState) -> None:
         self.stream, self.batcher, self.start = stream, batcher, start
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | tuple]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for pieces in self.stream.batches(self.start, worker, workers):
-            yield self.batcher(self.stream, pieces)
+            batch = self.batcher(self.stream, pieces)
+            yield batch if info is None else _pack(batch)
+
+
+def _pack(batch: Batch) -> tuple[list[str], list[tuple[int, ...]], torch.Tensor, Batch]:
+    """A worker's batch as one flat int64 tensor (plus the other tensors): the DataLoader moves each
+    tensor through its own shared-memory segment, and that per-tensor cost, not the bytes, bounds
+    the loader's speed."""
+    names = [k for k, v in batch.items() if v.dtype == torch.int64]
+    flat = torch.cat([batch[k].reshape(-1) for k in names])
+    return names, [tuple(batch[k].shape) for k in names], flat, {k: v for k, v in batch.items() if k not in names}
+
+
+def _unpack(item: Batch | tuple) -> Batch:
+    if isinstance(item, dict):
+        return item
+    names, shapes, flat, rest = item
+    sizes = [math.prod(shape) for shape in shapes]
+    parts = {k: part.view(shape) for k, part, shape in zip(names, flat.split(sizes), shapes)}
+    return {**parts, **rest}
 
 
 class Loader:
@@ -189,9 +203,9 @@ class Loader:
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             pin_memory=torch.cuda.is_available(),
         )
-        for batch in loader:
+        for item in loader:
             self._yielded += 1
-            yield batch
+            yield _unpack(item)
 
     def state_dict(self) -> dict[str, Any]:
         state = self._current()

@@ -69,6 +69,7 @@ class ShardSet:
         self.allow_pipe = allow_pipe
         self.skipped: list[str] = []
         self._buffers: list[Any] = []
+        self._views: dict[tuple[int, str], np.ndarray] = {}
         self._shard_paths: list[tuple[int, int]] = []
         offsets, counts, shard_of = [], [], []
         self.source_start: list[int] = []
@@ -111,6 +112,7 @@ class ShardSet:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn reopen lazily
         state = dict(self.__dict__)
         state["_buffers"] = [None if b is None else "reopen" for b in self._buffers]
+        state["_views"] = {}
         return state
 
     def fingerprint(self) -> str:
@@ -122,18 +124,41 @@ class ShardSet:
                 h.update(info.sha256.encode())
         return h.hexdigest()[:16]
 
+    def gather(self, samples: np.ndarray, starts: np.ndarray, lengths: np.ndarray, field: int = 0) -> np.ndarray:
+        """Concatenated pieces ``read(samples[k], field)[starts[k] : starts[k] + lengths[k]]``: one slice
+        copy per piece out of the shard's whole memory map."""
+        dtype = self.dtypes[field]
+        first = (self.offsets[samples, field] // dtype.itemsize + starts).tolist()
+        ends = np.cumsum(lengths).tolist()
+        out = np.empty(ends[-1] if ends else 0, dtype)
+        at = 0
+        for shard, begin, end in zip(self.shard_of[samples].tolist(), first, ends):
+            out[at:end] = self._view(shard, dtype)[begin : begin + end - at]
+            at = end
+        return out
+
+    def _view(self, shard: int, dtype: np.dtype) -> np.ndarray:
+        """A whole shard as one array of ``dtype`` (members are aligned to their item size)."""
+        key = (shard, dtype.str)
+        if key not in self._views:
+            self._views[key] = np.frombuffer(self._buffer(shard), dtype)
+        return self._views[key]
+
+    def _buffer(self, shard: int) -> Any:
+        buf = self._buffers[shard]
+        if isinstance(buf, str):
+            si, shi = self._shard_paths[shard]
+            buf = self._buffers[shard] = open_shard(self.manifests[si], self.manifests[si].shards[shi],
+                                                    allow_pipe=self.allow_pipe)
+        return buf
+
     def length(self, field: int = 0) -> np.ndarray:
         """Element counts of one field for every flat sample id."""
         return self.counts[:, field]
 
     def read(self, sample: int, field: int = 0) -> np.ndarray:
         """A sample's array for one field: a zero-copy view into the shard's memory map."""
-        shard = int(self.shard_of[sample])
-        buf = self._buffers[shard]
-        if isinstance(buf, str):
-            si, shi = self._shard_paths[shard]
-            buf = self._buffers[shard] = open_shard(self.manifests[si], self.manifests[si].shards[shi],
-                                                    allow_pipe=self.allow_pipe)
+        buf = self._buffer(int(self.shard_of[sample]))
         return np.frombuffer(buf, self.dtypes[field], int(self.counts[sample, field]), int(self.offsets[sample, field]))
 
     def _reference_logps(self) -> np.ndarray | None:
@@ -206,26 +231,24 @@ class EpochPlan:
         j = unit - int(self.chunk_start[i])
         return self.shards.read(int(self.order[i]), self.field)[j * self.seq_len : (j + 1) * self.seq_len]
 
-    def row(self, unit: int, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        """A ``rows`` unit: ``seq_len + 1`` elements per field, and a bool array marking where a
-        document begins inside the row (index 0 is marked when a document starts exactly there)."""
+    def rows(self, units: np.ndarray, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """``rows`` units, gathered with numpy: ``[len(units), seq_len + 1]`` per field, and a bool
+        array marking where a document begins inside each row (index 0 is marked when a document
+        starts exactly there)."""
         n = self.seq_len + 1
-        begin = unit * self.seq_len
-        out = [np.empty(n, self.shards.dtypes[f]) for f in fields]
-        starts = np.zeros(n, bool)
-        i = int(np.searchsorted(self.token_start, begin, "right")) - 1
-        at = 0
-        while at < n:
-            doc_begin = int(self.token_start[i])
-            lo = begin + at - doc_begin
-            if lo == 0:
-                starts[at] = True
-            sid = int(self.order[i])
-            take = min(n - at, int(self.token_start[i + 1]) - doc_begin - lo)
-            for o, f in zip(out, fields):
-                o[at : at + take] = self.shards.read(sid, f)[lo : lo + take]
-            at += take
-            i += 1
+        begins = np.asarray(units, np.int64) * self.seq_len
+        first = np.searchsorted(self.token_start, begins, "right") - 1
+        last = np.searchsorted(self.token_start, begins + n - 1, "right") - 1
+        counts = last - first + 1
+        row = np.repeat(np.arange(len(units)), counts)
+        doc = np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        seg_begin = np.maximum(self.token_start[doc], begins[row])
+        seg_len = np.minimum(self.token_start[doc + 1], begins[row] + n) - seg_begin
+        inside = seg_begin - self.token_start[doc]  # offset of the segment inside its document
+        sample = self.order[doc]
+        starts = np.zeros((len(units), n), bool)
+        starts[row[inside == 0], (seg_begin - begins[row])[inside == 0]] = True
+        out = [self.shards.gather(sample, inside, seg_len, f).reshape(len(units), n) for f in fields]
         return out, starts
 
 
