@@ -33,6 +33,16 @@ class AttentionMask:
     bias: nn.Module | None = None  # Alibi / T5Bias
     _memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def prepare(self, attn: Attn, batch: int, tq: int, tk: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Build what backend ``attn`` will ask for now, outside the blocks (so compiled blocks only
+        read it). Whatever is not prepared is still built on first use."""
+        if attn == Attn.flex:
+            self.block_mask(batch, tq, tk, device)
+        elif attn == Attn.eager or self.bias is not None:
+            self.additive(tq, tk, device, dtype)
+        elif not self.plain_causal(tq, tk):
+            self.allowed(tq, tk, device)
+
     def plain_causal(self, tq: int, tk: int) -> bool:
         """True when the mask is exactly the lower triangle SDPA's ``is_causal`` applies."""
         return (self.causal and self.q_offset == 0 and tq == tk and self.key_padding is None

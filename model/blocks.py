@@ -64,6 +64,7 @@ class Stack(nn.Module):
                  layer_offset: int = 0) -> None:
         super().__init__()
         self.causal = causal
+        self.attn = cfg.attn
         self.sliding_window = cfg.sliding_window if causal else None
         step = 2 if cross else 1
         self.layers = nn.ModuleList(Block(cfg, layer_offset + step * i, cross) for i in range(n_layers))
@@ -84,6 +85,10 @@ class Stack(nn.Module):
             memory_mask=AttentionMask(key_padding=memory_padding) if memory is not None else None,
             cache=cache,
         )
+        batch, length = x.shape[:2]
+        ctx.mask.prepare(self.attn, batch, length, q_offset + length, x.device, x.dtype)
+        if ctx.memory_mask is not None:
+            ctx.memory_mask.prepare(self.attn, batch, length, memory.shape[1], x.device, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.final_norm(x) if self.final_norm is not None else x
