@@ -19,6 +19,7 @@ the end-of-turn token is trained. Each piece is tokenized on its own, as it will
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import re
@@ -402,4 +403,5 @@ def _compile(template: str) -> Any:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3 templates
     return env.from_string(template)

@@ -53,9 +53,9 @@ class Pipeline:
 @pytest.fixture(scope="module")
 def pipeline(align_corpus, tmp_path_factory) -> Pipeline:
     root = tmp_path_factory.mktemp("pipeline")
-    pretrained = run_once(config(root / "pretrain", align_corpus.text, "train.max_steps=150"), "pretrain")
+    pretrained = run_once(config(root / "pretrain", align_corpus.text, "train.max_steps=80"), "pretrain")
     sft = run_once(
-        config(root / "sft", align_corpus.sft, f"model.init={pretrained.checkpoint}", "train.max_steps=120",
+        config(root / "sft", align_corpus.sft, f"model.init={pretrained.checkpoint}", "train.max_steps=100",
                "train.lr=2e-3", "data.packing=true"),
         "sft",
     )
@@ -203,3 +203,22 @@ def test_all_masked_sft_batches_are_skipped_not_trained(align_corpus, tmp_path):
                  "checkpoint.save_final=false")
     with pytest.raises(RanksFailed, match=r"TrainingDiverged.*3 steps skipped.*no target tokens"):
         run_once(raw, "sft")
+
+
+@pytest.mark.slow
+def test_precompute_on_two_ranks_equals_one(align_corpus, pipeline, tmp_path):
+    """Each rank scores every other pair; the gathered file equals the single-process one."""
+    import shutil
+
+    files = {}
+    for ranks, strategy in ((1, "single"), (2, "ddp")):
+        held_out = align_corpus.pairs[1]  # 100 pairs: train and valid are copies of it, to keep this short
+        pairs = tuple(shutil.copytree(held_out, tmp_path / f"{ranks}_{split}") for split in ("train", "valid"))
+        raw = config(tmp_path / f"run{ranks}", pairs, f"model.init={pipeline.sft}", f"train.strategy={strategy}",
+                     "train.max_steps=1", "train.micro_batch_size=6", "align.reference=precomputed",
+                     "checkpoint.save_final=false")
+        spawn(train, ranks, raw, "align", timeout=300)
+        files[ranks] = [np.load(d / "reference_logps.npy") for d in pairs]
+    for one, two in zip(files[1], files[2]):
+        assert one.shape == two.shape and (one < 0).all()
+        np.testing.assert_allclose(two, one, rtol=1e-5)
