@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from common.errors import UserError
 from data.shards import REFERENCE_LOGPS, ShardError, ShardManifest, check_shard, open_shard
 
 UNIT_MODES = ("samples", "chunks", "rows")
+MAX_OPEN_SHARDS = 128
 
 
 @dataclasses.dataclass
@@ -68,7 +70,8 @@ class ShardSet:
         self.kind, self.fields = first.kind, first.fields
         self.allow_pipe = allow_pipe
         self.skipped: list[str] = []
-        self._buffers: list[Any] = []
+        self._pinned: dict[int, bytes] = {}  # pipe: shards, held in memory
+        self._open: OrderedDict[int, Any] = OrderedDict()  # memory maps, least recently used first
         self._views: dict[tuple[int, str], np.ndarray] = {}
         self._shard_paths: list[tuple[int, int]] = []
         offsets, counts, shard_of = [], [], []
@@ -95,8 +98,9 @@ class ShardSet:
                     offsets.append(index.offsets)
                     counts.append(index.counts)
                     good.append((start, n))
-                shard_of.append(np.full(n, len(self._buffers), np.int32))
-                self._buffers.append(buf)
+                if isinstance(buf, bytes):
+                    self._pinned[len(self._shard_paths)] = buf
+                shard_of.append(np.full(n, len(self._shard_paths), np.int32))
                 self._shard_paths.append((si, shi))
                 start += n
             self.source_shards.append(good)
@@ -110,10 +114,7 @@ class ShardSet:
         self.reference_logps = self._reference_logps()
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn reopen lazily
-        state = dict(self.__dict__)
-        state["_buffers"] = [None if b is None else "reopen" for b in self._buffers]
-        state["_views"] = {}
-        return state
+        return {**self.__dict__, "_open": OrderedDict(), "_views": {}}
 
     def fingerprint(self) -> str:
         """Hash of what defines the sample space: shard checksums and weights."""
@@ -145,11 +146,20 @@ class ShardSet:
         return self._views[key]
 
     def _buffer(self, shard: int) -> Any:
-        buf = self._buffers[shard]
-        if isinstance(buf, str):
-            si, shi = self._shard_paths[shard]
-            buf = self._buffers[shard] = open_shard(self.manifests[si], self.manifests[si].shards[shi],
-                                                    allow_pipe=self.allow_pipe)
+        """The shard's bytes: pinned (pipe), or a memory map opened on first use. At most
+        ``MAX_OPEN_SHARDS`` maps stay open (each holds a file descriptor); the least recently used
+        is dropped, and closes once no array still refers to it."""
+        if shard in self._pinned:
+            return self._pinned[shard]
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        if len(self._open) >= MAX_OPEN_SHARDS:
+            old, _ = self._open.popitem(last=False)
+            for key in [k for k in self._views if k[0] == old]:
+                del self._views[key]
+        si, shi = self._shard_paths[shard]
+        buf = self._open[shard] = open_shard(self.manifests[si], self.manifests[si].shards[shi])
         return buf
 
     def length(self, field: int = 0) -> np.ndarray:

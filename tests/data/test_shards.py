@@ -117,3 +117,19 @@ def test_pipe_urls_are_refused_unless_allowed(text_shards, tmp_path):
 def test_writer_refuses_a_used_directory(text_shards):
     with pytest.raises(UserError, match="already holds shards"):
         ShardWriter(text_shards, kind="text", vocab_size=100, tokenizer_sha256="x")
+
+
+def test_open_memory_maps_are_bounded(text_shards, monkeypatch):
+    import data.stream
+
+    monkeypatch.setattr(data.stream, "MAX_OPEN_SHARDS", 2)
+    shards = ShardSet([Source(str(text_shards))])
+    expected = [shards.read(i).copy() for i in range(shards.num_samples)]
+    assert len(shards._open) <= 2
+    again = ShardSet([Source(str(text_shards))])
+    for i in reversed(range(again.num_samples)):
+        np.testing.assert_array_equal(again.read(i), expected[i])
+    lengths = again.length()
+    pieces = again.gather(np.arange(again.num_samples), np.zeros(again.num_samples, np.int64), lengths)
+    np.testing.assert_array_equal(pieces, np.concatenate(expected))
+    assert len(again._open) <= 2
