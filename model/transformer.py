@@ -122,6 +122,12 @@ class TesseraModel(nn.Module):
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
 
+    def check_length(self, length: int) -> None:
+        """Refuse sequences longer than the position tables (learned, sinusoidal, RoPE) cover."""
+        cfg = self.config
+        if length > cfg.max_seq_len and cfg.pos in (Pos.learned, Pos.sinusoidal, Pos.rope):
+            raise UserError(f"a sequence of {length} tokens is longer than model.max_seq_len={cfg.max_seq_len}")
+
     def output_weight(self) -> torch.Tensor:
         """The LM head weight [V, D] (the token embeddings when tied)."""
         head = self.head
@@ -170,6 +176,7 @@ class TransformerLM(TesseraModel):
         ``attention_mask`` marks real tokens (True) and, with a ``cache``, covers cached tokens too.
         """
         offset = cache.length(self.stack.layers[0].attn.layer_id) if cache is not None else 0
+        self.check_length(offset + input_ids.shape[1])
         positions = resolve_positions(input_ids, attention_mask, document_ids, position_ids, offset)
         hidden = self.stack(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask,
                             document_ids=document_ids, cache=cache)
@@ -189,6 +196,7 @@ class Seq2SeqLM(TesseraModel):
         self.init_weights()
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_length(input_ids.shape[1])
         positions = resolve_positions(input_ids, attention_mask, None, None)
         return self.encoder(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask)
 
@@ -197,6 +205,7 @@ class Seq2SeqLM(TesseraModel):
                return_hidden: bool = False, cache: KVCache | None = None) -> torch.Tensor:
         """Decoder logits given the encoder output ``memory`` (``attention_mask`` is the encoder's)."""
         offset = cache.length(self.decoder.layers[0].attn.layer_id) if cache is not None else 0
+        self.check_length(offset + decoder_input_ids.shape[1])
         positions = resolve_positions(decoder_input_ids, decoder_attention_mask, None, None, offset)
         hidden = self.decoder(self.embed(decoder_input_ids, positions), position_ids=positions,
                               key_padding=decoder_attention_mask, memory=memory, memory_padding=attention_mask,
@@ -226,6 +235,7 @@ class SequenceClassifier(TesseraModel):
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, n_labels] (fp32)."""
+        self.check_length(input_ids.shape[1])
         positions = resolve_positions(input_ids, attention_mask, None, position_ids)
         hidden = self.stack(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask)
         if not self.config.causal:

@@ -157,3 +157,14 @@ def test_multi_query_attention_agrees_across_backends():
     outs = [seeded(tiny(n_kv_heads=1, attn=a)).eval()(ids) for a in ("eager", "sdpa", "flex")]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("pos", "refused"), [("rope", True), ("learned", True), ("alibi", False)])
+def test_sequences_beyond_max_seq_len(pos, refused):
+    model = seeded(tiny(pos=pos, max_seq_len=8))
+    ids = torch.randint(1, 64, (1, 9))
+    if refused:
+        with pytest.raises(UserError, match=r"a sequence of 9 tokens is longer than model\.max_seq_len=8"):
+            model(ids)
+    else:  # relative score biases have no table to run out of
+        assert model(ids).shape == (1, 9, 64)
