@@ -112,7 +112,7 @@ class Trainer:
                 for callback in self.callbacks:
                     callback.on_step_end(self, metrics)
                 self.history.append(metrics)
-        except UserError:
+        except BaseException:  # no final checkpoint after a failure: the ranks may no longer agree
             self.stop_reason = "error"
             raise
         finally:

@@ -42,3 +42,9 @@ def test_bf16_follows_fp32(corpus, tmp_path, single, strategy):
     raw = tiny_config(corpus, tmp_path, *STEPS, f"train.strategy={strategy}", "train.precision=bf16")
     losses = spawn(train, 1 if strategy == "single" else 2, raw)[0].losses
     np.testing.assert_allclose(losses, single, rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(corpus, tmp_path, single):
+    [result] = spawn(train, 1, tiny_config(corpus, tmp_path, *STEPS, "train.compile=true"))
+    np.testing.assert_allclose(result.losses, single, rtol=1e-5)

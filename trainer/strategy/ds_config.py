@@ -80,5 +80,6 @@ def merge_user_config(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, A
         )
     for key in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print"):
         merged.setdefault(key, ours[key])
-    merged.setdefault("bf16", ours["bf16"])
+    if merged.setdefault("bf16", ours["bf16"]).get("enabled") == "auto":
+        merged["bf16"] = ours["bf16"]
     return merged
