@@ -51,6 +51,22 @@ def test_generate_prints_the_model_continuations(run_dir, capsys):
         assert row["completion"] == tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
+def test_generate_from_an_encoder_decoder(run_dir, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(run_dir / "tok" / "tokenizer.json"))
+    cfg = ModelConfig.from_dict({"preset": "tiny-t5", "vocab_size": tok.get_vocab_size(), "init_std": 0.3})
+    model = build_model(cfg)
+    save_pretrained(model, tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--tokenizer", str(run_dir / "tok"),
+                 "--prompt", "jump twice", "--max-new-tokens", "5", "--json", "--num-beams", "2"]) == 0
+    completion = json.loads(capsys.readouterr().out)["completion"]
+    eos = tok.token_to_id("<|eos|>")
+    ids = torch.tensor([[*tok.encode("jump twice", add_special_tokens=False).ids, eos]])
+    out = generate(model, ids, max_new_tokens=5, num_beams=2, eos_token_ids=[eos, tok.token_to_id("<|end|>")])
+    assert completion == tok.decode(out[0, 1:].tolist(), skip_special_tokens=True)
+
+
 def test_export_then_import_round_trips_through_transformers(run_dir, tmp_path, capsys):
     import transformers
 
