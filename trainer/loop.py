@@ -226,8 +226,9 @@ class Trainer:
         from model import build_model
         from model.io import save_pretrained
 
-        plain = build_model(self.model_spec.config, head=self.model_spec.head)
-        plain.load_state_dict(weights)
+        with torch.device("meta"):  # no init, no memory: the gathered weights are assigned as they are
+            plain = build_model(self.model_spec.config, head=self.model_spec.head)
+        plain.load_state_dict(weights, assign=True)
         save_pretrained(plain, out)
         tokenizer_dir = self.model_spec.tokenizer_dir
         if tokenizer_dir is not None:
