@@ -215,6 +215,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "world_size": self.env.world_size,
             "strategy": str(self.cfg.train.strategy),
+            "format": self.strategy.checkpoint_format,
             "guard": self.guard.state_dict(),
         }
         self.last_saved = self.writer.commit(tmp, self.step, state)
@@ -240,11 +241,16 @@ class Trainer:
         """Continue from checkpoint ``path`` (verified), also when it was saved at another world size."""
         state = checkpoint.read_state(path)
         saved_world = state["world_size"]
+        if state["format"] != self.strategy.checkpoint_format:
+            raise UserError(
+                f"checkpoint {path} was saved by {state['strategy']}; {self.cfg.train.strategy} cannot resume it "
+                "(start from its weights with model.init and checkpoint.resume=never instead)"
+            )
         if saved_world != self.env.world_size and not self.strategy.reshardable:
             raise UserError(
                 f"checkpoint {path} was saved by {state['strategy']} on {saved_world} ranks; "
                 f"{self.cfg.train.strategy} cannot resume it on {self.env.world_size} "
-                "(start from its weights with model.init instead, or use fsdp/ddp)"
+                "(start from its weights with model.init and checkpoint.resume=never instead)"
             )
         self.strategy.load(path)
         ranks = [torch.load(path / checkpoint.rank_file(r), weights_only=False) for r in range(saved_world)]

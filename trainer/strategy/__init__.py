@@ -36,6 +36,8 @@ class Strategy(abc.ABC):
     supports_hidden_loss = True
     # Whether a checkpoint saved at one world size loads at another.
     reshardable = True
+    # The on-disk format of ``save``: strategies sharing one can resume each other's checkpoints.
+    checkpoint_format = "dcp"
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> None:
         self.cfg = cfg

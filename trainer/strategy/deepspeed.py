@@ -42,6 +42,7 @@ class DeepSpeed(Strategy):
         self.stage = int(str(cfg.strategy)[-1])
         self.supports_hidden_loss = self.stage < 3
         self.reshardable = False  # ZeRO partitions are saved per rank
+        self.checkpoint_format = f"deepspeed-zero{self.stage}"
 
     def config(self) -> dict[str, Any]:
         return build_ds_config(self.cfg, self.stage, self.accumulation, self.env.world_size)
