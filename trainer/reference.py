@@ -25,6 +25,7 @@ import torch
 from trainer.distributed import all_gather_object, barrier
 from trainer.objectives import ObjectiveContext
 from trainer.objectives.preference import pair_logps
+from trainer.objectives.tokens import chunk_size_for
 
 log = logging.getLogger("tessera.trainer")
 SIDECAR = "reference_logps.json"
@@ -93,6 +94,7 @@ def shard_logps(ctx: ObjectiveContext, reference: torch.nn.Module, shard_dir: Pa
     from data.stream import ShardSet, Source
 
     env, cfg = ctx.strategy.env, ctx.cfg
+    chunk_size = chunk_size_for(ctx)
     shards = ShardSet([Source(str(shard_dir))], verify_checksums=cfg.data.verify_checksums)
     mine = np.arange(env.rank, shards.num_samples, env.world_size)
     batch_size = cfg.train.micro_batch_size
@@ -107,7 +109,7 @@ def shard_logps(ctx: ObjectiveContext, reference: torch.nn.Module, shard_dir: Pa
         batch = collate_preference(arrays, pad_id=ctx.tokenizer.pad_id, seq_len=cfg.data.seq_len)
         batch = {k: v.to(env.device) for k, v in batch.items()}
         with ctx.strategy.autocast():
-            logps = pair_logps(reference, batch)
+            logps = pair_logps(reference, batch, chunk_size)
         values[real] = torch.stack([logps.chosen, logps.rejected], 1)[: len(real)].double().cpu().numpy()
     out = np.zeros((shards.num_samples, 2), np.float32)
     for rank, part in enumerate(all_gather_object(values)):

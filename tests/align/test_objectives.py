@@ -50,10 +50,11 @@ def unpadded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], side:
     return out
 
 
-def test_dpo_objective_with_live_reference_matches_per_sequence_forwards():
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_dpo_objective_with_live_reference_matches_per_sequence_forwards(chunk_size):
     batch = pair_batch()
     policy, reference = tiny(seed=0), tiny(seed=1)
-    objective = PreferenceObjective(AlignConfig(loss="dpo", beta=0.5), reference)
+    objective = PreferenceObjective(AlignConfig(loss="dpo", beta=0.5), reference, chunk_size)
     assert objective.count(batch) == 2
     with torch.no_grad():
         out = objective.loss(policy, batch)
@@ -65,8 +66,19 @@ def test_dpo_objective_with_live_reference_matches_per_sequence_forwards():
     assert out.metrics["logps/chosen"].item() == pytest.approx(sum(pc), rel=1e-4)
     precomputed = batch | {"ref_chosen_logps": torch.tensor(rc), "ref_rejected_logps": torch.tensor(rr)}
     with torch.no_grad():
-        again = PreferenceObjective(AlignConfig(loss="dpo", beta=0.5), None).loss(policy, precomputed)
+        again = PreferenceObjective(AlignConfig(loss="dpo", beta=0.5), None, chunk_size).loss(policy, precomputed)
     assert again.loss_sum.item() == pytest.approx(out.loss_sum.item(), rel=1e-5)
+
+
+def test_chunked_log_probs_have_the_plain_gradient():
+    batch = pair_batch()
+    grads = []
+    for chunk_size in (0, 2):
+        policy = tiny(seed=0)
+        out = PreferenceObjective(AlignConfig(loss="simpo", beta=2.0), None, chunk_size).loss(policy, batch)
+        out.loss_sum.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_precomputed_reference_missing_is_a_clear_error():

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
-from trainer.objectives.cross_entropy import IGNORE_INDEX
+from trainer.objectives.cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy
+from trainer.objectives.tokens import chunk_size_for, unwrap
 
 if TYPE_CHECKING:
     from trainer.config import AlignConfig
@@ -112,15 +113,27 @@ def pair_inputs(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return concat_pairs(batch, "input_ids", 0), kwargs
 
 
-def pair_logps(model: torch.nn.Module, batch: Batch) -> PairLogps:
-    """Summed log-probs of the labelled (shifted, -100 elsewhere) tokens of each continuation."""
+def pair_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 0) -> PairLogps:
+    """Summed log-probs of the labelled (shifted, -100 elsewhere) tokens of each continuation.
+
+    With ``chunk_size`` the LM head runs inside the chunked linear+CE, one sequence at a time, so
+    the [2B, T, V] logits never exist (as for the token objectives)."""
     input_ids, kwargs = pair_inputs(batch)
     labels = concat_pairs(batch, "labels", IGNORE_INDEX)
-    logits = model(input_ids, **kwargs)
-    token_logps = -F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(labels.shape)
-    sums, tokens = token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    if chunk_size:
+        hidden = model(input_ids, **kwargs, return_hidden=True)
+        plain = unwrap(model)
+        weight, bias = plain.output_weight(), plain.output_bias()
+        sums = -torch.stack(
+            [chunked_linear_cross_entropy(h, weight, t, bias, chunk_size) for h, t in zip(hidden, labels)]
+        )
+    else:
+        logits = model(input_ids, **kwargs)
+        sums = -F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(labels.shape).sum(-1)
+    tokens = (labels != IGNORE_INDEX).sum(-1)
     n = batch["chosen_input_ids"].shape[0]
     return PairLogps(sums[:n], sums[n:], tokens[:n], tokens[n:])
 
@@ -143,10 +156,11 @@ class PreferenceObjective:
 
     data_objective = "preference"
 
-    def __init__(self, align: AlignConfig, reference_model: torch.nn.Module | None) -> None:
+    def __init__(self, align: AlignConfig, reference_model: torch.nn.Module | None, chunk_size: int = 0) -> None:
         self.align = align
         self.loss_name = str(align.loss)
         self.reference_model = reference_model
+        self.chunk_size = chunk_size
 
     def count(self, batch: Batch) -> int:
         return int(batch["chosen_input_ids"].shape[0])
@@ -156,7 +170,7 @@ class PreferenceObjective:
             return None
         if self.reference_model is not None:  # live: stored values, if any, may be another model's
             with torch.no_grad():
-                return pair_logps(self.reference_model, batch)
+                return pair_logps(self.reference_model, batch, self.chunk_size)
         if "ref_chosen_logps" in batch:
             chosen, rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             return PairLogps(chosen, rejected, policy.chosen_tokens, policy.rejected_tokens)
@@ -166,7 +180,7 @@ class PreferenceObjective:
         )
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
-        policy = pair_logps(model, batch)
+        policy = pair_logps(model, batch, self.chunk_size)
         out = preference_losses(
             policy,
             self.reference_logps(batch, policy),
@@ -197,9 +211,10 @@ def build(ctx: ObjectiveContext) -> PreferenceObjective:
 
     align = ctx.cfg.align
     check_align(align)
+    chunk_size = chunk_size_for(ctx)
     if str(align.loss) in REFERENCE_FREE:
-        return PreferenceObjective(align, None)
+        return PreferenceObjective(align, None, chunk_size)
     if str(align.reference) == "precomputed":
         precompute_reference(ctx)
-        return PreferenceObjective(align, None)
-    return PreferenceObjective(align, live_reference(ctx))
+        return PreferenceObjective(align, None, chunk_size)
+    return PreferenceObjective(align, live_reference(ctx), chunk_size)
