@@ -23,10 +23,9 @@ import datetime
 import functools
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from common.errors import UserError
 
@@ -287,30 +286,6 @@ def encode_preference(
         return prompt_ids, responses[0], responses[1]
     except BadRecord as exc:
         raise exc.named(name or exc.name or "record") from None
-
-
-def encode_records(
-    records: Iterable[Mapping[str, Any]],
-    tokenizer: ChatTokenizer,
-    kind: Literal["sft", "preference"],
-    *,
-    max_len: int | None = None,
-    skip_bad: bool = False,
-    skipped: Counter[str] | None = None,
-    source: str = "record",
-) -> Iterator[tuple[list[int], ...]]:
-    """Encode a stream of records; a bad one raises (naming ``source`` and its index) or, with
-    ``skip_bad``, is counted in ``skipped`` under its reason and left out."""
-    encode = encode_sft if kind == "sft" else encode_preference
-    for index, record in enumerate(records):
-        name = f"{source} {index}" + (f" (id {record['id']})" if isinstance(record, Mapping) and "id" in record else "")
-        try:
-            yield encode(record, tokenizer, max_len=max_len, name=name)
-        except BadRecord as exc:
-            if not skip_bad:
-                raise
-            if skipped is not None:
-                skipped[exc.reason] += 1
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:

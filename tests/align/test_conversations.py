@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
-from collections import Counter
 
 import pytest
 
@@ -14,7 +13,6 @@ from data.conversations import (
     BadRecord,
     default_chat_template,
     encode_preference,
-    encode_records,
     encode_sft,
     read_records,
     render,
@@ -161,17 +159,23 @@ def test_prompt_longer_than_seq_len(tokenizer):
     assert rejected == [*tokenizer.encode("b", add_special_tokens=False), tokenizer.token_to_id("<|end|>")]
 
 
-def test_skip_bad_counts_by_reason(tokenizer, shared_data):
+def test_sharding_skips_and_counts_bad_records(tokenizer, shared_data, tmp_path):
+    from data.make_shards import make_shards
+    from data.shards import ShardManifest
+
     good = json.loads((shared_data / "pref_rasbt_instruction_data_with_preference.json").read_text())[:30]
     records = [*good[:10], HH_EMPTY, *good[10:20], {"prompt": "Hi", "chosen": "Hello"}, HH_EMPTY, *good[20:]]
-    with pytest.raises(BadRecord, match=r"^pairs 10: empty response"):
-        list(encode_records(records, tokenizer, "preference", source="pairs"))
-    skipped: Counter[str] = Counter()
-    kept = list(encode_records(records, tokenizer, "preference", max_len=48, skip_bad=True, skipped=skipped))
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    with pytest.raises(UserError, match=r"pairs.json record 10: empty response: chosen 0$"):
+        make_shards([str(tmp_path / "pairs.json")], tokenizer.path, tmp_path / "strict", kind="preference")
+    manifest, skipped = make_shards(
+        [str(tmp_path / "pairs.json")], tokenizer.path, tmp_path / "shards", kind="preference", max_len=48,
+        skip_bad=True,
+    )
     assert skipped["empty response"] == 2 and skipped["missing field 'rejected'"] == 1
-    long_prompts = skipped["prompt longer than seq_len"]
-    assert len(kept) == 30 - long_prompts and sum(skipped.values()) == 3 + long_prompts
-    assert all(len(p) + len(c) <= 48 and len(p) + len(r) <= 48 for p, c, r in kept)
+    too_long = skipped["prompt longer than seq_len"]
+    assert manifest.num_samples == 30 - too_long and sum(skipped.values()) == 3 + too_long
+    assert ShardManifest.load(tmp_path / "shards").extra["skipped"] == dict(skipped)
 
 
 def test_double_bos_is_refused_and_a_missing_bos_added(tokenizer, monkeypatch):
