@@ -8,6 +8,7 @@ additions) and ``on_train_end(trainer)``. Callbacks run in list order: the ones 
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class Callback:
 def default_callbacks(trainer: Trainer) -> list[Callback]:
     """The callbacks a run gets from its config."""
     from trainer.callbacks.checkpointing import Checkpointing
+    from trainer.callbacks.console import ConsoleLog
     from trainer.callbacks.evaluation import Evaluation
     from trainer.callbacks.metrics_file import MetricsFile
     from trainer.callbacks.preemption import Preemption
@@ -44,6 +46,8 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
             from trainer.callbacks.wandb_logger import WandbLogger
 
             callbacks.append(WandbLogger(cfg))
-        if cfg.log.progress:
+        if cfg.log.progress and sys.stderr.isatty():
             callbacks.append(ProgressBar(cfg.train.max_steps))
+        else:  # a log file (SLURM, CI) gets plain lines instead of a redrawn bar
+            callbacks.append(ConsoleLog(cfg.log.every))
     return callbacks
