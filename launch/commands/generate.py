@@ -47,19 +47,8 @@ def run(args: argparse.Namespace) -> int:
     special = _special_ids(tokenizer, tok_dir / "tokenizer_config.json")
     model = load_pretrained(args.checkpoint)
     seq2seq = isinstance(model, Seq2SeqLM)
-    rows = []
-    for text in args.prompt:
-        prompt = _chat_prompt(text, tok_dir / "tokenizer_config.json") if args.chat else text
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-        if args.chat:  # the chat template placed BOS and the assistant's role tag itself
-            pass
-        elif seq2seq and "eos" in special:
-            ids = [*ids, special["eos"]]
-        elif not seq2seq and "bos" in special:
-            ids = [special["bos"], *ids]
-        if not ids:
-            raise UserError(f"the prompt {text!r} encodes to no tokens")
-        rows.append(ids)
+    chat_config = tok_dir / "tokenizer_config.json" if args.chat else None
+    rows = [_prompt_ids(text, tokenizer, special, seq2seq, chat_config) for text in args.prompt]
     pad = special.get("pad", model.config.pad_token_id)
     width = max(map(len, rows))
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -74,6 +63,22 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False) if args.json
               else text + completion)
     return 0
+
+
+def _prompt_ids(text: str, tokenizer, special: dict[str, int], seq2seq: bool, chat_config: Path | None) -> list[int]:
+    """Token ids of one prompt. A chat prompt is rendered by the chat template (which places BOS and
+    the assistant's role tag itself); plain text gets BOS in front (decoder) or EOS behind (encoder)."""
+    if chat_config is not None:
+        ids = tokenizer.encode(_chat_prompt(text, chat_config), add_special_tokens=False).ids
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if seq2seq and "eos" in special:
+            ids = [*ids, special["eos"]]
+        elif not seq2seq and "bos" in special:
+            ids = [special["bos"], *ids]
+    if not ids:
+        raise UserError(f"the prompt {text!r} encodes to no tokens")
+    return ids
 
 
 def _chat_prompt(text: str, config_file: Path) -> str:

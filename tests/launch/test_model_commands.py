@@ -51,6 +51,24 @@ def test_generate_prints_the_model_continuations(run_dir, capsys):
         assert row["completion"] == tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
+def test_generate_chat_renders_the_prompt_as_a_user_turn(run_dir, capsys):
+    from tokenizers import Tokenizer
+
+    from data.conversations import default_chat_template, render
+
+    assert main(["generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", "Who goes there?",
+                 "--chat", "--max-new-tokens", "5", "--json"]) == 0
+    completion = json.loads(capsys.readouterr().out)["completion"]
+    tok = Tokenizer.from_file(str(run_dir / "tok" / "tokenizer.json"))
+    text = render(default_chat_template(), [{"role": "user", "content": "Who goes there?"}],
+                  add_generation_prompt=True, bos_token="<|bos|>", eos_token="<|eos|>")
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+    assert ids[0, 0] == tok.token_to_id("<|bos|>") and tok.token_to_id("<|assistant|>") in ids[0].tolist()
+    stops = [tok.token_to_id("<|eos|>"), tok.token_to_id("<|end|>")]
+    out = generate(load_pretrained(run_dir / "checkpoints"), ids, max_new_tokens=5, eos_token_ids=stops)
+    assert completion == tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
 def test_generate_from_an_encoder_decoder(run_dir, tmp_path, capsys):
     from tokenizers import Tokenizer
 

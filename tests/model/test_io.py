@@ -23,6 +23,14 @@ def test_save_load_round_trip_and_latest(tmp_path):
     assert not list(step.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_a_trainer_step_directory_resolves_to_its_model_subdirectory(tmp_path):
+    step = tmp_path / "checkpoints" / "step_00000020"
+    save_pretrained(build_model(tiny()), step / "model")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000020")
+    assert resolve_checkpoint(step) == step / "model"
+    assert resolve_checkpoint(tmp_path / "checkpoints") == step / "model"
+
+
 def test_an_lm_checkpoint_loads_as_a_classifier_keeping_its_body(tmp_path):
     lm = build_model(tiny())
     save_pretrained(lm, tmp_path)
