@@ -46,8 +46,14 @@ def live_reference(ctx: ObjectiveContext) -> torch.nn.Module:
 
 def reference_identity(ctx: ObjectiveContext) -> dict[str, Any]:
     """What the stored log-probs depend on; a mismatch means they must be computed again."""
+    from model.io import WEIGHTS, resolve_checkpoint
+
     cfg = ctx.cfg
-    init = str(Path(cfg.model.init).resolve()) if cfg.model.init is not None else None
+    init = None
+    if cfg.model.init is not None:  # the concrete directory: a run's checkpoints/ moves on as it trains
+        directory = resolve_checkpoint(cfg.model.init).resolve()
+        weights = (directory / WEIGHTS).stat()
+        init = {"path": str(directory), "bytes": weights.st_size, "mtime_ns": weights.st_mtime_ns}
     return {
         "model_init": init,
         "model": None if init else {**cfg.model.model_config().to_dict(), "seed": cfg.train.seed},

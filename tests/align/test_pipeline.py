@@ -222,3 +222,8 @@ def test_precompute_on_two_ranks_equals_one(align_corpus, pipeline, tmp_path):
     for one, two in zip(files[1], files[2]):
         assert one.shape == two.shape and (one < 0).all()
         np.testing.assert_allclose(two, one, rtol=1e-5)
+    # another starting model makes the stored values stale: they are computed again
+    raw = config(tmp_path / "again", pairs, f"model.init={pipeline.pretrained}", "train.max_steps=1",
+                 "train.micro_batch_size=6", "align.reference=precomputed", "checkpoint.save_final=false")
+    spawn(train, 1, raw, "align", timeout=300)
+    assert not np.allclose(np.load(pairs[0] / "reference_logps.npy"), files[2][0])
