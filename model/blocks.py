@@ -80,7 +80,7 @@ class Stack(nn.Module):
                              document_ids=document_ids, sliding_window=self.sliding_window, bias=self.score_bias)
         ctx = BlockContext(
             mask=mask,
-            rope=self.rope(position_ids) if self.rope is not None else None,
+            rope=self.rope(position_ids, x.dtype) if self.rope is not None else None,
             memory=memory,
             memory_mask=AttentionMask(key_padding=memory_padding) if memory is not None else None,
             cache=cache,

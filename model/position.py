@@ -65,17 +65,17 @@ class Rope(nn.Module):
         angles = torch.cat([angles, angles], dim=-1).to(self.cos.device)
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, 1, T, head_dim] (fp32) for ``position_ids`` [B, T] (< max_seq_len)."""
-        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, head_dim] in ``dtype`` for ``position_ids`` [B, T] (< max_seq_len);
+        the angles are computed in fp32 once, then cast (as transformers' Llama does)."""
+        return self.cos[position_ids][:, None].to(dtype), self.sin[position_ids][:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, head_dim] by the angles in cos/sin (computed in fp32)."""
+    """Rotate ``x`` [B, H, T, head_dim] by the angles in cos/sin (half-split pairs)."""
     half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
