@@ -10,6 +10,9 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp    | ddp.py            | DistributedDataParallel                                         |
 | fsdp   | fsdp.py           | FSDP2 ``fully_shard`` per block (+ HSDP, bf16 policy, offload)  |
 | zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
+
+Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
+torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
 """
 
 from __future__ import annotations
