@@ -53,7 +53,13 @@ class Attn(enum.StrEnum):
 
 @dataclasses.dataclass
 class ModelConfig(Config):
-    """Shape and choices of a Transformer. ``head_dim`` is ``d_model // n_heads``."""
+    """Shape and choices of a Transformer. ``head_dim`` is ``d_model // n_heads``.
+
+    Refused combinations: pos=none outside arch=decoder (nothing would tell positions apart);
+    pos=alibi with encoder_decoder (cross-attention has no distance); sliding_window outside
+    arch=decoder; attn=flex with dropout > 0 (FlexAttention has no attention dropout). ALiBi in an
+    encoder is symmetric (-slope·|i-j|); t5_bias is bidirectional in encoders, causal in decoders.
+    """
 
     preset: str | None = None
     arch: Arch = Arch.decoder
