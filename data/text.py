@@ -49,8 +49,9 @@ class TextView:
 
     @functools.cached_property
     def plain_words(self) -> list[str]:
-        """Tokens that are not only punctuation."""
-        return [w for w in self.words if not is_punctuation(w)]
+        """Tokens that are not only punctuation (word tokens are kept whole; symbol runs are
+        checked against the punctuation set)."""
+        return [w for w in self.words if w[0].isalnum() or w[0] == "_" or not is_punctuation(w)]
 
     def replace_text(self, text: str) -> None:
         """New text (a line filter kept only some lines): the cached splits are dropped."""

@@ -43,7 +43,8 @@ class GopherQualityFilter:
             return "gopher_too_many_bullets"
         if sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > self.max_ellipsis_lines_ratio:
             return "gopher_too_many_end_ellipsis"
-        if sum(any(c.isalpha() for c in w) for w in words) / n < self.max_non_alpha_words_ratio:
+        no_alpha = sum(1 for w in words if not w.isalpha() and not any(c.isalpha() for c in w))
+        if (n - no_alpha) / n < self.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"
         if sum(w in STOP_WORDS for w in doc.words) < self.min_stop_words:
             return "gopher_enough_stop_words"

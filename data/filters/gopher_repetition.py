@@ -1,7 +1,7 @@
 """Gopher repetition rules (Rae et al. 2021, table A1), datatrove's defaults.
 
-The n-gram rules work on integer word ids hashed into 64-bit n-gram keys with numpy, instead of
-joining strings for every n; the outcome is datatrove's (same counts, same greedy skipping).
+The n-gram rules count tuples of words instead of joining a string for every n-gram; the outcome is
+datatrove's (same counts, same tie-breaking, same greedy skipping).
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ import dataclasses
 import re
 from collections import Counter
 
-import numpy as np
-
 from data.text import TextView
 
 PARAGRAPH = re.compile(r"\n{2,}")
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 def find_duplicates(items: list[str]) -> tuple[int, int]:
@@ -62,48 +59,40 @@ class GopherRepetitionFilter:
         return self._ngram_rules(words, size)
 
     def _ngram_rules(self, words: list[str], size: int) -> str | None:
-        """The n-gram rules with n-gram keys built incrementally (n from n-1) over integer word ids.
-        A repeated (n+1)-gram implies a repeated n-gram, so once an n has none the larger are skipped."""
-        vocabulary: dict[str, int] = {}
-        ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary) + 1) for w in words), np.uint64, len(words))
-        cumulative = np.concatenate([[0], np.cumsum(np.fromiter(map(len, words), np.int64, len(words)))])
+        """The n-gram rules over tuples of words (hashing a tuple reuses its strings' cached hashes,
+        so no joined string is built). A repeated (n+1)-gram implies a repeated n-gram, so once an n
+        has no repeat the larger ones are skipped."""
         top, dup = dict(self.top_n_grams), dict(self.dup_n_grams)
-        with np.errstate(over="ignore"):
-            keys = ids * _MIX
         repeats_possible = True
         for n in range(2, max([*top, *dup]) + 1):
             if len(words) < n or not (n in top or repeats_possible):
                 break
-            with np.errstate(over="ignore"):
-                keys = (keys[:-1] ^ ids[n - 1 :]) * _MIX
-                keys ^= keys >> np.uint64(29)
-            chars = cumulative[n:] - cumulative[:-n]
-            key_list = keys.tolist()
+            grams = list(zip(*(words[i:] for i in range(n))))
             if n in top:
-                key, count = Counter(key_list).most_common(1)[0]
-                if (int(chars[key_list.index(key)]) + n - 1) * count / size > top[n]:
+                gram, count = Counter(grams).most_common(1)[0]
+                if (sum(map(len, gram)) + n - 1) * count / size > top[n]:
                     return f"top_{n}_gram"
             if n in dup and repeats_possible:
-                total = repeated_chars(key_list, chars.tolist(), n)
+                total = repeated_chars(grams, n)
                 repeats_possible = total > 0
                 if total / size > dup[n]:
                     return f"duplicated_{n}_n_grams"
         return None
 
 
-def repeated_chars(keys: list[int], chars: list[int], n: int) -> int:
+def repeated_chars(grams: list[tuple[str, ...]], n: int) -> int:
     """datatrove's greedy count: walking the n-grams, a repeat adds its characters (words joined
     without spaces, as datatrove joins them) and skips n."""
-    if len(set(keys)) == len(keys):
+    if len(set(grams)) == len(grams):
         return 0
-    seen: set[int] = set()
+    seen: set[tuple[str, ...]] = set()
     total = i = 0
-    while i < len(keys):
-        key = keys[i]
-        if key in seen:
-            total += chars[i]
+    while i < len(grams):
+        gram = grams[i]
+        if gram in seen:
+            total += sum(map(len, gram))
             i += n
         else:
-            seen.add(key)
+            seen.add(gram)
             i += 1
     return total
