@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.errors import UserError
 from trainer.distributed import all_gather_object, barrier
 from trainer.objectives import ObjectiveContext
 from trainer.objectives.preference import pair_logps
@@ -77,6 +79,12 @@ def precompute_reference(ctx: ObjectiveContext) -> list[Path]:
     stale = [d for d in preference_dirs(ctx) if not _is_current(d / REFERENCE_LOGPS, d / SIDECAR, identity)]
     if not stale:
         return []
+    for shard_dir in stale:  # every rank sees the same file system: all fail together, none hangs
+        if not os.access(shard_dir, os.W_OK):
+            raise UserError(
+                f"align.reference=precomputed writes {REFERENCE_LOGPS} beside the shards, but {shard_dir} is not "
+                "writable; copy the shards somewhere writable or use align.reference=live"
+            )
     reference = live_reference(ctx)
     written = []
     for shard_dir in stale:
