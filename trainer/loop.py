@@ -183,19 +183,24 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int) -> float:
-        """Mean loss per unit over the first ``max_batches`` validation batches of every rank."""
+    def evaluate(self, max_batches: int) -> dict[str, float]:
+        """Mean loss (and the objective's metrics) per unit over the first ``max_batches``
+        validation batches of every rank: ``{"loss": ..., "rewards/accuracies": ...}``."""
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for i, batch in enumerate(self.valid_batches()):
             if i == max_batches:
                 break
             with self.strategy.autocast():
                 out = self.objective.loss(self.model, to_device(batch, self.env.device))
-            totals += torch.stack([out.loss_sum.double(), out.count.double()])
+            for name, value in {"loss": out.loss_sum, **out.metrics}.items():
+                sums[name] = sums.get(name, 0) + value.detach().double()
+            count += out.count.double()
         self.model.train()
-        loss_sum, count = all_reduce(totals).tolist()
-        return loss_sum / max(count, 1)
+        names = sorted(sums)  # every rank holds the same names in the same order
+        totals = all_reduce(torch.stack([*(sums[n] for n in names), count])).tolist()
+        return {name: total / max(totals[-1], 1) for name, total in zip(names, totals)}
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -21,5 +21,6 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert rows and all({"step", "loss", "lr", "tokens_per_s"} <= row.keys() for row in rows)
         assert (out / run / "plots" / "loss.png").is_file()
         assert list((out / run / "wandb").glob("offline-run-*"))
-    assert "rewards/margins" in (out / "dpo" / "metrics.jsonl").read_text()
+    dpo = (out / "dpo" / "metrics.jsonl").read_text()
+    assert "rewards/margins" in dpo and "eval/rewards/accuracies" in dpo and "eval/ppl" not in dpo
     assert json.loads((out / "export" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

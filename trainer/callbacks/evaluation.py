@@ -1,4 +1,5 @@
-"""Evaluate every N steps on the first ``eval_steps`` batches of the validation split: loss, perplexity."""
+"""Evaluate every N steps on the first ``eval_steps`` batches of the validation split: the loss, the
+objective's own metrics (e.g. ``eval/rewards/accuracies``) and, for token objectives, perplexity."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from trainer.callbacks import Callback
+
+TOKEN_OBJECTIVES = ("clm", "mlm", "span", "sft")  # whose loss is a mean token CE, so exp(loss) is perplexity
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -18,6 +21,7 @@ class Evaluation(Callback):
 
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps:
-            loss = trainer.evaluate(self.steps)
-            metrics["eval/loss"] = loss
-            metrics["eval/ppl"] = math.exp(min(loss, 50.0))
+            values = trainer.evaluate(self.steps)
+            metrics.update({f"eval/{name}": value for name, value in values.items()})
+            if trainer.objective.data_objective in TOKEN_OBJECTIVES:
+                metrics["eval/ppl"] = math.exp(min(values["loss"], 50.0))
