@@ -1,7 +1,7 @@
 """Attention: the mask description, the backend registry (eager, sdpa, flex) and the attention layer.
 
-An :class:`AttentionMask` says what each query may see (causal, sliding window, same document,
-non-padding keys) and which score bias applies (ALiBi, T5). Each backend turns it into what its
+An :class:`AttentionMask` says what each query may see (causal, prefix-LM, sliding window, same
+document, non-padding keys) and which score bias applies (ALiBi, T5). Each backend turns it into what its
 kernel wants: eager and SDPA a dense boolean/additive mask (or ``is_causal`` alone when the mask
 is plainly causal), flex a ``BlockMask`` plus a ``score_mod``. Eager is the reference.
 """
@@ -27,6 +27,7 @@ class AttentionMask:
 
     causal: bool = False
     q_offset: int = 0
+    prefix_lengths: torch.Tensor | None = None  # [B] prefix-LM: keys before it are visible to every query
     key_padding: torch.Tensor | None = None  # [B, Tk] bool, True = a real token
     document_ids: torch.Tensor | None = None  # [B, T] (self-attention without cache)
     sliding_window: int | None = None
@@ -46,6 +47,7 @@ class AttentionMask:
     def plain_causal(self, tq: int, tk: int) -> bool:
         """True when the mask is exactly the lower triangle SDPA's ``is_causal`` applies."""
         return (self.causal and self.q_offset == 0 and tq == tk and self.key_padding is None
+                and self.prefix_lengths is None
                 and self.document_ids is None and self.sliding_window is None and self.bias is None)
 
     def allowed(self, tq: int, tk: int, device: torch.device) -> torch.Tensor | None:
@@ -68,7 +70,10 @@ class AttentionMask:
             return b if a is None else a & b
 
         if self.causal and not (tq == 1 and self.q_offset == tk - 1):
-            ok = both(ok, (k <= q)[None, None])
+            seen = (k <= q)[None, None]
+            if self.prefix_lengths is not None:
+                seen = seen | (k[None, None] < self.prefix_lengths[:, None, None, None])
+            ok = both(ok, seen)
         if self.sliding_window is not None:
             ok = both(ok, (q - k < self.sliding_window)[None, None])
         if self.document_ids is not None:
@@ -106,8 +111,11 @@ class AttentionMask:
         from torch.nn.attention.flex_attention import and_masks, create_block_mask
 
         offset, window, docs, padding = self.q_offset, self.sliding_window, self.document_ids, self.key_padding
+        prefix = self.prefix_lengths
         mods = []
-        if self.causal:
+        if self.causal and prefix is not None:
+            mods.append(lambda b, h, q, k: (k <= q + offset) | (k < prefix[b]))
+        elif self.causal:
             mods.append(lambda b, h, q, k: k <= q + offset)
         if window is not None:
             mods.append(lambda b, h, q, k: q + offset - k < window)
@@ -118,7 +126,7 @@ class AttentionMask:
             mods.append(lambda b, h, q, k: padding[b, k])
         if not mods:
             return None
-        per_row = docs is not None or padding is not None
+        per_row = docs is not None or padding is not None or prefix is not None
         return create_block_mask(and_masks(*mods), batch if per_row else None, None, tq, tk, device=str(device))
 
 

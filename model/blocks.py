@@ -73,11 +73,13 @@ class Stack(nn.Module):
         self.final_norm = make_norm(cfg) if cfg.norm_position == NormPosition.pre else None
 
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, key_padding: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None,
                 memory_padding: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         q_offset = cache.length(self.layers[0].attn.layer_id) if cache is not None else 0
         mask = AttentionMask(causal=self.causal, q_offset=q_offset, key_padding=key_padding,
-                             document_ids=document_ids, sliding_window=self.sliding_window, bias=self.score_bias)
+                             document_ids=document_ids, prefix_lengths=prefix_lengths,
+                             sliding_window=self.sliding_window, bias=self.score_bias)
         ctx = BlockContext(
             mask=mask,
             rope=self.rope(position_ids, x.dtype) if self.rope is not None else None,

@@ -70,7 +70,7 @@ class ModelConfig(Config):
     n_heads: int = 4
     n_kv_heads: int | None = None  # None means n_heads (MHA); 1 is MQA
     d_ff: int = 256
-    max_seq_len: int = 256
+    max_seq_len: int = 1024
     pos: Pos = Pos.rope
     rope_theta: float = 10000.0
     t5_num_buckets: int = 32

@@ -170,16 +170,20 @@ class TransformerLM(TesseraModel):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False, cache: KVCache | None = None) -> torch.Tensor:
+                return_hidden: bool = False, cache: KVCache | None = None,
+                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (fp32), or the head's input [B, T, D] when ``return_hidden``.
 
         ``attention_mask`` marks real tokens (True) and, with a ``cache``, covers cached tokens too.
+        ``prefix_lengths`` [B] makes a decoder a prefix-LM: the first n tokens of a row see each other.
         """
+        if prefix_lengths is not None and not self.config.causal:
+            raise UserError("prefix_lengths is for a causal decoder; an encoder already sees every token")
         offset = cache.length(self.stack.layers[0].attn.layer_id) if cache is not None else 0
         self.check_length(offset + input_ids.shape[1])
         positions = resolve_positions(input_ids, attention_mask, document_ids, position_ids, offset)
         hidden = self.stack(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask,
-                            document_ids=document_ids, cache=cache)
+                            document_ids=document_ids, prefix_lengths=prefix_lengths, cache=cache)
         return self.head(hidden, self.output_weight(), return_hidden)
 
 

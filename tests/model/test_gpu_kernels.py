@@ -20,13 +20,16 @@ def packed_batch(vocab=64, length=128):
     return ids, docs
 
 
-@pytest.mark.parametrize("pos", ["rope", "alibi", "t5_bias"])
-def test_flex_backward_matches_eager(pos):
+@pytest.mark.parametrize(("pos", "masking"), [("rope", "documents"), ("alibi", "documents"),
+                                              ("t5_bias", "documents"), ("rope", "prefix")])
+def test_flex_backward_matches_eager(pos, masking):
     ids, docs = packed_batch()
+    kwargs = {"document_ids": docs} if masking == "documents" else {"prefix_lengths": torch.tensor([30, 70],
+                                                                                                    device=CUDA)}
     grads, outs = {}, {}
     for attn in ("eager", "flex"):
         model = seeded(tiny(pos=pos, attn=attn, max_seq_len=256, sliding_window=64)).to(CUDA)
-        logits = model(ids, document_ids=docs)
+        logits = model(ids, **kwargs)
         logits.logsumexp(-1).mean().backward()
         outs[attn] = logits.detach()
         grads[attn] = {n: p.grad for n, p in model.named_parameters()}

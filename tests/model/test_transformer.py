@@ -168,3 +168,23 @@ def test_sequences_beyond_max_seq_len(pos, refused):
             model(ids)
     else:  # relative score biases have no table to run out of
         assert model(ids).shape == (1, 9, 64)
+
+
+@torch.no_grad()
+def test_prefix_lm_sees_its_prefix_both_ways_and_backends_agree():
+    ids = torch.randint(1, 64, (2, 10))
+    prefix = torch.tensor([4, 6])
+    later_prefix, after_prefix = ids.clone(), ids.clone()
+    later_prefix[:, 3] = (later_prefix[:, 3] + 1) % 64  # inside both rows' prefix
+    after_prefix[:, 8] = (after_prefix[:, 8] + 1) % 64  # after both prefixes
+    out = {}
+    for attn in ("eager", "sdpa", "flex"):
+        model = seeded(tiny(pos="rope", attn=attn)).eval()
+        out[attn] = model(ids, prefix_lengths=prefix)
+        assert not torch.allclose(model(later_prefix, prefix_lengths=prefix)[:, 1], out[attn][:, 1])
+        torch.testing.assert_close(model(after_prefix, prefix_lengths=prefix)[:, :8], out[attn][:, :8],
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(ids, prefix_lengths=torch.zeros(2, dtype=torch.long)), model(ids),
+                                   atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["sdpa"], out["eager"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["flex"], out["eager"], atol=1e-5, rtol=0)
