@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from model.transformer import HEADS, SequenceClassifier, TesseraModel, build_model
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded Hugging Face checkpoints
 CONFIG = "model.yaml"
 HF_CONFIG = "config.json"
 LATEST = "latest"
@@ -79,7 +80,7 @@ def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
 
         hf_config = _read_json(directory / HF_CONFIG)
         layout_for_hf(hf_config)  # an unsupported model type fails before its weights are read
-        tensors = read_safetensors(directory / WEIGHTS)
+        tensors = read_hf_weights(directory)
         cfg = config_from_hf(hf_config, tensors)
         saved_head, state = "lm", state_from_hf(tensors, cfg)
     head = head or saved_head
@@ -98,6 +99,26 @@ def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
             first = str(exc).strip().splitlines()[1:2] or [str(exc)]
             raise UserError(f"{directory / WEIGHTS}: weights do not match {CONFIG}: {first[0].strip()}") from None
     return model
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory: ``model.safetensors``, or the shards its index names."""
+    index = directory / WEIGHTS_INDEX
+    if (directory / WEIGHTS).is_file() or not index.is_file():
+        if not (directory / WEIGHTS).is_file() and (directory / "pytorch_model.bin").is_file():
+            raise UserError(f"{directory}: only pytorch_model.bin found; save the model with safetensors "
+                            "(transformers: save_pretrained(..., safe_serialization=True))")
+        return read_safetensors(directory / WEIGHTS)
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: no weight_map")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_safetensors(directory / shard))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise UserError(f"{index}: tensor {missing[0]!r} is in no shard")
+    return tensors
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

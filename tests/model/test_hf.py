@@ -40,6 +40,15 @@ def test_import_then_export_matches_transformers(name, tmp_path):
     assert (exported[real] - imported[real]).abs().max() <= 1e-4
 
 
+def test_sharded_checkpoints_import(tmp_path):
+    reference = hf_model("llama")
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids = torch.randint(3, 96, (1, 9))
+    got = ours_logits(load_pretrained(tmp_path), ids)
+    assert (got - hf_logits(reference, ids)).abs().max() <= 1e-4
+
+
 def test_t5_with_tied_scaled_output_round_trips(tmp_path):
     import transformers
 
