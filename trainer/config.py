@@ -189,6 +189,14 @@ class RunConfig(Config):
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
 
+    def validate(self, where: str) -> None:
+        positional = self.model.pos in ("learned", "sinusoidal", "rope")  # tables sized by max_seq_len
+        if self.model.init is None and positional and self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "lower data.seq_len or raise model.max_seq_len"
+            )
+
     @property
     def checkpoint_dir(self) -> Path:
         return self.checkpoint.dir or self.log.dir / "checkpoints"

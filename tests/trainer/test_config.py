@@ -37,3 +37,12 @@ def test_bad_values_are_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(RunConfig, None, [override])
     assert "\n" not in str(info.value)
+
+
+def test_defaults_are_consistent_and_seq_len_is_checked():
+    cfg = load_config(RunConfig, None, [])
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+    with pytest.raises(ConfigError, match=r"data\.seq_len=256 exceeds model\.max_seq_len=128") as info:
+        load_config(RunConfig, None, ["model.max_seq_len=128", "data.seq_len=256"])
+    assert "\n" not in str(info.value)
+    load_config(RunConfig, None, ["model.max_seq_len=128", "data.seq_len=256", "model.pos=alibi"])  # no table
