@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,15 +62,25 @@ class Single(Strategy):
 
     def save(self, path: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
+        with _single_process_dcp():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
 
     def load(self, path: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path / "dcp")
+        with _single_process_dcp():
+            dcp.load(state, checkpoint_id=path / "dcp")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
         return state if self.env.is_main else None
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP without a process group warns that it assumes one process: that is exactly the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
