@@ -73,6 +73,10 @@ class ModelConfig(Config):
     max_seq_len: int = 1024
     pos: Pos = Pos.rope
     rope_theta: float = 10000.0
+    rope_scaling_factor: float | None = None  # Llama 3.1 frequency scaling ("llama3" rope type); None = off
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
     norm: Norm = Norm.rmsnorm
@@ -137,6 +141,11 @@ class ModelConfig(Config):
             fail("n_decoder_layers", f"must be at least 1, got {self.n_decoder_layers}")
         if self.pos == Pos.rope and self.head_dim % 2:
             fail("pos", f"rope needs an even head_dim, got {self.head_dim}")
+        if self.rope_scaling_factor is not None:
+            if self.pos != Pos.rope:
+                fail("rope_scaling_factor", f"scales RoPE frequencies; pos is {self.pos}")
+            if self.rope_scaling_factor <= 0 or self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                fail("rope_scaling_factor", "needs factor > 0 and rope_high_freq_factor > rope_low_freq_factor")
         if self.pos == Pos.sinusoidal and self.d_model % 2:
             fail("pos", f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.pos == Pos.none and self.arch != Arch.decoder:

@@ -60,8 +60,14 @@ def _head_dim_check(hf: dict[str, Any], d_model: int, n_heads: int, key: str) ->
 
 def _llama_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"config.json: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise UserError(f"config.json: rope scaling {rope_type!r} is not supported (default and llama3 are)")
+    scaling = {} if rope_type == "default" else {
+        "rope_scaling_factor": rope["factor"], "rope_low_freq_factor": rope["low_freq_factor"],
+        "rope_high_freq_factor": rope["high_freq_factor"],
+        "rope_original_max_seq_len": rope["original_max_position_embeddings"],
+    }
     _require_equal(hf, "hidden_act", "silu", "Llama MLP must be SwiGLU")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         raise UserError("config.json: attention_bias and mlp_bias differ; Tessera has one bias switch")
@@ -72,17 +78,22 @@ def _llama_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "n_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
         "d_ff": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
         "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "bias": hf.get("attention_bias", False),
+        "bias": hf.get("attention_bias", False), **scaling,
     }
 
 
 def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling_factor is not None:
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_seq_len)
     return {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": rope, "rope_scaling": rope,
         "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
         "pad_token_id": cfg.pad_token_id,
     }

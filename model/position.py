@@ -52,16 +52,13 @@ class Rope(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.theta = cfg.rope_theta
-        self.head_dim = cfg.head_dim
+        self.config = cfg
         self.register_buffer("cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        length = self.cos.shape[0]
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        angles = torch.outer(torch.arange(self.cos.shape[0], dtype=torch.float32), rope_frequencies(self.config))
         angles = torch.cat([angles, angles], dim=-1).to(self.cos.device)
         self.cos, self.sin = angles.cos(), angles.sin()
 
@@ -69,6 +66,23 @@ class Rope(nn.Module):
         """cos, sin [B, 1, T, head_dim] in ``dtype`` for ``position_ids`` [B, T] (< max_seq_len);
         the angles are computed in fp32 once, then cast (as transformers' Llama does)."""
         return self.cos[position_ids][:, None].to(dtype), self.sin[position_ids][:, None].to(dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with Llama 3.1's scaling when ``rope_scaling_factor`` is set:
+    long wavelengths divided by the factor, short ones kept, the band between interpolated."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = cfg.rope_scaling_factor
+    if factor is None:
+        return inv_freq
+    low, high, context = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,11 @@ SPECS = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, rope_theta=500.0)),
+    "llama3": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16))),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
     "bert": ("BertForMaskedLM", "BertConfig", dict(

@@ -37,6 +37,7 @@ def test_to_dict_round_trips():
     ({"pos": "rotary"}, "model.pos: 'rotary' is not one of learned, sinusoidal, rope, alibi, t5_bias, none"),
     ({"dropout": 1.5}, "model.dropout: must be in [0, 1)"),
     ({"n_decoder_layers": 2}, "model.n_decoder_layers: only arch=encoder_decoder"),
+    ({"pos": "alibi", "rope_scaling_factor": 8.0}, "model.rope_scaling_factor: scales RoPE frequencies; pos is alibi"),
 ])
 def test_bad_configs_fail_with_one_line(raw, message):
     with pytest.raises(ConfigError) as info:
