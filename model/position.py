@@ -95,29 +95,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Alibi(nn.Module):
+class ScoreBias(nn.Module):
+    """A bias added to attention scores, ``bias(head, query index, key index)``, written once with
+    broadcasting tensor ops so that the dense view (eager / SDPA) and FlexAttention's ``score_mod``
+    run the very same code."""
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self._training_mod: ScoreMod | None = None
+
+    def bias(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        """[H, Tq, Tk] for query indices ``q_idx`` and key indices ``k_idx``."""
+        heads = torch.arange(self.n_heads, device=q_idx.device)
+        return self.bias(heads[:, None, None], q_idx[None, :, None], k_idx[None, None, :])
+
+    def score_mod(self, q_offset: int) -> ScoreMod:
+        """FlexAttention score_mod; the offset-0 one (training) is built once, so compiled flex reuses it."""
+        if q_offset == 0 and self._training_mod is not None:
+            return self._training_mod
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + self.bias(h, q_idx + q_offset, kv_idx)
+
+        if q_offset == 0:
+            self._training_mod = mod
+        return mod
+
+
+class Alibi(ScoreBias):
     """ALiBi: score bias ``-slope_h * |q - k|`` (symmetric, so it also serves a bidirectional encoder)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads = cfg.n_heads
+        super().__init__(cfg.n_heads)
         self.register_buffer("slopes", torch.empty(cfg.n_heads), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         self.slopes = alibi_slopes(self.n_heads).to(self.slopes.device)
 
-    def dense(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-        distance = (q_idx[:, None] - k_idx[None, :]).abs().float()
-        return -self.slopes[:, None, None] * distance
-
-    def score_mod(self, q_offset: int) -> ScoreMod:
-        slopes = self.slopes
-
-        def mod(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * (q_idx + q_offset - kv_idx).abs()
-
-        return mod
+    def bias(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return -self.slopes[h] * (q - k).abs()
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -128,11 +149,11 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(base + extra, dtype=torch.float32)
 
 
-class T5Bias(nn.Module):
+class T5Bias(ScoreBias):
     """T5 relative attention bias: a learned [num_buckets, n_heads] table indexed by bucketed k - q."""
 
     def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
-        super().__init__()
+        super().__init__(cfg.n_heads)
         self.bidirectional = bidirectional
         self.num_buckets = cfg.t5_num_buckets
         self.max_distance = cfg.t5_max_distance
@@ -153,16 +174,8 @@ class T5Bias(nn.Module):
         large = (max_exact + (scaled * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
         return buckets + torch.where(relative < max_exact, relative, large)
 
-    def dense(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-        return self.table(self.bucket(k_idx[None, :] - q_idx[:, None])).permute(2, 0, 1)
-
-    def score_mod(self, q_offset: int) -> ScoreMod:
-        weight = self.table.weight
-
-        def mod(score, b, h, q_idx, kv_idx):
-            return score + weight[self.bucket(kv_idx - q_idx - q_offset), h]
-
-        return mod
+    def bias(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.table.weight[self.bucket(k - q), h]
 
 
 def make_score_bias(cfg: ModelConfig, causal: bool) -> nn.Module | None:
