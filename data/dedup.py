@@ -4,9 +4,9 @@ Both are streaming: a document is kept unless an earlier kept one matches it, so
 survives. Memory grows with the number of kept documents (8 bytes each for exact; one band key per
 band for MinHash), not with their size.
 
-MinHash is done in numpy: words get ids from a growing vocabulary (deterministic, no process hash
-seed), 5-grams become 32-bit keys, and ``bands × rows`` universal hashes ``(a·x + b) mod (2^61 - 1)``
-give the signature, as datasketch computes it. Two documents share a band (and so count as
+MinHash is done in numpy: words get 64-bit polynomial hashes computed for the whole text at once
+(deterministic across processes), 5-grams are mixed into 64-bit keys, and ``bands × rows``
+multiply-shift hashes ``((a·x + b) mod 2^64) >> 32`` give the signature. Two documents share a band (and so count as
 duplicates) with probability ``1 - (1 - J^rows)^bands`` at Jaccard similarity ``J``: 0.92 at 0.8
 with the default 14 × 8.
 """
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 _SIMPLIFY = re.compile(r"[^\w\s]+")
-_PRIME = np.uint64((1 << 61) - 1)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+BLOCK = 8192  # shingles hashed at once
+_BASE = np.uint64(0x100000001B3)  # odd: invertible mod 2^64
+_BASE_INVERSE = np.uint64(pow(0x100000001B3, -1, 1 << 64))
 
 
 def simplify(text: str) -> str:
@@ -52,31 +55,92 @@ class MinHashDedup:
     def __init__(self, *, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 1) -> None:
         self.ngram, self.bands, self.rows = ngram, bands, rows
         rng = np.random.default_rng(seed)
-        self._a = rng.integers(1, (1 << 61) - 1, bands * rows, dtype=np.uint64)
-        self._b = rng.integers(0, (1 << 61) - 1, bands * rows, dtype=np.uint64)
-        self._vocabulary: dict[str, int] = {}
+        self._a = rng.integers(0, 1 << 63, bands * rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+        self._b = rng.integers(0, 1 << 63, bands * rows, dtype=np.uint64)
+        self._powers = (np.ones(1, np.uint64), np.ones(1, np.uint64))
         self._tables: list[set[bytes]] = [set() for _ in range(bands)]
 
     def signature(self, text: str) -> np.ndarray:
-        """``bands × rows`` minimum hash values (uint64) of the text's word n-gram set."""
-        words = simplify(text).split()
-        vocabulary = self._vocabulary
-        ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary) + 1) for w in words), np.uint64, len(words))
-        count = max(1, len(ids) - self.ngram + 1)
-        keys = np.zeros(count, np.uint64)
+        """``bands × rows`` minimum hash values (uint32) of the text's word n-gram set."""
+        return self.signatures([text])[0]
+
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        """Signatures of many texts at once, ``[len(texts), bands × rows]``: numpy's per-call cost
+        is paid per batch, not per document. A text shorter than ``ngram`` words is one shingle."""
+        if not texts:
+            return np.zeros((0, len(self._a)), np.uint32)
+        simple = [simplify(t) for t in texts]
+        counts = np.array([s.count(" ") + 1 if s else 0 for s in simple], np.int64)
+        words = _word_hashes(" ".join(s for s in simple if s), self._power_table)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        position = np.arange(len(words))
+        doc_end = np.repeat(ends, counts)
+        keys = np.zeros(len(words), np.uint64)
         with np.errstate(over="ignore"):
-            for k in range(min(self.ngram, len(ids))):
-                keys = (keys ^ ids[k : k + count]) * _MIX
-                keys ^= keys >> np.uint64(31)
-            shingles = np.unique(keys & np.uint64(0xFFFFFFFF))
-            hashed = (shingles[:, None] * self._a[None, :] + self._b[None, :]) % _PRIME
-        return hashed.min(axis=0)
+            for k in range(self.ngram):
+                inside = position + k < doc_end
+                added = (keys ^ words[np.minimum(position + k, len(words) - 1)]) * _MIX
+                keys = np.where(inside, added ^ (added >> np.uint64(31)), keys)
+        full = position + self.ngram <= doc_end
+        short = (np.repeat(counts, counts) < self.ngram) & (position == np.repeat(starts, counts))
+        window = full | short
+        doc = np.repeat(np.arange(len(texts)), counts)[window]
+        keys = keys[window]
+        empty = np.flatnonzero(counts == 0)  # no words: one all-zero shingle, as for any empty text
+        doc, keys = np.concatenate([doc, empty]), np.concatenate([keys, np.zeros(len(empty), np.uint64)])
+        order = np.argsort(doc, kind="stable")
+        doc, keys = doc[order], keys[order]
+        out = np.full((len(texts), len(self._a)), np.iinfo(np.uint64).max, np.uint64)
+        for at in range(0, len(keys), BLOCK):  # bounded memory: BLOCK × bands × rows values at a time
+            block_doc = doc[at : at + BLOCK]
+            with np.errstate(over="ignore"):  # multiply-shift hashing, mod 2^64
+                hashed = keys[at : at + BLOCK, None] * self._a[None, :] + self._b[None, :]
+            first = np.flatnonzero(np.concatenate([[True], block_doc[1:] != block_doc[:-1]]))
+            rows = block_doc[first]
+            out[rows] = np.minimum(out[rows], np.minimum.reduceat(hashed, first, axis=0))
+        return (out >> np.uint64(32)).astype(np.uint32)
+
+    def duplicates(self, texts: Sequence[str]) -> list[bool]:
+        """For each text in order: does it share a band with an earlier kept text? Kept texts are
+        added to the index."""
+        out = []
+        for signature in self.signatures(texts):
+            keys = [band.tobytes() for band in signature.reshape(self.bands, self.rows)]
+            found = any(key in table for key, table in zip(keys, self._tables))
+            if not found:
+                for key, table in zip(keys, self._tables):
+                    table.add(key)
+            out.append(found)
+        return out
 
     def is_duplicate(self, text: str) -> bool:
-        bands = self.signature(text).reshape(self.bands, self.rows)
-        keys = [band.tobytes() for band in bands]
-        if any(key in table for key, table in zip(keys, self._tables)):
-            return True
-        for key, table in zip(keys, self._tables):
-            table.add(key)
-        return False
+        return self.duplicates([text])[0]
+
+    def _power_table(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``BASE ** i`` and ``BASE ** -i`` mod 2^64 for i < size (grown on demand)."""
+        if len(self._powers[0]) < size:
+            grown = max(size, 2 * len(self._powers[0]))
+            self._powers = (_power_series(_BASE, grown), _power_series(_BASE_INVERSE, grown))
+        return self._powers[0][:size], self._powers[1][:size]
+
+
+def _power_series(base: np.uint64, size: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.concatenate([np.ones(1, np.uint64), np.cumprod(np.full(size - 1, base, np.uint64))])
+
+
+def _word_hashes(simple: str, powers: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A 64-bit polynomial hash of every space-separated word, all at once with prefix sums:
+    ``hash(word) = (prefix[end] - prefix[start]) * BASE^-start`` (mod 2^64; BASE is odd, so it has an
+    inverse). Deterministic across processes, unlike ``hash(str)``."""
+    data = np.frombuffer(simple.encode(), np.uint8)
+    if not len(data):
+        return np.zeros(0, np.uint64)
+    spaces = np.flatnonzero(data == 32)
+    starts = np.concatenate([[0], spaces + 1])
+    ends = np.concatenate([spaces, [len(data)]])
+    table, inverse = powers(len(data) + 1)
+    with np.errstate(over="ignore"):
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(data.astype(np.uint64) * table[:-1])])
+        return (prefix[ends] - prefix[starts]) * inverse[starts]

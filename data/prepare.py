@@ -1,7 +1,8 @@
 """Preparation: raw documents → normalised, filtered, deduplicated ``documents.jsonl`` + ``report.json``.
 
 Stages run per document in order: normalisation (an empty result is dropped as ``empty``), the
-quality filters (:mod:`data.filters`), exact dedup, then MinHash near dedup. The report counts how
+quality filters (:mod:`data.filters`), exact dedup, then MinHash near dedup (on batches of documents,
+in order, so the outcome is that of one document at a time). The report counts how
 many documents each rule removed, keeps a few examples of each, and records the throughput.
 Documents stream through one at a time: memory stays flat except for the dedup indexes.
 """
@@ -18,11 +19,12 @@ from typing import Any
 from common.errors import UserError
 from data import filters as filter_registry
 from data.dedup import ExactDedup, MinHashDedup
-from data.readers import iter_documents
+from data.readers import Document, iter_documents
 from data.text import TextView, normalize
 
 DEDUPS = ("exact", "minhash")
 EXAMPLE_CHARS = 300
+DEDUP_BATCH_CHARS = 200_000  # documents are deduplicated in batches of about this much text
 
 
 def parse_dedup(spec: str | list[str]) -> list[str]:
@@ -53,19 +55,40 @@ def prepare(
     examples: dict[str, list[dict[str, str]]] = {}
     seen = kept = bytes_in = bytes_out = 0
     started = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal kept, bytes_out
+        verdicts = _dedup([view.text for _, view in pending], exact, near)
+        for (doc, view), reason in zip(pending, verdicts):
+            if reason:
+                note(reason, doc)
+                continue
+            kept += 1
+            bytes_out += len(view.text.encode("utf-8"))
+            sink.write(json.dumps({"id": doc.id, "text": view.text, **doc.meta}, ensure_ascii=False) + "\n")
+        pending.clear()
+
+    def note(reason: str, doc: Document) -> None:
+        removed[reason] += 1
+        if len(examples.setdefault(reason, [])) < examples_per_rule:
+            examples[reason].append({"id": doc.id, "text": doc.text[:EXAMPLE_CHARS]})
+
+    pending: list[tuple[Document, TextView]] = []
+    pending_chars = 0
     with (out / "documents.jsonl").open("w", encoding="utf-8") as sink:
         for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
             seen += 1
             bytes_in += len(doc.text.encode("utf-8"))
-            reason = _judge(doc.text, unicode_form, chosen_filters, exact, near)
-            if isinstance(reason, str):
-                removed[reason] += 1
-                if len(examples.setdefault(reason, [])) < examples_per_rule:
-                    examples[reason].append({"id": doc.id, "text": doc.text[:EXAMPLE_CHARS]})
+            verdict = _filter(doc.text, unicode_form, chosen_filters)
+            if isinstance(verdict, str):
+                note(verdict, doc)
                 continue
-            kept += 1
-            bytes_out += len(reason.text.encode("utf-8"))
-            sink.write(json.dumps({"id": doc.id, "text": reason.text, **doc.meta}, ensure_ascii=False) + "\n")
+            pending.append((doc, verdict))
+            pending_chars += len(verdict.text)
+            if pending_chars >= DEDUP_BATCH_CHARS:
+                flush()
+                pending_chars = 0
+        flush()
     seconds = time.perf_counter() - started
     report = {
         "inputs": [str(p) for p in inputs], "documents_in": seen, "documents_out": kept,
@@ -79,11 +102,8 @@ def prepare(
     return report
 
 
-def _judge(
-    text: str, unicode_form: str, filters: list[filter_registry.Filter], exact: ExactDedup | None,
-    near: MinHashDedup | None,
-) -> str | TextView:
-    """The rule that removes the document, or its (possibly rewritten) view when it is kept."""
+def _filter(text: str, unicode_form: str, filters: list[filter_registry.Filter]) -> str | TextView:
+    """The rule that removes the document, or its (possibly rewritten) view when the filters keep it."""
     view = TextView(normalize(text, unicode_form))
     if not view.text:
         return "empty"
@@ -91,8 +111,15 @@ def _judge(
         reason = f(view)
         if reason is not None:
             return f"{f.name}:{reason}"
-    if exact is not None and exact.is_duplicate(view.text):
-        return exact.name
-    if near is not None and near.is_duplicate(view.text):
-        return near.name
     return view
+
+
+def _dedup(texts: list[str], exact: ExactDedup | None, near: MinHashDedup | None) -> list[str | None]:
+    """Per text, in order: the dedup that removes it, or None. Exact runs first; MinHash sees only
+    what exact kept (signatures are computed for the whole batch at once)."""
+    verdicts: list[str | None] = [exact.name if exact and exact.is_duplicate(t) else None for t in texts]
+    if near is not None:
+        survivors = [i for i, v in enumerate(verdicts) if v is None]
+        for i, duplicate in zip(survivors, near.duplicates([texts[i] for i in survivors])):
+            verdicts[i] = near.name if duplicate else None
+    return verdicts
