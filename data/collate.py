@@ -11,7 +11,8 @@ restart at 0 at every document start and at the row start, so attention restrict
 
 mlm labels are unshifted (the original token at masked positions, -100 elsewhere); span-corruption
 labels are the decoder targets and ``decoder_input_ids`` are those shifted right after the pad id
-(the T5 convention).
+(the T5 convention). Task batches: classification labels are one index per row ([B]); seq2seq
+batches have the span-corruption keys, the source in the encoder and the target in the decoder.
 """
 
 from __future__ import annotations
@@ -163,6 +164,34 @@ def collate_preference(
         batch["ref_chosen_logps"] = torch.from_numpy(np.ascontiguousarray(reference_logps[:, 0]))
         batch["ref_rejected_logps"] = torch.from_numpy(np.ascontiguousarray(reference_logps[:, 1]))
     return batch
+
+
+def collate_classification(
+    samples: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """Texts cut to ``seq_len`` tokens and right-padded; ``labels`` [B] holds each label's index."""
+    ids, attention = _pad([t[:seq_len].astype(np.int64) for t, _ in samples], pad_id)
+    labels = np.array([int(label[0]) for _, label in samples], dtype=np.int64)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(labels)}
+
+
+def collate_seq2seq(
+    samples: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """Source → encoder, target → decoder with teacher forcing: the same keys as a span-corruption
+    batch (decoder inputs are the targets shifted right after the pad id; labels -100 on padding).
+    Both sides are cut to ``seq_len`` tokens."""
+    inputs, attention = _pad([s[:seq_len].astype(np.int64) for s, _ in samples], pad_id)
+    targets = [t[:seq_len].astype(np.int64) for _, t in samples]
+    labels, decoder_attention = _pad(targets, pad_id)
+    decoder_inputs, _ = _pad([np.concatenate([[pad_id], t[:-1]]) for t in targets], pad_id)
+    return {
+        "input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(attention),
+        "decoder_input_ids": torch.from_numpy(decoder_inputs),
+        "labels": torch.from_numpy(np.where(decoder_attention > 0, labels, IGNORE)),
+        "decoder_attention_mask": torch.from_numpy(decoder_attention),
+    }
 
 
 def _shifted(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,14 +21,23 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from data.collate import collate_mlm, collate_preference, collate_rows, collate_sft, collate_span
+from data.collate import (
+    collate_classification,
+    collate_mlm,
+    collate_preference,
+    collate_rows,
+    collate_seq2seq,
+    collate_sft,
+    collate_span,
+)
 from data.config import DataConfig
 from data.stream import SampleStream, ShardSet, Source, StreamState
 
 Batch = dict[str, torch.Tensor]
-OBJECTIVES = ("clm", "mlm", "span", "sft", "preference")
+OBJECTIVES = ("clm", "mlm", "span", "sft", "preference", "classify", "seq2seq")
 STATE_VERSION = 1
-_KIND = {"clm": "text", "mlm": "text", "span": "text", "sft": "sft", "preference": "preference"}
+_KIND = {"clm": "text", "mlm": "text", "span": "text", "sft": "sft", "preference": "preference",
+         "classify": "classification", "seq2seq": "seq2seq"}
 
 
 def build_loader(
@@ -56,7 +65,7 @@ def build_loader(
     if getattr(tokenizer, "sha256", shards.manifests[0].tokenizer_sha256) != shards.manifests[0].tokenizer_sha256:
         raise UserError(f"{sources[0].path} was tokenized with another tokenizer than {tokenizer.path}")
     mode = {"clm": "rows", "mlm": "chunks", "span": "chunks", "sft": "rows" if cfg.packing else "samples",
-            "preference": "samples"}[objective]
+            "preference": "samples", "classify": "samples", "seq2seq": "samples"}[objective]
     train = split == "train"
     stream = SampleStream(
         shards, mode=mode, seq_len=cfg.seq_len, seed=cfg.seed if cfg.seed is not None else seed, rank=rank,
@@ -123,8 +132,9 @@ class Batcher:
         samples = [stream.plan(e).sample(u) for e, u in units]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
-        if self.objective == "sft":
-            return collate_sft(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
+        if self.objective in ("sft", "classify", "seq2seq"):
+            collate = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq}
+            return collate[self.objective](arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
 

@@ -1,4 +1,5 @@
-"""Corpus → shards: tokenize documents (text) or conversations (sft, preference) in parallel worker
+"""Corpus → shards: tokenize documents (text), conversations (sft, preference) or task files
+(classification, seq2seq: :mod:`data.tasks`) in parallel worker
 processes and write them with :class:`data.shards.ShardWriter`, in input order."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from common.errors import UserError
 from data.readers import iter_documents, iter_records
 from data.shards import ShardManifest, ShardWriter
+from data.tasks import TASK_KINDS, encode_task, task_items
 from data.tokenizer import TessTokenizer, load_tokenizer
 
 CHUNK = 256
@@ -40,22 +42,27 @@ def make_shards(
     inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *, kind: str = "text",
     shard_bytes: int = 64 << 20, append_eos: bool = False, add_bos: bool = False, text_field: str = "text",
     txt_mode: str = "block", max_len: int | None = None, skip_bad: bool = False, metadata: bool = False,
-    num_workers: int = 1,
+    num_workers: int = 1, labels: list[str] | None = None,
 ) -> tuple[ShardManifest, Counter[str]]:
     """Tokenize ``inputs`` and write shards of ``kind`` into ``out_dir``; returns the manifest and
-    the counts of skipped records by reason."""
+    the counts of skipped records by reason. ``labels`` fixes the label order of classification
+    shards (default: sorted), so train and valid splits agree."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    writer = ShardWriter(
-        out_dir, kind=kind, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
-        shard_bytes=shard_bytes,
-        extra={"tokenizer_path": str(Path(tokenizer_dir).resolve()), "append_eos": append_eos, "add_bos": add_bos},
-    )
+    extra: dict[str, Any] = {}
     if kind == "text":
         items: Iterable[tuple[str, Any]] = (
             (d.id, d.text) for d in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode)
         )
+    elif kind in TASK_KINDS:
+        items, extra = task_items(inputs, kind, labels)
     else:
         items = iter_records(inputs)
+    writer = ShardWriter(
+        out_dir, kind=kind, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
+        shard_bytes=shard_bytes,
+        extra={"tokenizer_path": str(Path(tokenizer_dir).resolve()), "append_eos": append_eos, "add_bos": add_bos,
+               **extra},
+    )
     options = {"kind": kind, "append_eos": append_eos, "add_bos": add_bos, "max_len": max_len, "skip_bad": skip_bad}
     skipped: Counter[str] = Counter()
     for names, samples, reasons in _encode_chunks(items, str(tokenizer_dir), options, num_workers):
@@ -101,6 +108,8 @@ def _encode_chunk(chunk: list[tuple[str, Any]]) -> tuple[list[str], list[dict[st
         bos = [tok.bos_id] if _worker["add_bos"] else []
         eos = [tok.eos_id] if _worker["append_eos"] else []
         return names, [{"tokens": np.asarray(bos + t + eos)} if t else None for t in ids], Counter()
+    if _worker["kind"] in TASK_KINDS:
+        return names, [encode_task(_worker["kind"], record, tok, _worker["max_len"]) for _, record in chunk], Counter()
     from data.conversations import BadRecord, encode_preference, encode_sft
 
     encode = encode_sft if _worker["kind"] == "sft" else encode_preference

@@ -3,7 +3,9 @@
 A sample is a group of tar members sharing a key: ``{key}.{field}.npy`` (little-endian numpy arrays)
 and optionally ``{key}.json`` (metadata). Stock webdataset reads these tars as they are. The fields
 depend on the kind: text → ``tokens``; sft → ``input_ids`` and ``loss_mask`` (uint8);
-preference → ``prompt``, ``chosen``, ``rejected``. Token arrays are uint16 when the vocabulary
+preference → ``prompt``, ``chosen``, ``rejected``; classification → ``input_ids`` and ``label``
+(the label's index; the names are the manifest's ``labels``); seq2seq → ``source``, ``target``
+(see :mod:`data.tasks`). Token arrays are uint16 when the vocabulary
 fits, else uint32.
 
 ``manifest.json`` beside the tars lists every shard (name, samples, tokens, bytes, sha256), the
@@ -36,8 +38,11 @@ KINDS: dict[str, tuple[str, ...]] = {
     "text": ("tokens",),
     "sft": ("input_ids", "loss_mask"),
     "preference": ("prompt", "chosen", "rejected"),
+    "classification": ("input_ids", "label"),
+    "seq2seq": ("source", "target"),
 }
 MASK_FIELDS = frozenset({"loss_mask"})
+NON_TOKEN_FIELDS = MASK_FIELDS | {"label"}  # not counted in the manifest's token totals
 REFERENCE_LOGPS = "reference_logps.npy"
 _BLOCK = 512
 
@@ -158,7 +163,7 @@ class ShardWriter:
             buf = io.BytesIO()
             np.lib.format.write_array(buf, array, allow_pickle=False)
             self._add(f"{key}.{name}.npy", buf.getvalue())
-            if name not in MASK_FIELDS:
+            if name not in NON_TOKEN_FIELDS:
                 self._tokens += array.size
         if meta:
             self._add(f"{key}.json", json.dumps(dict(meta), ensure_ascii=False).encode())

@@ -78,17 +78,26 @@ def model_dir_of(path: Path) -> Path:
     return path
 
 
-def build_model(cfg: RunConfig, head: str, vocab_size: int) -> tuple[torch.nn.Module, object]:
-    """The model to train (seeded init, or loaded from model.init) and its plain ModelConfig."""
+def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None = None
+                ) -> tuple[torch.nn.Module, object]:
+    """The model to train (seeded init, or loaded from model.init) and its plain ModelConfig.
+    ``n_labels`` sizes a classifier head; one of another size in model.init starts afresh."""
+    from model import build_model as build
+
     torch.manual_seed(cfg.train.seed)
     if cfg.model.init is not None:
         from model.io import load_pretrained
 
         net = load_pretrained(model_dir_of(cfg.model.init), head=head)
+        if n_labels is not None and net.config.n_labels != n_labels:
+            fresh = build(dataclasses.replace(net.config, n_labels=n_labels), head=head)
+            fresh.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("score.")},
+                                  strict=False)
+            net = fresh
         return net, net.config
-    from model import build_model as build
-
     model_cfg = cfg.model.model_config()
+    if n_labels is not None:
+        model_cfg = dataclasses.replace(model_cfg, n_labels=n_labels)
     if cfg.model.vocab_from_tokenizer:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     elif model_cfg.vocab_size < vocab_size:
@@ -120,8 +129,9 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
     tokenizer_dir = find_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     name = objective_name(cfg, task)
-    head = "classifier" if name == "reward" else "lm"
-    net, model_cfg = build_model(cfg, head, tokenizer.vocab_size)
+    head = "classifier" if name in ("reward", "classify") else "lm"
+    n_labels = classifier_labels(cfg) if name == "classify" else None
+    net, model_cfg = build_model(cfg, head, tokenizer.vocab_size, n_labels)
     strategy = build_strategy(cfg.train, env, accumulation)
     wrapped = strategy.wrap(net)
     objective = build_objective(name, ObjectiveContext(name, cfg, tokenizer, strategy, wrapped))
@@ -161,6 +171,19 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
         checkpoint=trainer.last_saved,
         preempted=trainer.stop_reason == "preempted",
     )
+
+
+def classifier_labels(cfg: RunConfig) -> int:
+    """How many labels the training shards name (data.valid must name the same, in order)."""
+    from data.tasks import manifest_labels
+
+    datasets = cfg.data.datasets()
+    labels = manifest_labels(datasets[0].path)
+    for path in [d.path for d in datasets[1:]] + ([cfg.data.valid] if cfg.data.valid else []):
+        if manifest_labels(path) != labels:
+            raise UserError(f"{path} labels {manifest_labels(path)} differ from {datasets[0].path}'s {labels}; "
+                            "shard every split with the same --labels")
+    return len(labels)
 
 
 def resume_point(cfg: RunConfig) -> Path | None:

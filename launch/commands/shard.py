@@ -11,7 +11,8 @@ from data.shards import KINDS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="text: .txt/.jsonl/.json (e.g. prep's documents.jsonl); sft/preference: .jsonl/.json")
+                        help="text: .txt/.jsonl/.json (e.g. prep's documents.jsonl); sft/preference: .jsonl/.json; "
+                             "classification: label<TAB>text lines; seq2seq: 'IN: ... OUT: ...' lines")
     parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (tessera tokenizer train)")
     parser.add_argument("--out", required=True, help="an empty output directory")
     parser.add_argument("--kind", choices=list(KINDS), default="text")
@@ -20,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--add-bos", action="store_true", help="text: start every document with BOS")
     parser.add_argument("--text-field", default="text", help="text: the field of .jsonl/.json records")
     parser.add_argument("--txt-mode", choices=TXT_MODES, default="block")
-    parser.add_argument("--max-len", type=int, default=None, help="sft/preference: cut records to this many tokens")
+    parser.add_argument("--max-len", type=int, default=None, help="all but text: cut records to this many tokens")
+    parser.add_argument("--labels", type=lambda s: s.split(","), default=None, metavar="A,B,...",
+                        help="classification: the label names in index order (default: sorted)")
     parser.add_argument("--skip-bad", action="store_true", help="sft/preference: skip (and count) bad records")
     parser.add_argument("--metadata", action="store_true", help="store each sample's source id as {key}.json")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.inputs, args.tokenizer, args.out, kind=args.kind, shard_bytes=parse_size(args.shard_size),
         append_eos=args.append_eos, add_bos=args.add_bos, text_field=args.text_field, txt_mode=args.txt_mode,
         max_len=args.max_len, skip_bad=args.skip_bad, metadata=args.metadata, num_workers=args.workers,
+        labels=args.labels,
     )
     print(f"{manifest.num_samples} {args.kind} samples, {manifest.num_tokens} tokens in "
           f"{len(manifest.shards)} shards → {args.out}/manifest.json")

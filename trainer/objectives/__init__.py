@@ -75,6 +75,8 @@ REGISTRY: dict[str, str] = {
     "sft": "sft",
     "preference": "preference",
     "reward": "reward",
+    "classify": "classify",
+    "seq2seq": "seq2seq",
 }
 
 # what each pretraining architecture learns when train.objective is not set
