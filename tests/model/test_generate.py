@@ -1,11 +1,11 @@
 import pytest
 import torch
+from model_helpers import hf_model, tiny
 
 from common.errors import UserError
 from model import build_model
 from model.generate import generate
 from model.io import load_pretrained
-from tests.model.helpers import hf_model, tiny
 
 
 @pytest.fixture(autouse=True)

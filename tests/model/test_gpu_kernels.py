@@ -4,8 +4,7 @@ flash / cuDNN kernel (nothing materialised)."""
 
 import pytest
 import torch
-
-from tests.model.helpers import seeded, tiny
+from model_helpers import seeded, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from model_helpers import SPECS, hf_logits, hf_model, tiny
 
 from common.errors import UserError
 from model import build_model
 from model.io import load_pretrained, save_hf
-from tests.model.helpers import SPECS, hf_logits, hf_model, tiny
 
 
 def ours_logits(model, ids, mask=None, dec_ids=None):

@@ -1,11 +1,11 @@
 import pytest
 import torch
 import yaml
+from model_helpers import tiny
 
 from common.errors import UserError
 from model import build_model
 from model.io import load_pretrained, resolve_checkpoint, save_pretrained
-from tests.model.helpers import tiny
 
 
 def test_save_load_round_trip_and_latest(tmp_path):

@@ -2,10 +2,10 @@ import itertools
 
 import pytest
 import torch
+from model_helpers import seeded, tiny
 
 from common.errors import ConfigError, UserError
 from model import build_model
-from tests.model.helpers import seeded, tiny
 
 ARCHS = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5_bias", "none")
