@@ -41,7 +41,7 @@ def parse_size(text: str | int) -> int:
 def make_shards(
     inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *, kind: str = "text",
     shard_bytes: int = 64 << 20, append_eos: bool = False, add_bos: bool = False, text_field: str = "text",
-    txt_mode: str = "block", max_len: int | None = None, skip_bad: bool = False, metadata: bool = False,
+    txt_mode: str = "auto", max_len: int | None = None, skip_bad: bool = False, metadata: bool = False,
     num_workers: int = 1, labels: list[str] | None = None,
 ) -> tuple[ShardManifest, Counter[str]]:
     """Tokenize ``inputs`` and write shards of ``kind`` into ``out_dir``; returns the manifest and

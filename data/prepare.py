@@ -38,7 +38,7 @@ def parse_dedup(spec: str | list[str]) -> list[str]:
 
 
 def prepare(
-    inputs: Iterable[str | Path], out_dir: str | Path, *, text_field: str = "text", txt_mode: str = "block",
+    inputs: Iterable[str | Path], out_dir: str | Path, *, text_field: str = "text", txt_mode: str = "auto",
     filters: str | list[str] = "gopher,c4,fineweb", dedup: str | list[str] = "exact,minhash",
     unicode_form: str = "NFC", minhash_bands: int = 14, minhash_rows: int = 8, minhash_ngram: int = 5,
     examples_per_rule: int = 3,

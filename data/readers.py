@@ -1,9 +1,10 @@
 """Streaming readers for raw corpora: .txt, .jsonl and .json files, plain or gzip, or directories of them.
 
 A .txt file gives one document per blank-line-separated block (``txt_mode="block"``), per
-non-empty line (``"line"``) or per file (``"file"``); .jsonl gives one per line and .json one per
-array item, with the text taken from ``text_field``. Files are read line by line, so memory stays
-flat (a .json array is the exception: it is parsed whole).
+non-empty line (``"line"``), per file (``"file"``), or ``"auto"`` (the default): blocks when the
+file has a blank line, else lines (one article per line, as in many corpus dumps). .jsonl gives one
+per line and .json one per array item, with the text taken from ``text_field``. Files are read line
+by line, so memory stays flat (a .json array is the exception: it is parsed whole).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, TextIO
 from common.errors import UserError
 
 SUFFIXES = (".txt", ".jsonl", ".json")
-TXT_MODES = ("block", "line", "file")
+TXT_MODES = ("auto", "block", "line", "file")
 
 
 @dataclass
@@ -51,7 +52,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def iter_documents(
-    inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "block"
+    inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "auto"
 ) -> Iterator[Document]:
     """Every document of every input, in order."""
     if txt_mode not in TXT_MODES:
@@ -60,7 +61,8 @@ def iter_documents(
         suffix = _suffix(path)
         with _open(path) as f:
             if suffix == ".txt":
-                yield from _txt(f, path, txt_mode)
+                mode = txt_mode if txt_mode != "auto" else "block" if _has_blank_line(path) else "line"
+                yield from _txt(f, path, mode)
             elif suffix == ".jsonl":
                 yield from _jsonl(f, path, text_field)
             else:
@@ -88,6 +90,11 @@ def _open(path: Path) -> TextIO:
     if path.name.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
     return path.open(encoding="utf-8", errors="replace")
+
+
+def _has_blank_line(path: Path) -> bool:
+    with _open(path) as f:
+        return any(not line.strip() for line in f)
 
 
 def _txt(f: TextIO, path: Path, mode: str) -> Iterator[Document]:

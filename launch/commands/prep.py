@@ -11,8 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl/.json files (or .gz), or directories")
     parser.add_argument("--out", required=True, help="output directory: documents.jsonl and report.json")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl/.json records (default text)")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="block",
-                        help="a .txt document is a blank-line-separated block, a line, or the whole file")
+    parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto",
+                        help="a .txt document is a blank-line-separated block, a line, or the whole file; "
+                             "auto: blocks when the file has a blank line, else lines")
     parser.add_argument("--filters", default="gopher,c4,fineweb",
                         help="comma list of gopher, gopher_quality, gopher_repetition, c4, fineweb; or none")
     parser.add_argument("--dedup", default="exact,minhash", help="comma list of exact, minhash; or none")

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--sentinels", type=int, default=32, help="T5 sentinel tokens <extra_id_N> (default 32)")
     train.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair frequency to merge")
     train.add_argument("--text-field", default="text", help="the text field of .jsonl/.json records")
-    train.add_argument("--txt-mode", choices=TXT_MODES, default="block")
+    train.add_argument("--txt-mode", choices=TXT_MODES, default="auto")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -100,3 +100,10 @@ def test_reader_modes_and_errors(tmp_path):
         list(iter_documents([tmp_path / "c.csv"]))
     with pytest.raises(UserError, match="unknown dedup"):
         prepare([txt], tmp_path / "o", dedup="fuzzy")
+
+
+def test_auto_txt_mode_uses_lines_when_there_are_no_blank_lines(examples):
+    wiki = list(iter_documents([examples / "pretrain_wikipedia_demo.txt"]))
+    assert len(wiki) == 30  # one article per line
+    stories = list(iter_documents([examples / "pretrain_tinystories_valid_head.txt"]))
+    assert stories == list(iter_documents([examples / "pretrain_tinystories_valid_head.txt"], txt_mode="block"))
