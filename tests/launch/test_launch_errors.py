@@ -1,0 +1,59 @@
+"""Bad input to the entry points: one line on stderr, status 2, and a timeout instead of a hang."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from launching import child_env
+
+from launch import cli
+from launch.env import RDZV_TIMEOUT_VAR, free_port
+
+
+def entry_point(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "launch.pretrain", *args], env=child_env(**env),
+                          capture_output=True, text=True, timeout=120)
+    return done, time.monotonic() - start
+
+
+def test_missing_config_is_one_line(tmp_path):
+    done, _ = entry_point("--config", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"tessera pretrain: error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+        (["--config", "nope.yaml", "--nproc", "2"], "config file not found: nope.yaml"),
+        (["--nproc", "2", "train.stratgy=ddp"], "unknown config key 'train.stratgy'"),
+        (["--nproc", "0"], "--nproc must be at least 1"),
+    ],
+)
+def test_tessera_pretrain_bad_input(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_unreachable_rendezvous_times_out_with_one_line():
+    port = free_port()  # nothing listens: rank 0 never came up
+    done, elapsed = entry_point(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port), **{RDZV_TIMEOUT_VAR: "3"})
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"tessera pretrain: error: no rendezvous at 127.0.0.1:{port} after 3s")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert elapsed < 60
+
+
+def test_unresolvable_rendezvous_host_is_one_line():
+    done, _ = entry_point(RANK="1", WORLD_SIZE="2", MASTER_ADDR="no-such-host.invalid", MASTER_PORT="29500")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "tessera pretrain: error: rendezvous host 'no-such-host.invalid' does not resolve; check MASTER_ADDR"
+    )
