@@ -179,13 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"),
                         help="where every stage writes (default runs/demo-DATE-TIME)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (CI's smoke test)")
+    parser.add_argument("--recipe", choices=("chat", "encoder", "seq2seq"), default="chat",
+                        help="chat: the decoder pipeline (default); encoder: MLM → SMS spam classifier; "
+                             "seq2seq: span corruption → SCAN (launch/recipes.py)")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"demo: {args.out} is not empty; remove it or pass --out DIR")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-    Demo(args.out, args.quick).run()
+    if args.recipe == "chat":
+        Demo(args.out, args.quick).run()
+    else:
+        from launch.recipes import RECIPES
+
+        RECIPES[args.recipe](args.out, args.quick).run()
     return 0
 
 
