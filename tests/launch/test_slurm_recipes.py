@@ -23,6 +23,6 @@ def test_recipe_renders(recipe, tmp_path):
     assert done.returncode == 0, done.stderr
     text = script.read_text()
     subprocess.run(["bash", "-n", str(script)], check=True)
-    nodes, gpus = re.search(r"-(\d+)x(\d+)$", recipe.stem).groups()
+    nodes, gpus = re.search(r"--nodes (\d+) --gpus-per-node (\d+)", recipe.read_text()).groups()
     assert f"#SBATCH --nodes={nodes}\n" in text
     assert (f"#SBATCH --gpus-per-node={gpus}\n" in text) == (gpus != "0")
