@@ -33,15 +33,24 @@ def shards(tmp_path_factory) -> Path:
     return root / "train"
 
 
-@pytest.fixture(scope="session")
-def reference(shards, tmp_path_factory) -> dict[int, float]:
-    """The loss curve of the tiny config (8 steps) trained by one process, strategy single."""
+def _single_process_curve(shards: Path, root: Path, max_steps: int) -> dict[int, float]:
     from launch.entry import load
     from trainer.run import run
 
-    root = tmp_path_factory.mktemp("reference")
-    run(load(write_config(root / "run.yaml", shards, root / "run"), []), "pretrain")
+    run(load(write_config(root / "run.yaml", shards, root / "run", max_steps=max_steps), []), "pretrain")
     return losses(root / "run")
+
+
+@pytest.fixture(scope="session")
+def reference(shards, tmp_path_factory) -> dict[int, float]:
+    """The loss curve of the tiny config (8 steps) trained by one process, strategy single."""
+    return _single_process_curve(shards, tmp_path_factory.mktemp("reference"), 8)
+
+
+@pytest.fixture(scope="session")
+def long_reference(shards, tmp_path_factory) -> dict[int, float]:
+    """The same over 150 steps: long enough to interrupt a run in the middle."""
+    return _single_process_curve(shards, tmp_path_factory.mktemp("long-reference"), 150)
 
 
 @pytest.fixture(scope="session")
