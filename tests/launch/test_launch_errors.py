@@ -11,17 +11,18 @@ from launch import cli
 from launch.env import RDZV_TIMEOUT_VAR, free_port
 
 
-def entry_point(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+def entry_point(*args: str, task: str = "pretrain", **env: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "launch.pretrain", *args], env=child_env(**env),
+    done = subprocess.run([sys.executable, "-m", f"launch.{task}", *args], env=child_env(**env),
                           capture_output=True, text=True, timeout=120)
     return done, time.monotonic() - start
 
 
-def test_missing_config_is_one_line(tmp_path):
-    done, _ = entry_point("--config", str(tmp_path / "nope.yaml"))
+@pytest.mark.parametrize("task", ["pretrain", "sft", "align"])
+def test_missing_config_is_one_line(tmp_path, task):
+    done, _ = entry_point("--config", str(tmp_path / "nope.yaml"), task=task)
     assert done.returncode == 2
-    assert done.stderr.strip() == f"tessera pretrain: error: config file not found: {tmp_path / 'nope.yaml'}"
+    assert done.stderr.strip() == f"tessera {task}: error: config file not found: {tmp_path / 'nope.yaml'}"
 
 
 @pytest.mark.parametrize(
@@ -33,11 +34,12 @@ def test_missing_config_is_one_line(tmp_path):
         (["--nproc", "0"], "--nproc must be at least 1"),
     ],
 )
-def test_tessera_pretrain_bad_input(tmp_path, monkeypatch, capsys, args, message):
+@pytest.mark.parametrize("task", ["pretrain", "sft", "align"])
+def test_tessera_train_commands_bad_input(tmp_path, monkeypatch, capsys, task, args, message):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["pretrain", *args]) == 2
+    assert cli.main([task, *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"tessera {task}: error:") and message in err, err
 
 
 @pytest.mark.slow
