@@ -86,3 +86,22 @@ def test_accelerate_launch_runs_our_fsdp(tmp_path, shards, reference):
                 "-m", "launch.pretrain", f"--config={cfg}", "train.strategy=fsdp"], tmp_path)
     assert ranks_seen(done.stdout + done.stderr, "accelerate") == {"rank 0/2", "rank 1/2"}
     assert_same_curve(losses(tmp_path / "run"), reference)
+
+
+def test_tessera_nproc_stops_the_others_when_a_rank_dies(tmp_path, shards):
+    """A rank killed mid-run: the others are stopped too and the exit status says how it died."""
+    import psutil
+
+    cfg = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=100000)
+    parent = subprocess.Popen([str(BIN / "tessera"), "pretrain", "--config", str(cfg), "--nproc", "2",
+                               "train.strategy=ddp"], cwd=tmp_path, env=child_env(), stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.is_file() and metrics.read_text()) and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ranks = psutil.Process(parent.pid).children()
+    assert len(ranks) == 2
+    ranks[1].kill()
+    output = parent.communicate(timeout=TIMEOUT_S)[1]
+    assert parent.returncode == 128 + signal.SIGKILL, output[-3000:]
+    assert not ranks[0].is_running() or ranks[0].status() == psutil.STATUS_ZOMBIE

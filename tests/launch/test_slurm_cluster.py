@@ -41,7 +41,7 @@ def placement(log: str, launcher: str = "torchrun") -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, shards, slurm_cluster) -> dict[int, float]:
+def uninterrupted(slurm_cluster, tmp_path_factory, shards) -> dict[int, float]:
     """The rendered sbatch submitted with `sbatch --wait`: it must finish with status 0."""
     tmp_path = tmp_path_factory.mktemp("slurm-whole")
     script = tmp_path / "whole.sbatch"
@@ -66,7 +66,7 @@ def test_sbatch_two_nodes_trains_to_completion(uninterrupted):
     ("launcher", "strategy", "tol"),
     [("torchrun", "ddp", 1e-6), ("deepspeed", "zero2", 2e-4)],  # ZeRO-2 sums gradients in another order
 )
-def test_preemption_checkpoints_requeues_and_resumes(tmp_path, shards, slurm_cluster, uninterrupted,
+def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, uninterrupted, tmp_path, shards,
                                                      launcher, strategy, tol):
     env = child_env(**slurm_cluster)
     run_dir, job_id = render(tmp_path, shards, slurm_cluster, "preempt", "--submit", "--launcher", launcher,
