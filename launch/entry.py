@@ -39,9 +39,17 @@ def train(task: str, config: Path | None, overrides: list[str]) -> None:
     cfg = load(config, overrides)
     dist = env.setup()
     print(f"tessera {task}: {dist.describe()}", file=sys.stderr, flush=True)
+    from torch.distributed import DistStoreError
+
     from trainer.run import run
 
-    run(cfg, task)
+    try:
+        run(cfg, task)
+    except DistStoreError as exc:  # the store is only used to meet: the others never came
+        raise UserError(
+            f"rendezvous at {dist.master_addr}:{dist.master_port} failed: {str(exc).splitlines()[0]} "
+            f"(are all {dist.world_size} ranks started? train.dist_timeout_s sets the wait)"
+        ) from None
 
 
 def entry_args(config: Path | None, overrides: list[str]) -> list[str]:

@@ -59,3 +59,15 @@ def test_unresolvable_rendezvous_host_is_one_line():
     assert done.stderr.strip() == (
         "tessera pretrain: error: rendezvous host 'no-such-host.invalid' does not resolve; check MASTER_ADDR"
     )
+
+
+@pytest.mark.slow
+def test_rank0_alone_times_out_with_one_line():
+    """Rank 0 hosts the rendezvous; when the other ranks never come it stops after train.dist_timeout_s."""
+    done, elapsed = entry_point("train.dist_timeout_s=2", RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(free_port()))
+    assert done.returncode == 2
+    *_, last = done.stderr.strip().splitlines()
+    assert last.startswith("tessera pretrain: error: rendezvous at 127.0.0.1:") and "1/2 clients joined" in last
+    assert "Traceback" not in done.stderr
+    assert elapsed < 60
