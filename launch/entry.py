@@ -38,7 +38,8 @@ def train(task: str, config: Path | None, overrides: list[str]) -> None:
     """One rank of a run: config first (cheap to get wrong), then the rendezvous, then training."""
     cfg = load(config, overrides)
     dist = env.setup()
-    print(f"tessera {task}: {dist.describe()}", file=sys.stderr, flush=True)
+    if dist.world_size > 1:
+        print(f"tessera {task}: {dist.describe()}", file=sys.stderr, flush=True)
     from torch.distributed import DistStoreError
 
     from trainer.run import run
