@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +87,22 @@ def _encode_chunks(
         _init(tokenizer_dir, options)
         yield from map(_encode_chunk, chunks)
         return
-    with mp.get_context("fork").Pool(num_workers, _init, (tokenizer_dir, options)) as pool:
-        yield from pool.imap(_encode_chunk, chunks)
+    # an executor, unlike multiprocessing.Pool, fails instead of waiting forever when a worker dies;
+    # a bounded window of chunks in flight keeps memory flat and the output in input order
+    context = mp.get_context("fork")
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init,
+                             initargs=(tokenizer_dir, options)) as pool:
+        window: deque[Future] = deque()
+        try:
+            for chunk in chunks:
+                window.append(pool.submit(_encode_chunk, chunk))
+                if len(window) >= 2 * num_workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        except BrokenProcessPool:
+            raise UserError("a tokenizing worker process died (out of memory or killed); "
+                            "rerun with fewer --workers") from None
 
 
 def _batched(items: Iterable[Any], n: int) -> Iterator[tuple[Any, ...]]:
