@@ -19,7 +19,7 @@ from typing import Any
 from common.errors import UserError
 from data import filters as filter_registry
 from data.dedup import ExactDedup, MinHashDedup
-from data.readers import Document, iter_documents
+from data.readers import Document, expand_inputs, iter_documents
 from data.text import TextView, normalize
 
 DEDUPS = ("exact", "minhash")
@@ -44,7 +44,7 @@ def prepare(
     examples_per_rule: int = 3,
 ) -> dict[str, Any]:
     """Run the pipeline and write ``out_dir/documents.jsonl`` and ``out_dir/report.json``; returns the report."""
-    inputs = list(inputs)
+    inputs = expand_inputs(inputs)  # a missing input fails here, before anything is written
     chosen_filters = filter_registry.build(filters)
     dedups = parse_dedup(dedup)
     exact = ExactDedup() if "exact" in dedups else None
@@ -75,7 +75,8 @@ def prepare(
 
     pending: list[tuple[Document, TextView]] = []
     pending_chars = 0
-    with (out / "documents.jsonl").open("w", encoding="utf-8") as sink:
+    partial = out / "documents.jsonl.partial"  # renamed when complete: a failed run leaves no half file
+    with partial.open("w", encoding="utf-8") as sink:
         for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
             seen += 1
             bytes_in += len(doc.text.encode("utf-8"))
@@ -89,6 +90,7 @@ def prepare(
                 flush()
                 pending_chars = 0
         flush()
+    partial.replace(out / "documents.jsonl")
     seconds = time.perf_counter() - started
     report = {
         "inputs": [str(p) for p in inputs], "documents_in": seen, "documents_out": kept,

@@ -107,3 +107,9 @@ def test_auto_txt_mode_uses_lines_when_there_are_no_blank_lines(examples):
     assert len(wiki) == 30  # one article per line
     stories = list(iter_documents([examples / "pretrain_tinystories_valid_head.txt"]))
     assert stories == list(iter_documents([examples / "pretrain_tinystories_valid_head.txt"], txt_mode="block"))
+
+
+def test_missing_input_writes_nothing(tmp_path):
+    with pytest.raises(UserError, match="no such file or directory"):
+        prepare([tmp_path / "missing.jsonl"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -44,7 +44,7 @@ def test_sft_and_preference_shards(pipeline, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["prep", "missing.jsonl", "--out", "x"], "no such file or directory: missing.jsonl"),
+    (["prep", "missing.jsonl", "--out", "{tmp}/p"], "no such file or directory: missing.jsonl"),
     (["prep", "{examples}/pretrain_c4_demo.jsonl", "--out", "{tmp}/p", "--filters", "gopher,c5"],
      "unknown filter 'c5'"),
     (["tokenizer", "train", "{examples}/pretrain_c4_demo.jsonl", "--vocab-size", "100", "--out", "{tmp}/t"],
