@@ -109,6 +109,8 @@ def render(job: SlurmJob) -> str:
         signal_lead_s=SIGNAL_LEAD_S,
         shutdown_timeout_s=SIGNAL_LEAD_S - 30,
         omp_threads=max(1, (job.cpus_per_task or 1) // job.procs_per_node),
+        # newer srun no longer inherits the batch's --cpus-per-task: ranks would share one core
+        srun_cpus=f" --cpus-per-task={job.cpus_per_task}" if job.cpus_per_task else "",
         rdzv_timeout_var=RDZV_TIMEOUT_VAR,
         rdzv_timeout_s=RDZV_TIMEOUT_S,
         master_port=job.master_port,

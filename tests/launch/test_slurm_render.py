@@ -38,6 +38,7 @@ def test_torchrun_script(tmp_path):
     assert opts["output"] == f"{tmp_path}/logs/%x-%j.out" and opts["open-mode"] == "append"
     assert opts["signal"] == "B:USR1@120" and "requeue" in opts
     assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}" in script  # 64 CPUs over 8 ranks
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=64 \\\n" in script
     assert "--nproc-per-node=8" in script and "--rdzv-backend=c10d" in script
     assert '--rdzv-endpoint="$head_node:$master_port"' in script
     assert "-m launch.pretrain '--config=/cfg/a b.yaml' train.lr=3e-4 &" in script  # quoted for the shell
