@@ -40,6 +40,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str], command: str | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may also come after options (``pretrain a=1 --nproc 2 b=2``)."""
+    parser = build_parser(only=command)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -47,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        parser = build_parser(only=command)
-        args = parser.parse_args(argv)
+        args = parse(argv, command)
         if args.command is None:
-            parser.print_help()
+            build_parser().print_help()
             return 0
         return int(_load(COMMANDS[args.command][0]).run(args) or 0)
     except UserError as exc:

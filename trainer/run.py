@@ -125,6 +125,11 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
     from data.loader import build_loader
     from data.tokenizer import load_tokenizer
 
+    if cfg.train.strategy == "single" and env.world_size > 1:
+        raise ConfigError(
+            f"train.strategy=single trains one process, but {env.world_size} ranks were started; "
+            "use ddp, fsdp or zero1/2/3 (or start one process)"
+        )
     accumulation = accumulation_steps(cfg, env.world_size)
     tokenizer_dir = find_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -72,6 +72,11 @@ def one_line_error(raw, world_size: int = 1) -> str:
     return message
 
 
+def test_single_strategy_on_several_ranks_is_refused(corpus, tmp_path):
+    message = one_line_error(tiny_config(corpus, tmp_path, "train.strategy=single"), 2)
+    assert "train.strategy=single trains one process, but 2 ranks were started" in message
+
+
 def test_global_batch_not_divisible_by_micro_times_ranks(corpus, tmp_path):
     message = one_line_error(tiny_config(corpus, tmp_path, "train.strategy=ddp", "train.global_batch_size=12"), 2)
     assert "global_batch_size=12 is not divisible by micro_batch_size × ranks = 4 × 2" in message
