@@ -50,8 +50,9 @@ class Recipe(Demo):
     def evaluate(self, run_dir: Path, data: Path, name: str) -> dict:
         """`tessera eval` of a run's latest checkpoint; the JSON it writes is returned."""
         result = self.out / f"eval-{name}.json"
-        self.tessera("eval", "--checkpoint", str(run_dir / "checkpoints"), "--data", str(data), "--batch-size", "64",
-                     "--json", str(result))
+        quick = ["--max-batches", "2"] if self.mode == "quick" else []
+        self.tessera("eval", "--checkpoint", str(run_dir / "checkpoints"), "--data", str(data), "--batch-size", "128",
+                     "--json", str(result), *quick)
         return json.loads(result.read_text())
 
     def shard(self, source: Path, tokenizer: Path, out: Path, kind: str, *extra: str) -> Path:
