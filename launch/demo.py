@@ -27,7 +27,7 @@ PROMPTS = ["What is the capital of France?", "Give three tips for staying health
 MODEL = ["model.preset=tiny-llama", "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
          "model.d_ff=352", "model.max_seq_len=256"]
 # (steps, micro batch, lr) per stage: the full demo, and --quick for CI
-STEPS = {"full": {"pretrain": (400, 16, 3e-3), "sft": (200, 16, 1e-3), "align": (60, 8, 5e-4)},
+STEPS = {"full": {"pretrain": (250, 16, 3e-3), "sft": (120, 16, 1e-3), "align": (60, 8, 5e-4)},
          "quick": {"pretrain": (12, 8, 3e-3), "sft": (6, 8, 1e-3), "align": (4, 4, 5e-4)}}
 
 
@@ -147,8 +147,11 @@ def metrics_summary(pretrain: Path, sft: Path, dpo: Path) -> dict[str, str]:
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
     def first_last(run: Path, key: str) -> str:
-        values = [r[key] for r in rows(run) if key in r]
-        return f"{values[0]:.3f} → {values[-1]:.3f}" if values else "-"
+        points = [(r["step"], r[key]) for r in rows(run) if key in r]
+        if not points:
+            return "-"
+        (s0, v0), (s1, v1) = points[0], points[-1]
+        return f"{v0:.3f} (step {s0}) → {v1:.3f} (step {s1})"
 
     return {
         "pretrain valid loss": first_last(pretrain, "eval/loss"),
