@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo demo-encoder demo-seq2seq test test-fast bench lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m launch.demo $(DEMO_ARGS)
+
+demo-encoder: $(STAMP)
+	$(PY) -m launch.demo --recipe encoder $(DEMO_ARGS)
+
+demo-seq2seq: $(STAMP)
+	$(PY) -m launch.demo --recipe seq2seq $(DEMO_ARGS)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
