@@ -134,7 +134,7 @@ class Seq2SeqRecipe(Recipe):
         result = self.evaluate(scan, shards / "scan" / "test", "scan")
         self.summary.update({
             "SCAN test exact match (greedy)": f"{result['exact_match']:.4f} on {result['samples']} commands",
-            "SCAN test token loss": f"{result['loss']:.4f}",
+            "SCAN test token accuracy / loss": f"{result['token_accuracy']:.4f} / {result['loss']:.4f}",
         })
         self.finish([span, scan])
 

@@ -3,7 +3,8 @@
 text            the pretraining loss and perplexity: causal LM (decoder), masked LM (encoder, seeded
                 15% masking) or span corruption (encoder-decoder, seeded noise)
 classification  accuracy and cross-entropy (and the majority-class accuracy, the trivial baseline)
-seq2seq         exact match of greedy decoding against the target, and the teacher-forced token loss
+seq2seq         exact match of greedy decoding against the target; teacher-forced token loss and
+                token accuracy (the argmax given the true previous tokens)
 preference      log-prob accuracy (the chosen answer more likely than the rejected one) and the mean
                 log-prob margin; DPO's implicit-reward accuracy would need the reference model too
 
@@ -128,26 +129,27 @@ def evaluate(model: torch.nn.Module, objective: str, batches: Any, tokenizer: An
 
     loss_of = {"clm": CausalLM("clm", 0), "mlm": MaskedLM(0), "span": SpanCorruption(0),
                "classify": Classification(), "seq2seq": TeacherForcedSeq2Seq(0)}[objective]
-    loss = count = exact = rows = 0.0
+    loss = count = correct = rows = tokens_right = 0.0  # correct: right labels or exact matches
     labels: Counter[int] = Counter()
     for batch in batches:
         out = loss_of.loss(model, batch)
         loss, count = loss + float(out.loss_sum), count + float(out.count)
-        exact += float(out.metrics.get("accuracy", 0.0))
+        correct += float(out.metrics.get("accuracy", 0.0))
         if objective == "classify":
             labels.update(batch["labels"].tolist())
         if objective == "seq2seq":
-            exact += exact_matches(model, batch, tokenizer)
+            correct += exact_matches(model, batch, tokenizer)
+            tokens_right += teacher_forced_hits(model, batch)
             rows += batch["input_ids"].shape[0]
     if not count:
         raise UserError("the shards gave no batch to evaluate")
     mean = loss / count
     if objective == "classify":
-        return {"accuracy": exact / count, "loss": mean, "samples": int(count),
+        return {"accuracy": correct / count, "loss": mean, "samples": int(count),
                 "majority_accuracy": max(labels.values()) / count}
     if objective == "seq2seq":
-        return {"exact_match": exact / rows, "loss": mean, "ppl": math.exp(min(mean, 50.0)), "samples": int(rows),
-                "tokens": int(count)}
+        return {"exact_match": correct / rows, "token_accuracy": tokens_right / count, "loss": mean,
+                "ppl": math.exp(min(mean, 50.0)), "samples": int(rows), "tokens": int(count)}
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": int(count)}
 
 
@@ -161,6 +163,14 @@ def exact_matches(model: torch.nn.Module, batch: dict[str, torch.Tensor], tokeni
                    max_new_tokens=max(map(len, targets)), eos_token_ids=[tokenizer.eos_id],
                    pad_token_id=tokenizer.pad_id)
     return sum(out[b, 1 : 1 + len(t)].tolist() == t for b, t in enumerate(targets))
+
+
+def teacher_forced_hits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens that are the decoder's argmax given the true previous tokens."""
+    logits = model(batch["input_ids"], batch["decoder_input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_attention_mask=batch["decoder_attention_mask"])
+    labels = batch["labels"]
+    return int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
 
 
 def preference_metrics(model: torch.nn.Module, batches: Any) -> dict[str, Any]:

@@ -113,11 +113,13 @@ def test_seq2seq_exact_match_and_token_loss_equal_greedy_decoding_done_here(tmp_
         writer.write({"source": source, "target": target})
     writer.close()
     result = run_eval(tmp_path, ckpt, tmp_path / "s2s", "--batch-size", "4", "--seq-len", "64")
-    total = sum(F.cross_entropy(model(torch.tensor([s]), torch.tensor([[0, *t[:-1]]]))[0], torch.tensor(t),
-                                reduction="sum") for s, t in zip(sources, targets))
+    logits = [model(torch.tensor([s]), torch.tensor([[0, *t[:-1]]]))[0] for s, t in zip(sources, targets)]
+    total = sum(F.cross_entropy(x, torch.tensor(t), reduction="sum") for x, t in zip(logits, targets))
+    hits = sum(int((x.argmax(-1) == torch.tensor(t)).sum()) for x, t in zip(logits, targets))
     count = sum(map(len, targets))
     assert (result["kind"], result["samples"], result["tokens"]) == ("seq2seq", 10, count)
     assert result["exact_match"] == 0.5
+    assert result["token_accuracy"] == hits / count == (count - 5) / count  # odd rows miss their last token
     assert result["loss"] == pytest.approx(total.item() / count, rel=1e-4)
 
 
