@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "decode text from a checkpoint"),
     "export": ("export", "export a checkpoint to the Hugging Face layout"),
     "import": ("import_hf", "import a Hugging Face model directory as a Tessera checkpoint"),
-    "eval": ("evaluate", "perplexity of a checkpoint on a shard directory"),
+    "eval": ("evaluate", "score a checkpoint on a shard directory (perplexity, accuracy, exact match)"),
     "slurm": ("slurm", "render (and submit) an sbatch script for a config"),
     "plot": ("plot", "draw a run's metrics as PNG plots"),
 }

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer.callbacks import Callback
 
-TOKEN_OBJECTIVES = ("clm", "mlm", "span", "sft")  # whose loss is a mean token CE, so exp(loss) is perplexity
+TOKEN_OBJECTIVES = ("clm", "mlm", "span", "sft", "seq2seq")  # whose loss is a mean token CE, so exp(loss) is perplexity
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
