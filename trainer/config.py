@@ -89,7 +89,7 @@ class TrainConfig(Config):
     offload: Offload = Offload.none
     hsdp: bool = False  # fsdp: shard within a node, replicate across nodes
     deepspeed_config: Path | None = None  # the user's own ds_config JSON (zero*), checked against ours
-    objective: str | None = None  # override what the task/arch implies (clm, mlm, span, sft, preference, reward, classify, seq2seq)
+    objective: str | None = None  # by task/arch, or: clm, mlm, span, sft, preference, reward, classify, seq2seq
     loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
     dist_timeout_s: int = 600
 
