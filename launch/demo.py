@@ -27,7 +27,7 @@ PROMPTS = ["What is the capital of France?", "Give three tips for staying health
 MODEL = ["model.preset=tiny-llama", "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
          "model.d_ff=352", "model.max_seq_len=256"]
 # (steps, micro batch, lr) per stage: the full demo, and --quick for CI
-STEPS = {"full": {"pretrain": (250, 16, 3e-3), "sft": (120, 16, 1e-3), "align": (60, 8, 5e-4)},
+STEPS = {"full": {"pretrain": (500, 16, 3e-3), "sft": (200, 16, 1e-3), "align": (60, 8, 2e-4)},
          "quick": {"pretrain": (12, 8, 3e-3), "sft": (6, 8, 1e-3), "align": (4, 4, 5e-4)}}
 
 

@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     new_tokens = out[:, 1:] if seq2seq else out[:, width:]
     for text, ids in zip(args.prompt, new_tokens.tolist()):
         completion = tokenizer.decode(ids, skip_special_tokens=True)
+        separator = " → " if args.chat or seq2seq else ""  # an answer, not a continuation of the prompt
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False) if args.json
-              else text + completion)
+              else text + separator + completion)
     return 0
 
 
