@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=Path("bench/gpu_train.json"))
+    parser.add_argument("--json", type=Path, default=Path("runs/bench/gpu_train.json"))
     args = parser.parse_args(argv)
 
     table = SMOKE_WORKLOADS if args.smoke else WORKLOADS
