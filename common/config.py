@@ -180,6 +180,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_json_object(path: str | Path, what: str = "") -> dict[str, Any]:
+    """Read a JSON object, failing with one line (prefixed by ``what``, e.g. the config key) when the
+    file is missing, malformed or not an object."""
+    import json
+
+    path = Path(path)
+    prefix = f"{what}: " if what else ""
+    if not path.is_file():
+        raise ConfigError(f"{prefix}file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{prefix}{path} is not valid JSON (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}{path} must hold a JSON object")
+    return data
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Defaults ← YAML file ← dotted overrides, validated into ``cls``."""
     raw = read_yaml(path) if path else {}

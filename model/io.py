@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from common.config import read_json_object, read_yaml
 from common.errors import UserError
 from model.config import ModelConfig
 from model.transformer import HEADS, SequenceClassifier, TesseraModel, build_model
@@ -71,14 +72,14 @@ def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
     """
     directory = resolve_checkpoint(path)
     if (directory / CONFIG).is_file():
-        meta = _read_yaml(directory / CONFIG)
+        meta = read_yaml(directory / CONFIG)
         saved_head = meta.pop("head", "lm")
         cfg = ModelConfig.from_dict(meta, "model")
         state = read_safetensors(directory / WEIGHTS)
     else:
         from model.hf import config_from_hf, layout_for_hf, state_from_hf
 
-        hf_config = _read_json(directory / HF_CONFIG)
+        hf_config = read_json_object(directory / HF_CONFIG)
         layout_for_hf(hf_config)  # an unsupported model type fails before its weights are read
         tensors = read_hf_weights(directory)
         cfg = config_from_hf(hf_config, tensors)
@@ -109,7 +110,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{directory}: only pytorch_model.bin found; save the model with safetensors "
                             "(transformers: save_pretrained(..., safe_serialization=True))")
         return read_safetensors(directory / WEIGHTS)
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise UserError(f"{index}: no weight_map")
     tensors: dict[str, torch.Tensor] = {}
@@ -158,26 +159,6 @@ def _atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"{path}: not valid YAML") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of model config keys")
-    return data
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def save_hf(model: TesseraModel, directory: str | Path) -> Path:

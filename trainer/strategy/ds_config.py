@@ -6,10 +6,10 @@ Batch sizes must agree (DeepSpeed asserts train_batch_size = micro × accumulati
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from common.config import read_json_object
 from common.errors import ConfigError
 from trainer.config import TrainConfig
 
@@ -43,15 +43,7 @@ def build_ds_config(cfg: TrainConfig, stage: int, accumulation: int, world_size:
 
 
 def read_user_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
-    try:
-        user = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON (line {exc.lineno})") from None
-    if not isinstance(user, dict):
-        raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object")
-    return user
+    return read_json_object(path, "train.deepspeed_config")
 
 
 def merge_user_config(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
