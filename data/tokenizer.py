@@ -38,9 +38,15 @@ def train_tokenizer(
     num_sentinels: int = DEFAULT_SENTINELS,
     min_frequency: int = 2,
     model_max_length: int = 2048,
+    split: str = "gpt2",
 ) -> TessTokenizer:
-    """Train on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Train on ``texts`` and save ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``.
+
+    ``split`` is how text is cut into words before merging: ``gpt2`` (GPT-2's regex: letters,
+    digits and punctuation apart) or ``whitespace`` (only at spaces, every word with a leading space,
+    so symbols like ``I_TURN_RIGHT`` can become one token; decoding then starts with a space).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     specials = special_tokens(num_sentinels)
     if model not in MODELS:
@@ -63,7 +69,16 @@ def train_tokenizer(
             vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
             initial_alphabet=alphabet, show_progress=False,
         )
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == "whitespace":
+        tok.normalizer = normalizers.Prepend(" ")  # the first word gets the same token as any other
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\s?\S+|\s+"), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        raise UserError(f"unknown split {split!r}; choose from gpt2, whitespace")
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(_non_empty(texts), trainer)
     if tok.get_vocab_size() <= len(specials):
@@ -83,7 +98,7 @@ def train_tokenizer(
         "chat_template": default_chat_template(),
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
-        "tessera": {"model": model, "num_sentinels": num_sentinels},
+        "tessera": {"model": model, "num_sentinels": num_sentinels, "split": split},
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(

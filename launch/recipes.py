@@ -114,9 +114,10 @@ class Seq2SeqRecipe(Recipe):
         train, valid = split_lines(DATA / SCAN_TRAIN, out / "split")
         test = DATA / SCAN_TEST
 
-        self.stage("2/6 train a byte-level BPE tokenizer on the training lines")
+        self.stage("2/6 train a byte-level BPE tokenizer on the training lines (words split only at spaces)")
         tokenizer = out / "tokenizer"
-        self.tessera("tokenizer", "train", str(train), "--vocab-size", "512", "--out", str(tokenizer))
+        self.tessera("tokenizer", "train", str(train), "--vocab-size", "512", "--split", "whitespace",
+                     "--out", str(tokenizer))
 
         self.stage("3/6 shards: the training lines as text for span corruption, and the command → action pairs")
         shards = out / "shards"

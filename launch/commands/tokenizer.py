@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     train.add_argument("--out", required=True, help="output directory: tokenizer.json + tokenizer_config.json")
     train.add_argument("--model", choices=["bpe", "unigram"], default="bpe")
+    train.add_argument("--split", choices=["gpt2", "whitespace"], default="gpt2",
+                       help="cut words GPT-2 style (default) or only at spaces (keeps symbols like A_B whole)")
     train.add_argument("--sentinels", type=int, default=32, help="T5 sentinel tokens <extra_id_N> (default 32)")
     train.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair frequency to merge")
     train.add_argument("--text-field", default="text", help="the text field of .jsonl/.json records")
@@ -26,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
     texts = (d.text for d in iter_documents(args.inputs, text_field=args.text_field, txt_mode=args.txt_mode))
     tok = train_tokenizer(texts, args.out, vocab_size=args.vocab_size, model=args.model,
-                          num_sentinels=args.sentinels, min_frequency=args.min_frequency)
+                          num_sentinels=args.sentinels, min_frequency=args.min_frequency, split=args.split)
     print(f"{args.model} tokenizer with {tok.vocab_size} tokens → {args.out}/tokenizer.json")
     return 0

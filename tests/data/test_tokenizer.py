@@ -53,3 +53,17 @@ def test_bad_inputs(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(UserError, match="unknown tokenizer model"):
         train_tokenizer(["x"], tmp_path, vocab_size=500, model="wordpiece")
+
+
+def test_whitespace_split_keeps_symbols_whole(tmp_path):
+    lines = [f"IN: jump {d} twice OUT: I_TURN_{d.upper()} I_JUMP I_TURN_{d.upper()} I_JUMP"
+             for d in ("left", "right")] * 50
+    tok = train_tokenizer(lines, tmp_path, vocab_size=400, split="whitespace")
+    ids = tok.encode("I_TURN_LEFT I_JUMP")
+    assert [tok.decode([i]) for i in ids] == [" I_TURN_LEFT", " I_JUMP"]
+    assert tok.decode(tok.encode("jump  left\ntwice")) == " jump  left\ntwice"  # spacing survives
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path)("I_TURN_LEFT I_JUMP", add_special_tokens=False)["input_ids"] == ids
+    with pytest.raises(UserError, match="unknown split 'words'"):
+        train_tokenizer(lines, tmp_path / "bad", vocab_size=400, split="words")
