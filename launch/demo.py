@@ -110,15 +110,18 @@ class Demo:
         print(f"transformers: {generate_with_transformers(exported, PROMPTS[0])}")
 
         self.summary.update(metrics_summary(pretrain, sft_run, dpo))
-        self.print_summary(pretrain, sft_run, dpo, exported)
+        self.finish([pretrain, sft_run, dpo], exported)
 
-    def print_summary(self, *runs: Path) -> None:
+    def finish(self, runs: list[Path], exported: Path | None = None) -> None:
+        """The closing summary: the key numbers, where each run (and the exported model) is."""
         print(f"\n=== done in {time.time() - self.started:.0f}s")
         for key, value in self.summary.items():
-            print(f"  {key:<32} {value}")
-        for run in runs[:3]:
-            print(f"  run {run.name:<28} {run}  (metrics.jsonl, plots/, checkpoints/)")
-        print(f"  {'exported model':<32} {runs[3]}")
+            print(f"  {key:<34} {value}")
+        for run in runs:
+            plots = ", plots/" if (run / "plots").is_dir() else ""
+            print(f"  run {run.name:<30} {run}  (metrics.jsonl{plots}, checkpoints/)")
+        if exported is not None:
+            print(f"  {'exported model':<34} {exported}")
         if any(self.out.glob("*/wandb/offline-run-*")):
             print(f"  W&B runs were logged offline: `wandb sync {self.out}/*/wandb/offline-run-*` uploads them")
 

@@ -13,7 +13,6 @@ fine-tune → ``tessera eval``. ``--quick`` runs a few steps per stage (CI's smo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from launch.demo import DATA, Demo
@@ -59,13 +58,6 @@ class Recipe(Demo):
         self.tessera("shard", str(source), "--tokenizer", str(tokenizer), "--out", str(out), "--kind", kind,
                      "--workers", "1", *extra)
         return out
-
-    def finish(self, runs: list[Path]) -> None:
-        print(f"\n=== done in {time.time() - self.started:.0f}s")
-        for key, value in self.summary.items():
-            print(f"  {key:<34} {value}")
-        for run in runs:
-            print(f"  run {run.name:<30} {run}  (metrics.jsonl, checkpoints/)")
 
 
 class EncoderRecipe(Recipe):

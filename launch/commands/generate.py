@@ -44,10 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer.json in {args.tokenizer or args.checkpoint}; pass --tokenizer DIR")
     tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    special = _special_ids(tokenizer, tok_dir / "tokenizer_config.json")
+    config = _tokenizer_config(tok_dir / "tokenizer_config.json")
+    special = _special_ids(tokenizer, config)
     model = load_pretrained(args.checkpoint)
     seq2seq = isinstance(model, Seq2SeqLM)
-    chat_config = tok_dir / "tokenizer_config.json" if args.chat else None
+    chat_config = config if args.chat else None
     rows = [_prompt_ids(text, tokenizer, special, seq2seq, chat_config) for text in args.prompt]
     pad = special.get("pad", model.config.pad_token_id)
     width = max(map(len, rows))
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_ids(text: str, tokenizer, special: dict[str, int], seq2seq: bool, chat_config: Path | None) -> list[int]:
+def _prompt_ids(text: str, tokenizer, special: dict[str, int], seq2seq: bool, chat_config: dict | None) -> list[int]:
     """Token ids of one prompt. A chat prompt is rendered by the chat template (which places BOS and
     the assistant's role tag itself); plain text gets BOS in front (decoder) or EOS behind (encoder)."""
     if chat_config is not None:
@@ -82,28 +83,26 @@ def _prompt_ids(text: str, tokenizer, special: dict[str, int], seq2seq: bool, ch
     return ids
 
 
-def _chat_prompt(text: str, config_file: Path) -> str:
+def _chat_prompt(text: str, config: dict) -> str:
     """``text`` as one user turn followed by the assistant's generation prompt."""
     from data.conversations import default_chat_template, render
 
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
     template = config.get("chat_template") or default_chat_template()
+    specials = {k: config.get(k) for k in ("bos_token", "eos_token")}
     return render(template, [{"role": "user", "content": text}], add_generation_prompt=True, **specials)
 
 
-def _token_text(token: str | dict | None) -> str | None:
-    return token.get("content") if isinstance(token, dict) else token
+def _tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json (empty when absent), special tokens as plain strings (not AddedToken dicts)."""
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: v.get("content") if isinstance(v, dict) and k.endswith("_token") else v for k, v in config.items()}
 
 
-def _special_ids(tokenizer, config_file: Path) -> dict[str, int]:
-    """bos / eos / pad (from tokenizer_config.json) and ``<|end|>`` ids that the vocabulary has."""
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+def _special_ids(tokenizer, config: dict) -> dict[str, int]:
+    """bos / eos / pad (named by tokenizer_config.json) and ``<|end|>`` ids that the vocabulary has."""
     out = {}
     for key in ("bos", "eos", "pad"):
         token = config.get(f"{key}_token")
-        if isinstance(token, dict):  # transformers' AddedToken form
-            token = token.get("content")
         if token and tokenizer.token_to_id(token) is not None:
             out[key] = tokenizer.token_to_id(token)
     if tokenizer.token_to_id("<|end|>") is not None:
