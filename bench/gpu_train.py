@@ -128,7 +128,7 @@ def measure_matmul_tflops(device: torch.device) -> float | None:
 
 def tessera_runner(cfg: ModelConfig, compiled: bool, device: torch.device) -> tuple[torch.nn.Module, Callable]:
     torch.manual_seed(0)
-    model = prepare(build_model(cfg).to(device), activation_checkpointing=False, compile=compiled)
+    model = prepare(build_model(cfg).to(device), activation_checkpointing="none", compile=compiled)
     chunk = 4096 if device.type == "cuda" else 64
     objective = {Arch.decoder: lambda: CausalLM("clm", chunk), Arch.encoder: lambda: MaskedLM(chunk),
                  Arch.encoder_decoder: lambda: SpanCorruption(chunk)}[cfg.arch]()

@@ -38,6 +38,14 @@ class Precision(enum.StrEnum):
     bf16 = "bf16"
 
 
+class Checkpointing(enum.StrEnum):
+    """Activation checkpointing per block; trainer/strategy/prepare.py says what each keeps."""
+
+    none = "none"
+    full = "full"
+    selective = "selective"
+
+
 class Offload(enum.StrEnum):
     none = "none"
     optimizer = "optimizer"
@@ -79,7 +87,7 @@ class TrainConfig(Config):
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     precision: Precision = Precision.fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: Checkpointing = Checkpointing.none  # none, full or selective (true = full)
     compile: bool = False
     seed: int = 0
     eval_every: int = 0  # 0: no evaluation
@@ -92,6 +100,13 @@ class TrainConfig(Config):
     objective: str | None = None  # by task/arch, or: clm, mlm, span, sft, preference, reward, classify, seq2seq
     loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
     dist_timeout_s: int = 600
+
+    @classmethod
+    def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        checkpointing = raw.get("activation_checkpointing")
+        if isinstance(checkpointing, bool):  # the older boolean form
+            raw["activation_checkpointing"] = "full" if checkpointing else "none"
+        return super().preprocess(raw, where)
 
     def validate(self, where: str) -> None:
         def bad(key: str, why: str) -> ConfigError:

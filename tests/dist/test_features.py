@@ -15,8 +15,11 @@ def single(corpus, tmp_path_factory) -> list[float]:
     return result.losses
 
 
-def test_activation_checkpointing_changes_nothing(corpus, tmp_path, single):
-    [result] = spawn(train, 1, tiny_config(corpus, tmp_path, *STEPS, "train.activation_checkpointing=true"))
+@pytest.mark.parametrize(("mode", "strategy", "ranks"), [("true", "single", 1), ("selective", "fsdp", 2),
+                                                        ("selective", "zero3", 2)])
+def test_activation_checkpointing_changes_nothing(corpus, tmp_path, single, mode, strategy, ranks):
+    raw = tiny_config(corpus, tmp_path, *STEPS, f"train.activation_checkpointing={mode}", f"train.strategy={strategy}")
+    result, *_ = spawn(train, ranks, raw)
     np.testing.assert_allclose(result.losses, single, rtol=1e-6)
 
 

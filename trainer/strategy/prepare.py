@@ -1,17 +1,56 @@
-"""Per-block transforms applied before wrapping: activation checkpointing and torch.compile."""
+"""Per-block transforms applied before wrapping: activation checkpointing and torch.compile.
+
+Activation checkpointing (``train.activation_checkpointing``):
+
+- ``none``: autograd keeps every tensor each op saves for its backward.
+- ``full``: each block keeps only its input; the whole block's forward runs again in backward
+  (least memory, about one extra forward of compute).
+- ``selective``: per op, inside each block (torchtitan's "op" policy): the outputs of matrix
+  products and attention are kept, everything else (norms, activations, RoPE, dropout masks, casts)
+  is recomputed in backward. Costs little compute — the recomputed ops are elementwise — and drops
+  the elementwise ops' saved tensors, of which the fp32 norm statistics and the gated MLP's
+  [T, 2·d_ff] intermediates are the largest.
+"""
 
 from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from trainer.config import Checkpointing
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them."""
+def _saved_ops() -> frozenset:
+    """Ops whose outputs ``selective`` keeps: matmuls and every fused attention kernel torch has."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    ops.add(torch.ops.higher_order.flex_attention)
+    return frozenset(ops)
+
+
+SAVED_OPS = _saved_ops()
+
+
+def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_blocks(model: nn.Module, mode: Checkpointing = Checkpointing.full) -> None:
+    """Recompute each block's activations (all, or all but matmul/attention outputs) in backward."""
+    mode = Checkpointing(mode)
+    if mode is Checkpointing.none:
+        return
+    options = {"use_reentrant": False}
+    if mode is Checkpointing.selective:
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls_and_attention)
     for block in model.blocks():
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, **options)
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -20,9 +59,8 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def prepare(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
-    if activation_checkpointing:
-        checkpoint_blocks(model)
+def prepare(model: nn.Module, activation_checkpointing: Checkpointing | str, compile: bool) -> nn.Module:
+    checkpoint_blocks(model, Checkpointing(activation_checkpointing))
     if compile:
         compile_blocks(model)
     return model
