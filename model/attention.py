@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
-from model.config import Attn, ModelConfig
+from model import kernels
+from model.config import Attn, Kernels, ModelConfig
 from model.position import apply_rope
 
 
@@ -213,6 +214,7 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.head_dim**-0.5
         self.dropout = cfg.dropout
         self.backend = BACKENDS[cfg.attn]
+        self.liger = cfg.kernels == Kernels.liger
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if cross:
             self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
@@ -237,7 +239,9 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
             q = qkv[..., :q_dim].view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
             k, v = self._split_kv(qkv[..., q_dim:])
-            if rope is not None:
+            if rope is not None and kernels.use_liger(self.liger, q):
+                q, k = kernels.rope(q, k, *rope)
+            elif rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:
                 if self.layer_id in cache.entries:

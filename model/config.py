@@ -51,6 +51,11 @@ class Attn(enum.StrEnum):
     flex = "flex"
 
 
+class Kernels(enum.StrEnum):
+    torch = "torch"
+    liger = "liger"
+
+
 @dataclasses.dataclass
 class ModelConfig(Config):
     """Shape and choices of a Transformer. ``head_dim`` is ``d_model // n_heads``.
@@ -85,6 +90,7 @@ class ModelConfig(Config):
     mlp: Mlp = Mlp.swiglu
     gelu_tanh: bool = False  # tanh approximation of GELU (GPT-2 "gelu_new", T5 v1.1 "gated-gelu")
     attn: Attn = Attn.sdpa
+    kernels: Kernels = Kernels.torch  # liger: Liger-Kernel for norm/GLU/RoPE/linear+CE on CUDA (model/kernels.py)
     attn_scale: float | None = None  # None means 1/sqrt(head_dim); T5 uses 1.0
     sliding_window: int | None = None  # a query sees itself and the window-1 keys before it
     tie_embeddings: bool = True

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import Mlp, ModelConfig
+from model import kernels
+from model.config import Kernels, Mlp, ModelConfig
 
 
 class MLP(nn.Module):
@@ -19,10 +20,17 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp != Mlp.gelu
         self.act = F.silu if cfg.mlp == Mlp.swiglu else _gelu(cfg.gelu_tanh)
+        liger_covers = cfg.mlp == Mlp.swiglu or (cfg.mlp == Mlp.geglu and cfg.gelu_tanh)
+        self.liger = kernels.swiglu if cfg.mlp == Mlp.swiglu else kernels.geglu_tanh
+        self.liger = self.liger if cfg.kernels == Kernels.liger and liger_covers else None
         self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.liger is not None and x.is_cuda:  # two matmuls, so gate and up arrive contiguous
+            gate_w, up_w = self.up.weight.chunk(2)
+            gate_b, up_b = self.up.bias.chunk(2) if self.up.bias is not None else (None, None)
+            return self.down(self.liger(F.linear(x, gate_w, gate_b), F.linear(x, up_w, up_b)))
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from model_helpers import seeded, tiny
 
+from trainer.objectives.cross_entropy import chunked_linear_cross_entropy
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 CUDA = torch.device("cuda")
@@ -60,3 +62,34 @@ def test_sdpa_runs_plain_causal_attention_on_flash_or_cudnn(n_kv_heads):
         loss = model(ids).logsumexp(-1).mean()  # raises if neither fused kernel accepts the call
         loss.backward()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(("mlp", "gelu_tanh", "bias"), [("swiglu", False, False), ("geglu", True, True)])
+def test_liger_kernels_match_the_pytorch_path(mlp, gelu_tanh, bias):
+    pytest.importorskip("liger_kernel")
+    ids, _ = packed_batch()
+    results = {}
+    for choice in ("torch", "liger"):
+        model = seeded(tiny(kernels=choice, mlp=mlp, gelu_tanh=gelu_tanh, bias=bias, max_seq_len=256)).to(CUDA)
+        hidden = model(ids, return_hidden=True)
+        loss = chunked_linear_cross_entropy(hidden, model.output_weight(), ids.roll(-1, 1), model.output_bias(),
+                                            chunk_size=64, liger=choice == "liger")
+        loss.backward()
+        results[choice] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["liger"][0], results["torch"][0], rtol=1e-4, atol=1e-4)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["liger"][1][name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_liger_bf16_training_step_stays_close_to_pytorch():
+    pytest.importorskip("liger_kernel")
+    ids = torch.randint(1, 64, (4, 256), device=CUDA)
+    losses = {}
+    for choice in ("torch", "liger"):
+        model = seeded(tiny(kernels=choice, d_model=128, n_heads=4, max_seq_len=256)).to(CUDA)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model(ids, return_hidden=True)
+            losses[choice] = chunked_linear_cross_entropy(hidden, model.output_weight(), ids.roll(-1, 1),
+                                                          liger=choice == "liger") / ids.numel()
+        losses[choice].backward()
+    assert abs(losses["liger"].item() - losses["torch"].item()) <= 1e-2 * losses["torch"].item()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model import kernels
+
 IGNORE_INDEX = -100
 
 
@@ -69,9 +71,14 @@ def chunked_linear_cross_entropy(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk_size: int = 4096,
+    liger: bool = False,
 ) -> torch.Tensor:
-    """Summed CE of ``hidden [..., D] @ weight[V, D].T (+ bias)`` against ``labels [...]`` (-100 ignored)."""
+    """Summed CE of ``hidden [..., D] @ weight[V, D].T (+ bias)`` against ``labels [...]`` (-100 ignored).
+
+    ``liger`` runs Liger-Kernel's fused linear + CE instead, on CUDA tensors (model.kernels=liger)."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
+    if kernels.use_liger(liger, rows):
+        return kernels.linear_cross_entropy(rows, weight, flat, bias)
     keep = flat != IGNORE_INDEX  # rows without a target cost nothing
     return _ChunkedLinearCE.apply(rows[keep], weight, bias, flat[keep], chunk_size)

@@ -124,8 +124,9 @@ def pair_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 0) -> Pai
         hidden = model(input_ids, **kwargs, return_hidden=True)
         plain = unwrap(model)
         weight, bias = plain.output_weight(), plain.output_bias()
+        liger = plain.config.kernels == "liger"
         sums = -torch.stack(
-            [chunked_linear_cross_entropy(h, weight, t, bias, chunk_size) for h, t in zip(hidden, labels)]
+            [chunked_linear_cross_entropy(h, weight, t, bias, chunk_size, liger) for h, t in zip(hidden, labels)]
         )
     else:
         logits = model(input_ids, **kwargs)

@@ -42,7 +42,8 @@ class TokenObjective:
             hidden = model(*args, **kwargs, return_hidden=True)
             plain = unwrap(model)
             loss_sum = chunked_linear_cross_entropy(
-                hidden, plain.output_weight(), labels, plain.output_bias(), self.chunk_size
+                hidden, plain.output_weight(), labels, plain.output_bias(), self.chunk_size,
+                liger=plain.config.kernels == "liger",
             )
         else:
             loss_sum = cross_entropy_sum(model(*args, **kwargs), labels)
