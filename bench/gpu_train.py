@@ -1,11 +1,13 @@
 """Training-step throughput: Tessera vs Hugging Face transformers, same shapes, same process.
 
 For each workload (Llama-shape 125M and 1B decoders, BERT-base MLM, T5-base v1.1 span corruption)
-one training step (forward, backward, fused AdamW) is timed after warm-up, for Tessera (eager and
-per-block compiled) and for transformers (SDPA, bf16 autocast, fused AdamW; eager, compiled, and
-with Liger kernels when ``liger_kernel`` is importable). Prints a table and writes JSON: tokens/s,
-MFU (PaLM formula with attention) against 989 TFLOP/s and against the bf16 matmul rate measured
-first, peak memory, and each Tessera row's ratio to the best transformers row of its workload.
+one training step (forward, backward, fused AdamW) is timed after warm-up, for Tessera (eager,
+per-block compiled, and with ``model.kernels=liger``) and for transformers (SDPA, bf16 autocast,
+fused AdamW; eager, compiled, and with Liger kernels when ``liger_kernel`` is importable). Prints
+each row as it finishes, then a table, and rewrites the JSON after every row (a run cut short
+keeps what finished): tokens/s, MFU (PaLM formula with attention) against 989 TFLOP/s and against
+the bf16 matmul rate measured first, peak memory, and each Tessera row's speed and memory against
+the fastest transformers row of its workload. ``--budget-s`` skips what would start after it.
 
     PYTHONPATH=. python bench/gpu_train.py [--workloads llama-125m,bert-base] [--modes ...] [--json F]
     PYTHONPATH=. python bench/gpu_train.py --smoke      # tiny shapes on CPU (what CI runs)
@@ -22,7 +24,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,11 +61,15 @@ SMOKE_WORKLOADS = {
     "tiny-bert": Workload("tiny-bert", "tiny-bert", batch=2, seq_len=64, overrides={"vocab_size": 512}),
     "tiny-t5": Workload("tiny-t5", "tiny-t5", batch=2, seq_len=64, decoder_len=16, overrides={"vocab_size": 512}),
 }
-MODES = ("tessera", "tessera-compiled", "hf", "hf-compiled", "hf-liger")
+# Run mode by mode (every workload's eager rows first, the slow-to-start compiled ones last), so a
+# run cut short by --budget-s still compares each workload on something.
+MODES = ("tessera", "hf", "tessera-liger", "hf-liger", "tessera-compiled", "hf-compiled")
+LIGER_MODES = ("tessera-liger", "hf-liger")
 
 
-def model_config(workload: Workload) -> ModelConfig:
-    return ModelConfig.from_dict({"preset": workload.preset, **workload.overrides})
+def model_config(workload: Workload, mode: str = "tessera") -> ModelConfig:
+    kernels = "liger" if mode == "tessera-liger" else "torch"
+    return ModelConfig.from_dict({"preset": workload.preset, **workload.overrides, "kernels": kernels})
 
 
 def make_batch(cfg: ModelConfig, workload: Workload, device: torch.device) -> dict[str, torch.Tensor]:
@@ -128,7 +134,9 @@ def measure_matmul_tflops(device: torch.device) -> float | None:
 
 def tessera_runner(cfg: ModelConfig, compiled: bool, device: torch.device) -> tuple[torch.nn.Module, Callable]:
     torch.manual_seed(0)
-    model = prepare(build_model(cfg).to(device), activation_checkpointing="none", compile=compiled)
+    with device:  # build on the GPU directly: no host copy of the weights
+        model = build_model(cfg)
+    model = prepare(model, activation_checkpointing="none", compile=compiled)
     chunk = 4096 if device.type == "cuda" else 64
     objective = {Arch.decoder: lambda: CausalLM("clm", chunk), Arch.encoder: lambda: MaskedLM(chunk),
                  Arch.encoder_decoder: lambda: SpanCorruption(chunk)}[cfg.arch]()
@@ -150,7 +158,7 @@ def hf_runner(cfg: ModelConfig, mode: str, device: torch.device) -> tuple[torch.
 
         apply = {"llama": liger.apply_liger_kernel_to_llama}.get(hf_config.model_type)
         if apply is None:
-            raise RuntimeError(f"Liger has no patch for {hf_config.model_type}")
+            raise Unsupported(f"Liger has no patch for {hf_config.model_type}")
         apply()
     auto = {Arch.decoder: transformers.AutoModelForCausalLM, Arch.encoder: transformers.AutoModelForMaskedLM,
             Arch.encoder_decoder: transformers.AutoModelForSeq2SeqLM}[cfg.arch]
@@ -166,20 +174,43 @@ def hf_runner(cfg: ModelConfig, mode: str, device: torch.device) -> tuple[torch.
     return model, loss
 
 
+@contextlib.contextmanager
+def liger_patch_undone() -> Iterator[None]:
+    """Liger patches transformers' Llama module and class in place: put them back afterwards, so the
+    plain transformers rows that follow are plain."""
+    from transformers.models.llama import modeling_llama
+
+    module = dict(vars(modeling_llama))
+    forward = modeling_llama.LlamaForCausalLM.forward
+    try:
+        yield
+    finally:
+        for name, value in module.items():
+            setattr(modeling_llama, name, value)
+        modeling_llama.LlamaForCausalLM.forward = forward
+
+
+class Unsupported(Exception):
+    """A peer setting that does not exist for this workload (reported, not an error)."""
+
+
 def time_mode(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int) -> dict:
-    cfg = model_config(workload)
+    began = time.perf_counter()
+    cfg = model_config(workload, mode)
+    if mode == "tessera-liger" and cfg.arch != Arch.decoder:
+        raise Unsupported("Liger covers RMSNorm/SwiGLU/RoPE: nothing of this architecture but the loss")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if mode.startswith("tessera"):
         model, loss_fn = tessera_runner(cfg, mode == "tessera-compiled", device)
     else:
         model, loss_fn = hf_runner(cfg, mode, device)
     batch = make_batch(cfg, workload, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with autocast:
             loss = loss_fn(batch)
         loss.backward()
@@ -191,19 +222,34 @@ def time_mode(workload: Workload, mode: str, device: torch.device, steps: int, w
         step()
     if cuda:
         torch.cuda.synchronize()
+    setup_s = time.perf_counter() - began  # build, compile and warm-up
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     final_loss = float(loss)  # also synchronises
     seconds = (time.perf_counter() - start) / steps
-    flops = step_flops(cfg, workload)
-    row = {
+    return {
         "workload": workload.name, "mode": mode, "batch": workload.batch, "seq_len": workload.seq_len,
         "decoder_len": workload.decoder_len, "step_s": seconds, "tokens_per_s": tokens_per_step(workload) / seconds,
-        "tflops": flops / seconds / 1e12, "loss": final_loss,
+        "tflops": step_flops(cfg, workload) / seconds / 1e12, "loss": final_loss, "setup_s": setup_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
-    return row
+
+
+def run_row(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int) -> dict:
+    """One (workload, mode) row; what cannot run is reported in the row, and the GPU is freed after."""
+    patched = liger_patch_undone() if mode == "hf-liger" else contextlib.nullcontext()
+    try:
+        with patched:
+            return time_mode(workload, mode, device, steps, warmup)
+    except Unsupported as exc:
+        return {"workload": workload.name, "mode": mode, "skipped": str(exc)}
+    except Exception as exc:  # OOM, a compile failure: reported, the next row runs
+        return {"workload": workload.name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        gc.collect()  # free this mode's model and optimizer before the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,69 +259,82 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     parser.add_argument("--json", type=Path, default=Path("runs/bench/gpu_train.json"))
     args = parser.parse_args(argv)
+    began = time.perf_counter()
 
     table = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     names = args.workloads.split(",") if args.workloads else list(table)
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        parser.error(f"unknown workload {unknown[0]!r}; choose from {', '.join(table)}")
     modes = args.modes.split(",")
-    if "hf-liger" in modes and _version("liger_kernel") is None:
-        print("liger_kernel is not importable: skipping the hf-liger rows")
-        modes.remove("hf-liger")
+    for kind, given, known in (("workload", names, table), ("mode", modes, MODES)):
+        if unknown := [n for n in given if n not in known]:
+            parser.error(f"unknown {kind} {unknown[0]!r}; choose from {', '.join(known)}")
+    if _version("liger_kernel") is None and any(m in LIGER_MODES for m in modes):
+        print("liger_kernel is not importable: skipping the Liger rows")
+        modes = [m for m in modes if m not in LIGER_MODES]
     if args.smoke:
         modes = [m for m in modes if not m.endswith("compiled")]  # compile on CPU costs minutes, proves little
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     steps = args.steps or (1 if args.smoke else 10)
     warmup = args.warmup or (1 if args.smoke else 3)
-    matmul = measure_matmul_tflops(device)
-
-    rows: list[dict] = []
-    for name in names:
-        for mode in modes:
-            try:
-                rows.append(time_mode(table[name], mode, device, steps, warmup))
-            except Exception as exc:  # a peer setting that cannot run (no Liger patch, OOM) is reported
-                rows.append({"workload": name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            gc.collect()  # free the last mode's model and optimizer before the next
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    add_ratios(rows, matmul)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": _version("transformers"),
-              "liger_kernel": _version("liger_kernel"), "matmul_tflops": matmul, "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print_table(report)
+              "liger_kernel": _version("liger_kernel"), "matmul_tflops": measure_matmul_tflops(device),
+              "steps": steps, "warmup": warmup, "rows": []}
+    print_header(report)
+    for mode in modes:
+        for name in names:
+            if args.budget_s is not None and time.perf_counter() - began > args.budget_s:
+                row = {"workload": name, "mode": mode, "skipped": f"past --budget-s {args.budget_s:.0f}"}
+            else:
+                row = run_row(table[name], mode, device, steps, warmup)
+            report["rows"].append(row)
+            add_ratios(report["rows"], report["matmul_tflops"])
+            print(format_row(row), flush=True)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+    print()
+    print_header(report)
+    for row in report["rows"]:
+        print(format_row(row))
     return 0
 
 
 def add_ratios(rows: list[dict], matmul: float | None) -> None:
+    """MFU, and each Tessera row's speed and peak memory against its workload's fastest transformers row."""
     for row in rows:
-        if "error" in row:
+        if "tokens_per_s" not in row:
             continue
         row["mfu"] = row["tflops"] / PEAK_BF16_TFLOPS
         row["mfu_measured_peak"] = row["tflops"] / matmul if matmul else None
-        peers = [r["tokens_per_s"] for r in rows
-                 if r["workload"] == row["workload"] and r["mode"].startswith("hf") and "error" not in r]
-        row["vs_best_hf"] = row["tokens_per_s"] / max(peers) if peers and row["mode"].startswith("tessera") else None
+        peers = [r for r in rows if r["workload"] == row["workload"] and r["mode"].startswith("hf")
+                 and "tokens_per_s" in r]
+        best = max(peers, key=lambda r: r["tokens_per_s"]) if peers and row["mode"].startswith("tessera") else None
+        row["vs_best_hf"] = row["tokens_per_s"] / best["tokens_per_s"] if best else None
+        row["best_hf_mode"] = best["mode"] if best else None
+        row["mem_vs_best_hf"] = (row["peak_mem_gib"] / best["peak_mem_gib"]
+                                 if best and row["peak_mem_gib"] and best["peak_mem_gib"] else None)
 
 
-def print_table(report: dict) -> None:
+HEADER = (f"{'workload':<12}{'mode':<18}{'tokens/s':>12}{'MFU':>8}{'MFU/meas':>10}{'mem GiB':>9}{'vs HF':>8}"
+          f"{'mem/HF':>8}{'setup s':>9}")
+
+
+def print_header(report: dict) -> None:
     print(f"device: {report['device']}  torch {report['torch']}  transformers {report['transformers']}  "
-          f"liger {report['liger_kernel']}  measured bf16 matmul: {_fmt(report['matmul_tflops'], '.0f')} TFLOP/s")
-    header = f"{'workload':<12}{'mode':<18}{'tokens/s':>12}{'MFU':>8}{'MFU/meas':>10}{'mem GiB':>9}{'vs HF':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in report["rows"]:
-        if "error" in r:
-            print(f"{r['workload']:<12}{r['mode']:<18}  {r['error']}")
-            continue
-        print(f"{r['workload']:<12}{r['mode']:<18}{r['tokens_per_s']:>12,.0f}{_fmt(r['mfu'], '.1%'):>8}"
-              f"{_fmt(r['mfu_measured_peak'], '.1%'):>10}{_fmt(r['peak_mem_gib'], '.1f'):>9}"
-              f"{_fmt(r['vs_best_hf'], '.2f'):>8}")
+          f"liger {report['liger_kernel']}  measured bf16 matmul: {_fmt(report['matmul_tflops'], '.0f')} TFLOP/s  "
+          f"({report['steps']} timed steps after {report['warmup']} warm-up)")
+    print(HEADER)
+    print("-" * len(HEADER))
+
+
+def format_row(r: dict) -> str:
+    if "tokens_per_s" not in r:
+        return f"{r['workload']:<12}{r['mode']:<18}  {r.get('error') or 'skipped: ' + r['skipped']}"
+    return (f"{r['workload']:<12}{r['mode']:<18}{r['tokens_per_s']:>12,.0f}{_fmt(r.get('mfu'), '.1%'):>8}"
+            f"{_fmt(r.get('mfu_measured_peak'), '.1%'):>10}{_fmt(r['peak_mem_gib'], '.1f'):>9}"
+            f"{_fmt(r.get('vs_best_hf'), '.2f'):>8}{_fmt(r.get('mem_vs_best_hf'), '.2f'):>8}{r['setup_s']:>9.0f}")
 
 
 def _fmt(value: float | None, spec: str) -> str:

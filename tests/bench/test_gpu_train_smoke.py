@@ -22,3 +22,17 @@ def test_smoke_writes_json_with_ratios(tmp_path, capsys):
     assert rows[("tiny-llama", "tessera")]["vs_best_hf"] == pytest.approx(
         rows[("tiny-llama", "tessera")]["tokens_per_s"] / rows[("tiny-llama", "hf")]["tokens_per_s"])
     assert "tiny-t5" in capsys.readouterr().out
+
+
+def test_rows_past_the_budget_are_skipped_and_still_reported(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--smoke", "--workloads", "tiny-bert", "--modes", "tessera,hf", "--budget-s", "0", "--json", str(out)]
+    assert gpu_train.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["skipped"]) for r in rows] == [("tessera", "past --budget-s 0"), ("hf", "past --budget-s 0")]
+
+
+def test_an_unknown_mode_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_train.main(["--smoke", "--modes", "tessera,fast"])
+    assert "unknown mode 'fast'" in capsys.readouterr().err
