@@ -10,6 +10,7 @@ Layout of ``<checkpoint.dir>/``::
       config.yaml          the resolved run config
       model/               consolidated weights (model.safetensors + model.yaml) + tokenizer files
       manifest.json        every file above with its size and sha256: present only when complete
+      deepspeed_universal/ added later, by a ZeRO resume on another world size (derived, so not in the manifest)
 
 A step is written under ``.tmp_step_000100`` and renamed once the manifest is in place; ``latest``
 is replaced with ``os.replace``. A crash mid-save leaves only a ``.tmp_*`` directory (removed by

@@ -1,4 +1,4 @@
-"""Helpers for training tests: a tiny config over the shared corpus, and a rank function that trains."""
+"""Helpers for training tests: a tiny config over the shared corpus, a rank function that trains, a stop callback."""
 
 from __future__ import annotations
 
@@ -42,3 +42,14 @@ def final_weights(result: RunResult) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(result.checkpoint / "model" / "model.safetensors"))
+
+
+class StopAt(Callback):
+    """End the run cleanly after ``step`` (it keeps the schedule of the full run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if trainer.step == self.step:
+            trainer.stop(f"test stop at step {self.step}", reason="test")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from spawn import RanksFailed, spawn
 
-from runs import final_weights, tiny_config, train
+from runs import StopAt, final_weights, tiny_config, train
 from trainer.callbacks import Callback
 
 
@@ -44,17 +44,6 @@ def test_sigkill_then_restart_equals_uninterrupted(corpus, tmp_path, strategy):
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-
-
-class StopAt(Callback):
-    """End the run cleanly after ``step`` (it keeps the schedule of the full run)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer, metrics) -> None:
-        if trainer.step == self.step:
-            trainer.stop(f"test stop at step {self.step}", reason="test")
 
 
 @pytest.mark.slow

@@ -5,12 +5,23 @@ Gradient accumulation is driven by us: the boundary is set explicitly before eac
 the global token count), and ``engine.step()`` runs once per optimizer step. Clipping is
 DeepSpeed's own (``gradient_clipping``). A skipped step runs at learning rate 0 (the weights do not
 move; non-finite gradients are already discarded by ZeRO's own overflow check).
+
+Checkpoints are DeepSpeed's own (one partition per rank, under ``<step>/deepspeed``). Resuming on
+another number of ranks goes through DeepSpeed's universal checkpoint: rank 0 converts the step once
+with ``ds_to_universal`` into ``<step>/deepspeed_universal`` (kept for later resumes) and every rank
+loads that with ``load_universal``, optimizer moments included.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
+import logging
+import os
+import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import UserError
+from trainer.checkpoint import read_state
 from trainer.config import TrainConfig
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, barrier
 from trainer.strategy import Strategy
 from trainer.strategy.ds_config import build_ds_config
 from trainer.strategy.optim import build_adamw, set_lr
 from trainer.strategy.prepare import prepare
 
 TAG = "deepspeed"
+UNIVERSAL = "deepspeed_universal"  # <step>/deepspeed_universal/deepspeed: the step converted by ds_to_universal
+
+log = logging.getLogger("tessera.trainer")
 
 
 def import_deepspeed() -> Any:
@@ -41,7 +57,6 @@ class DeepSpeed(Strategy):
         super().__init__(cfg, env, accumulation)
         self.stage = int(str(cfg.strategy)[-1])
         self.supports_hidden_loss = self.stage < 3
-        self.reshardable = False  # ZeRO partitions are saved per rank
         self.checkpoint_format = f"deepspeed-zero{self.stage}"
 
     def config(self) -> dict[str, Any]:
@@ -86,12 +101,65 @@ class DeepSpeed(Strategy):
         return float("nan") if norm is None else float(norm)
 
     def save(self, path: Path) -> None:
-        self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        # ds_to_universal refuses (ZeRO-1/2) a checkpoint whose client state lacks this entry
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.model.save_checkpoint(str(path), tag=TAG, client_state=info, save_latest=False)
 
     def load(self, path: Path) -> None:
-        loaded, _ = self.model.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        saved_world = read_state(path)["world_size"]
+        if saved_world == self.env.world_size:
+            loaded, _ = self.model.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        else:
+            self.check_reshardable(path, saved_world)
+            loaded = self.load_universal(path)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load {path / TAG}")
+
+    def check_reshardable(self, path: Path, saved_world: int) -> None:
+        """Optimizer state offloaded to NVMe lives in per-rank swap files that universal checkpoints do not carry."""
+        offload = self.config()["zero_optimization"].get("offload_optimizer", {})
+        if offload.get("device") == "nvme" or (path / TAG / "offloaded_tensors").is_dir():
+            raise UserError(
+                f"checkpoint {path} was saved on {saved_world} ranks; {self.cfg.strategy} with the optimizer state "
+                f"offloaded to NVMe cannot resume it on {self.env.world_size} (DeepSpeed's universal checkpoints do "
+                f"not carry NVMe-offloaded state): resume on {saved_world} ranks, or start from its weights with "
+                "model.init and checkpoint.resume=never"
+            )
+
+    def load_universal(self, path: Path) -> str | None:
+        """Load step ``path`` saved on another number of ranks: rank 0 converts it (once), all ranks load."""
+        if self.env.is_main:
+            convert_to_universal(path)
+        barrier()
+        # load_universal is read only by load_checkpoint: switch it on for this load, not for the whole run
+        config = self.model._config
+        config.load_universal_checkpoint = True
+        try:
+            loaded, _ = self.model.load_checkpoint(str(path / UNIVERSAL), tag=TAG, load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
+        if self.stage == 3:
+            self.repair_zero3_universal_load(path / UNIVERSAL)
+        return loaded
+
+    def repair_zero3_universal_load(self, universal: Path) -> None:
+        """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load with several parameter groups.
+
+        It gives every group the first group's hyperparameters (weight decay would reach the biases
+        and norms), and one shared ``step`` tensor, which AdamW then advances once per group and step.
+        """
+        saved = torch.load(universal / TAG / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        for group, saved_group in zip(self.optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.stage == 3:
@@ -101,3 +169,30 @@ class DeepSpeed(Strategy):
         if state is None:
             return None
         return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def convert_to_universal(step_dir: Path) -> Path:
+    """``step_dir/deepspeed`` → ``step_dir/deepspeed_universal/deepspeed`` with DeepSpeed's ds_to_universal.
+
+    Written under a temporary name and renamed when complete; an existing conversion is reused. The
+    step's manifest does not list it (it is derived, added after the save), so verification is unchanged.
+    """
+    final = step_dir / UNIVERSAL
+    if final.is_dir():
+        return final
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = step_dir / f".tmp_{UNIVERSAL}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that crashed
+    args = argparse.Namespace(
+        input_folder=str(step_dir / TAG), output_folder=str(tmp / TAG),
+        num_extract_workers=1, num_merge_workers=1,  # in-process: no process pools forked from a rank
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )
+    started = time.perf_counter()
+    chatter = io.StringIO()  # the converter prints progress: keep it out of the run's output
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        ds_to_universal(args)
+    os.rename(tmp, final)
+    log.info("converted %s to a universal checkpoint in %.1f s", step_dir / TAG, time.perf_counter() - started)
+    return final
