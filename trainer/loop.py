@@ -251,12 +251,6 @@ class Trainer:
                 f"checkpoint {path} was saved by {state['strategy']}; {self.cfg.train.strategy} cannot resume it "
                 "(start from its weights with model.init and checkpoint.resume=never instead)"
             )
-        if saved_world != self.env.world_size and not self.strategy.reshardable:
-            raise UserError(
-                f"checkpoint {path} was saved by {state['strategy']} on {saved_world} ranks; "
-                f"{self.cfg.train.strategy} cannot resume it on {self.env.world_size} "
-                "(start from its weights with model.init and checkpoint.resume=never instead)"
-            )
         self.strategy.load(path)
         ranks = [torch.load(path / checkpoint.rank_file(r), weights_only=False) for r in range(saved_world)]
         if saved_world == self.env.world_size:

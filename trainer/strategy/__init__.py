@@ -37,8 +37,6 @@ class Strategy(abc.ABC):
     # Whether the LM head weight may be used outside the model's forward (the chunked linear+CE does);
     # false where parameters are gathered only inside a module's own forward (ZeRO-3).
     supports_hidden_loss = True
-    # Whether a checkpoint saved at one world size loads at another.
-    reshardable = True
     # The on-disk format of ``save``: strategies sharing one can resume each other's checkpoints.
     checkpoint_format = "dcp"
 
