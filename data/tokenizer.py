@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,18 +58,7 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: {len(specials)} special tokens and "
             f"{len(alphabet)} byte symbols need at least {len(specials) + len(alphabet) + 1}"
         )
-    if model == "bpe":
-        tok = Tokenizer(models.BPE())
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-            initial_alphabet=alphabet, show_progress=False,
-        )
-    else:
-        tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
-            initial_alphabet=alphabet, show_progress=False,
-        )
+    tok = Tokenizer(models.BPE() if model == "bpe" else models.Unigram())
     if split == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif split == "whitespace":
@@ -80,7 +70,14 @@ def train_tokenizer(
     else:
         raise UserError(f"unknown split {split!r}; choose from gpt2, whitespace")
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_non_empty(texts), trainer)
+    if model == "bpe":
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            initial_alphabet=alphabet, show_progress=False,
+        )
+        tok.train_from_iterator(_non_empty(texts), trainer)
+    else:
+        _train_unigram(tok, _non_empty(texts), vocab_size=vocab_size, specials=specials)
     if tok.get_vocab_size() <= len(specials):
         raise UserError("the tokenizer saw no text to train on; check the input files")
     bos_id = tok.token_to_id(BOS)
@@ -183,6 +180,44 @@ def load_tokenizer(path: str | Path) -> TessTokenizer:
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return TessTokenizer(path, tok, config)
+
+
+# Two characters no byte-level word can hold (ByteLevel maps every byte to a printable one).
+_SEPARATOR, _AGAIN = "\0", "\1"
+
+
+def _train_unigram(tok: Any, texts: Iterable[str], *, vocab_size: int, specials: list[str]) -> None:
+    """Fit a Unigram model on the words ``tok`` cuts ``texts`` into and install it as ``tok.model``.
+
+    ``UnigramTrainer`` takes its seed pieces from a suffix array over the *distinct* words, keeping only
+    substrings that recur followed by different characters: a whole word is a seed only where it also
+    occurs inside other words, however frequent it is (on SCAN's 21 words the vocabulary stayed near
+    characters). sentencepiece builds that array over sentences, where frequent words recur. So each word
+    goes to the trainer as one sentence holding it twice: ``w<0>w<1>`` if seen twice or more (``w`` recurs
+    followed by the trainer's separator ``<0>`` and by ``<1>``: a seed), ``w<0>w`` if seen once (not a seed,
+    as in sentencepiece); ``<0>``/``<1>`` are the characters ``\\x00``/``\\x01``. No seed can span ``<0>`` (the
+    trainer drops those) or ``<1>`` (always followed by ``<0>``); every count is doubled alike. Both characters
+    are dropped from the vocabulary afterwards (asked for two more pieces so the size comes out right).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words: Counter[str] = Counter()
+    for text in texts:
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        words.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(text))
+    if not words:
+        raise UserError("the tokenizer saw no text to train on; check the input files")
+    sentences = (f"{w}{_SEPARATOR}{w}{_AGAIN if n > 1 else ''}" for w, n in words.items() for _ in range(n))
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size + 2, special_tokens=specials, unk_token=UNK,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    fitted = Tokenizer(models.Unigram())  # no normalizer or pre-tokenizer: each string is one sentence
+    fitted.train_from_iterator(sentences, trainer)
+    pieces = json.loads(fitted.to_str())["model"]["vocab"]
+    tok.model = models.Unigram([(p, s) for p, s in pieces if p not in (_SEPARATOR, _AGAIN)], specials.index(UNK))
+    tok.add_special_tokens(specials)
 
 
 def _non_empty(texts: Iterable[str]) -> Iterator[str]:

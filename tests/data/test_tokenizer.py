@@ -1,11 +1,15 @@
+import json
+
 import pytest
 
 from common.errors import UserError
 from data.conversations import render
+from data.readers import iter_documents
 from data.tokenizer import load_tokenizer, special_tokens, train_tokenizer
 
 TEXTS = ["Once upon a time, a tiny robot named Zed (née Zedd) found 3.14 €... ✨",
          "  leading spaces\tand tabs\nnew lines\n\n", "日本語のテキストも大丈夫", ""]
+UNSEEN = "bytes no corpus here holds: \x00\x07\x7f Ελληνικά 🦜 \u200b\r\n"
 
 
 def test_round_trip_and_special_ids(tokenizer):
@@ -23,6 +27,10 @@ def test_round_trip_and_special_ids(tokenizer):
 
 
 def test_transformers_loads_it(tokenizer, tokenizer_dir):
+    assert_transformers_agrees(tokenizer, tokenizer_dir)
+
+
+def assert_transformers_agrees(tokenizer, tokenizer_dir):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -38,12 +46,36 @@ def test_transformers_loads_it(tokenizer, tokenizer_dir):
     assert ours.startswith("<|bos|><|user|>\nHi there<|end|>")
 
 
-def test_unigram_round_trip(tmp_path, examples):
-    texts = (examples / "pretrain_tinyshakespeare.txt").read_text().split("\n\n")[:400]
-    tok = train_tokenizer(texts, tmp_path, vocab_size=500, model="unigram", num_sentinels=4)
-    text = "First Citizen: Before we proceed any further, hear me speak. ünïcödé"
-    assert tok.decode(tok.encode(text)) == text
-    assert load_tokenizer(tmp_path).vocab_size == tok.vocab_size
+def test_unigram_keeps_scan_words_whole(tmp_path, examples):
+    """SCAN has 21 distinct words: each must be one piece (the stock trainer left most of them in characters)."""
+    lines = (examples / "seq2seq_scan_simple_train_quarter.txt").read_text().splitlines()
+    tok = train_tokenizer(lines, tmp_path, vocab_size=512, model="unigram", split="whitespace", num_sentinels=4)
+    words = sorted({w for line in lines for w in line.split()})
+    assert len(words) == 21
+    assert {w: len(tok.encode(w)) for w in words} == dict.fromkeys(words, 1)
+    assert sum(map(len, tok.encode_batch(lines))) / sum(len(line.split()) for line in lines) < 1.1
+    assert tok.decode(tok.encode(lines[0])) == " " + lines[0]
+
+
+def test_unigram_vocabulary_is_full_and_compresses_like_bpe(tmp_path, examples):
+    texts = [d.text for d in iter_documents([examples / "pretrain_tinystories_valid_head.txt"])]
+    unigram = train_tokenizer(texts, tmp_path / "unigram", vocab_size=4000, model="unigram", num_sentinels=16)
+    bpe = train_tokenizer(texts, tmp_path / "bpe", vocab_size=4000, num_sentinels=16)
+    assert unigram.vocab_size == 4000
+    words = [w for t in texts for w in t.split()]
+    per_word = {tok: sum(map(len, tok.encode_batch(texts))) / len(words) for tok in (unigram, bpe)}
+    chars_per_word = sum(map(len, words)) / len(words)
+    assert per_word[unigram] < 1.1 * per_word[bpe]
+    assert per_word[unigram] < chars_per_word / 3
+    pieces = [p for p, _ in json.loads((tmp_path / "unigram" / "tokenizer.json").read_text())["model"]["vocab"]]
+    assert sum(len(p) > 1 for p in pieces[len(special_tokens(16)):]) > 3000
+    for text in [*texts[:500], *TEXTS, UNSEEN]:
+        assert unigram.decode(unigram.encode(text)) == text
+    assert (unigram.pad_id, unigram.bos_id, unigram.eos_id, unigram.mask_id) == (0, 1, 2, 4)
+    assert unigram.special_ids == set(range(len(special_tokens(16))))
+    assert unigram.encode("<|user|>") == [unigram.role_ids["user"]]
+    assert load_tokenizer(tmp_path / "unigram").vocab_size == 4000
+    assert_transformers_agrees(unigram, tmp_path / "unigram")
 
 
 def test_bad_inputs(tmp_path):
