@@ -177,9 +177,10 @@ class Outcome:
 
 
 def watch(proc: subprocess.Popen, host_limit_bytes: int, timeout_s: float, poll_s: float = 0.2) -> Outcome:
-    """Wait for ``proc``; kill its process group when its RSS crosses the limit or time runs out.
+    """Wait for ``proc``; kill it when its RSS crosses the limit or time runs out.
 
-    The peak RSS is the kernel's own (``wait4``), also for a killed child.
+    The peak RSS is the kernel's own (``wait4``), also for a killed child. The child stays in our
+    process group, so that ``timeout`` and the end of a device call reach it too.
     """
     deadline = time.monotonic() + timeout_s
     killed_for, peak = None, 0
@@ -196,7 +197,7 @@ def watch(proc: subprocess.Popen, host_limit_bytes: int, timeout_s: float, poll_
             elif time.monotonic() > deadline:
                 killed_for = "timeout"
             if killed_for:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
         time.sleep(poll_s)
 
 
@@ -231,9 +232,13 @@ def probe(size: str, settings: Settings, host_limit_gib: float, timeout_s: float
                "--settings", json.dumps(dataclasses.asdict(settings))]
     started = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        outcome = watch(proc, int(host_limit_gib * GIB), timeout_s)
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            outcome = watch(proc, int(host_limit_gib * GIB), timeout_s)
+        finally:
+            if proc.returncode is None:  # we are being stopped (SIGTERM, Ctrl-C): the child goes too
+                proc.kill()
+                proc.wait()
     text = log_path.read_text(errors="replace")
     results = [line[len(RESULT_PREFIX):] for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
     row: dict[str, Any] = json.loads(results[-1]) if results else {}
@@ -277,7 +282,7 @@ def run_ladder(sizes: list[str], settings: Settings, host_ram_gib: float, budget
     for size in sizes:
         params = count_parameters(settings.model_config(size))
         row: dict[str, Any] = {"size": size, "params": params, "host_estimate_gib": host_estimate_gib(params)}
-        left = budget_s - (time.monotonic() - started)
+        left = max(0.0, budget_s - (time.monotonic() - started))
         if stopped:
             row["status"] = f"not run: {stopped}"
         elif row["host_estimate_gib"] > host_ram_gib:
@@ -290,6 +295,8 @@ def run_ladder(sizes: list[str], settings: Settings, host_ram_gib: float, budget
             print(f"{size}: {_params(params)} parameters ...", flush=True)
             row.update(probe(size, settings, host_ram_gib, min(size_timeout_s, left), log_dir / f"{size}.log"))
             report["device"] = report["device"] or row.get("device")
+            print(f"{size}: {row['status']}, {_fmt(row.get('step_s'), '.1f')} s/step, "
+                  f"host RSS peak {row['host_rss_peak_gib']:.1f} GiB, {row['wall_s']:.0f} s in all", flush=True)
             if row["status"] == "ok":
                 report["largest_ok"] = {"size": size, "params": params}
             else:
@@ -380,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         micro_batch=args.micro_batch, steps=args.steps or (2 if args.smoke else 3), smoke=args.smoke,
     )
     host_ram = args.host_ram_gib if args.host_ram_gib is not None else mem_available_gib() - HOST_MARGIN_GIB
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind (and end the running size) on timeout's TERM
     report = run_ladder(sizes, settings, host_ram, args.budget_s, args.size_timeout_s, args.min_size_s,
                         args.json, args.log_dir)
     print_table(report)

@@ -53,7 +53,7 @@ def test_unknown_size_is_one_line(capsys):
 
 
 def _child(code: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def test_watchdog_kills_a_child_over_the_host_limit():
