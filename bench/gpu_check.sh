@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # One prepared GPU run (see bench/RESULTS.md): kernel parity tests, then the side-by-side benchmark.
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh [bench args...]
-# Output lands in ${OUT:-out}/ (gpu_tests.log, gpu_train.json, gpu_train.log).
+# Sized for one device call of under 9 minutes: tests ≤ 2 min, benchmark rows started within 5 min
+# (bench/gpu_train.py --budget-s; a row in flight may finish after). Wheels the image lacks
+# (bench/fetch_gpu_wheels.sh → .whl/, named in the call's carry) are installed first: liger-kernel
+# for the Liger rows and tests, deepspeed for the ZeRO-3 probe.
+# Output lands in ${OUT:-out}/ (device.txt, gpu_tests.log, gpu_train.json/.log, zero3_offload.json/.log).
 set -uo pipefail
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log"
-timeout 420 python3 bench/gpu_train.py --json "$out/gpu_train.json" "$@" 2>&1 | tee "$out/gpu_train.log"
 
-# Optional, ZERO3=1: the ZeRO-3 + CPU offload size probe (issue 7), up to 8 more minutes (bench/RESULTS.md says how
-# to give it a device call of its own). It needs deepspeed, which the image lacks: bench/fetch_gpu_wheels.sh puts it
-# in .whl/ (name .whl in the call's carry).
+# ZERO3=1 runs only the ZeRO-3 + CPU offload size probe (issue 7), in a device call of its own (up to 8 minutes).
 if [ "${ZERO3:-0}" = 1 ]; then
-  if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
-  fi
   timeout 480 python3 bench/zero3_offload.py --budget-s "${ZERO3_BUDGET_S:-420}" --json "$out/zero3_offload.json" 2>&1 \
     | tee "$out/zero3_offload.log"
+  exit
 fi
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log"
+timeout 390 python3 bench/gpu_train.py --budget-s "${BENCH_BUDGET_S:-300}" --json "$out/gpu_train.json" "$@" 2>&1 \
+  | tee "$out/gpu_train.log"
