@@ -96,7 +96,7 @@ def train_size(size: str, settings: Settings) -> dict[str, Any]:
     from trainer.strategy.deepspeed import import_deepspeed
 
     train_cfg = TrainConfig.from_dict({
-        "strategy": "zero3", "offload": "optimizer+params", "precision": "bf16", "activation_checkpointing": True,
+        "strategy": "zero3", "offload": "optimizer+params", "precision": "bf16", "activation_checkpointing": "full",
         "micro_batch_size": settings.micro_batch, "lr": 1e-4, "min_lr": 0.0, "warmup_steps": 0,
     }, "train")
     cfg = settings.model_config(size)
