@@ -3,7 +3,10 @@
 An :class:`AttentionMask` says what each query may see (causal, prefix-LM, sliding window, same
 document, non-padding keys) and which score bias applies (ALiBi, T5). Each backend turns it into what its
 kernel wants: eager and SDPA a dense boolean/additive mask (or ``is_causal`` alone when the mask
-is plainly causal), flex a ``BlockMask`` plus a ``score_mod``. Eager is the reference.
+is plainly causal), flex a ``BlockMask`` plus a ``score_mod``. Eager is the reference. ``auto`` (the
+default) is SDPA, except on CUDA for self-attention over a whole sequence whose mask SDPA's flash /
+cuDNN kernels cannot take (documents, prefix-LM, sliding window, ALiBi, T5 bias): there compiled
+FlexAttention keeps it fused instead of materialising a [B, H, T, T] mask.
 """
 
 from __future__ import annotations
@@ -38,12 +41,19 @@ class AttentionMask:
     def prepare(self, attn: Attn, batch: int, tq: int, tk: int, device: torch.device, dtype: torch.dtype) -> None:
         """Build what backend ``attn`` will ask for now, outside the blocks (so compiled blocks only
         read it). Whatever is not prepared is still built on first use."""
-        if attn == Attn.flex:
+        if attn == Attn.flex or (attn == Attn.auto and self.wants_flex(device, tq, tk, dropout_p=0.0)):
             self.block_mask(batch, tq, tk, device)
         elif attn == Attn.eager or self.bias is not None:
             self.additive(tq, tk, device, dtype)
         elif not self.plain_causal(tq, tk):
             self.allowed(tq, tk, device)
+
+    def wants_flex(self, device: torch.device, tq: int, tk: int, dropout_p: float) -> bool:
+        """Whether ``auto`` runs FlexAttention: CUDA, no dropout, no KV cache (a growing cache would
+        recompile flex every step), and a mask or bias beyond causal + key padding."""
+        special = (self.document_ids is not None or self.prefix_lengths is not None
+                   or self.sliding_window is not None or self.bias is not None)
+        return device.type == "cuda" and not dropout_p and self.q_offset == 0 and tq == tk and special
 
     def plain_causal(self, tq: int, tk: int) -> bool:
         """True when the mask is exactly the lower triangle SDPA's ``is_causal`` applies."""
@@ -178,7 +188,15 @@ def flex_attention(q, k, v, mask: AttentionMask, scale: float, dropout_p: float)
                 enable_gqa=k.shape[1] != q.shape[1])
 
 
+def auto_attention(q, k, v, mask: AttentionMask, scale: float, dropout_p: float) -> torch.Tensor:
+    """SDPA, or FlexAttention where :meth:`AttentionMask.wants_flex` says so."""
+    if mask.wants_flex(q.device, q.shape[2], k.shape[2], dropout_p):
+        return flex_attention(q, k, v, mask, scale, dropout_p)
+    return sdpa_attention(q, k, v, mask, scale, dropout_p)
+
+
 BACKENDS: dict[Attn, Callable[..., torch.Tensor]] = {
+    Attn.auto: auto_attention,
     Attn.eager: eager_attention,
     Attn.sdpa: sdpa_attention,
     Attn.flex: flex_attention,

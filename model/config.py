@@ -46,6 +46,7 @@ class Mlp(enum.StrEnum):
 
 
 class Attn(enum.StrEnum):
+    auto = "auto"  # sdpa, or compiled flex on CUDA where a mask or score bias would leave SDPA's fused kernels
     eager = "eager"
     sdpa = "sdpa"
     flex = "flex"
@@ -89,7 +90,7 @@ class ModelConfig(Config):
     norm_position: NormPosition = NormPosition.pre
     mlp: Mlp = Mlp.swiglu
     gelu_tanh: bool = False  # tanh approximation of GELU (GPT-2 "gelu_new", T5 v1.1 "gated-gelu")
-    attn: Attn = Attn.sdpa
+    attn: Attn = Attn.auto
     kernels: Kernels = Kernels.torch  # liger: Liger-Kernel for norm/GLU/RoPE/linear+CE on CUDA (model/kernels.py)
     attn_scale: float | None = None  # None means 1/sqrt(head_dim); T5 uses 1.0
     sliding_window: int | None = None  # a query sees itself and the window-1 keys before it

@@ -93,3 +93,26 @@ def test_liger_bf16_training_step_stays_close_to_pytorch():
                                                           liger=choice == "liger") / ids.numel()
         losses[choice].backward()
     assert abs(losses["liger"].item() - losses["torch"].item()) <= 1e-2 * losses["torch"].item()
+
+
+@pytest.mark.parametrize("pos", ["rope", "t5_bias"])
+def test_auto_attention_runs_flex_for_documents_and_matches_eager(pos):
+    from model.attention import AttentionMask
+
+    ids, docs = packed_batch()
+    built = []
+    original = AttentionMask._block_mask
+    AttentionMask._block_mask = lambda self, *a: built.append(1) or original(self, *a)
+    try:
+        grads, outs = {}, {}
+        for attn in ("eager", "auto"):
+            model = seeded(tiny(pos=pos, attn=attn, max_seq_len=256)).to(CUDA)
+            logits = model(ids, document_ids=docs)
+            logits.logsumexp(-1).mean().backward()
+            outs[attn], grads[attn] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    finally:
+        AttentionMask._block_mask = original
+    assert built, "auto did not build a FlexAttention block mask"
+    torch.testing.assert_close(outs["auto"], outs["eager"], atol=1e-4, rtol=1e-4)
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["auto"][name], grad, atol=1e-4, rtol=1e-3, msg=name)

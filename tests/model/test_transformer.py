@@ -188,3 +188,27 @@ def test_prefix_lm_sees_its_prefix_both_ways_and_backends_agree():
                                    atol=1e-6, rtol=0)
     torch.testing.assert_close(out["sdpa"], out["eager"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["flex"], out["eager"], atol=1e-5, rtol=0)
+
+
+def test_auto_attention_takes_flex_only_where_sdpa_would_lose_its_fused_kernels():
+    from model.attention import AttentionMask
+    from model.position import Alibi
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    docs = torch.zeros(2, 8, dtype=torch.long)
+    assert AttentionMask(causal=True, document_ids=docs).wants_flex(cuda, 8, 8, dropout_p=0.0)
+    assert AttentionMask(causal=True, sliding_window=4).wants_flex(cuda, 8, 8, dropout_p=0.0)
+    assert AttentionMask(bias=Alibi(tiny(pos="alibi"))).wants_flex(cuda, 8, 8, dropout_p=0.0)
+    assert not AttentionMask(causal=True, document_ids=docs).wants_flex(cpu, 8, 8, dropout_p=0.0)  # no CPU backward
+    assert not AttentionMask(causal=True, document_ids=docs).wants_flex(cuda, 8, 8, dropout_p=0.1)  # no dropout
+    assert not AttentionMask(causal=True, sliding_window=4, q_offset=7).wants_flex(cuda, 1, 8, dropout_p=0.0)  # cache
+    assert not AttentionMask(causal=True).wants_flex(cuda, 8, 8, dropout_p=0.0)  # flash / cuDNN take it
+    assert not AttentionMask(key_padding=torch.ones(2, 8, dtype=torch.bool)).wants_flex(cuda, 8, 8, dropout_p=0.0)
+
+
+def test_auto_attention_is_sdpa_on_cpu():
+    ids = torch.randint(1, 64, (2, 16))
+    docs = torch.zeros(2, 16, dtype=torch.long)
+    docs[:, 9:] = 1
+    logits = {attn: seeded(tiny(attn=attn, pos="alibi"))(ids, document_ids=docs) for attn in ("auto", "sdpa")}
+    torch.testing.assert_close(logits["auto"], logits["sdpa"], rtol=0, atol=0)
