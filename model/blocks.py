@@ -77,6 +77,7 @@ class Stack(nn.Module):
                 memory: torch.Tensor | None = None,
                 memory_padding: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         q_offset = cache.length(self.layers[0].attn.layer_id) if cache is not None else 0
+        key_padding, memory_padding = _drop_if_all_real(key_padding), _drop_if_all_real(memory_padding)
         mask = AttentionMask(causal=self.causal, q_offset=q_offset, key_padding=key_padding,
                              document_ids=document_ids, prefix_lengths=prefix_lengths,
                              sliding_window=self.sliding_window, bias=self.score_bias)
@@ -94,3 +95,11 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = layer(x, ctx)
         return self.final_norm(x) if self.final_norm is not None else x
+
+
+def _drop_if_all_real(padding: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a padding mask without padding, so SDPA may take its flash/cuDNN kernels (which take no
+    mask) instead of the masked ones; as transformers does, at the cost of one host sync."""
+    if padding is None or not bool(padding.all()):
+        return padding
+    return None

@@ -212,3 +212,22 @@ def test_auto_attention_is_sdpa_on_cpu():
     docs[:, 9:] = 1
     logits = {attn: seeded(tiny(attn=attn, pos="alibi"))(ids, document_ids=docs) for attn in ("auto", "sdpa")}
     torch.testing.assert_close(logits["auto"], logits["sdpa"], rtol=0, atol=0)
+
+
+def test_a_padding_mask_without_padding_is_dropped_so_sdpa_keeps_its_unmasked_kernels():
+    from model.attention import Attention
+
+    model = seeded(tiny(arch="encoder", pos="learned"))
+    seen = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            backend = module.backend
+            module.backend = lambda q, k, v, mask, *rest, backend=backend: seen.append(mask.key_padding) or backend(
+                q, k, v, mask, *rest)
+    ids = torch.randint(1, 64, (2, 8))
+    full = torch.ones(2, 8, dtype=torch.bool)
+    padded = full.clone()
+    padded[1, 6:] = False
+    assert torch.equal(model(ids, attention_mask=full), model(ids))
+    model(ids, attention_mask=padded)
+    assert [p is None for p in seen] == [True] * 4 + [False] * 2
