@@ -179,7 +179,7 @@ def flex_attention(q, k, v, mask: AttentionMask, scale: float, dropout_p: float)
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise UserError("attn=flex has no backward on CPU (torch FlexAttention); train on CPU with attn=sdpa")
-    if q.is_cuda:
+    if q.is_cuda and not torch.compiler.is_compiling():  # inside a compiled block, dynamo compiles flex itself
         _compiled_flex = _compiled_flex or torch.compile(flex, dynamic=False)
         flex = _compiled_flex
     block_mask = mask.block_mask(q.shape[0], q.shape[2], k.shape[2], q.device)
