@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run (see bench/RESULTS.md): kernel parity tests, then the side-by-side benchmark.
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_check.sh [bench args...]
-# Sized for one device call of under 9 minutes: tests ≤ 2 min, benchmark rows started within 5 min
+# Sized for one device call of under 9 minutes: tests ≤ 3 min, benchmark rows started within 4.5 min
 # (bench/gpu_train.py --budget-s; a row in flight may finish after). Wheels the image lacks
 # (bench/fetch_gpu_wheels.sh → .whl/, named in the call's carry) are installed first: liger-kernel
 # for the Liger rows and tests, deepspeed for the ZeRO-3 probe.
@@ -22,6 +22,6 @@ if [ "${ZERO3:-0}" = 1 ]; then
     | tee "$out/zero3_offload.log"
   exit
 fi
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log"
-timeout 390 python3 bench/gpu_train.py --budget-s "${BENCH_BUDGET_S:-300}" --json "$out/gpu_train.json" "$@" 2>&1 \
+DS_ACCELERATOR=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py tests/dist/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log"
+timeout 330 python3 bench/gpu_train.py --budget-s "${BENCH_BUDGET_S:-270}" --json "$out/gpu_train.json" "$@" 2>&1 \
   | tee "$out/gpu_train.log"
