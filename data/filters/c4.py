@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 
-from data.text import TextView
+from data.text import TERMINAL_PUNCTUATION, TextView, split_words
 
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 END_PUNCTUATION = (".", "?", "!", '"', "'")
-SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
@@ -34,7 +34,7 @@ class C4Filter:
         for line in doc.lines:
             line = line.strip()
             words = line.split()
-            if self.max_word_length != -1 and any(len(w) > self.max_word_length for w in words):
+            if 0 <= self.max_word_length < len(line) and any(len(w) > self.max_word_length for w in words):
                 continue
             if self.remove_citations:
                 line = CITATION.sub("", line)
@@ -51,7 +51,8 @@ class C4Filter:
                 return "curly_bracket"
             if self.filter_policy and any(p in lower for p in POLICY):
                 continue
-            sentences += max(1, len(SENTENCE_END.findall(line)))
+            if sentences < self.min_num_sentences:  # past the minimum the count no longer matters
+                sentences += count_sentences(line)
             kept.append(line)
         if sentences < self.min_num_sentences:
             return "too_few_sentences"
@@ -59,3 +60,15 @@ class C4Filter:
         if text != doc.text:
             doc.replace_text(text)
         return None
+
+
+def count_sentences(line: str) -> int:
+    """Sentences in a line as spaCy's sentencizer (datatrove's) counts them: a new one starts at the first
+    token that is not punctuation after a token that is a sentence-ending mark (so "Mr." or "..." end none)."""
+    count, ended = 1, False
+    for token in split_words(line):
+        if token in TERMINAL_PUNCTUATION:
+            ended = True
+        elif ended and not all(unicodedata.category(c).startswith("P") for c in token):
+            count, ended = count + 1, False
+    return count

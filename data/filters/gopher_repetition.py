@@ -13,6 +13,7 @@ from collections import Counter
 from data.text import TextView
 
 PARAGRAPH = re.compile(r"\n{2,}")
+LINES = re.compile(r"\n+")  # blank lines are not lines here (datatrove's split)
 
 
 def find_duplicates(items: list[str]) -> tuple[int, int]:
@@ -47,7 +48,7 @@ class GopherRepetitionFilter:
             return "dup_para_frac"
         if chars / size > self.dup_para_char_frac:
             return "dup_para_char_frac"
-        lines = doc.lines or [""]
+        lines = LINES.split(text)
         count, chars = find_duplicates(lines)
         if count / len(lines) > self.dup_line_frac:
             return "dup_line_frac"

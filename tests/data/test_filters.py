@@ -9,7 +9,7 @@ import random
 import pytest
 
 from data import filters
-from data.filters.c4 import C4Filter
+from data.filters.c4 import C4Filter, count_sentences
 from data.filters.fineweb import FineWebFilter
 from data.filters.gopher_quality import GopherQualityFilter
 from data.filters.gopher_repetition import GopherRepetitionFilter
@@ -169,6 +169,39 @@ def fineweb_lines(n_punct: int = 10, n_short: int = 0, dup: bool = False, tokens
 def test_fineweb_rules(rule, removed, kept):
     assert verdict(FineWebFilter(), removed) == rule
     assert passes(FINEWEB_ORDER, rule, verdict(FineWebFilter(), kept))
+
+
+def test_gopher_quality_counts_like_datatrove():
+    """Ratios are per token, punctuation included; a stop word counts once however often it occurs."""
+    plain = words(60, 3)
+    assert verdict(GopherQualityFilter(), " ".join(w + ";" for w in plain) + " the and") == (
+        "gopher_below_alpha_threshold")  # half the tokens are semicolons
+    assert verdict(GopherQualityFilter(), " ".join(plain) + " the" * 5) == "gopher_enough_stop_words"
+    assert verdict(GopherQualityFilter(), " ".join(plain) + " the with") is None
+
+
+def test_repetition_lines_skip_blank_lines():
+    """Paragraphs apart by blank lines: the blank lines are not repeated lines (datatrove splits at \\n+)."""
+    text = "\n\n".join(" ".join(words(8, 100 + i)) for i in range(10))
+    assert verdict(GopherRepetitionFilter(), text) is None
+
+
+def test_fineweb_lines_like_datatrove():
+    """Blank lines are not lines; a closing quote does not end a line (datatrove's terminal punctuation)."""
+    spaced = fineweb_lines(n_punct=2).replace("\n", "\n\n")  # 2 of 10 lines punctuated, not 2 of 19
+    assert passes(FINEWEB_ORDER, "line_punct_ratio", verdict(FineWebFilter(), spaced))
+    quoted = "\n".join(f'He said "{" ".join(words(6, 400 + i))}"' for i in range(10))
+    assert verdict(FineWebFilter(), quoted) == "line_punct_ratio"
+
+
+@pytest.mark.parametrize(("line", "count"), [
+    ("Mr. Smith went home. He slept well", 2), ("Wait... what now", 1), ("What work is in hand? where go you", 2),
+    ('He said "Hi." Then he left!', 2), ("3.14 is pi. U.S.A. is big", 2), ("Stop!!! Go on. (Yes.) Fine", 4),
+    ("Dr. J. Smith arrived at 10:30 a.m. on Jan. 5. It rained.", 2), ("No end mark at all", 1),
+])
+def test_c4_counts_sentences_like_spacy(line, count):
+    """The counts spaCy's sentencizer gives (datatrove's C4 filter counts sentences with it)."""
+    assert count_sentences(line) == count
 
 
 def test_build_and_normalize():

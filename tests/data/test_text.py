@@ -1,0 +1,41 @@
+"""The word splitter against spaCy's English tokenizer (the one datatrove's filters use).
+
+Each expected split is what ``spacy.blank("en")`` produced for the text (spaCy 3, via datatrove 0.10)."""
+
+import pytest
+
+from data.text import TextView, is_punctuation, split_words
+
+SPACY_SPLITS = [
+    ("I'd you'd he'll they're we've I'm flay'd John'll I'LL",
+     ["I", "'d", "you", "'d", "he", "'ll", "they", "'re", "we", "'ve", "I", "'m", "flay'd", "John'll", "I'LL"]),
+    ("don't can't won't isn't cannot it’s don’t I’ll",
+     ["do", "n't", "ca", "n't", "wo", "n't", "is", "n't", "can", "not", "it", "’s", "do", "n’t", "I", "’ll"]),
+    ("John's JOHN'S Peter’s dogs' o'er ne'er o' 'tis th'",
+     ["John", "'s", "JOHN", "'S", "Peter", "’s", "dogs", "'", "o'er", "ne'er", "o", "'", "'", "tis", "th", "'"]),
+    ("on't DON'T Shouldn't 'em 'cause I'd've I... Mr... J. a.",
+     ["on't", "DON'T", "Should", "n't", "'em", "'cause", "I", "'d", "'ve", "I", "...", "Mr", "...", "J.", "a."]),
+    ("Hello?! Wait... what?? (yes) \"quoted\" well—then a--b",
+     ["Hello", "?", "!", "Wait", "...", "what", "?", "?", "(", "yes", ")", '"', "quoted", '"', "well", "—", "then",
+      "a", "--", "b"]),
+    ("3.14 1,000 $5.00 50% 5th", ["3.14", "1,000", "$", "5.00", "50", "%", "5th"]),
+    ("Mr. Smith vs. Dr. Who, U.S.A. and e.g. i.e. etc. St. Paul Jan. 5",
+     ["Mr.", "Smith", "vs.", "Dr.", "Who", ",", "U.S.A.", "and", "e.g.", "i.e.", "etc", ".", "St.", "Paul", "Jan.",
+      "5"]),
+    ("See http://example.com/a?b=c and www.x.org #tag e-mail",
+     ["See", "http://example.com/a?b=c", "and", "www.x.org", "#", "tag", "e", "-", "mail"]),
+    ("“quote” ‘single’ …and… the end. CAPS. OK. word.Word",
+     ["“", "quote", "”", "‘", "single", "’", "…", "and", "…", "the", "end", ".", "CAPS", ".", "OK", ".", "word", ".",
+      "Word"]),
+]
+
+
+@pytest.mark.parametrize(("text", "tokens"), SPACY_SPLITS, ids=[t[:20] for t, _ in SPACY_SPLITS])
+def test_split_words_follows_spacy(text, tokens):
+    assert split_words(text) == tokens
+
+
+def test_plain_words_drop_symbol_tokens():
+    view = TextView("Well -- the end... (really) «ok» ___ 42 １ café!")
+    assert view.plain_words == ["Well", "the", "end", "really", "ok", "42", "café"]
+    assert is_punctuation("«…»") and not is_punctuation("a.")
