@@ -27,13 +27,11 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.liger is not None and x.is_cuda:  # two matmuls, so gate and up arrive contiguous
-            gate_w, up_w = self.up.weight.chunk(2)
-            gate_b, up_b = self.up.bias.chunk(2) if self.up.bias is not None else (None, None)
-            return self.down(self.liger(F.linear(x, gate_w, gate_b), F.linear(x, up_w, up_b)))
-        h = self.up(x)
+        h = self.up(x)  # through the module: ZeRO-3 gathers its weight only for its own forward
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
+            if self.liger is not None and x.is_cuda:
+                return self.down(self.liger(gate, up))
             return self.down(self.act(gate) * up)
         return self.down(self.act(h))
 
