@@ -3,7 +3,9 @@
 - ``encoder``: MLM-pretrain a small BERT on the SMS Spam Collection's texts, fine-tune it as a
   spam/ham classifier, report validation accuracy against the majority-class baseline;
 - ``seq2seq``: span-corruption-pretrain a small T5 on SCAN's training lines, fine-tune it on
-  commands → actions, report greedy exact match on SCAN's test split.
+  commands → actions, report greedy exact match on SCAN's test split (~0.95 in ~5 minutes on 2 cores;
+  the fine-tuning lr stays at 1e-3: 3e-3 hardens the encoder's attention until T5's position bias
+  cannot steer it, the encoder reads a bag of words and exact match falls to 2%).
 
 Each stage is a `tessera` command (printed before it runs) with a YAML recipe in configs/recipes/.
 The data is already clean, so there is no prep stage: split → tokenizer → shards → pretrain →
