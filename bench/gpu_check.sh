@@ -22,6 +22,6 @@ if [ "${ZERO3:-0}" = 1 ]; then
     | tee "$out/zero3_offload.log"
   exit
 fi
-DS_ACCELERATOR=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py tests/dist/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log"
+DS_ACCELERATOR=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py tests/distributed/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log"
 timeout 330 python3 bench/gpu_train.py --budget-s "${BENCH_BUDGET_S:-270}" --json "$out/gpu_train.json" "$@" 2>&1 \
   | tee "$out/gpu_train.log"

@@ -109,7 +109,7 @@ def test_spike_guard_skips_counts_and_stops(corpus, tmp_path, strategy):
 
 
 def test_zero_checkpoint_resumed_by_another_strategy_is_refused(corpus, tmp_path):
-    # another world size resumes (tests/dist/test_zero_reshard.py); another on-disk format does not
+    # another world size resumes (tests/distributed/test_zero_reshard.py); another on-disk format does not
     spawn(train, 2, tiny_config(corpus, tmp_path, "train.strategy=zero2", "train.max_steps=2"))
     message = one_line_error(tiny_config(corpus, tmp_path, "train.strategy=fsdp", "train.max_steps=4"))
     assert "saved by zero2; fsdp cannot resume it" in message
