@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.config import merge, parse_overrides
-from tests.dist.spawn import spawn
+from tests.distributed.spawn import spawn
 from trainer.config import RunConfig
 from trainer.run import RunResult, run
 
@@ -197,7 +197,7 @@ def test_reward_model_learns_held_out_preferences(align_corpus, pipeline, tmp_pa
 @pytest.mark.slow
 def test_all_masked_sft_batches_are_skipped_not_trained(align_corpus, tmp_path):
     """With seq_len 4 every conversation is cut inside its prompt: no step may train on loss 0."""
-    from tests.dist.spawn import RanksFailed
+    from tests.distributed.spawn import RanksFailed
 
     raw = config(tmp_path, align_corpus.sft, "data.seq_len=4", "train.max_steps=5", "train.max_bad_steps=2",
                  "checkpoint.save_final=false")

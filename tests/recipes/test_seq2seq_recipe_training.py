@@ -23,7 +23,7 @@ from data.tasks import encode_task, read_seq2seq
 from data.tokenizer import train_tokenizer
 from model.io import load_pretrained
 from model.transformer import Seq2SeqLM
-from tests.dist.spawn import spawn
+from tests.distributed.spawn import spawn
 from trainer.config import RunConfig
 from trainer.run import RunResult, run
 
