@@ -20,9 +20,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp != Mlp.gelu
         self.act = F.silu if cfg.mlp == Mlp.swiglu else _gelu(cfg.gelu_tanh)
-        liger_covers = cfg.mlp == Mlp.swiglu or (cfg.mlp == Mlp.geglu and cfg.gelu_tanh)
-        self.liger = kernels.swiglu if cfg.mlp == Mlp.swiglu else kernels.geglu_tanh
-        self.liger = self.liger if cfg.kernels == Kernels.liger and liger_covers else None
+        liger = {Mlp.swiglu: kernels.swiglu, Mlp.geglu: kernels.geglu_tanh if cfg.gelu_tanh else None}.get(cfg.mlp)
+        self.liger = liger if cfg.kernels == Kernels.liger else None  # the fused act(gate) * up, where Liger has one
         self.up = nn.Linear(cfg.d_model, cfg.d_ff * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
