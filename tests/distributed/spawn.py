@@ -49,9 +49,13 @@ def _child(rank: int, world_size: int, port: int, env: dict[str, str], fn: Calla
         out.put(_Outcome(rank, False, (type(exc).__name__, str(exc), traceback.format_exc())))
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None = None, timeout: float = 240) -> list:
-    """``[fn(*args) on rank 0, ..., on rank N-1]``; raises RanksFailed if any rank fails."""
-    ctx = mp.get_context("fork")
+def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None = None, timeout: float = 240,
+          start: str = "fork") -> list:
+    """``[fn(*args) on rank 0, ..., on rank N-1]``; raises RanksFailed if any rank fails.
+
+    ``start="spawn"`` starts fresh interpreters instead (slower): what CUDA needs once anything in
+    this process may have initialised it."""
+    ctx = mp.get_context(start)
     out = ctx.Queue()
     port = free_port()
     procs = [

@@ -23,7 +23,7 @@ def train_rows(result) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
-    [result] = spawn(train, 1, tiny_config(corpus, tmp_path_factory.mktemp("single"), *GPU))
+    [result] = spawn(train, 1, tiny_config(corpus, tmp_path_factory.mktemp("single"), *GPU), start="spawn")
     return result
 
 
@@ -37,7 +37,7 @@ def test_single_gpu_bf16_learns_and_reports_mfu(single):
 def test_one_nccl_rank_follows_single(corpus, tmp_path, single, strategy):
     if strategy == "zero2":
         pytest.importorskip("deepspeed")
-    [result] = spawn(train, 1, tiny_config(corpus, tmp_path, *GPU, f"train.strategy={strategy}"))
+    [result] = spawn(train, 1, tiny_config(corpus, tmp_path, *GPU, f"train.strategy={strategy}"), start="spawn")
     np.testing.assert_allclose(result.losses, single.losses, rtol=2e-2)
 
 
@@ -45,5 +45,5 @@ def test_compiled_liger_selective_run_follows_the_plain_one(corpus, tmp_path, si
     pytest.importorskip("liger_kernel")
     raw = tiny_config(corpus, tmp_path, *GPU, "train.compile=true", "model.kernels=liger",
                       "train.activation_checkpointing=selective")
-    [result] = spawn(train, 1, raw)
+    [result] = spawn(train, 1, raw, start="spawn")
     np.testing.assert_allclose(result.losses, single.losses, rtol=2e-2)
