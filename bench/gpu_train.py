@@ -148,6 +148,10 @@ def tessera_runner(cfg: ModelConfig, compiled: bool, device: torch.device) -> tu
     return model, loss
 
 
+class Unsupported(Exception):
+    """A peer setting that does not exist for this workload (reported, not an error)."""
+
+
 def hf_runner(cfg: ModelConfig, mode: str, device: torch.device) -> tuple[torch.nn.Module, Callable]:
     import transformers
 
@@ -188,10 +192,6 @@ def liger_patch_undone() -> Iterator[None]:
         for name, value in module.items():
             setattr(modeling_llama, name, value)
         modeling_llama.LlamaForCausalLM.forward = forward
-
-
-class Unsupported(Exception):
-    """A peer setting that does not exist for this workload (reported, not an error)."""
 
 
 def time_mode(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int) -> dict:

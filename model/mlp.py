@@ -29,7 +29,7 @@ class MLP(nn.Module):
         h = self.up(x)  # through the module: ZeRO-3 gathers its weight only for its own forward
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            if self.liger is not None and x.is_cuda:
+            if kernels.use_liger(self.liger is not None, x):
                 return self.down(self.liger(gate, up))
             return self.down(self.act(gate) * up)
         return self.down(self.act(h))
