@@ -75,11 +75,6 @@ def host_estimate_gib(params: int) -> float:
     return params * HOST_BYTES_PER_PARAM / GIB + HOST_OVERHEAD_GIB
 
 
-def logits_gib(settings: Settings) -> float:
-    """The fp32 logits ZeRO-3 materialises (no chunked linear+CE: the LM head weight is gathered only in forward)."""
-    return settings.micro_batch * settings.seq_len * settings.vocab_size * 4 / GIB
-
-
 # --- the child: one size ---------------------------------------------------------------------------------
 
 
@@ -120,7 +115,7 @@ def train_size(size: str, settings: Settings) -> dict[str, Any]:
         if cuda:
             row["gpu_wrap_peak_gib"] = torch.cuda.max_memory_allocated() / GIB  # the fp32 model before partitioning
             torch.cuda.reset_peak_memory_stats()
-        objective = CausalLM("clm", train_cfg.loss_chunk_size if strategy.supports_hidden_loss else 0)
+        objective = CausalLM("clm", train_cfg.loss_chunk_size)
         batch = random_batch(cfg.vocab_size, settings, env.device)
         times, losses = [], []
         for _ in range(settings.steps):
@@ -276,7 +271,7 @@ def run_ladder(sizes: list[str], settings: Settings, host_ram_gib: float, budget
         "settings": dataclasses.asdict(settings),
         "strategy": "zero3, offload optimizer+params, bf16, activation checkpointing, torch fused AdamW on CPU",
         "host_ram_gib": host_ram_gib, "host_bytes_per_param": HOST_BYTES_PER_PARAM,
-        "host_overhead_gib": HOST_OVERHEAD_GIB, "logits_gib": logits_gib(settings), "rows": [], "largest_ok": None,
+        "host_overhead_gib": HOST_OVERHEAD_GIB, "rows": [], "largest_ok": None,
     }
     stopped: str | None = None
     for size in sizes:
@@ -318,8 +313,7 @@ def print_table(report: dict[str, Any]) -> None:
     s = report["settings"]
     print(f"device: {report['device'] or '-'}  torch {report['torch']}  deepspeed {report['deepspeed']}  "
           f"host RAM for the ladder: {report['host_ram_gib']:.0f} GiB")
-    print(f"{report['strategy']}; seq {s['seq_len']}, micro-batch {s['micro_batch']}, vocab {s['vocab_size']} "
-          f"(full fp32 logits: {report['logits_gib']:.2f} GiB per micro-batch)")
+    print(f"{report['strategy']}; seq {s['seq_len']}, micro-batch {s['micro_batch']}, vocab {s['vocab_size']}")
     header = (f"{'size':<8}{'params':>8}{'est host':>10}{'step s':>8}{'tokens/s':>10}{'TFLOP/s':>9}"
               f"{'GPU step':>10}{'GPU wrap':>10}{'host RSS':>10}  status")
     print(header)

@@ -6,12 +6,14 @@
 
 ``build_model(cfg, head)`` picks the class. Every model has ``.config``, ``.blocks()`` (the units
 a trainer wraps with FSDP and activation checkpointing), ``.output_weight()`` and a seeded
-``init_weights``.
+``init_weights``. An LM's forward takes a ``head_loss``: the loss over the head's input, weight and
+bias, computed inside forward, where sharded strategies (ZeRO-3, FSDP) have the weight gathered.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from model.norm import RMSNorm, make_norm
 from model.position import AbsolutePositions
 
 HEADS = ("lm", "classifier")
+
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(hidden [..., D], weight [V, D], bias [V] | None) -> loss``: e.g. a fused linear + cross-entropy."""
 
 
 class Embeddings(nn.Module):
@@ -65,11 +70,14 @@ class OutputHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if masked else None
         self.scale = cfg.d_model**-0.5 if cfg.scale_output else 1.0
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, return_hidden: bool) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, return_hidden: bool = False,
+                head_loss: HeadLoss | None = None) -> torch.Tensor:
         if self.transform is not None:
             hidden = self.transform(hidden)
         if self.scale != 1.0:
             hidden = hidden * self.scale
+        if head_loss is not None:
+            return head_loss(hidden, weight, self.bias)
         if return_hidden:
             return hidden
         return F.linear(hidden, weight, self.bias).float()
@@ -171,8 +179,9 @@ class TransformerLM(TesseraModel):
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_hidden: bool = False, cache: KVCache | None = None,
-                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] (fp32), or the head's input [B, T, D] when ``return_hidden``.
+                prefix_lengths: torch.Tensor | None = None, head_loss: HeadLoss | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (fp32), the head's input [B, T, D] when ``return_hidden``, or what
+        ``head_loss`` makes of the head's input, weight and bias.
 
         ``attention_mask`` marks real tokens (True) and, with a ``cache``, covers cached tokens too.
         ``prefix_lengths`` [B] makes a decoder a prefix-LM: the first n tokens of a row see each other.
@@ -184,7 +193,7 @@ class TransformerLM(TesseraModel):
         positions = resolve_positions(input_ids, attention_mask, document_ids, position_ids, offset)
         hidden = self.stack(self.embed(input_ids, positions), position_ids=positions, key_padding=attention_mask,
                             document_ids=document_ids, prefix_lengths=prefix_lengths, cache=cache)
-        return self.head(hidden, self.output_weight(), return_hidden)
+        return self.head(hidden, self.output_weight(), return_hidden, head_loss)
 
 
 class Seq2SeqLM(TesseraModel):
@@ -206,23 +215,26 @@ class Seq2SeqLM(TesseraModel):
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, *,
                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-               return_hidden: bool = False, cache: KVCache | None = None) -> torch.Tensor:
-        """Decoder logits given the encoder output ``memory`` (``attention_mask`` is the encoder's)."""
+               return_hidden: bool = False, cache: KVCache | None = None,
+               head_loss: HeadLoss | None = None) -> torch.Tensor:
+        """Decoder logits given the encoder output ``memory`` (``attention_mask`` is the encoder's);
+        ``return_hidden`` and ``head_loss`` as for :meth:`TransformerLM.forward`."""
         offset = cache.length(self.decoder.layers[0].attn.layer_id) if cache is not None else 0
         self.check_length(offset + decoder_input_ids.shape[1])
         positions = resolve_positions(decoder_input_ids, decoder_attention_mask, None, None, offset)
         hidden = self.decoder(self.embed(decoder_input_ids, positions), position_ids=positions,
                               key_padding=decoder_attention_mask, memory=memory, memory_padding=attention_mask,
                               cache=cache)
-        return self.head(hidden, self.output_weight(), return_hidden)
+        return self.head(hidden, self.output_weight(), return_hidden, head_loss)
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, *,
                 attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
-        """Logits [B, Td, V] (fp32), or the head's input [B, Td, D] when ``return_hidden``."""
+                return_hidden: bool = False, head_loss: HeadLoss | None = None) -> torch.Tensor:
+        """Logits [B, Td, V] (fp32); ``return_hidden`` and ``head_loss`` as for :meth:`TransformerLM.forward`."""
         memory = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, attention_mask=attention_mask,
-                           decoder_attention_mask=decoder_attention_mask, return_hidden=return_hidden)
+                           decoder_attention_mask=decoder_attention_mask, return_hidden=return_hidden,
+                           head_loss=head_loss)
 
 
 class SequenceClassifier(TesseraModel):

@@ -27,7 +27,6 @@ from common.errors import UserError
 from trainer.distributed import all_gather_object, barrier
 from trainer.objectives import ObjectiveContext
 from trainer.objectives.preference import pair_logps
-from trainer.objectives.tokens import chunk_size_for
 
 log = logging.getLogger("tessera.trainer")
 SIDECAR = "reference_logps.json"
@@ -108,7 +107,7 @@ def shard_logps(ctx: ObjectiveContext, reference: torch.nn.Module, shard_dir: Pa
     from data.stream import ShardSet, Source
 
     env, cfg = ctx.strategy.env, ctx.cfg
-    chunk_size = chunk_size_for(ctx)
+    chunk_size = ctx.cfg.train.loss_chunk_size
     shards = ShardSet([Source(str(shard_dir))], verify_checksums=cfg.data.verify_checksums)
     mine = np.arange(env.rank, shards.num_samples, env.world_size)
     batch_size = cfg.train.micro_batch_size

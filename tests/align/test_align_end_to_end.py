@@ -7,6 +7,7 @@ DPO model must prefer the chosen answer more often than the SFT model it started
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from common.config import merge, parse_overrides
+from data.shards import REFERENCE_LOGPS
+from tests.distributed.runs import partition_everything
 from tests.distributed.spawn import spawn
 from trainer.config import RunConfig
 from trainer.run import RunResult, run
@@ -163,7 +166,11 @@ DIST_RUN = ("train.max_steps=4", "train.micro_batch_size=4", "train.global_batch
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_sharded_live_reference_matches_single_process(align_corpus, pipeline, single_process_dpo, tmp_path,
                                                        strategy):
-    raw = config(tmp_path, align_corpus.pairs, *DIST_RUN, f"model.init={pipeline.sft}", f"train.strategy={strategy}")
+    # fresh copies: log-probs other tests stored next to the shards must not stand in for the live reference
+    pairs = tuple(Path(shutil.copytree(d, tmp_path / "pairs" / d.name, ignore=shutil.ignore_patterns(REFERENCE_LOGPS)))
+                  for d in align_corpus.pairs)
+    extra = (partition_everything(tmp_path),) if strategy == "zero3" else ()  # the reference's parameters too
+    raw = config(tmp_path, pairs, *DIST_RUN, f"model.init={pipeline.sft}", f"train.strategy={strategy}", *extra)
     rank0, rank1 = spawn(train, 2, raw, "align", timeout=300)
     assert rank0.losses == rank1.losses
     np.testing.assert_allclose(rank0.losses, single_process_dpo, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ def tiny_config(corpus: Any, run_dir: Path, *overrides: str, arch: str = "decode
         "log": {"dir": str(run_dir), "progress": False},
     }
     return merge(raw, parse_overrides(list(overrides)))
+
+
+def partition_everything(directory: Path) -> str:
+    """An override whose DeepSpeed config has zero3 partition every parameter: by default it keeps those
+    under 1e5 elements whole (stage3_param_persistence_threshold), which is every parameter of a tiny model."""
+    path = directory / "ds_partition_everything.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return f"train.deepspeed_config={path}"
 
 
 def train(raw: dict[str, Any], task: str = "pretrain", callbacks: tuple[Callback, ...] = ()) -> RunResult:

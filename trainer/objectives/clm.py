@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from trainer.objectives import Batch, ObjectiveContext
-from trainer.objectives.tokens import TokenObjective, chunk_size_for
+from trainer.objectives.tokens import TokenObjective
 
 
 class CausalLM(TokenObjective):
@@ -22,4 +22,4 @@ class CausalLM(TokenObjective):
 
 
 def build(ctx: ObjectiveContext) -> CausalLM:
-    return CausalLM("clm", chunk_size_for(ctx))
+    return CausalLM("clm", ctx.cfg.train.loss_chunk_size)

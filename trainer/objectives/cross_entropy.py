@@ -4,9 +4,12 @@
 a chunk of rows at a time: logits of one chunk ([chunk, V]) exist at once, and the gradients for
 ``hidden`` and ``weight`` are computed in the same pass (as Liger-Kernel does), so the backward
 needs no logits either. Pure PyTorch; equal to the plain path up to float rounding.
+:func:`head_cross_entropy` wraps it as the ``head_loss`` a model computes inside its forward.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +85,17 @@ def chunked_linear_cross_entropy(
         return kernels.linear_cross_entropy(rows, weight, flat, bias)
     keep = flat != IGNORE_INDEX  # rows without a target cost nothing
     return _ChunkedLinearCE.apply(rows[keep], weight, bias, flat[keep], chunk_size)
+
+
+def head_cross_entropy(labels: torch.Tensor, chunk_size: int, liger: bool = False, per_row: bool = False
+                       ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The model's ``head_loss`` for ``labels [B, T]``: the summed chunked linear + CE, or with
+    ``per_row`` one sum per row ([B], one fused call each: its gradients assume a scalar output)."""
+
+    def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if per_row:
+            return torch.stack([chunked_linear_cross_entropy(h, weight, t, bias, chunk_size, liger)
+                                for h, t in zip(hidden, labels)])
+        return chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_size, liger)
+
+    return loss

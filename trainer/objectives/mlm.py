@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from trainer.objectives import Batch, ObjectiveContext
-from trainer.objectives.tokens import TokenObjective, chunk_size_for
+from trainer.objectives.tokens import TokenObjective
 
 
 class MaskedLM(TokenObjective):
@@ -18,4 +18,4 @@ class MaskedLM(TokenObjective):
 
 
 def build(ctx: ObjectiveContext) -> MaskedLM:
-    return MaskedLM(chunk_size_for(ctx))
+    return MaskedLM(ctx.cfg.train.loss_chunk_size)

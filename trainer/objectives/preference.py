@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
-from trainer.objectives.cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy
-from trainer.objectives.tokens import chunk_size_for, unwrap
+from trainer.objectives.cross_entropy import IGNORE_INDEX, head_cross_entropy
+from trainer.objectives.tokens import unwrap
 
 if TYPE_CHECKING:
     from trainer.config import AlignConfig
@@ -121,13 +121,8 @@ def pair_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 0) -> Pai
     input_ids, kwargs = pair_inputs(batch)
     labels = concat_pairs(batch, "labels", IGNORE_INDEX)
     if chunk_size:
-        hidden = model(input_ids, **kwargs, return_hidden=True)
-        plain = unwrap(model)
-        weight, bias = plain.output_weight(), plain.output_bias()
-        liger = plain.config.kernels == "liger"
-        sums = -torch.stack(
-            [chunked_linear_cross_entropy(h, weight, t, bias, chunk_size, liger) for h, t in zip(hidden, labels)]
-        )
+        liger = unwrap(model).config.kernels == "liger"
+        sums = -model(input_ids, **kwargs, head_loss=head_cross_entropy(labels, chunk_size, liger, per_row=True))
     else:
         logits = model(input_ids, **kwargs)
         sums = -F.cross_entropy(
@@ -212,7 +207,7 @@ def build(ctx: ObjectiveContext) -> PreferenceObjective:
 
     align = ctx.cfg.align
     check_align(align)
-    chunk_size = chunk_size_for(ctx)
+    chunk_size = ctx.cfg.train.loss_chunk_size
     if str(align.loss) in REFERENCE_FREE:
         return PreferenceObjective(align, None, chunk_size)
     if str(align.reference) == "precomputed":

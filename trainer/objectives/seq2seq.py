@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from trainer.objectives import ObjectiveContext
 from trainer.objectives.span import SpanCorruption
-from trainer.objectives.tokens import chunk_size_for
 
 
 class TeacherForcedSeq2Seq(SpanCorruption):
@@ -17,4 +16,4 @@ class TeacherForcedSeq2Seq(SpanCorruption):
 
 
 def build(ctx: ObjectiveContext) -> TeacherForcedSeq2Seq:
-    return TeacherForcedSeq2Seq(chunk_size_for(ctx))
+    return TeacherForcedSeq2Seq(ctx.cfg.train.loss_chunk_size)

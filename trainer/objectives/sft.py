@@ -12,7 +12,6 @@ import logging
 
 from trainer.objectives import Batch, ObjectiveContext
 from trainer.objectives.clm import CausalLM
-from trainer.objectives.tokens import chunk_size_for
 
 log = logging.getLogger("tessera.trainer")
 
@@ -35,4 +34,4 @@ class SupervisedFineTuning(CausalLM):
 
 
 def build(ctx: ObjectiveContext) -> SupervisedFineTuning:
-    return SupervisedFineTuning(chunk_size_for(ctx))
+    return SupervisedFineTuning(ctx.cfg.train.loss_chunk_size)

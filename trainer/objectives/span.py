@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from trainer.objectives import Batch, ObjectiveContext
-from trainer.objectives.tokens import TokenObjective, chunk_size_for
+from trainer.objectives.tokens import TokenObjective
 
 
 class SpanCorruption(TokenObjective):
@@ -19,4 +19,4 @@ class SpanCorruption(TokenObjective):
 
 
 def build(ctx: ObjectiveContext) -> SpanCorruption:
-    return SpanCorruption(chunk_size_for(ctx))
+    return SpanCorruption(ctx.cfg.train.loss_chunk_size)

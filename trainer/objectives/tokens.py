@@ -2,8 +2,9 @@
 
 Labels follow the data loader's convention: ``labels[b, t]`` is the target of position ``t``
 (already shifted for causal models), -100 where nothing is learnt. With ``chunk_size > 0`` the
-model returns its final hidden states and the LM head runs inside the chunked linear+CE, so full
-logits never exist; otherwise the model's logits go through plain CE.
+model runs its LM head inside the chunked linear+CE (its ``head_loss``, inside forward, so ZeRO-3
+and FSDP have the head's weight gathered), so full logits never exist; otherwise the model's
+logits go through plain CE.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from trainer.objectives import Batch, LossOutput
-from trainer.objectives.cross_entropy import IGNORE_INDEX, chunked_linear_cross_entropy, cross_entropy_sum
+from trainer.objectives.cross_entropy import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -39,17 +40,9 @@ class TokenObjective:
         args, kwargs = self.model_inputs(batch)
         labels = batch["labels"]
         if self.chunk_size:
-            hidden = model(*args, **kwargs, return_hidden=True)
-            plain = unwrap(model)
-            loss_sum = chunked_linear_cross_entropy(
-                hidden, plain.output_weight(), labels, plain.output_bias(), self.chunk_size,
-                liger=plain.config.kernels == "liger",
-            )
+            liger = unwrap(model).config.kernels == "liger"
+            loss_sum = model(*args, **kwargs, head_loss=head_cross_entropy(labels, self.chunk_size, liger))
         else:
             loss_sum = cross_entropy_sum(model(*args, **kwargs), labels)
         return LossOutput(loss_sum=loss_sum, count=(labels != IGNORE_INDEX).sum())
 
-
-def chunk_size_for(ctx: Any) -> int:
-    """The configured chunk size, or 0 where the strategy cannot use the LM head outside forward."""
-    return ctx.cfg.train.loss_chunk_size if ctx.strategy.supports_hidden_loss else 0

@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 class Strategy(abc.ABC):
     """One way to run data-parallel training; subclasses are small."""
 
-    # Whether the LM head weight may be used outside the model's forward (the chunked linear+CE does);
-    # false where parameters are gathered only inside a module's own forward (ZeRO-3).
-    supports_hidden_loss = True
     # The on-disk format of ``save``: strategies sharing one can resume each other's checkpoints.
     checkpoint_format = "dcp"
 

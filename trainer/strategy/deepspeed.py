@@ -56,7 +56,6 @@ class DeepSpeed(Strategy):
     def __init__(self, cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> None:
         super().__init__(cfg, env, accumulation)
         self.stage = int(str(cfg.strategy)[-1])
-        self.supports_hidden_loss = self.stage < 3
         self.checkpoint_format = f"deepspeed-zero{self.stage}"
 
     def config(self) -> dict[str, Any]:
@@ -64,22 +63,43 @@ class DeepSpeed(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         deepspeed = import_deepspeed()
-        model = prepare(model.to(self.env.device), self.cfg.activation_checkpointing, self.cfg.compile)
         config = self.config()
+        model = prepare(self.place(model, config), self.cfg.activation_checkpointing, self.cfg.compile)
         offloaded = "offload_optimizer" in config["zero_optimization"]  # ours or the user's ds_config
         # Offloaded states live on the CPU, where torch's fused AdamW needs no C++ build (DeepSpeedCPUAdam does).
         optimizer = build_adamw(model, self.cfg, torch.device("cpu") if offloaded else self.env.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return self.model
 
+    def place(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
+        """The model on the device; under ZeRO-3 partitioned one parameter at a time (DeepSpeed would
+        move the whole model onto the device first), after the bf16 cast, on the host, that
+        ``deepspeed.initialize`` would do on the device."""
+        if self.stage < 3:
+            return model.to(self.env.device)
+        deepspeed = import_deepspeed()
+        deepspeed.init_distributed()  # wraps our process group (initialize would, later)
+        dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+        for module in model.modules():  # buffers are never partitioned
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(self.env.device)
+        offload = config["zero_optimization"].get("offload_param") or {}
+        deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype, remote_device=offload.get("device"),
+                  pin_memory=bool(offload.get("pin_memory", False)))
+        return model
+
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        model = model.to(self.env.device).eval()
+        config = {k: v for k, v in self.config().items() if k not in ("gradient_clipping",)}
+        model = self.place(model, config).eval()
         if self.stage < 3:
             return model  # ZeRO-1/2 shard optimizer state and gradients only: a frozen model stays whole
-        config = {k: v for k, v in self.config().items() if k not in ("gradient_clipping",)}
         engine, *_ = import_deepspeed().initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
+        return engine
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:

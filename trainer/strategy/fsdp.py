@@ -48,12 +48,17 @@ class FSDP(Single):
             fully_shard(block, **options)
         return fully_shard(model, **options)
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """Left where it is: ``fully_shard`` moves each block to the device as it shards it, so the
+        whole unsharded model is never on the device at once."""
+        return model
+
     def parallelize(self, model: nn.Module) -> nn.Module:
         return self.shard(model)
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        return self.shard(model.to(self.env.device)).eval()
+        return self.shard(model).eval()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

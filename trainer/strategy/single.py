@@ -29,10 +29,14 @@ from trainer.strategy.prepare import prepare
 
 class Single(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
-        self.module = prepare(model.to(self.env.device), self.cfg.activation_checkpointing, self.cfg.compile)
+        self.module = prepare(self.place(model), self.cfg.activation_checkpointing, self.cfg.compile)
         self.model = self.parallelize(self.module)
         self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
         return self.model
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Hook for subclasses: the model on the device, before :meth:`parallelize`."""
+        return model.to(self.env.device)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Hook for subclasses: wrap the prepared model for data parallelism."""
@@ -40,7 +44,7 @@ class Single(Strategy):
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        return model.to(self.env.device).eval()
+        return self.place(model).eval()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.precision == "bf16":
