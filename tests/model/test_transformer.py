@@ -101,7 +101,7 @@ def test_sliding_window_limits_what_a_token_sees_and_backends_agree():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
-def test_return_hidden_times_output_weight_is_the_logits(arch):
+def test_return_hidden_or_head_loss_times_output_weight_is_the_logits(arch):
     model = seeded(tiny(arch=arch, pos="t5_bias", tie_embeddings=arch != "decoder",
                              scale_output=arch == "encoder_decoder")).eval()
     ids = torch.randint(1, 64, (2, 5))
@@ -110,6 +110,9 @@ def test_return_hidden_times_output_weight_is_the_logits(arch):
     assert hidden.shape[-1] == 32
     logits = torch.nn.functional.linear(hidden, model.output_weight(), model.output_bias())
     torch.testing.assert_close(logits, model(*args), atol=1e-5, rtol=0)
+    # head_loss sees the same input, weight and bias, inside forward
+    via_head_loss = model(*args, head_loss=lambda h, w, b: torch.nn.functional.linear(h, w, b))
+    torch.testing.assert_close(via_head_loss, model(*args), atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

@@ -72,9 +72,9 @@ class DeepSpeed(Strategy):
         return self.model
 
     def place(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
-        """The model on the device; under ZeRO-3 partitioned one parameter at a time (DeepSpeed would
-        move the whole model onto the device first), after the bf16 cast, on the host, that
-        ``deepspeed.initialize`` would do on the device."""
+        """The model on the device. Under ZeRO-3: cast to bf16 where it is (``deepspeed.initialize``
+        would move the whole fp32 model to the device and cast it there), then partitioned one
+        parameter at a time, so the whole model never sits on the device."""
         if self.stage < 3:
             return model.to(self.env.device)
         deepspeed = import_deepspeed()
@@ -87,8 +87,8 @@ class DeepSpeed(Strategy):
                 if buffer is not None:
                     module._buffers[name] = buffer.to(self.env.device)
         offload = config["zero_optimization"].get("offload_param") or {}
-        deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype, remote_device=offload.get("device"),
-                  pin_memory=bool(offload.get("pin_memory", False)))
+        deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype,
+                            remote_device=offload.get("device"), pin_memory=bool(offload.get("pin_memory", False)))
         return model
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
