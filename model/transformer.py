@@ -100,20 +100,50 @@ class TesseraModel(nn.Module):
         """Initialise: N(0, init_std), residual output projections scaled by 1/sqrt(2·blocks), zero
         biases, unit norms; recompute fixed buffers (RoPE, sinusoidal, ALiBi). Random numbers come
         from ``seed`` when given, else from torch's global RNG (so ``torch.manual_seed`` governs
-        the constructor's init). Meta tensors are left alone."""
-        cfg = self.config
-        std = cfg.init_std
-        residual_std = std / math.sqrt(2 * len(self.blocks()))
+        :func:`build_model`'s init). Meta tensors are left alone."""
         device = next(self.parameters()).device
         generator = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
+        init = self._initializer(generator)
+        for module in self.modules():
+            init(module)
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str, seed: int | None = None,
+                    on_block: Callable[[nn.Module], None] | None = None) -> None:
+        """Give a model built on the meta device its tensors on ``device``, initialised as
+        :meth:`init_weights` would (the same numbers), one block at a time: ``on_block(block)`` runs
+        as soon as a block is ready (a sharding strategy shards it there), so besides the embeddings,
+        final norm and head, at most one whole block need exist at once."""
+        device = torch.device(device)
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        init = self._initializer(generator)
+        done: set[int] = set()
+        for module in self.modules():  # init_weights' order
+            if id(module) in done:
+                continue
+            if isinstance(module, Block):
+                module.to_empty(device=device)
+                for inner in module.modules():
+                    init(inner)
+                    done.add(id(inner))
+                if on_block is not None:
+                    on_block(module)
+            else:
+                module.to_empty(device=device, recurse=False)
+                init(module)
+
+    def _initializer(self, generator: torch.Generator | None) -> Callable[[nn.Module], None]:
+        """What :meth:`init_weights` does to one module (its own tensors only)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * len(self.blocks()))
+        residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}
+        residual |= {id(m.down) for m in self.modules() if isinstance(m, MLP)}
 
         def normal(t: torch.Tensor, s: float) -> None:
             if not t.is_meta:
                 nn.init.normal_(t, 0.0, s, generator=generator)
 
-        residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}
-        residual |= {id(m.down) for m in self.modules() if isinstance(m, MLP)}
-        for module in self.modules():
+        def init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 normal(module.weight, residual_std if id(module) in residual else std)
                 if module.bias is not None:
@@ -129,6 +159,8 @@ class TesseraModel(nn.Module):
                     nn.init.zeros_(module.bias)
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
+
+        return init
 
     def check_length(self, length: int) -> None:
         """Refuse sequences longer than the position tables (learned, sinusoidal, RoPE) cover."""
@@ -174,7 +206,6 @@ class TransformerLM(TesseraModel):
         self.embed = Embeddings(cfg)
         self.stack = Stack(cfg, cfg.n_layers, causal=cfg.causal)
         self.head = OutputHead(cfg, masked=not cfg.causal)
-        self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -206,7 +237,6 @@ class Seq2SeqLM(TesseraModel):
         self.encoder = Stack(cfg, cfg.n_layers, causal=False)
         self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, layer_offset=cfg.n_layers)
         self.head = OutputHead(cfg, masked=False)
-        self.init_weights()
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_length(input_ids.shape[1])
@@ -246,7 +276,6 @@ class SequenceClassifier(TesseraModel):
         self.embed = Embeddings(cfg)
         self.stack = Stack(cfg, cfg.n_layers, causal=cfg.causal)
         self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=cfg.bias)
-        self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,13 +297,20 @@ class SequenceClassifier(TesseraModel):
 
 
 def build_model(cfg: ModelConfig, head: str = "lm") -> TesseraModel:
-    """The model for ``cfg`` with ``head`` "lm" (causal / masked / seq2seq LM by arch) or "classifier"."""
+    """The model for ``cfg`` with ``head`` "lm" (causal / masked / seq2seq LM by arch) or "classifier",
+    on torch's default device, initialised by :meth:`~TesseraModel.init_weights` from torch's global
+    RNG; under ``torch.device("meta")`` shapes only (no memory, no init: see ``materialize``)."""
     if head not in HEADS:
         raise UserError(f"unknown model head {head!r}; choose from {', '.join(HEADS)}")
+    if head == "classifier" and cfg.arch == Arch.encoder_decoder:
+        raise UserError("the classifier head needs arch=decoder or arch=encoder, not encoder_decoder")
     if head == "classifier":
-        if cfg.arch == Arch.encoder_decoder:
-            raise UserError("the classifier head needs arch=decoder or arch=encoder, not encoder_decoder")
-        return SequenceClassifier(cfg)
-    if cfg.arch == Arch.encoder_decoder:
-        return Seq2SeqLM(cfg)
-    return TransformerLM(cfg)
+        cls: type[TesseraModel] = SequenceClassifier
+    else:
+        cls = Seq2SeqLM if cfg.arch == Arch.encoder_decoder else TransformerLM
+    device = torch.get_default_device()
+    with torch.device("meta"):  # torch's own per-layer init would draw numbers init_weights then replaces
+        model = cls(cfg)
+    if device.type != "meta":
+        model.materialize(device)
+    return model

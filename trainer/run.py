@@ -80,8 +80,10 @@ def model_dir_of(path: Path) -> Path:
 
 def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None = None
                 ) -> tuple[torch.nn.Module, object]:
-    """The model to train (seeded init, or loaded from model.init) and its plain ModelConfig.
-    ``n_labels`` sizes a classifier head; one of another size in model.init starts afresh."""
+    """The model to train and its plain ModelConfig: loaded from model.init, or a fresh one on the meta
+    device, which the strategy materialises (``materialize``) with the weights of
+    ``torch.manual_seed(train.seed); model.build_model(...)``. ``n_labels`` sizes a classifier head;
+    one of another size in model.init starts afresh."""
     from model import build_model as build
 
     torch.manual_seed(cfg.train.seed)
@@ -102,7 +104,8 @@ def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     elif model_cfg.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    return build(model_cfg, head=head), model_cfg
+    with torch.device("meta"):  # the strategy materialises it from train.seed, block by block
+        return build(model_cfg, head=head), model_cfg
 
 
 def run(cfg: RunConfig, task: str, callbacks: Sequence[Callback] = ()) -> RunResult:

@@ -128,6 +128,46 @@ def test_classifier_pools_the_last_real_token_of_a_decoder_and_the_first_of_an_e
     torch.testing.assert_close(encoder(padded, attention_mask=mask), encoder(ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch,pos", [("decoder", "rope"), ("encoder", "learned"), ("encoder_decoder", "t5_bias")])
+def test_init_leaves_no_tensor_uninitialised(arch, pos):
+    with torch.device("meta"):
+        model = build_model(tiny(arch=arch, pos=pos, bias=True))
+    assert all(p.is_meta for p in model.parameters())  # shapes only: nothing allocated
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan"))
+    model.init_weights()
+    assert all(torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_materialize_block_by_block_gives_build_models_weights(arch):
+    """What sharding strategies rely on: the numbers of ``torch.manual_seed(s); build_model(cfg)``,
+    with at most one whole block alive besides the embeddings and head."""
+    seq2seq = arch == "encoder_decoder"
+    cfg = tiny(arch=arch, **({"pos": "t5_bias", "n_decoder_layers": 3} if seq2seq else {"pos": "rope"}))
+    torch.manual_seed(3)
+    expected = build_model(cfg).state_dict()
+    with torch.device("meta"):
+        lazy = build_model(cfg)
+    names = {id(m): name for name, m in lazy.named_modules()}
+    got, alive = {}, []
+
+    def on_block(block: torch.nn.Module) -> None:
+        alive.append(sum(p.numel() for p in lazy.parameters() if not p.is_meta))
+        got.update({f"{names[id(block)]}.{k}": v.clone() for k, v in block.state_dict().items()})
+        block.to("meta")  # as a strategy's sharding frees the whole block
+
+    lazy.materialize("cpu", seed=3, on_block=on_block)
+    got.update({k: v for k, v in lazy.state_dict().items() if not v.is_meta})
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    block = sum(p.numel() for p in lazy.blocks()[-1].parameters())
+    rest = sum(p.numel() for p in lazy.parameters() if not p.is_meta)
+    assert len(alive) == len(lazy.blocks()) and max(alive) <= rest + block
+
+
 def test_blocks_init_and_heads():
     seq2seq = build_model(tiny(arch="encoder_decoder", pos="t5_bias", n_decoder_layers=3))
     assert len(seq2seq.blocks()) == 5

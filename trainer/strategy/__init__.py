@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,9 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
-        """Place (and shard, where the strategy shards) a model that is never trained."""
+        """Place (and shard, where the strategy shards) a model that is never trained.
+
+    Both take a loaded model or a fresh one on the meta device (see :func:`materialize`)."""
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -78,6 +80,15 @@ class Strategy(abc.ABC):
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for forward passes (bf16 autocast where the strategy does not cast itself)."""
         return contextlib.nullcontext()
+
+
+def materialize(model: nn.Module, seed: int, on_block: Callable[[nn.Module], None] | None = None) -> bool:
+    """Give a model built on the meta device (a fresh run's) its weights on the host, initialised from
+    ``seed``, calling ``on_block`` as each block is ready; whether it was on the meta device."""
+    if not any(p.is_meta for p in model.parameters()):
+        return False
+    model.materialize("cpu", seed, on_block)
+    return True
 
 
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> Strategy:

@@ -33,7 +33,7 @@ from common.errors import UserError
 from trainer.checkpoint import read_state
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv, barrier
-from trainer.strategy import Strategy
+from trainer.strategy import Strategy, materialize
 from trainer.strategy.ds_config import build_ds_config
 from trainer.strategy.optim import build_adamw, set_lr
 from trainer.strategy.prepare import prepare
@@ -72,23 +72,30 @@ class DeepSpeed(Strategy):
         return self.model
 
     def place(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
-        """The model on the device. Under ZeRO-3: cast to bf16 where it is (``deepspeed.initialize``
-        would move the whole fp32 model to the device and cast it there), then partitioned one
-        parameter at a time, so the whole model never sits on the device."""
+        """The model on the device. Under ZeRO-3 partitioned one parameter at a time, after a bf16 cast
+        where it is (``deepspeed.initialize`` would move the whole fp32 model to the device and cast it
+        there), and a fresh model block by block as it is materialised: the whole model never exists
+        on the device, nor (fresh) on the host."""
         if self.stage < 3:
+            materialize(model, self.cfg.seed)
             return model.to(self.env.device)
         deepspeed = import_deepspeed()
         deepspeed.init_distributed()  # wraps our process group (initialize would, later)
         dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
-        for param in model.parameters():
-            param.data = param.data.to(dtype)
+
+        def partition(module: nn.Module) -> None:
+            for param in module.parameters():
+                if not hasattr(param, "ds_id"):  # not partitioned yet
+                    param.data = param.data.to(dtype)
+            # offloaded parameters go straight to the config's offload_param device
+            deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=dtype)
+
+        materialize(model, self.cfg.seed, on_block=partition)
         for module in model.modules():  # buffers are never partitioned
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[name] = buffer.to(self.env.device)
-        offload = config["zero_optimization"].get("offload_param") or {}
-        deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=dtype,
-                            remote_device=offload.get("device"), pin_memory=bool(offload.get("pin_memory", False)))
+        partition(model)
         return model
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:

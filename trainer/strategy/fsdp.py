@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from common.errors import ConfigError
+from trainer.strategy import materialize
 from trainer.strategy.single import Single
 
 
@@ -44,13 +45,15 @@ class FSDP(Single):
             else MixedPrecisionPolicy(),
             "offload_policy": CPUOffloadPolicy() if self.offloads else OffloadPolicy(),
         }
-        for block in model.blocks():
-            fully_shard(block, **options)
+        if not materialize(model, self.cfg.seed, on_block=lambda block: fully_shard(block, **options)):
+            for block in model.blocks():
+                fully_shard(block, **options)
         return fully_shard(model, **options)
 
     def place(self, model: nn.Module) -> nn.Module:
-        """Left where it is: ``fully_shard`` moves each block to the device as it shards it, so the
-        whole unsharded model is never on the device at once."""
+        """Left where it is: :meth:`shard` materialises a fresh model block by block on the host and
+        ``fully_shard`` moves each block to the device as it shards it, so the whole unsharded model
+        is never on the device, nor (fresh) on the host."""
         return model
 
     def parallelize(self, model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from trainer.strategy import Strategy
+from trainer.strategy import Strategy, materialize
 from trainer.strategy.optim import build_adamw, set_lr
 from trainer.strategy.prepare import prepare
 
@@ -36,6 +36,7 @@ class Single(Strategy):
 
     def place(self, model: nn.Module) -> nn.Module:
         """Hook for subclasses: the model on the device, before :meth:`parallelize`."""
+        materialize(model, self.cfg.seed)
         return model.to(self.env.device)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
