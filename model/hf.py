@@ -15,6 +15,7 @@ import torch
 
 from common.errors import UserError
 from model.config import Arch, Mlp, ModelConfig, Norm, NormPosition, Pos
+from model.lazy_weights import LazyTensor
 
 # (tessera name, HF names concatenated along dim 0, transpose each HF tensor: GPT-2 Conv1D)
 Entry = tuple[str, tuple[str, ...], bool]
@@ -317,7 +318,7 @@ def _show(value: Any) -> str:
     return "n_heads" if value == "n_heads" else str(getattr(value, "value", value))
 
 
-def config_from_hf(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ModelConfig:
+def config_from_hf(hf_config: dict[str, Any], tensors: dict[str, LazyTensor]) -> ModelConfig:
     """A ``ModelConfig`` equivalent to a transformers ``config.json`` and its tensors (which say
     whether the LM head is tied: absent, or equal to the embeddings)."""
     layout = layout_for_hf(hf_config)
@@ -326,8 +327,9 @@ def config_from_hf(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     except KeyError as exc:
         raise UserError(f"config.json: missing key {exc.args[0]!r}") from None
     tensors = _normalise_hf_names(tensors, layout)
-    head = tensors.get(layout.head_tensor)
-    raw["tie_embeddings"] = head is None or torch.equal(head, tensors.get(layout.embedding_tensor, head))
+    head, embedding = tensors.get(layout.head_tensor), tensors.get(layout.embedding_tensor)
+    raw["tie_embeddings"] = (head is None or embedding is None
+                             or (head.shape == embedding.shape and torch.equal(head.load(), embedding.load())))
     return ModelConfig.from_dict({k: v for k, v in raw.items() if v is not None}, "config.json")
 
 
@@ -345,8 +347,9 @@ def _entries(layout: Layout, cfg: ModelConfig) -> list[Entry]:
     return entries
 
 
-def state_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Tessera state dict from HF tensors (the model's ``model.safetensors`` contents)."""
+def state_from_hf(tensors: dict[str, LazyTensor], cfg: ModelConfig) -> dict[str, LazyTensor]:
+    """Tessera state dict from HF tensors (the model's ``model.safetensors`` contents), each converted
+    when it is read."""
     layout = layout_for(cfg)
     tensors = _normalise_hf_names(tensors, layout)
     state = {}
@@ -354,13 +357,26 @@ def state_from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         missing = [n for n in names if n not in tensors]
         if missing:
             raise UserError(f"model.safetensors: tensor {missing[0]!r} is missing for a {layout.architecture}")
-        parts = [tensors[n].t() if transpose else tensors[n] for n in names]
-        state[ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    if layout.model_type == "bert" and "bert.embeddings.token_type_embeddings.weight" in tensors:
+        state[ours] = _converted([tensors[n] for n in names], transpose)
+    token_types = tensors.get("bert.embeddings.token_type_embeddings.weight")
+    if layout.model_type == "bert" and token_types is not None:
         # Tessera has no token types: token type 0 (what every single-segment input uses) is folded in
-        state["embed.positions.table.weight"] = (state["embed.positions.table.weight"]
-                                                 + tensors["bert.embeddings.token_type_embeddings.weight"][0])
+        positions = state["embed.positions.table.weight"]
+        state["embed.positions.table.weight"] = LazyTensor(positions.shape,
+                                                           lambda: positions.load() + token_types.load()[0])
     return state
+
+
+def _converted(parts: list[LazyTensor], transpose: bool) -> LazyTensor:
+    """HF tensors as one of ours: each transposed (Conv1D), then concatenated (fused q/k/v, gate/up)."""
+    shapes = [p.shape[::-1] if transpose else p.shape for p in parts]
+    shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def load() -> torch.Tensor:
+        tensors = [p.load().t() if transpose else p.load() for p in parts]
+        return torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+
+    return LazyTensor(shape, load)
 
 
 def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -388,7 +404,7 @@ def _split_sizes(names: tuple[str, ...], total: int, cfg: ModelConfig) -> list[i
     return [total // len(names)] * len(names)
 
 
-def _normalise_hf_names(tensors: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+def _normalise_hf_names(tensors: dict[str, LazyTensor], layout: Layout) -> dict[str, LazyTensor]:
     """Accept the prefix-less names of older GPT-2 checkpoints (``h.0.attn...`` for ``transformer.h.0...``)."""
     if layout.model_type == "gpt2" and "transformer.wte.weight" not in tensors:
         return {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in tensors.items()}

@@ -16,6 +16,7 @@ import yaml
 from common.config import read_json_object, read_yaml
 from common.errors import UserError
 from model.config import ModelConfig
+from model.lazy_weights import LazyTensor, read_lazy
 from model.transformer import HEADS, SequenceClassifier, TesseraModel, build_model
 
 WEIGHTS = "model.safetensors"
@@ -64,18 +65,20 @@ def save_pretrained(model: TesseraModel, directory: str | Path) -> Path:
     return directory
 
 
-def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
+def load_pretrained(path: str | Path, head: str | None = None, lazy: bool = False) -> TesseraModel:
     """Load a Tessera or Hugging Face model directory (or a checkpoints dir with ``latest``).
 
     ``head`` overrides the saved head: an LM checkpoint loaded with ``head="classifier"`` keeps its
-    body and starts a fresh score head (a reward model from an SFT model).
+    body and starts a fresh score head (a reward model from an SFT model). Fresh tensors come from
+    torch's global RNG, as in :func:`build_model`. ``lazy`` returns the model on the meta device with
+    its checkpoint tensors attached, checked but unread: ``materialize`` reads them block by block.
     """
     directory = resolve_checkpoint(path)
     if (directory / CONFIG).is_file():
         meta = read_yaml(directory / CONFIG)
         saved_head = meta.pop("head", "lm")
         cfg = ModelConfig.from_dict(meta, "model")
-        state = read_safetensors(directory / WEIGHTS)
+        weights = read_lazy(directory / WEIGHTS)
     else:
         from model.hf import config_from_hf, layout_for_hf, state_from_hf
 
@@ -83,55 +86,57 @@ def load_pretrained(path: str | Path, head: str | None = None) -> TesseraModel:
         layout_for_hf(hf_config)  # an unsupported model type fails before its weights are read
         tensors = read_hf_weights(directory)
         cfg = config_from_hf(hf_config, tensors)
-        saved_head, state = "lm", state_from_hf(tensors, cfg)
+        saved_head, weights = "lm", state_from_hf(tensors, cfg)
     head = head or saved_head
     if head not in HEADS:
         raise UserError(f"unknown model head {head!r}; choose from {', '.join(HEADS)}")
-    model = build_model(cfg, head)
-    if head != saved_head:  # keep the shared body (embed.*, stack.*), drop the other head
-        body = {k: v for k, v in state.items() if k.startswith(("embed.", "stack."))}
-        missing, _ = model.load_state_dict(body, strict=False)
-        if any(k.startswith(("embed.", "stack.")) for k in missing):
-            raise UserError(f"{directory}: weights do not fit a {head} model of this config")
-    else:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
-            raise UserError(f"{directory / WEIGHTS}: weights do not match {CONFIG}: {first[0].strip()}") from None
+    device = torch.get_default_device()
+    with torch.device("meta"):
+        model = build_model(cfg, head)
+    model.weights_source = _fitting(model, weights, directory, keep_body=head != saved_head)
+    if not lazy and device.type != "meta":
+        model.materialize(device)
     return model
 
 
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face directory: ``model.safetensors``, or the shards its index names."""
+def _fitting(model: TesseraModel, weights: dict[str, LazyTensor], directory: Path, keep_body: bool
+             ) -> dict[str, LazyTensor]:
+    """The checkpoint tensors ``model`` takes (all of them, or with ``keep_body`` the shared body:
+    embed.*, stack.*), after checking names and shapes."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if keep_body:
+        weights = {k: v for k, v in weights.items() if k.startswith(("embed.", "stack."))}
+        expected = {k: v for k, v in expected.items() if k.startswith(("embed.", "stack."))}
+        if set(expected) - set(weights) or any(weights[k].shape != shape for k, shape in expected.items()):
+            raise UserError(f"{directory}: weights do not fit a {head_of(model)} model of this config")
+        return weights
+    problems = [f"missing tensor {k!r}" for k in sorted(set(expected) - set(weights))]
+    problems += [f"unexpected tensor {k!r}" for k in sorted(set(weights) - set(expected))]
+    problems += [f"{k!r} has shape {list(weights[k].shape)}, the config says {list(shape)}"
+                 for k, shape in expected.items() if k in weights and weights[k].shape != shape]
+    if problems:
+        raise UserError(f"{directory / WEIGHTS}: weights do not match {CONFIG}: {problems[0]}")
+    return weights
+
+
+def read_hf_weights(directory: Path) -> dict[str, LazyTensor]:
+    """All tensors of a Hugging Face directory (unread): ``model.safetensors``, or the shards its index names."""
     index = directory / WEIGHTS_INDEX
     if (directory / WEIGHTS).is_file() or not index.is_file():
         if not (directory / WEIGHTS).is_file() and (directory / "pytorch_model.bin").is_file():
             raise UserError(f"{directory}: only pytorch_model.bin found; save the model with safetensors "
                             "(transformers: save_pretrained(..., safe_serialization=True))")
-        return read_safetensors(directory / WEIGHTS)
+        return read_lazy(directory / WEIGHTS)
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise UserError(f"{index}: no weight_map")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, LazyTensor] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors.update(read_safetensors(directory / shard))
+        tensors.update(read_lazy(directory / shard))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise UserError(f"{index}: tensor {missing[0]!r} is in no shard")
     return tensors
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a missing, truncated or corrupt file is a one-line UserError."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for every kind of damage
-        raise UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 
 
 def find_tokenizer_dir(path: str | Path) -> Path | None:

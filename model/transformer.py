@@ -23,6 +23,7 @@ from common.errors import UserError
 from model.attention import Attention, KVCache
 from model.blocks import Block, Stack
 from model.config import Arch, ModelConfig, NormPosition, Pos
+from model.lazy_weights import LazyTensor
 from model.mlp import MLP
 from model.norm import RMSNorm, make_norm
 from model.position import AbsolutePositions
@@ -87,6 +88,8 @@ class TesseraModel(nn.Module):
     """What every Tessera model offers besides ``forward``."""
 
     config: ModelConfig
+    # checkpoint tensors (by state-dict name) that ``materialize`` copies in after init (lazy ``load_pretrained``)
+    weights_source: dict[str, LazyTensor] | None = None
 
     def blocks(self) -> list[nn.Module]:
         """All transformer blocks (encoder's, then decoder's)."""
@@ -111,26 +114,36 @@ class TesseraModel(nn.Module):
     def materialize(self, device: torch.device | str, seed: int | None = None,
                     on_block: Callable[[nn.Module], None] | None = None) -> None:
         """Give a model built on the meta device its tensors on ``device``, initialised as
-        :meth:`init_weights` would (the same numbers), one block at a time: ``on_block(block)`` runs
-        as soon as a block is ready (a sharding strategy shards it there), so besides the embeddings,
-        final norm and head, at most one whole block need exist at once."""
+        :meth:`init_weights` would (the same numbers), then overwritten by ``weights_source``'s (read
+        as they are reached), one block at a time: ``on_block(block)`` runs as soon as a block is
+        ready (a sharding strategy shards it there), so besides the embeddings, final norm and head,
+        at most one whole block need exist at once."""
         device = torch.device(device)
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         init = self._initializer(generator)
+        weights, self.weights_source = self.weights_source or {}, None
+
+        def ready(module: nn.Module, prefix: str) -> None:
+            init(module)
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                source = weights.get(f"{prefix}.{name}" if prefix else name)
+                if source is not None:
+                    tensor.copy_(source.load())
+
         done: set[int] = set()
-        for module in self.modules():  # init_weights' order
+        for prefix, module in self.named_modules():  # init_weights' order
             if id(module) in done:
                 continue
             if isinstance(module, Block):
                 module.to_empty(device=device)
-                for inner in module.modules():
-                    init(inner)
+                for name, inner in module.named_modules(prefix=prefix):
+                    ready(inner, name)
                     done.add(id(inner))
                 if on_block is not None:
                     on_block(module)
             else:
                 module.to_empty(device=device, recurse=False)
-                init(module)
+                ready(module, prefix)
 
     def _initializer(self, generator: torch.Generator | None) -> Callable[[nn.Module], None]:
         """What :meth:`init_weights` does to one module (its own tensors only)."""

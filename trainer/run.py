@@ -80,21 +80,20 @@ def model_dir_of(path: Path) -> Path:
 
 def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None = None
                 ) -> tuple[torch.nn.Module, object]:
-    """The model to train and its plain ModelConfig: loaded from model.init, or a fresh one on the meta
-    device, which the strategy materialises (``materialize``) with the weights of
-    ``torch.manual_seed(train.seed); model.build_model(...)``. ``n_labels`` sizes a classifier head;
-    one of another size in model.init starts afresh."""
+    """The model to train and its plain ModelConfig, on the meta device: the strategy materialises it
+    (``materialize``, block by block) with the weights of ``torch.manual_seed(train.seed)`` followed by
+    ``model.build_model(...)`` or, with model.init, ``model.load_pretrained(...)``. ``n_labels`` sizes
+    a classifier head; one of another size in model.init starts afresh."""
     from model import build_model as build
 
-    torch.manual_seed(cfg.train.seed)
     if cfg.model.init is not None:
         from model.io import load_pretrained
 
-        net = load_pretrained(model_dir_of(cfg.model.init), head=head)
+        net = load_pretrained(model_dir_of(cfg.model.init), head=head, lazy=True)
         if n_labels is not None and net.config.n_labels != n_labels:
-            fresh = build(dataclasses.replace(net.config, n_labels=n_labels), head=head)
-            fresh.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("score.")},
-                                  strict=False)
+            with torch.device("meta"):
+                fresh = build(dataclasses.replace(net.config, n_labels=n_labels), head=head)
+            fresh.weights_source = {k: v for k, v in net.weights_source.items() if not k.startswith("score.")}
             net = fresh
         return net, net.config
     model_cfg = cfg.model.model_config()

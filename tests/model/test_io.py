@@ -6,6 +6,7 @@ from model_helpers import tiny
 from common.errors import UserError
 from model import build_model
 from model.io import load_pretrained, resolve_checkpoint, save_pretrained
+from model.lazy_weights import LazyTensor
 
 
 def test_save_load_round_trip_and_latest(tmp_path):
@@ -55,3 +56,27 @@ def test_damaged_or_missing_checkpoints_fail_with_one_line(tmp_path):
     (tmp_path / "other" / "model.yaml").write_text(yaml.safe_dump({**tiny(d_ff=96).to_dict(), "head": "lm"}))
     with pytest.raises(UserError, match=r"weights do not match model\.yaml"):
         load_pretrained(tmp_path / "other")
+
+
+def test_a_lazy_load_reads_each_block_when_it_is_materialised(tmp_path):
+    model = build_model(tiny(n_layers=3, tie_embeddings=False))
+    save_pretrained(model, tmp_path)
+    lazy = load_pretrained(tmp_path, lazy=True)
+    assert all(p.is_meta for p in lazy.parameters())
+    reads: list[str] = []
+
+    def counted(name: str, tensor: LazyTensor) -> LazyTensor:
+        def load() -> torch.Tensor:
+            reads.append(name)
+            return tensor.load()
+
+        return LazyTensor(tensor.shape, load)
+
+    lazy.weights_source = {name: counted(name, t) for name, t in lazy.weights_source.items()}
+    seen_at_block = []
+    lazy.materialize("cpu", on_block=lambda block: seen_at_block.append(list(reads)))
+    for i, seen in enumerate(seen_at_block):  # block i's tensors are read, block i+1's not yet
+        assert any(n.startswith(f"stack.layers.{i}.") for n in seen)
+        assert not any(n.startswith(f"stack.layers.{i + 1}.") for n in seen)
+    assert sorted(reads) == sorted(model.state_dict())  # each tensor read once
+    assert all(torch.equal(a, b) for a, b in zip(lazy.state_dict().values(), model.state_dict().values()))

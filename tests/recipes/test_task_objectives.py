@@ -84,12 +84,14 @@ def test_classifier_from_an_mlm_checkpoint_keeps_the_encoder_and_sizes_the_head(
     from model.io import save_pretrained
     from trainer.config import RunConfig
     from trainer.run import build_model as build_run_model
+    from trainer.strategy import materialize
 
     torch.manual_seed(0)
     mlm = build_model(tiny("tiny-bert"))
     save_pretrained(mlm, tmp_path / "mlm")
     cfg = load_config(RunConfig, None, [f"model.init={tmp_path / 'mlm'}"])
     net, config = build_run_model(cfg, "classifier", 64, n_labels=3)
+    materialize(net, cfg.train.seed)  # what every strategy does first
     assert config.n_labels == 3 and net.score.weight.shape == (3, 32)
     body = {k: v for k, v in mlm.state_dict().items() if k.startswith(("embed.", "stack."))}
     assert body and all(torch.equal(net.state_dict()[k], v) for k, v in body.items())
