@@ -50,9 +50,8 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
-        """Place (and shard, where the strategy shards) a model that is never trained.
-
-    Both take a loaded model or a fresh one on the meta device (see :func:`materialize`)."""
+        """Place (and shard, where the strategy shards) a model that is never trained. Like
+        :meth:`wrap`, it takes a loaded model or one on the meta device (see :func:`materialize`)."""
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
