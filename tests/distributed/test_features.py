@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from spawn import spawn
 
-from runs import tiny_config, train
+from runs import final_weights, tiny_config, train
+from trainer.callbacks import Callback
 
 STEPS = ("train.max_steps=4", "checkpoint.save_final=false", "train.global_batch_size=8")
 
@@ -51,3 +53,32 @@ def test_bf16_follows_fp32(corpus, tmp_path, single, strategy):
 def test_compiled_blocks_match_eager(corpus, tmp_path, single):
     [result] = spawn(train, 1, tiny_config(corpus, tmp_path, *STEPS, "train.compile=true"))
     np.testing.assert_allclose(result.losses, single, rtol=1e-5)
+
+
+class MasterWeights(Callback):
+    """The optimizer's fp32 master weights at the end of the run (every rank gathers)."""
+
+    def on_train_end(self, trainer) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = trainer.strategy.model.module.named_parameters()
+        self.weights = {name: safe_get_full_fp32_param(p).cpu().numpy() for name, p in params}  # picklable
+
+
+def train_reading_masters(raw):
+    masters = MasterWeights()
+    return train(raw, callbacks=(masters,)), masters.weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_bf16_saves_the_fp32_master_weights(corpus, tmp_path, strategy):
+    """The model directory (model.init, export, generate) gets the fp32 masters, as under fsdp, not the
+    bf16 copy the module trains with."""
+    raw = tiny_config(corpus, tmp_path, "train.max_steps=3", "train.precision=bf16", f"train.strategy={strategy}")
+    (result, masters), _ = spawn(train_reading_masters, 2, raw)
+    saved = final_weights(result)
+    assert saved.keys() == masters.keys()
+    assert all(np.array_equal(saved[k].numpy(), masters[k]) for k in masters)
+    as_bf16 = {k: torch.from_numpy(v).bfloat16().float().numpy() for k, v in masters.items()}
+    assert any(not np.array_equal(v, as_bf16[k]) for k, v in masters.items())  # not bf16 values

@@ -184,13 +184,18 @@ class DeepSpeed(Strategy):
                 state["step"] = state["step"].clone()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.stage == 3:
-            state = self.model._zero3_consolidated_16bit_state_dict()
-        else:
-            state = self.model.module.state_dict() if self.env.is_main else None
-        if state is None:
-            return None
-        return {k: v.detach().float().cpu() for k, v in state.items()}
+        """The optimizer's fp32 master weights, as fsdp and ddp save (the module's own copy is bf16
+        under train.precision=bf16, and partitioned under ZeRO-3); every rank gathers, one at a time."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in self.model.module.named_parameters():
+            master = safe_get_full_fp32_param(param)
+            if master is None:
+                raise RuntimeError(f"DeepSpeed's optimizer holds no fp32 copy of {name} (a frozen parameter?)")
+            if self.env.is_main:
+                state[name] = master.detach().float().cpu()
+        return state if self.env.is_main else None
 
 
 def convert_to_universal(step_dir: Path) -> Path:
