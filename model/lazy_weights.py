@@ -21,11 +21,6 @@ class LazyTensor:
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
 
-    @staticmethod
-    def of(tensor: torch.Tensor) -> LazyTensor:
-        """One already in memory."""
-        return LazyTensor(tuple(tensor.shape), lambda: tensor)
-
 
 def read_lazy(path: Path) -> dict[str, LazyTensor]:
     """Every tensor of a safetensors file by name, none read yet; a missing, truncated or corrupt file
