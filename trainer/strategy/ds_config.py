@@ -15,7 +15,7 @@ from trainer.config import TrainConfig
 
 
 def generated(cfg: TrainConfig, stage: int, accumulation: int, world_size: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
+    zero: dict[str, Any] = {"stage": stage}
     if cfg.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload == "optimizer+params":
