@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 GIB = 2**30
+KIB_PER_GIB = 2**20
 SMOKE_SHAPE = {"preset": "tiny-llama", "tie_embeddings": False}
 SETTINGS = [(strategy, mode) for strategy in ("fsdp", "zero3") for mode in ("whole", "blockwise")]
 
@@ -60,7 +60,7 @@ def _rank(rank: int, ranks: int, port: int, strategy: str, mode: str, shape: dic
     import_deepspeed()  # libraries are not what is measured
     cfg = ModelConfig.from_dict(shape)
     train = TrainConfig.from_dict({"strategy": strategy, "micro_batch_size": 1, "seed": 0})
-    strategy_ = build_strategy(train, env)
+    sharding = build_strategy(train, env)
     _reset_peak()
     start = _status_kib("VmRSS")
     with torch.device("meta"):
@@ -68,18 +68,18 @@ def _rank(rank: int, ranks: int, port: int, strategy: str, mode: str, shape: dic
     params = sum(p.numel() for p in net.parameters())
     if mode == "whole":
         net.materialize("cpu", seed=0)
-    strategy_.wrap(net)
+    sharding.wrap(net)
     del net
-    out.put({"rank": rank, "params": params, "peak_gib": (_status_kib("VmHWM") - start) / 2**20,
-             "held_gib": (_status_kib("VmRSS") - start) / 2**20})
+    out.put({"rank": rank, "params": params, "peak_gib": (_status_kib("VmHWM") - start) / KIB_PER_GIB,
+             "held_gib": (_status_kib("VmRSS") - start) / KIB_PER_GIB})
     teardown()
 
 
 def measure(strategy: str, mode: str, shape: dict[str, Any], ranks: int) -> dict[str, Any]:
     """One setting in fresh processes: the largest rank's figures."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from trainer.distributed import free_port
+
+    port = free_port()
     # tensors over 64 KiB get their own mappings, returned on free: RSS is then live memory, not glibc
     # heap fragmentation (which otherwise keeps freed blocks resident and blurs the peaks)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 << 10)
