@@ -77,7 +77,7 @@ def _rank(rank: int, ranks: int, port: int, strategy: str, mode: str, shape: dic
 
 def measure(strategy: str, mode: str, shape: dict[str, Any], ranks: int) -> dict[str, Any]:
     """One setting in fresh processes: the largest rank's figures."""
-    from trainer.distributed import free_port
+    from common.net import free_port
 
     port = free_port()
     # tensors over 64 KiB get their own mappings, returned on free: RSS is then live memory, not glibc

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 
 from common.errors import UserError
+from common.net import free_port
 
 RDZV_TIMEOUT_VAR = "TESSERA_RDZV_TIMEOUT"  # seconds a rank waits for the rendezvous address to answer
 DEFAULT_RDZV_TIMEOUT = 300.0
@@ -27,7 +28,7 @@ SLURM_PORT_BASE = 15000  # srun without torchrun: MASTER_PORT = base + job id % 
 
 
 @dataclasses.dataclass(frozen=True)
-class DistEnv:
+class LauncherEnv:
     """Where this process sits in the job, as torchrun would describe it."""
 
     launcher: str  # torchrun | accelerate | deepspeed | mpi | slurm | env | single
@@ -47,7 +48,7 @@ class DistEnv:
         )
 
 
-def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+def detect(environ: Mapping[str, str] | None = None) -> LauncherEnv:
     """Read the launcher's variables (torchrun-style first, then MPI, then SLURM, else one process)."""
     e = os.environ if environ is None else environ
     node = e.get("SLURMD_NODENAME") or socket.gethostname()
@@ -61,10 +62,10 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in e and "SLURM_STEP_NUM_TASKS" in e:  # inside an srun step, not the batch shell
         return _from_slurm(e, node)
     port = _int(e, "MASTER_PORT") if "MASTER_PORT" in e else free_port()
-    return DistEnv("single", 0, 0, 1, 1, e.get("MASTER_ADDR", "127.0.0.1"), port, node)
+    return LauncherEnv("single", 0, 0, 1, 1, e.get("MASTER_ADDR", "127.0.0.1"), port, node)
 
 
-def export(dist: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:
+def export(dist: LauncherEnv, environ: MutableMapping[str, str] | None = None) -> None:
     """Set the torchrun variables that ``torch.distributed`` and the trainer read."""
     e = os.environ if environ is None else environ
     e.update(
@@ -84,7 +85,7 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def setup(environ: MutableMapping[str, str] | None = None) -> DistEnv:
+def setup(environ: MutableMapping[str, str] | None = None) -> LauncherEnv:
     """Detect, export the torchrun variables and make sure the rendezvous answers (ranks > 0)."""
     e = os.environ if environ is None else environ
     dist = detect(e)
@@ -116,13 +117,6 @@ def wait_for_rendezvous(addr: str, port: int, timeout: float, listen: bool = Fal
                     f"that rank 0 is running (wait longer with {RDZV_TIMEOUT_VAR}=SECONDS)"
                 ) from None
             time.sleep(0.5)
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expand_hostlist(spec: str) -> list[str]:
@@ -158,7 +152,7 @@ def slurm_hosts(nodelist: str) -> list[str]:
     return expand_hostlist(nodelist)
 
 
-def _from_torchrun(e: Mapping[str, str], node: str) -> DistEnv:
+def _from_torchrun(e: Mapping[str, str], node: str) -> LauncherEnv:
     if any(k.startswith("ACCELERATE_") for k in e):  # accelerate starts ranks through torchrun
         launcher = "accelerate"
     elif "TORCHELASTIC_RUN_ID" in e:
@@ -175,7 +169,7 @@ def _from_torchrun(e: Mapping[str, str], node: str) -> DistEnv:
     )
 
 
-def _from_mpi(e: Mapping[str, str], node: str, rank: str, size: str, local: str, local_size: str) -> DistEnv:
+def _from_mpi(e: Mapping[str, str], node: str, rank: str, size: str, local: str, local_size: str) -> LauncherEnv:
     world = _int(e, size)
     if world > 1 and "MASTER_ADDR" not in e:
         raise UserError("started by MPI without MASTER_ADDR; export MASTER_ADDR (and MASTER_PORT) to all ranks")
@@ -185,7 +179,7 @@ def _from_mpi(e: Mapping[str, str], node: str, rank: str, size: str, local: str,
     )
 
 
-def _from_slurm(e: Mapping[str, str], node: str) -> DistEnv:
+def _from_slurm(e: Mapping[str, str], node: str) -> LauncherEnv:
     nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise UserError("SLURM_PROCID is set but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is")
@@ -211,14 +205,14 @@ def _tasks_on_node(spec: str, node_id: int) -> int:
 
 
 def _checked(launcher: str, rank: int, local_rank: int, world: int, local_world: int,
-             addr: str, port: int, node: str) -> DistEnv:
+             addr: str, port: int, node: str) -> LauncherEnv:
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"{launcher}: rank {rank} is outside a world of size {world}")
     if not 0 <= local_rank < max(local_world, 1):
         raise UserError(f"{launcher}: local rank {local_rank} is outside {local_world} local processes")
     if not 0 < port < 65536:
         raise UserError(f"{launcher}: MASTER_PORT {port} is not a TCP port")
-    return DistEnv(launcher, rank, local_rank, world, local_world, addr, port, node)
+    return LauncherEnv(launcher, rank, local_rank, world, local_world, addr, port, node)
 
 
 def _split_top_level(spec: str) -> list[str]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from launch.env import free_port
+from common.net import free_port
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 GRACE_S = 30.0  # time the other ranks get to stop (and checkpoint) after one failed

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.net import free_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +33,6 @@ class DistEnv:
     @property
     def num_nodes(self) -> int:
         return max(1, self.world_size // self.local_world_size)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _int_env(name: str, default: int) -> int:

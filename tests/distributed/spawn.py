@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from trainer.distributed import free_port
+from common.net import free_port
 
 
 class RanksFailed(AssertionError):

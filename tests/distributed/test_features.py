@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from runs import final_weights, tiny_config, train
 from spawn import spawn
 
-from runs import final_weights, tiny_config, train
 from trainer.callbacks import Callback
 
 STEPS = ("train.max_steps=4", "checkpoint.save_final=false", "train.global_batch_size=8")

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from spawn import spawn
-
 from runs import tiny_config, train
+from spawn import spawn
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

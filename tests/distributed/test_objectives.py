@@ -3,9 +3,8 @@ give the single-process losses."""
 
 import numpy as np
 import pytest
-from spawn import spawn
-
 from runs import partition_everything, tiny_config, train
+from spawn import spawn
 
 STEPS = 6
 

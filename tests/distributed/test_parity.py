@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from spawn import spawn
-
 from runs import partition_everything, tiny_config, train
+from spawn import spawn
 
 STEPS = 10
 

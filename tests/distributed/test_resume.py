@@ -8,9 +8,9 @@ import signal
 import numpy as np
 import pytest
 import torch
+from runs import StopAt, final_weights, tiny_config, train
 from spawn import RanksFailed, spawn
 
-from runs import StopAt, final_weights, tiny_config, train
 from trainer.callbacks import Callback
 
 

@@ -7,9 +7,9 @@ import os
 import signal
 
 import pytest
+from runs import tiny_config, train
 from spawn import RanksFailed, spawn
 
-from runs import tiny_config, train
 from trainer.callbacks import Callback
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb"}

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from runs import StopAt, final_weights, tiny_config, train
 from spawn import spawn
 
 from common.errors import UserError
-from runs import StopAt, final_weights, tiny_config, train
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv

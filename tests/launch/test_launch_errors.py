@@ -7,8 +7,9 @@ import time
 import pytest
 from launching import child_env
 
+from common.net import free_port
 from launch import cli
-from launch.env import RDZV_TIMEOUT_VAR, free_port
+from launch.env import RDZV_TIMEOUT_VAR
 
 
 def entry_point(*args: str, task: str = "pretrain", **env: str) -> tuple[subprocess.CompletedProcess, float]:

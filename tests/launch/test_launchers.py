@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from launching import assert_same_curve, check_run, child_env, losses, write_config
 
-from launch.env import free_port
+from common.net import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
