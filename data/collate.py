@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-IGNORE = -100
+IGNORE_INDEX = -100  # labels that carry no loss (PyTorch's and Hugging Face's convention)
 
 
 def collate_rows(
@@ -30,9 +30,9 @@ def collate_rows(
 ) -> dict[str, torch.Tensor]:
     """Packed rows ``[B, L+1]`` (tokens, document-start flags, optional loss mask) → a CLM/SFT batch."""
     tokens = tokens.astype(np.int64)
-    labels = np.where(starts[:, 1:], IGNORE, tokens[:, 1:])
+    labels = np.where(starts[:, 1:], IGNORE_INDEX, tokens[:, 1:])
     if loss_mask is not None:
-        labels = np.where(loss_mask[:, 1:] > 0, labels, IGNORE)
+        labels = np.where(loss_mask[:, 1:] > 0, labels, IGNORE_INDEX)
     segment = starts[:, :-1].copy()
     segment[:, 0] = True
     index = np.broadcast_to(np.arange(segment.shape[1]), segment.shape)
@@ -54,7 +54,7 @@ def collate_mlm(
     ``mask_fraction`` are replaced by the mask token, ``random_fraction`` by a random ordinary token
     and the rest kept."""
     ids, attention = _pad([c.astype(np.int64) for c in chunks], pad_id)
-    labels = np.full_like(ids, IGNORE)
+    labels = np.full_like(ids, IGNORE_INDEX)
     ordinary = np.setdiff1d(np.arange(vocab_size), special_ids)
     for b, rng in enumerate(rngs):
         row = ids[b, : len(chunks[b])]
@@ -119,7 +119,7 @@ def collate_span(
     return {
         "input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(attention),
         "decoder_input_ids": torch.from_numpy(decoder_inputs),
-        "labels": torch.from_numpy(np.where(decoder_attention > 0, targets, IGNORE)),
+        "labels": torch.from_numpy(np.where(decoder_attention > 0, targets, IGNORE_INDEX)),
         "decoder_attention_mask": torch.from_numpy(decoder_attention),
     }
 
@@ -131,7 +131,7 @@ def collate_sft(
     only where the loss mask is 1 (assistant turns)."""
     ids, labels = zip(*(_shifted(t[: seq_len + 1], m[: seq_len + 1]) for t, m in samples))
     input_ids, attention = _pad(list(ids), pad_id)
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(_pad(list(labels), IGNORE)[0]),
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(_pad(list(labels), IGNORE_INDEX)[0]),
             "attention_mask": torch.from_numpy(attention)}
 
 
@@ -158,7 +158,7 @@ def collate_preference(
     for name, pairs in rows.items():
         ids, attention = _pad([p[0] for p in pairs], pad_id, width)
         batch[f"{name}_input_ids"] = torch.from_numpy(ids)
-        batch[f"{name}_labels"] = torch.from_numpy(_pad([p[1] for p in pairs], IGNORE, width)[0])
+        batch[f"{name}_labels"] = torch.from_numpy(_pad([p[1] for p in pairs], IGNORE_INDEX, width)[0])
         batch[f"{name}_attention_mask"] = torch.from_numpy(attention)
     if reference_logps is not None:
         batch["ref_chosen_logps"] = torch.from_numpy(np.ascontiguousarray(reference_logps[:, 0]))
@@ -189,14 +189,14 @@ def collate_seq2seq(
     return {
         "input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(attention),
         "decoder_input_ids": torch.from_numpy(decoder_inputs),
-        "labels": torch.from_numpy(np.where(decoder_attention > 0, labels, IGNORE)),
+        "labels": torch.from_numpy(np.where(decoder_attention > 0, labels, IGNORE_INDEX)),
         "decoder_attention_mask": torch.from_numpy(decoder_attention),
     }
 
 
 def _shifted(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tokens = tokens.astype(np.int64)
-    return tokens[:-1], np.where(mask[1:] > 0, tokens[1:], IGNORE)
+    return tokens[:-1], np.where(mask[1:] > 0, tokens[1:], IGNORE_INDEX)
 
 
 def _pad(rows: Sequence[np.ndarray], value: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:

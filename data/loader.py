@@ -22,6 +22,7 @@ import torch
 
 from common.errors import UserError
 from data.collate import (
+    IGNORE_INDEX,
     collate_classification,
     collate_mlm,
     collate_preference,
@@ -78,7 +79,7 @@ def build_loader(
 
 def count_target_tokens(batch: Batch) -> int:
     """Positions that carry a loss (labels other than -100), over every ``*labels`` key."""
-    return sum(int((v != -100).sum()) for k, v in batch.items() if k.endswith("labels"))
+    return sum(int((v != IGNORE_INDEX).sum()) for k, v in batch.items() if k.endswith("labels"))
 
 
 def count_input_tokens(batch: Batch) -> int:

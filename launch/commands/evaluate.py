@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
+from data.collate import IGNORE_INDEX
 
 KIND_OBJECTIVES = {"classification": "classify", "seq2seq": "seq2seq", "preference": "preference"}
 
@@ -158,7 +159,7 @@ def exact_matches(model: torch.nn.Module, batch: dict[str, torch.Tensor], tokeni
     as many tokens as the longest target: anything longer is wrong anyway."""
     from model.generate import generate
 
-    targets = [row[row != -100].tolist() for row in batch["labels"]]
+    targets = [row[row != IGNORE_INDEX].tolist() for row in batch["labels"]]
     out = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"].bool(),
                    max_new_tokens=max(map(len, targets)), eos_token_ids=[tokenizer.eos_id],
                    pad_token_id=tokenizer.pad_id)
@@ -170,7 +171,7 @@ def teacher_forced_hits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     logits = model(batch["input_ids"], batch["decoder_input_ids"], attention_mask=batch["attention_mask"],
                    decoder_attention_mask=batch["decoder_attention_mask"])
     labels = batch["labels"]
-    return int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+    return int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
 
 
 def preference_metrics(model: torch.nn.Module, batches: Any) -> dict[str, Any]:

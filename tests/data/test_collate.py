@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError, UserError
-from data.collate import IGNORE, collate_mlm, collate_preference, collate_rows, collate_sft, corrupt_spans
+from data.collate import IGNORE_INDEX as IGNORE
+from data.collate import collate_mlm, collate_preference, collate_rows, collate_sft, corrupt_spans
 from data.config import DataConfig
 from data.loader import build_loader, count_input_tokens, count_target_tokens
 

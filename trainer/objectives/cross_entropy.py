@@ -14,9 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from data.collate import IGNORE_INDEX
 from model import kernels
-
-IGNORE_INDEX = -100
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
