@@ -15,6 +15,7 @@ from common.config import Config
 from common.errors import ConfigError
 from data.config import DataConfig
 from model.config import ModelConfig
+from trainer.objectives import ObjectiveName
 
 
 class StrategyName(enum.StrEnum):
@@ -38,7 +39,7 @@ class Precision(enum.StrEnum):
     bf16 = "bf16"
 
 
-class Checkpointing(enum.StrEnum):
+class ActivationCheckpointing(enum.StrEnum):
     """Activation checkpointing per block; trainer/strategy/prepare.py says what each keeps."""
 
     none = "none"
@@ -87,7 +88,8 @@ class TrainConfig(Config):
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     precision: Precision = Precision.fp32
-    activation_checkpointing: Checkpointing = Checkpointing.none  # none, full or selective (true = full)
+    # none, full or selective (true = full)
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     compile: bool = False
     seed: int = 0
     eval_every: int = 0  # 0: no evaluation
@@ -97,7 +99,7 @@ class TrainConfig(Config):
     offload: Offload = Offload.none
     hsdp: bool = False  # fsdp: shard within a node, replicate across nodes
     deepspeed_config: Path | None = None  # the user's own ds_config JSON (zero*), checked against ours
-    objective: str | None = None  # by task/arch, or: clm, mlm, span, sft, preference, reward, classify, seq2seq
+    objective: ObjectiveName | None = None  # None: what the task and model.arch imply
     loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
     dist_timeout_s: int = 600
 

@@ -22,7 +22,7 @@ from trainer.callbacks import Callback, default_callbacks
 from trainer.config import RunConfig
 from trainer.distributed import DistEnv, init_distributed, teardown
 from trainer.loop import ModelSpec, Trainer
-from trainer.objectives import ObjectiveContext, build_objective, objective_name
+from trainer.objectives import OBJECTIVES, ObjectiveContext, build_objective, objective_name
 from trainer.strategy import build_strategy, needs_process_group
 
 TASKS = ("pretrain", "sft", "align")
@@ -136,9 +136,9 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
     tokenizer_dir = find_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     name = objective_name(cfg, task)
-    head = "classifier" if name in ("reward", "classify") else "lm"
-    n_labels = classifier_labels(cfg) if name == "classify" else None
-    net, model_cfg = build_model(cfg, head, tokenizer.vocab_size, n_labels)
+    spec = OBJECTIVES[name]
+    n_labels = classifier_labels(cfg) if spec.class_labels else None
+    net, model_cfg = build_model(cfg, spec.head, tokenizer.vocab_size, n_labels)
     strategy = build_strategy(cfg.train, env, accumulation)
     wrapped = strategy.wrap(net)
     objective = build_objective(name, ObjectiveContext(name, cfg, tokenizer, strategy, wrapped))

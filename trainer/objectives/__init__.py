@@ -9,7 +9,8 @@ exactly that of the mean over every unit of the global batch, however tokens fal
 micro-steps and ranks.
 
 To add an objective, write a module here with a class that satisfies :class:`Objective` and a
-``build(ctx: ObjectiveContext) -> Objective`` function, and name it in :data:`REGISTRY`.
+``build(ctx: ObjectiveContext) -> Objective`` function, add its name to :class:`ObjectiveName` and
+its row to :data:`OBJECTIVES`.
 ``ctx`` carries the run config, tokenizer and strategy (``ctx.strategy.wrap_frozen(model)``
 shards a frozen reference model the same way as the trained one).
 """
@@ -17,6 +18,7 @@ shards a frozen reference model the same way as the trained one).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -67,32 +69,56 @@ class ObjectiveContext:
     model: torch.nn.Module  # the trained model, already wrapped by the strategy
 
 
-# objective name → module under trainer.objectives that has ``build(ctx)``
-REGISTRY: dict[str, str] = {
-    "clm": "clm",
-    "mlm": "mlm",
-    "span": "span",
-    "sft": "sft",
-    "preference": "preference",
-    "reward": "reward",
-    "classify": "classify",
-    "seq2seq": "seq2seq",
+class ObjectiveName(enum.StrEnum):
+    """What ``train.objective`` may name (a typo fails at config load)."""
+
+    clm = "clm"
+    mlm = "mlm"
+    span = "span"
+    sft = "sft"
+    preference = "preference"
+    reward = "reward"
+    classify = "classify"
+    seq2seq = "seq2seq"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """One row of :data:`OBJECTIVES`: where the objective's ``build`` lives and what the run builds for it."""
+
+    module: str  # under trainer.objectives, holding ``build(ctx)``
+    head: str = "lm"  # "lm" or "classifier" (a scalar or per-class head over the final hidden state)
+    class_labels: bool = False  # the classifier's classes come from the shards' labels
+
+
+OBJECTIVES: dict[ObjectiveName, ObjectiveSpec] = {
+    ObjectiveName.clm: ObjectiveSpec("clm"),
+    ObjectiveName.mlm: ObjectiveSpec("mlm"),
+    ObjectiveName.span: ObjectiveSpec("span"),
+    ObjectiveName.sft: ObjectiveSpec("sft"),
+    ObjectiveName.preference: ObjectiveSpec("preference"),
+    ObjectiveName.reward: ObjectiveSpec("reward", head="classifier"),
+    ObjectiveName.classify: ObjectiveSpec("classify", head="classifier", class_labels=True),
+    ObjectiveName.seq2seq: ObjectiveSpec("seq2seq"),
 }
 
 # what each pretraining architecture learns when train.objective is not set
-PRETRAIN_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}
+PRETRAIN_OBJECTIVE = {"decoder": ObjectiveName.clm, "encoder": ObjectiveName.mlm,
+                      "encoder_decoder": ObjectiveName.span}
 
 
-def objective_name(cfg: RunConfig, task: str) -> str:
+def objective_name(cfg: RunConfig, task: str) -> ObjectiveName:
     """The objective a run trains: train.objective if set, else what the task and arch imply."""
     if cfg.train.objective:
-        return cfg.train.objective
+        return ObjectiveName(cfg.train.objective)
     if task == "pretrain":
         return PRETRAIN_OBJECTIVE[str(cfg.model.arch)]
-    return {"sft": "sft", "align": "preference"}[task]
+    return {"sft": ObjectiveName.sft, "align": ObjectiveName.preference}[task]
 
 
 def build_objective(name: str, ctx: ObjectiveContext) -> Objective:
-    if name not in REGISTRY:
-        raise ConfigError(f"train.objective: {name!r} is not one of {', '.join(REGISTRY)}")
-    return importlib.import_module(f"trainer.objectives.{REGISTRY[name]}").build(ctx)
+    try:
+        spec = OBJECTIVES[ObjectiveName(name)]
+    except ValueError:
+        raise ConfigError(f"train.objective: {name!r} is not one of {', '.join(OBJECTIVES)}") from None
+    return importlib.import_module(f"trainer.objectives.{spec.module}").build(ctx)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from trainer.config import Checkpointing
+from trainer.config import ActivationCheckpointing
 
 
 def _saved_ops() -> frozenset:
@@ -41,13 +41,13 @@ def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpoint_blocks(model: nn.Module, mode: Checkpointing = Checkpointing.full) -> None:
+def checkpoint_blocks(model: nn.Module, mode: ActivationCheckpointing = ActivationCheckpointing.full) -> None:
     """Recompute each block's activations (all, or all but matmul/attention outputs) in backward."""
-    mode = Checkpointing(mode)
-    if mode is Checkpointing.none:
+    mode = ActivationCheckpointing(mode)
+    if mode is ActivationCheckpointing.none:
         return
     options = {"use_reentrant": False}
-    if mode is Checkpointing.selective:
+    if mode is ActivationCheckpointing.selective:
         options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls_and_attention)
     for block in model.blocks():
         block.forward = functools.partial(checkpoint, block.forward, **options)
@@ -59,8 +59,8 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def prepare(model: nn.Module, activation_checkpointing: Checkpointing | str, compile: bool) -> nn.Module:
-    checkpoint_blocks(model, Checkpointing(activation_checkpointing))
+def prepare(model: nn.Module, activation_checkpointing: ActivationCheckpointing | str, compile: bool) -> nn.Module:
+    checkpoint_blocks(model, ActivationCheckpointing(activation_checkpointing))
     if compile:
         compile_blocks(model)
     return model
