@@ -26,7 +26,7 @@ import torch
 from common.errors import UserError
 from trainer.distributed import all_gather_object, barrier
 from trainer.objectives import ObjectiveContext
-from trainer.objectives.preference import pair_logps
+from trainer.objectives.pairs import pair_logps
 
 log = logging.getLogger("tessera.trainer")
 SIDECAR = "reference_logps.json"

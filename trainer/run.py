@@ -154,7 +154,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
 
     trainer = Trainer(
         cfg, env, strategy, objective, loader("train"),
-        model_spec=ModelSpec(model_cfg, head, tokenizer_dir),
+        model_spec=ModelSpec(model_cfg, spec.head, tokenizer_dir),
         valid_batches=(lambda: loader("valid")) if cfg.data.valid else None,
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
     )

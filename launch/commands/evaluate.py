@@ -176,7 +176,7 @@ def teacher_forced_hits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
 
 def preference_metrics(model: torch.nn.Module, batches: Any) -> dict[str, Any]:
     """Share of pairs whose chosen continuation has the higher summed log-prob, and the mean margin."""
-    from trainer.objectives.preference import pair_logps
+    from trainer.objectives.pairs import pair_logps
 
     wins = margin = pairs = 0.0
     for batch in batches:

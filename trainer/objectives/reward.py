@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
-from trainer.objectives.preference import pair_inputs
+from trainer.objectives.pairs import pair_inputs
 
 
 def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
