@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+from launch.recipes import RECIPES
+from launch.stages import DATA, Stages
+
 PRETRAIN_INPUTS = ["pretrain_tinystories_valid_head.txt", "pretrain_wikipedia_demo.txt", "pretrain_c4_demo.jsonl"]
 SFT_INPUTS = ["sft_alpaca_en_demo.json", "sft_rasbt_instruction_data.json"]
 PREFERENCE_INPUT = "pref_rasbt_instruction_data_with_preference.json"
@@ -31,26 +31,8 @@ STEPS = {"full": {"pretrain": (500, 16, 3e-3), "sft": (200, 16, 1e-3), "align": 
          "quick": {"pretrain": (12, 8, 3e-3), "sft": (6, 8, 1e-3), "align": (4, 4, 5e-4)}}
 
 
-class Demo:
-    def __init__(self, out: Path, quick: bool) -> None:
-        self.out = out
-        self.mode = "quick" if quick else "full"
-        self.started = time.time()
-        self.summary: dict[str, object] = {}
-
-    def tessera(self, *args: str, capture: bool = False) -> str:
-        """Run one `tessera` command as a user would, echoing it first."""
-        print(f"\n$ tessera {shlex.join(args)}", flush=True)
-        cmd = [sys.executable, "-m", "launch.cli", *args]
-        result = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
-        if result.returncode:
-            raise SystemExit(f"demo: `tessera {args[0]}` failed with status {result.returncode}")
-        if capture:
-            print(result.stdout, end="")
-        return result.stdout or ""
-
-    def stage(self, title: str) -> None:
-        print(f"\n=== {title}  [{time.time() - self.started:.0f}s]", flush=True)
+class Demo(Stages):
+    """The chat pipeline: prep → tokenizer → shards → pretrain → SFT → DPO → generate → export."""
 
     def train(self, task: str, run: str, data: Path, *extra: str) -> Path:
         steps, micro, lr = STEPS[self.mode][task]
@@ -111,19 +93,6 @@ class Demo:
 
         self.summary.update(metrics_summary(pretrain, sft_run, dpo))
         self.finish([pretrain, sft_run, dpo], exported)
-
-    def finish(self, runs: list[Path], exported: Path | None = None) -> None:
-        """The closing summary: the key numbers, where each run (and the exported model) is."""
-        print(f"\n=== done in {time.time() - self.started:.0f}s")
-        for key, value in self.summary.items():
-            print(f"  {key:<34} {value}")
-        for run in runs:
-            plots = ", plots/" if (run / "plots").is_dir() else ""
-            print(f"  run {run.name:<30} {run}  (metrics.jsonl{plots}, checkpoints/)")
-        if exported is not None:
-            print(f"  {'exported model':<34} {exported}")
-        if any(self.out.glob("*/wandb/offline-run-*")):
-            print(f"  W&B runs were logged offline: `wandb sync {self.out}/*/wandb/offline-run-*` uploads them")
 
 
 def split_records(inputs: Path | list[Path], out: Path, every: int = 20) -> Path:
@@ -197,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe == "chat":
         Demo(args.out, args.quick).run()
     else:
-        from launch.recipes import RECIPES
-
         RECIPES[args.recipe](args.out, args.quick).run()
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launch.demo import DATA, Demo
+from launch.stages import DATA, Stages
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 SMS = "cls_sms_spam_collection.tsv"
@@ -37,7 +37,7 @@ def split_lines(source: Path, out: Path, every: int = 10) -> tuple[Path, Path]:
     return train, valid
 
 
-class Recipe(Demo):
+class Recipe(Stages):
     """A pretrain → fine-tune → eval recipe; subclasses name the data and the stages."""
 
     def train_stage(self, task: str, config: str, run: str, *overrides: str) -> Path:

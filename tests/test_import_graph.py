@@ -15,7 +15,7 @@ PACKAGES = ("common", "data", "model", "trainer", "launch")
 ALLOWED = {"common": set(), "model": {"common"}, "data": {"common"},
            "trainer": {"common", "data", "model"}, "launch": {"common", "data", "model", "trainer"}}
 # cycles still to break, each named so that breaking it must update this list too
-KNOWN_CYCLES = [["launch.demo", "launch.recipes"]]  # recipes subclass the chat Demo; demo.main dispatches
+KNOWN_CYCLES: list[list[str]] = []
 
 
 def modules() -> dict[str, Path]:
