@@ -63,3 +63,14 @@ def pair_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 0) -> Pai
     tokens = (labels != IGNORE_INDEX).sum(-1)
     n = batch["chosen_input_ids"].shape[0]
     return PairLogps(sums[:n], sums[n:], tokens[:n], tokens[n:])
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's reward metric names over per-pair rewards (or scores), each summed over the pairs (the
+    loop divides by the global pair count)."""
+    return {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+    }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
-from trainer.objectives.pairs import PairLogps, pair_logps
+from trainer.objectives.pairs import PairLogps, pair_logps, reward_metrics
 
 if TYPE_CHECKING:
     from trainer.config import AlignConfig
@@ -88,12 +88,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def pair_metrics(out: PairLosses) -> dict[str, torch.Tensor]:
     """TRL's metric names, each summed over the pairs (the loop divides by the global pair count)."""
-    c, r = out.chosen_rewards, out.rejected_rewards
-    return {
-        "rewards/chosen": c.sum(),
-        "rewards/rejected": r.sum(),
-        "rewards/accuracies": (c > r).float().sum(),
-        "rewards/margins": (c - r).sum(),
+    return reward_metrics(out.chosen_rewards, out.rejected_rewards) | {
         "logps/chosen": out.chosen_logps.detach().sum(),
         "logps/rejected": out.rejected_logps.detach().sum(),
     }

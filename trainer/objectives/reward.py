@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
-from trainer.objectives.pairs import pair_inputs
+from trainer.objectives.pairs import pair_inputs, reward_metrics
 
 
 def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -36,13 +36,7 @@ class RewardObjective:
         n = batch["chosen_input_ids"].shape[0]
         chosen, rejected = scores[:n, 0], scores[n:, 0]
         losses = bradley_terry_losses(chosen, rejected)
-        c, r = chosen.detach(), rejected.detach()
-        metrics = {
-            "rewards/chosen": c.sum(),
-            "rewards/rejected": r.sum(),
-            "rewards/accuracies": (c > r).float().sum(),
-            "rewards/margins": (c - r).sum(),
-        }
+        metrics = reward_metrics(chosen.detach(), rejected.detach())
         return LossOutput(loss_sum=losses.sum(), count=torch.tensor(n, device=scores.device), metrics=metrics)
 
 
