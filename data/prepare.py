@@ -52,6 +52,7 @@ def prepare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     removed: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()  # input records that gave no document (WARC: not HTML, not 200, cut short)
     examples: dict[str, list[dict[str, str]]] = {}
     seen = kept = bytes_in = bytes_out = 0
     started = time.perf_counter()
@@ -77,7 +78,7 @@ def prepare(
     pending_chars = 0
     partial = out / "documents.jsonl.partial"  # renamed when complete: a failed run leaves no half file
     with partial.open("w", encoding="utf-8") as sink:
-        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode):
+        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, skipped=skipped):
             seen += 1
             bytes_in += len(doc.text.encode("utf-8"))
             verdict = _filter(doc.text, unicode_form, chosen_filters)
@@ -94,7 +95,7 @@ def prepare(
     seconds = time.perf_counter() - started
     report = {
         "inputs": [str(p) for p in inputs], "documents_in": seen, "documents_out": kept,
-        "removed": dict(removed.most_common()), "examples": examples,
+        "skipped": dict(skipped.most_common()), "removed": dict(removed.most_common()), "examples": examples,
         "filters": [f.name for f in chosen_filters], "dedup": dedups,
         "minhash": {"ngram": minhash_ngram, "bands": minhash_bands, "rows": minhash_rows} if near else None,
         "bytes_in": bytes_in, "bytes_out": bytes_out, "seconds": round(seconds, 3),

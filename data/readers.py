@@ -1,10 +1,13 @@
-"""Streaming readers for raw corpora: .txt, .jsonl and .json files, plain or gzip, or directories of them.
+"""Streaming readers for raw corpora: .txt, .jsonl, .json, .parquet and .warc files, or directories of them.
 
 A .txt file gives one document per blank-line-separated block (``txt_mode="block"``), per
 non-empty line (``"line"``), per file (``"file"``), or ``"auto"`` (the default): blocks when the
 file has a blank line, else lines (one article per line, as in many corpus dumps). .jsonl gives one
 per line and .json one per array item, with the text taken from ``text_field``. Files are read line
-by line, so memory stays flat (a .json array is the exception: it is parsed whole).
+by line, so memory stays flat (a .json array is the exception: it is parsed whole). Text files may be
+gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch at a time, taking the
+``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML type and extracts the
+main text with trafilatura; the other responses, and records cut short, are counted in ``skipped``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,10 @@ from typing import Any, TextIO
 
 from common.errors import UserError
 
-SUFFIXES = (".txt", ".jsonl", ".json")
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".warc")
+COMPRESSIONS = (".gz", ".zst")
+PARQUET_BATCH_ROWS = 1024
+HTML_TYPES = ("text/html", "application/xhtml+xml")
 TXT_MODES = ("auto", "block", "line", "file")
 
 
@@ -40,11 +47,12 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in SUFFIXES)
             if not found:
-                raise UserError(f"{path}: no .txt, .jsonl or .json files (plain or .gz) in this directory")
+                raise UserError(f"{path}: no .txt, .jsonl, .json, .parquet or .warc files in this directory")
             files += found
         elif path.is_file():
             if _suffix(path) not in SUFFIXES:
-                raise UserError(f"{path}: unsupported file type; use .txt, .jsonl or .json (optionally .gz)")
+                raise UserError(f"{path}: unsupported file type; use .txt, .jsonl, .json (optionally .gz or .zst), "
+                                ".parquet or .warc (optionally .gz)")
             files.append(path)
         else:
             raise UserError(f"no such file or directory: {path}")
@@ -52,13 +60,21 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def iter_documents(
-    inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "auto"
+    inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "auto",
+    skipped: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Every document of every input, in order."""
+    """Every document of every input, in order; records that give no document are counted in ``skipped``."""
     if txt_mode not in TXT_MODES:
         raise UserError(f"unknown txt mode {txt_mode!r}; choose from {', '.join(TXT_MODES)}")
+    skipped = Counter() if skipped is None else skipped
     for path in expand_inputs(inputs):
         suffix = _suffix(path)
+        if suffix == ".parquet":
+            yield from _parquet(path, text_field)
+            continue
+        if suffix == ".warc":
+            yield from _warc(path, skipped)
+            continue
         with _open(path) as f:
             if suffix == ".txt":
                 mode = txt_mode if txt_mode != "auto" else "block" if _has_blank_line(path) else "line"
@@ -73,8 +89,8 @@ def iter_records(inputs: Iterable[str | Path]) -> Iterator[tuple[str, dict[str, 
     """(name, record) for every JSON object of .jsonl/.json inputs (SFT and preference data)."""
     for path in expand_inputs(inputs):
         suffix = _suffix(path)
-        if suffix == ".txt":
-            raise UserError(f"{path}: conversations must be .jsonl or .json records, not plain text")
+        if suffix not in (".jsonl", ".json"):
+            raise UserError(f"{path}: conversations must be .jsonl or .json records, not {suffix} files")
         with _open(path) as f:
             items = _jsonl_objects(f, path) if suffix == ".jsonl" else enumerate(_json_array(f, path))
             for index, record in items:
@@ -82,13 +98,24 @@ def iter_records(inputs: Iterable[str | Path]) -> Iterator[tuple[str, dict[str, 
 
 
 def _suffix(path: Path) -> str:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(name).suffix.lower()
+    """The format suffix under any compression suffix: a.jsonl.zst → .jsonl; "" for an unsupported pair."""
+    name = path.name.lower()
+    compression = next((c for c in COMPRESSIONS if name.endswith(c)), "")
+    suffix = Path(name[: len(name) - len(compression)]).suffix
+    if compression and (suffix == ".parquet" or (suffix == ".warc" and compression != ".gz")):
+        return ""  # Parquet compresses inside the file; warcio reads gzip only
+    return suffix
 
 
 def _open(path: Path) -> TextIO:
-    if path.name.endswith(".gz"):
+    name = path.name.lower()
+    if name.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    if name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="replace")
     return path.open(encoding="utf-8", errors="replace")
 
 
@@ -158,3 +185,54 @@ def _from_record(record: Any, path: Path, index: int, text_field: str) -> Docume
         raise UserError(f"{path} record {index}: no text field {text_field!r} (keys: {keys}); set --text-field")
     meta = {k: v for k, v in record.items() if k not in (text_field, "id")}
     return Document(str(record.get("id", f"{path.name}:{index}")), text, meta)
+
+
+def _parquet(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a file that is not Parquet
+        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+    columns = table.schema_arrow.names
+    if text_field not in columns:
+        raise UserError(f"{path}: no text column {text_field!r} (columns: {', '.join(columns)}); set --text-field")
+    index = 0
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for record in batch.to_pylist():
+            yield _from_record(record, path, index, text_field)
+            index += 1
+
+
+def _warc(path: Path, skipped: Counter[str]) -> Iterator[Document]:
+    """HTML responses with status 200 → their main text, with the URL and crawl date kept as fields."""
+    import trafilatura
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    with path.open("rb") as f:
+        try:
+            for record in ArchiveIterator(f):
+                if record.rec_type != "response" or record.http_headers is None:
+                    continue
+                status = record.http_headers.get_statuscode()
+                mime = (record.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
+                body = record.content_stream().read()
+                if record.raw_stream.limit > 0:  # fewer bytes than the record's Content-Length: cut short
+                    skipped["warc_truncated"] += 1
+                    continue
+                if status != "200":
+                    skipped["warc_status_not_200"] += 1
+                    continue
+                if mime not in HTML_TYPES:
+                    skipped["warc_not_html"] += 1
+                    continue
+                url = record.rec_headers.get_header("WARC-Target-URI")
+                text = trafilatura.extract(body.decode("utf-8", errors="replace"), url=url)
+                if not text:
+                    skipped["warc_no_main_text"] += 1
+                    continue
+                meta = {"url": url, "date": record.rec_headers.get_header("WARC-Date")}
+                yield Document(record.rec_headers.get_header("WARC-Record-ID") or url, text, meta)
+        except (ArchiveLoadFailed, EOFError, OSError):  # a broken gzip member or header ends the file
+            skipped["warc_truncated"] += 1

@@ -8,9 +8,11 @@ from data.readers import TXT_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl/.json files (or .gz), or directories")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help=".txt/.jsonl/.json files (or .gz/.zst), .parquet, .warc(.gz), or directories")
     parser.add_argument("--out", required=True, help="output directory: documents.jsonl and report.json")
-    parser.add_argument("--text-field", default="text", help="the text field of .jsonl/.json records (default text)")
+    parser.add_argument("--text-field", default="text",
+                        help="the text field of .jsonl/.json records or .parquet column (default text)")
     parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto",
                         help="a .txt document is a blank-line-separated block, a line, or the whole file; "
                              "auto: blocks when the file has a blank line, else lines")
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"kept {report['documents_out']} of {report['documents_in']} documents "
           f"({report['bytes_in'] / 1e6:.2f} MB in {report['seconds']:.1f} s, {report['mb_per_s']} MB/s) → {args.out}")
+    for reason, count in report["skipped"].items():
+        print(f"  skipped {count:7d}  {reason}")
     for rule, count in report["removed"].items():
         print(f"  removed {count:7d}  {rule}")
     return 0

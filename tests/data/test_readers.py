@@ -1,0 +1,82 @@
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from common.errors import UserError
+from data.prepare import prepare
+from data.readers import iter_documents
+
+ARTICLE = ("The river town of Elmsford rebuilt its stone bridge in the spring, after the winter floods had "
+           "carried away two of the old arches. Engineers from the county worked with local masons for "
+           "eleven weeks, and the new span reuses most of the original granite blocks. ") * 3
+BOILERPLATE = "Home | About us | Contact | Subscribe to our newsletter | Cookie settings"
+
+
+def records(n: int = 40) -> list[dict]:
+    return [{"id": f"r{i}", "text": f"Record {i} says: " + ARTICLE.replace("eleven", f"{i} long"), "lang": "en"}
+            for i in range(n)]
+
+
+def documents(out) -> str:
+    return (out / "documents.jsonl").read_text()
+
+
+def test_parquet_and_zstd_give_the_same_documents_as_jsonl(tmp_path):
+    rows = records()
+    jsonl = tmp_path / "twin.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    zst = tmp_path / "twin.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(jsonl.read_bytes()))
+    parquet = tmp_path / "twin.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=7)  # several row groups
+    expected = prepare([jsonl], tmp_path / "from_jsonl", filters="none", dedup="exact")
+    assert expected["documents_out"] == len(rows)
+    for source in (zst, parquet):
+        report = prepare([source], tmp_path / "out" / source.name, filters="none", dedup="exact")
+        assert documents(tmp_path / "out" / source.name) == documents(tmp_path / "from_jsonl")
+        assert report["documents_in"] == len(rows)
+
+
+def test_parquet_without_the_text_column_names_the_file_and_its_columns(tmp_path):
+    parquet = tmp_path / "web.parquet"
+    pq.write_table(pa.Table.from_pylist([{"content": "x", "url": "u"}]), parquet)
+    with pytest.raises(UserError, match=r"web\.parquet: no text column 'text' \(columns: content, url\)"):
+        list(iter_documents([parquet]))
+    assert [d.text for d in iter_documents([parquet], text_field="content")] == ["x"]
+
+
+def write_warc(path, *, truncate_last: bool) -> None:
+    with path.open("wb") as f:
+        writer = WARCWriter(f, gzip=True)
+
+        def response(url: str, status: str, mime: str, body: bytes) -> None:
+            headers = StatusAndHeaders(status, [("Content-Type", mime)], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
+                                                          http_headers=headers))
+
+        page = (f"<html><head><title>Bridge</title></head><body><nav>{BOILERPLATE}</nav>"
+                f"<article><h1>Bridge rebuilt</h1><p>{ARTICLE}</p></article>"
+                f"<footer>{BOILERPLATE} | Copyright 2026</footer></body></html>")
+        response("https://news.example/bridge", "200 OK", "text/html; charset=utf-8", page.encode())
+        response("https://news.example/logo.png", "200 OK", "image/png", b"\x89PNG" + bytes(300))
+        response("https://news.example/gone", "404 Not Found", "text/html", b"<html><p>Not found</p></html>")
+        response("https://news.example/cut", "200 OK", "text/html", page.replace("Bridge", "Cut").encode())
+    if truncate_last:
+        path.write_bytes(path.read_bytes()[:-200])
+
+
+def test_warc_keeps_the_main_text_of_html_200_and_counts_the_rest(tmp_path):
+    warc = tmp_path / "crawl.warc.gz"
+    write_warc(warc, truncate_last=True)
+    report = prepare([warc], tmp_path / "out", filters="none", dedup="none")
+    docs = [json.loads(line) for line in documents(tmp_path / "out").splitlines()]
+    assert [d["url"] for d in docs] == ["https://news.example/bridge"]
+    assert "stone bridge" in docs[0]["text"] and "Subscribe to our newsletter" not in docs[0]["text"]
+    assert report["skipped"] == {"warc_not_html": 1, "warc_status_not_200": 1, "warc_truncated": 1}
+    assert report["documents_in"] == 1
