@@ -29,6 +29,10 @@ class Pos(enum.StrEnum):
     none = "none"
 
 
+# encodings whose tables (or rotation caches) are sized by max_seq_len: longer sequences are refused
+SIZED_BY_MAX_SEQ_LEN = frozenset({Pos.learned, Pos.sinusoidal, Pos.rope})
+
+
 class Norm(enum.StrEnum):
     layernorm = "layernorm"
     rmsnorm = "rmsnorm"

@@ -14,7 +14,7 @@ import torch
 
 from common.errors import UserError
 from model.attention import KVCache
-from model.config import Pos
+from model.config import SIZED_BY_MAX_SEQ_LEN
 from model.transformer import Seq2SeqLM, TesseraModel, TransformerLM
 
 
@@ -180,6 +180,5 @@ def _check_arguments(model: TesseraModel, input_ids: torch.Tensor, max_new_token
         raise UserError("beam search is deterministic: use num_beams > 1 with temperature 0")
     cfg = model.config
     decoder_len = (1 if isinstance(model, Seq2SeqLM) else input_ids.shape[1]) + max_new_tokens
-    absolute = cfg.pos in (Pos.learned, Pos.sinusoidal, Pos.rope)
-    if absolute and max(decoder_len, input_ids.shape[1]) > cfg.max_seq_len:
+    if cfg.pos in SIZED_BY_MAX_SEQ_LEN and max(decoder_len, input_ids.shape[1]) > cfg.max_seq_len:
         raise UserError(f"prompt + max_new_tokens = {decoder_len} tokens exceeds max_seq_len={cfg.max_seq_len}")

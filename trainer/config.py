@@ -14,7 +14,7 @@ from typing import Any
 from common.config import Config
 from common.errors import ConfigError
 from data.config import DataConfig
-from model.config import ModelConfig
+from model.config import SIZED_BY_MAX_SEQ_LEN, ModelConfig
 from trainer.objectives import ObjectiveName
 
 
@@ -207,8 +207,8 @@ class RunConfig(Config):
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
 
     def validate(self, where: str) -> None:
-        positional = self.model.pos in ("learned", "sinusoidal", "rope")  # tables sized by max_seq_len
-        if self.model.init is None and positional and self.data.seq_len > self.model.max_seq_len:
+        too_long = self.data.seq_len > self.model.max_seq_len
+        if self.model.init is None and self.model.pos in SIZED_BY_MAX_SEQ_LEN and too_long:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"
