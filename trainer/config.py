@@ -26,6 +26,11 @@ class StrategyName(enum.StrEnum):
     zero2 = "zero2"
     zero3 = "zero3"
 
+    @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage for zero1/2/3; None for the strategies that are not DeepSpeed."""
+        return {"zero1": 1, "zero2": 2, "zero3": 3}.get(self.value)
+
 
 class Schedule(enum.StrEnum):
     cosine = "cosine"

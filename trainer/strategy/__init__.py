@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,23 +91,15 @@ def materialize(model: nn.Module, seed: int, on_block: Callable[[nn.Module], Non
     return True
 
 
+# strategy name → (module under trainer.strategy, class); imported on use (deepspeed is heavy)
+STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("fsdp", "FSDP"),
+              "zero1": ("deepspeed", "DeepSpeed"), "zero2": ("deepspeed", "DeepSpeed"),
+              "zero3": ("deepspeed", "DeepSpeed")}
+
+
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> Strategy:
-    name = str(cfg.strategy)
-    if name == "single":
-        from trainer.strategy.single import Single
-
-        return Single(cfg, env, accumulation)
-    if name == "ddp":
-        from trainer.strategy.ddp import DDP
-
-        return DDP(cfg, env, accumulation)
-    if name == "fsdp":
-        from trainer.strategy.fsdp import FSDP
-
-        return FSDP(cfg, env, accumulation)
-    from trainer.strategy.deepspeed import DeepSpeed
-
-    return DeepSpeed(cfg, env, accumulation)
+    module, name = STRATEGIES[str(cfg.strategy)]
+    return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 
 
 def needs_process_group(name: str) -> bool:

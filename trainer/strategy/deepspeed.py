@@ -31,7 +31,7 @@ from torch import nn
 
 from common.errors import UserError
 from trainer.checkpoint import read_state
-from trainer.config import TrainConfig
+from trainer.config import StrategyName, TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.strategy import Strategy, materialize
 from trainer.strategy.ds_config import build_ds_config
@@ -55,7 +55,7 @@ def import_deepspeed() -> Any:
 class DeepSpeed(Strategy):
     def __init__(self, cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> None:
         super().__init__(cfg, env, accumulation)
-        self.stage = int(str(cfg.strategy)[-1])
+        self.stage = StrategyName(cfg.strategy).zero_stage
         self.checkpoint_format = f"deepspeed-zero{self.stage}"
 
     def config(self) -> dict[str, Any]:
