@@ -35,10 +35,27 @@ from data.config import DataConfig
 from data.stream import SampleStream, ShardSet, Source, StreamState
 
 Batch = dict[str, torch.Tensor]
-OBJECTIVES = ("clm", "mlm", "span", "sft", "preference", "classify", "seq2seq")
 STATE_VERSION = 1
-_KIND = {"clm": "text", "mlm": "text", "span": "text", "sft": "sft", "preference": "preference",
-         "classify": "classification", "seq2seq": "seq2seq"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataObjective:
+    """How the loader batches one objective (``Objective.data_objective`` names the row)."""
+
+    shard_kind: str  # what `tessera shard --kind` made the shards it reads
+    unit: str  # the stream's unit: rows (packed), chunks (fixed windows) or samples (one per record)
+    token_level: bool  # its loss is a mean token cross-entropy, so exp(loss) is a perplexity
+
+
+DATA_OBJECTIVES = {
+    "clm": DataObjective("text", "rows", token_level=True),
+    "mlm": DataObjective("text", "chunks", token_level=True),
+    "span": DataObjective("text", "chunks", token_level=True),
+    "sft": DataObjective("sft", "samples", token_level=True),  # rows under data.packing
+    "preference": DataObjective("preference", "samples", token_level=False),
+    "classify": DataObjective("classification", "samples", token_level=False),
+    "seq2seq": DataObjective("seq2seq", "samples", token_level=True),
+}
 
 
 def build_loader(
@@ -46,8 +63,9 @@ def build_loader(
     seed: int, split: str = "train",
 ) -> Loader:
     """The batches of ``objective`` for this rank. ``cfg.seed`` (when set) overrides ``seed``."""
-    if objective not in OBJECTIVES:
-        raise UserError(f"unknown data objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if objective not in DATA_OBJECTIVES:
+        raise UserError(f"unknown data objective {objective!r}; choose from {', '.join(DATA_OBJECTIVES)}")
+    spec = DATA_OBJECTIVES[objective]
     if split not in ("train", "valid"):
         raise UserError(f"unknown split {split!r}; use train or valid")
     if micro_batch_size < 1:
@@ -60,13 +78,12 @@ def build_loader(
         raise UserError("data.valid is not set: give a shard directory to evaluate on")
     shards = ShardSet(sources, on_corrupt=str(cfg.on_corrupt), verify_checksums=cfg.verify_checksums,
                       allow_pipe=cfg.allow_pipe)
-    if shards.kind != _KIND[objective]:
+    if shards.kind != spec.shard_kind:
         raise UserError(f"{sources[0].path} holds {shards.kind} shards; the {objective} objective needs "
-                        f"{_KIND[objective]} shards (tessera shard --kind {_KIND[objective]})")
+                        f"{spec.shard_kind} shards (tessera shard --kind {spec.shard_kind})")
     if getattr(tokenizer, "sha256", shards.manifests[0].tokenizer_sha256) != shards.manifests[0].tokenizer_sha256:
         raise UserError(f"{sources[0].path} was tokenized with another tokenizer than {tokenizer.path}")
-    mode = {"clm": "rows", "mlm": "chunks", "span": "chunks", "sft": "rows" if cfg.packing else "samples",
-            "preference": "samples", "classify": "samples", "seq2seq": "samples"}[objective]
+    mode = "rows" if objective == "sft" and cfg.packing else spec.unit
     train = split == "train"
     stream = SampleStream(
         shards, mode=mode, seq_len=cfg.seq_len, seed=cfg.seed if cfg.seed is not None else seed, rank=rank,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from data.loader import DATA_OBJECTIVES
 from trainer.callbacks import Callback
-
-TOKEN_OBJECTIVES = ("clm", "mlm", "span", "sft", "seq2seq")  # whose loss is a mean token CE, so exp(loss) is perplexity
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -23,5 +22,5 @@ class Evaluation(Callback):
         if trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps:
             values = trainer.evaluate(self.steps)
             metrics.update({f"eval/{name}": value for name, value in values.items()})
-            if trainer.objective.data_objective in TOKEN_OBJECTIVES:
+            if DATA_OBJECTIVES[trainer.objective.data_objective].token_level:
                 metrics["eval/ppl"] = math.exp(min(values["loss"], 50.0))
