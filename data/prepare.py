@@ -19,6 +19,7 @@ from typing import Any
 from common.errors import UserError
 from data import filters as filter_registry
 from data.dedup import ExactDedup, MinHashDedup
+from data.pii import redact
 from data.readers import Document, expand_inputs, iter_documents
 from data.text import TextView, normalize
 
@@ -41,7 +42,7 @@ def prepare(
     inputs: Iterable[str | Path], out_dir: str | Path, *, text_field: str = "text", txt_mode: str = "auto",
     filters: str | list[str] = "gopher,c4,fineweb", dedup: str | list[str] = "exact,minhash",
     unicode_form: str = "NFC", minhash_bands: int = 14, minhash_rows: int = 8, minhash_ngram: int = 5,
-    examples_per_rule: int = 3,
+    examples_per_rule: int = 3, pii: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline and write ``out_dir/documents.jsonl`` and ``out_dir/report.json``; returns the report."""
     inputs = expand_inputs(inputs)  # a missing input fails here, before anything is written
@@ -52,6 +53,7 @@ def prepare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     removed: Counter[str] = Counter()
+    redacted: Counter[str] = Counter()
     skipped: Counter[str] = Counter()  # input records that gave no document (WARC: not HTML, not 200, cut short)
     examples: dict[str, list[dict[str, str]]] = {}
     seen = kept = bytes_in = bytes_out = 0
@@ -65,8 +67,9 @@ def prepare(
                 note(reason, doc)
                 continue
             kept += 1
-            bytes_out += len(view.text.encode("utf-8"))
-            sink.write(json.dumps({"id": doc.id, "text": view.text, **doc.meta}, ensure_ascii=False) + "\n")
+            text = redact(view.text, redacted) if pii else view.text
+            bytes_out += len(text.encode("utf-8"))
+            sink.write(json.dumps({"id": doc.id, "text": text, **doc.meta}, ensure_ascii=False) + "\n")
         pending.clear()
 
     def note(reason: str, doc: Document) -> None:
@@ -97,6 +100,7 @@ def prepare(
         "inputs": [str(p) for p in inputs], "documents_in": seen, "documents_out": kept,
         "skipped": dict(skipped.most_common()), "removed": dict(removed.most_common()), "examples": examples,
         "filters": [f.name for f in chosen_filters], "dedup": dedups,
+        "pii_redacted": {"email": redacted["email"], "ipv4": redacted["ipv4"]} if pii else None,
         "minhash": {"ngram": minhash_ngram, "bands": minhash_bands, "rows": minhash_rows} if near else None,
         "bytes_in": bytes_in, "bytes_out": bytes_out, "seconds": round(seconds, 3),
         "mb_per_s": round(bytes_in / 1e6 / seconds, 3) if seconds > 0 else None,

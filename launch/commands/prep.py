@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of gopher, gopher_quality, gopher_repetition, c4, fineweb; or none")
     parser.add_argument("--dedup", default="exact,minhash", help="comma list of exact, minhash; or none")
     parser.add_argument("--unicode", default="NFC", choices=["NFC", "NFKC", "none"], help="Unicode normal form")
+    parser.add_argument("--pii", action="store_true",
+                        help="replace emails and public IPv4 addresses in the kept documents (as datatrove does)")
     parser.add_argument("--minhash-bands", type=int, default=14)
     parser.add_argument("--minhash-rows", type=int, default=8)
     parser.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         args.inputs, args.out, text_field=args.text_field, txt_mode=args.txt_mode, filters=args.filters,
         dedup=args.dedup, unicode_form="" if args.unicode == "none" else args.unicode,
         minhash_bands=args.minhash_bands, minhash_rows=args.minhash_rows, minhash_ngram=args.minhash_ngram,
+        pii=args.pii,
     )
     print(f"kept {report['documents_out']} of {report['documents_in']} documents "
           f"({report['bytes_in'] / 1e6:.2f} MB in {report['seconds']:.1f} s, {report['mb_per_s']} MB/s) → {args.out}")
