@@ -93,8 +93,7 @@ class TrainConfig(Config):
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     precision: Precision = Precision.fp32
-    # none, full or selective (true = full)
-    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none  # true = full
     compile: bool = False
     seed: int = 0
     eval_every: int = 0  # 0: no evaluation
@@ -104,7 +103,7 @@ class TrainConfig(Config):
     offload: Offload = Offload.none
     hsdp: bool = False  # fsdp: shard within a node, replicate across nodes
     deepspeed_config: Path | None = None  # the user's own ds_config JSON (zero*), checked against ours
-    objective: ObjectiveName | None = None  # None: what the task and model.arch imply
+    objective: ObjectiveName | None = None  # unset: what the task and model.arch imply
     loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
     dist_timeout_s: int = 600
 
