@@ -192,12 +192,14 @@ def test_reward_model_learns_held_out_preferences(align_corpus, pipeline, tmp_pa
     from model.io import load_pretrained
 
     raw = config(tmp_path, align_corpus.pairs, f"model.init={pipeline.sft}", "train.objective=reward",
-                 "train.max_steps=60", "train.micro_batch_size=8", "train.lr=1e-3")
+                 "train.max_steps=150", "train.micro_batch_size=8", "train.lr=1e-3")
     result = run_once(raw, "align")
     torch.manual_seed(0)  # the run's seed: the same fresh score head on the SFT body
     before = held_out_reward_accuracy(align_corpus, load_pretrained(pipeline.sft, head="classifier"))
     after = held_out_reward_accuracy(align_corpus, load(result.checkpoint / "model"))
     print(f"held-out reward-model accuracy: {before:.2f} -> {after:.2f}")
+    # measured here: 0.51 -> 0.86 after 150 steps (60 steps gave 0.61 here and passed elsewhere: a
+    # margin inside the spread between CPUs); the bar, 0.1 above chance, leaves 0.25 of room
     assert after > max(before, 0.5) + 0.1
 
 
