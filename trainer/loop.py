@@ -51,8 +51,14 @@ def input_tokens(batch: Batch) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
 
+def numpy_rng_state() -> list[Any]:
+    """NumPy's state with its key array as a tensor, so rank files load with ``weights_only=True``."""
+    kind, keys, *rest = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), *(r.item() if hasattr(r, "item") else r for r in rest)]
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,7 +66,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -252,7 +259,7 @@ class Trainer:
                 "(start from its weights with model.init and checkpoint.resume=never instead)"
             )
         self.strategy.load(path)
-        ranks = [torch.load(path / checkpoint.rank_file(r), weights_only=False) for r in range(saved_world)]
+        ranks = [checkpoint.load_rank_state(path / checkpoint.rank_file(r)) for r in range(saved_world)]
         if saved_world == self.env.world_size:
             self.loader.load_state_dict(ranks[self.env.rank]["loader"])
             set_rng_state(ranks[self.env.rank]["rng"])
