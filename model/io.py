@@ -23,6 +23,7 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded Hugging Face checkpoints
 CONFIG = "model.yaml"
 HF_CONFIG = "config.json"
+HF_GENERATION_CONFIG = "generation_config.json"
 LATEST = "latest"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -181,3 +182,16 @@ def save_hf(model: TesseraModel, directory: str | Path) -> Path:
     _atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _atomic(directory / HF_CONFIG, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"))
     return directory
+
+
+def save_hf_token_ids(directory: str | Path, *, bos: int | None, stops: list[int], pad: int | None,
+                      max_new_tokens: int) -> None:
+    """Name the special ids in an exported ``config.json`` and write ``generation_config.json``, so
+    that transformers' ``generate`` (and vLLM) stop where ``tessera generate`` stops: at any of ``stops``."""
+    directory = Path(directory)
+    ids = {"bos_token_id": bos, "eos_token_id": stops[0] if len(stops) == 1 else stops or None, "pad_token_id": pad}
+    ids = {k: v for k, v in ids.items() if v is not None}
+    hf_config = {**read_json_object(directory / HF_CONFIG), **ids}
+    generation = {**ids, "do_sample": False, "max_new_tokens": max_new_tokens}
+    _atomic(directory / HF_CONFIG, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"))
+    _atomic(directory / HF_GENERATION_CONFIG, lambda tmp: tmp.write_text(json.dumps(generation, indent=2) + "\n"))

@@ -1,5 +1,7 @@
 """`tessera export --checkpoint DIR --out DIR`: write the Hugging Face layout (config.json,
-model.safetensors) of a Tessera checkpoint, with its tokenizer files, for transformers / vLLM."""
+model.safetensors) of a Tessera checkpoint, with its tokenizer files, for transformers / vLLM.
+With a tokenizer, config.json names the bos / eos / pad ids and generation_config.json makes
+transformers' ``generate`` stop where ``tessera generate`` stops (EOS, and ``<|end|>`` when present)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    from launch.commands.generate import MAX_NEW_TOKENS, special_ids, stop_ids, tokenizer_config
     from model.hf import layout_for
-    from model.io import copy_tokenizer_files, find_tokenizer_dir, load_pretrained, save_hf
+    from model.io import copy_tokenizer_files, find_tokenizer_dir, load_pretrained, save_hf, save_hf_token_ids
 
     model = load_pretrained(args.checkpoint)
     save_hf(model, args.out)
     tok_dir = find_tokenizer_dir(args.checkpoint)
     copied = copy_tokenizer_files(tok_dir, args.out) if tok_dir is not None else []
+    if tok_dir is not None:
+        special = special_ids(Tokenizer.from_file(str(tok_dir / "tokenizer.json")),
+                              tokenizer_config(tok_dir / "tokenizer_config.json"))
+        save_hf_token_ids(args.out, bos=special.get("bos"), stops=stop_ids(special),
+                          pad=special.get("pad", model.config.pad_token_id), max_new_tokens=MAX_NEW_TOKENS)
+        copied.append("generation_config.json")
     print(f"exported {layout_for(model.config).architecture} to {args.out}"
           + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found)"))
     return 0

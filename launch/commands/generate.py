@@ -13,6 +13,8 @@ from pathlib import Path
 
 from common.errors import UserError
 
+MAX_NEW_TOKENS = 64  # also the default an export's generation_config.json gives transformers
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path,
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text to continue (repeat for a batch)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="directory with tokenizer.json (default: the checkpoint's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -44,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer.json in {args.tokenizer or args.checkpoint}; pass --tokenizer DIR")
     tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    config = _tokenizer_config(tok_dir / "tokenizer_config.json")
-    special = _special_ids(tokenizer, config)
+    config = tokenizer_config(tok_dir / "tokenizer_config.json")
+    special = special_ids(tokenizer, config)
     model = load_pretrained(args.checkpoint)
     seq2seq = isinstance(model, Seq2SeqLM)
     chat_config = config if args.chat else None
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(map(len, rows))
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
-    stops = [special[k] for k in ("eos", "end") if k in special]
+    stops = stop_ids(special)
     out = generate(model, input_ids, attention_mask=attention_mask if len(set(map(len, rows))) > 1 else None,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, num_beams=args.num_beams, eos_token_ids=stops, pad_token_id=pad, seed=args.seed)
@@ -92,13 +94,13 @@ def _chat_prompt(text: str, config: dict) -> str:
     return render(template, [{"role": "user", "content": text}], add_generation_prompt=True, **specials)
 
 
-def _tokenizer_config(path: Path) -> dict:
+def tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json (empty when absent), special tokens as plain strings (not AddedToken dicts)."""
     config = json.loads(path.read_text()) if path.is_file() else {}
     return {k: v.get("content") if isinstance(v, dict) and k.endswith("_token") else v for k, v in config.items()}
 
 
-def _special_ids(tokenizer, config: dict) -> dict[str, int]:
+def special_ids(tokenizer, config: dict) -> dict[str, int]:
     """bos / eos / pad (named by tokenizer_config.json) and ``<|end|>`` ids that the vocabulary has."""
     out = {}
     for key in ("bos", "eos", "pad"):
@@ -108,3 +110,8 @@ def _special_ids(tokenizer, config: dict) -> dict[str, int]:
     if tokenizer.token_to_id("<|end|>") is not None:
         out["end"] = tokenizer.token_to_id("<|end|>")
     return out
+
+
+def stop_ids(special: dict[str, int]) -> list[int]:
+    """The ids decoding stops at: EOS, and ``<|end|>`` (a chat turn's close) when the vocabulary has it."""
+    return [special[k] for k in ("eos", "end") if k in special]

@@ -116,3 +116,34 @@ def test_bad_arguments_fail_with_one_line(run_dir, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", "x",
                  "--num-beams", "2", "--temperature", "0.5"]) == 2
     assert "beam search is deterministic" in capsys.readouterr().err
+
+
+def test_an_export_stops_in_transformers_generate_where_tessera_generate_stops(run_dir, tmp_path, capsys):
+    """The export's generation_config.json alone makes transformers' greedy ``generate`` stop at
+    ``<|end|>``; the model is edited so that its greedy continuation reaches ``<|end|>`` early."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(run_dir / "tok" / "tokenizer.json"))
+    bos, eos, end = (tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|end|>"))
+    model = load_pretrained(run_dir / "checkpoints").eval()
+    prompt = "First Citizen:"
+    ids = torch.tensor([[bos, *tok.encode(prompt, add_special_tokens=False).ids]])
+    fourth = generate(model, ids, max_new_tokens=4)[0, -1].item()
+    with torch.no_grad():  # <|end|> outscores the token the model would have chosen at step 4
+        model.output_weight()[end] = 1.5 * model.output_weight()[fourth]
+    save_pretrained(model, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(run_dir / "tok" / name, tmp_path / "m" / name)
+
+    assert main(["export", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 0
+    assert "generation_config.json" in capsys.readouterr().out
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (bos, [eos, end])
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", prompt, "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["completion"]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    assert out[-1] == end and len(out) <= 4  # stopped at <|end|>, well short of max_new_tokens=64
+    assert tok.decode(out, skip_special_tokens=True) == ours
