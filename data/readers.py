@@ -191,14 +191,14 @@ def _parquet(path: Path, text_field: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a file that is not Parquet
         raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
-    columns = table.schema_arrow.names
+    columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise UserError(f"{path}: no text column {text_field!r} (columns: {', '.join(columns)}); set --text-field")
     index = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
         for record in batch.to_pylist():
             yield _from_record(record, path, index, text_field)
             index += 1

@@ -182,6 +182,30 @@ def load_tokenizer(path: str | Path) -> TessTokenizer:
     return TessTokenizer(path, tok, config)
 
 
+def tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json (empty when absent), special tokens as plain strings (not AddedToken dicts)."""
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: v.get("content") if isinstance(v, dict) and k.endswith("_token") else v for k, v in config.items()}
+
+
+def special_ids(tokenizer: Any, config: dict) -> dict[str, int]:
+    """bos / eos / pad (named by tokenizer_config.json) and ``<|end|>`` ids that the vocabulary has: for
+    any tokenizers file (Tessera's or an imported model's), where :class:`TessTokenizer` requires them all."""
+    out = {}
+    for key in ("bos", "eos", "pad"):
+        token = config.get(f"{key}_token")
+        if token and tokenizer.token_to_id(token) is not None:
+            out[key] = tokenizer.token_to_id(token)
+    if tokenizer.token_to_id("<|end|>") is not None:
+        out["end"] = tokenizer.token_to_id("<|end|>")
+    return out
+
+
+def stop_ids(special: dict[str, int]) -> list[int]:
+    """The ids decoding stops at: EOS, and ``<|end|>`` (a chat turn's close) when the vocabulary has it."""
+    return [special[k] for k in ("eos", "end") if k in special]
+
+
 # Two characters no byte-level word can hold (ByteLevel maps every byte to a printable one).
 _SEPARATOR, _AGAIN = "\0", "\1"
 

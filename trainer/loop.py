@@ -53,8 +53,8 @@ def input_tokens(batch: Batch) -> int:
 
 def numpy_rng_state() -> list[Any]:
     """NumPy's state with its key array as a tensor, so rank files load with ``weights_only=True``."""
-    kind, keys, *rest = np.random.get_state()
-    return [kind, torch.from_numpy(keys.astype(np.int64)), *(r.item() if hasattr(r, "item") else r for r in rest)]
+    kind, keys, *rest = np.random.get_state()  # rest: position, has_gauss, cached gaussian (plain numbers)
+    return [kind, torch.from_numpy(keys.astype(np.int64)), *rest]
 
 
 def rng_state() -> dict[str, Any]:

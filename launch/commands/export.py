@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
-    from launch.commands.generate import MAX_NEW_TOKENS, special_ids, stop_ids, tokenizer_config
+    from data.tokenizer import special_ids, stop_ids, tokenizer_config
+    from launch.commands.generate import MAX_NEW_TOKENS
     from model.hf import layout_for
     from model.io import copy_tokenizer_files, find_tokenizer_dir, load_pretrained, save_hf, save_hf_token_ids
 

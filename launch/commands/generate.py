@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tokenizers import Tokenizer
 
+    from data.tokenizer import special_ids, stop_ids, tokenizer_config
     from model.generate import generate
     from model.io import find_tokenizer_dir, load_pretrained
     from model.transformer import Seq2SeqLM
@@ -92,26 +93,3 @@ def _chat_prompt(text: str, config: dict) -> str:
     template = config.get("chat_template") or default_chat_template()
     specials = {k: config.get(k) for k in ("bos_token", "eos_token")}
     return render(template, [{"role": "user", "content": text}], add_generation_prompt=True, **specials)
-
-
-def tokenizer_config(path: Path) -> dict:
-    """tokenizer_config.json (empty when absent), special tokens as plain strings (not AddedToken dicts)."""
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: v.get("content") if isinstance(v, dict) and k.endswith("_token") else v for k, v in config.items()}
-
-
-def special_ids(tokenizer, config: dict) -> dict[str, int]:
-    """bos / eos / pad (named by tokenizer_config.json) and ``<|end|>`` ids that the vocabulary has."""
-    out = {}
-    for key in ("bos", "eos", "pad"):
-        token = config.get(f"{key}_token")
-        if token and tokenizer.token_to_id(token) is not None:
-            out[key] = tokenizer.token_to_id(token)
-    if tokenizer.token_to_id("<|end|>") is not None:
-        out["end"] = tokenizer.token_to_id("<|end|>")
-    return out
-
-
-def stop_ids(special: dict[str, int]) -> list[int]:
-    """The ids decoding stops at: EOS, and ``<|end|>`` (a chat turn's close) when the vocabulary has it."""
-    return [special[k] for k in ("eos", "end") if k in special]
