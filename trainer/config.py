@@ -140,7 +140,7 @@ class TrainConfig(Config):
             raise bad("offload", f"needs strategy fsdp or zero1/2/3, not {self.strategy}")
         if self.offload is Offload.optimizer_params and self.strategy in (StrategyName.zero1, StrategyName.zero2):
             raise bad("offload", "parameter offload needs zero3 or fsdp")
-        if self.deepspeed_config is not None and not self.strategy.startswith("zero"):
+        if self.deepspeed_config is not None and self.strategy.zero_stage is None:
             raise bad("deepspeed_config", f"only used by zero1/zero2/zero3, not {self.strategy}")
         if self.hsdp and self.strategy is not StrategyName.fsdp:
             raise bad("hsdp", "only applies to strategy fsdp")
