@@ -1,8 +1,7 @@
 """Summed log-probs of both continuations of each preference pair, in one forward per batch.
 
-Shared by the preference losses, the reward model (which scores the same stacked pairs, and logs
-the same TRL reward metrics) and the
-reference precompute pass, so none of those imports another.
+Shared by the preference losses, the reward model (which scores the same stacked pairs and logs the
+same TRL reward metrics) and the reference precompute pass, so none of those imports another.
 """
 
 from __future__ import annotations
