@@ -1,15 +1,16 @@
 """Typed configuration: dataclasses loaded from YAML with dotted ``section.key=value`` overrides.
 
 Every config section is a dataclass deriving from :class:`Config`. Loading validates as it goes:
-an unknown key, a value of the wrong type or a choice outside its enum fails with one line naming
-the key and what would be accepted. Choices are ``StrEnum`` fields, so the valid values come from
-the type itself.
+an unknown key, a value of the wrong type, a non-finite number (nan, inf) or a choice outside its
+enum fails with one line naming the key and what would be accepted. Choices are ``StrEnum`` fields,
+so the valid values come from the type itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from pathlib import Path
@@ -113,14 +114,12 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "3e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan/inf reach the optimizer and poison the weights silently
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -220,6 +219,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float, or None when it is not a number (YAML 1.1 reads "3e-4" as a string)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _join(where: str, key: str) -> str:

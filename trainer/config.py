@@ -121,6 +121,9 @@ class TrainConfig(Config):
         for key in ("micro_batch_size", "max_steps"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise bad("global_batch_size", f"must be at least 1 (or unset: micro_batch_size × ranks), "
+                      f"got {self.global_batch_size}")
         if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise bad(
                 "global_batch_size",
@@ -128,8 +131,9 @@ class TrainConfig(Config):
             )
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise bad("lr", f"need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", "must not be negative")
+        for key in ("warmup_steps", "eval_every"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must not be negative, got {getattr(self, key)}")
         if not 0 < self.decay_fraction <= 1:
             raise bad("decay_fraction", "must be in (0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -157,6 +161,8 @@ class CheckpointConfig(Config):
     def validate(self, where: str) -> None:
         if self.every < 0 or self.keep_last < 1:
             raise ConfigError(f"{where}: every must be >= 0 and keep_last >= 1")
+        if self.dir is not None:
+            check_directory(self.dir, f"{where}.dir")
 
 
 @dataclasses.dataclass
@@ -170,6 +176,17 @@ class LogConfig(Config):
     wandb_group: str | None = None
     wandb_tags: list[str] = dataclasses.field(default_factory=list)
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs are looked up
+
+    def validate(self, where: str) -> None:
+        if self.every < 1:
+            raise ConfigError(f"{where}.every: must be at least 1 (log every N steps), got {self.every}")
+        check_directory(self.dir, f"{where}.dir")
+
+
+def check_directory(path: Path, key: str) -> None:
+    """A directory the run creates or reuses: anything but an existing non-directory."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a directory; name a directory")
 
 
 @dataclasses.dataclass
