@@ -13,6 +13,8 @@ mlm labels are unshifted (the original token at masked positions, -100 elsewhere
 labels are the decoder targets and ``decoder_input_ids`` are those shifted right after the pad id
 (the T5 convention). Task batches: classification labels are one index per row ([B]); seq2seq
 batches have the span-corruption keys, the source in the encoder and the target in the decoder.
+Prompt batches (online alignment) are *left*-padded for generation and carry each source record's
+bytes (``record_bytes``, zero-padded uint8; :func:`prompt_records` reads them back).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from data.conversations import decode_record
 
 IGNORE_INDEX = -100  # labels that carry no loss (PyTorch's and Hugging Face's convention)
 
@@ -192,6 +196,23 @@ def collate_seq2seq(
         "labels": torch.from_numpy(np.where(decoder_attention > 0, labels, IGNORE_INDEX)),
         "decoder_attention_mask": torch.from_numpy(decoder_attention),
     }
+
+
+def collate_prompt(samples: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int
+                   ) -> dict[str, torch.Tensor]:
+    """Prompts (the last ``seq_len`` tokens of each, so the assistant header stays) left-padded into
+    ``prompt_input_ids``/``prompt_attention_mask``, and ``record_bytes`` [B, longest record]."""
+    prompts = [p[-seq_len:].astype(np.int64)[::-1] for p, _ in samples]
+    ids, attention = _pad(prompts, pad_id)
+    records, _ = _pad([r for _, r in samples], 0)
+    return {"prompt_input_ids": torch.from_numpy(ids[:, ::-1].copy()),
+            "prompt_attention_mask": torch.from_numpy(attention[:, ::-1].copy()),
+            "record_bytes": torch.from_numpy(records.astype(np.uint8))}
+
+
+def prompt_records(batch: dict[str, torch.Tensor]) -> list[tuple[str, dict]]:
+    """(name, record) of each row of a prompt batch."""
+    return [decode_record(bytes(row[row != 0].tolist())) for row in batch["record_bytes"].cpu()]
 
 
 def _shifted(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,8 @@ Record formats (detected from the keys):
               {conversations, chosen: {from, value}, rejected}; {instruction, input?, chosen,
               rejected}; hh-rlhf full dialogues {chosen, rejected} (text or message lists) whose
               prompt is the shared prefix up to the last assistant turn.
+  prompt      {prompt (string or message list) | messages, system?, answer?, ...} for online
+              alignment: the prompt alone; the whole record is kept for the reward functions.
 
 Masking renders every prefix of the conversation (the transformers way of asking "where does this
 assistant turn start and end?"): an assistant turn spans from the end of the prompt rendered with
@@ -124,6 +126,22 @@ def to_preference(record: Mapping[str, Any]) -> tuple[list[Message], list[Messag
     _check_not_empty(chosen, "chosen")
     _check_not_empty(rejected, "rejected")
     return prompt, chosen, rejected
+
+
+def to_prompt(record: Mapping[str, Any]) -> list[Message]:
+    """A prompt record's messages, ending with a user (or system) turn for the model to answer."""
+    _require_mapping(record)
+    if "prompt" in record:
+        messages = _turns(_field(record, "prompt"), "user")
+    elif "messages" in record:
+        messages = _message_list(record["messages"], "messages")
+    else:
+        raise BadRecord("unrecognised format", f"keys {sorted(record)}; expected prompt or messages")
+    messages = _with_system(record, messages)
+    if messages[-1]["role"] == "assistant":
+        raise BadRecord("prompt ends with an assistant turn", "the model continues after the last user turn")
+    _check_not_empty(messages, "prompt")
+    return messages
 
 
 def _require_mapping(record: Any) -> None:
@@ -286,6 +304,28 @@ def encode_preference(
         return prompt_ids, responses[0], responses[1]
     except BadRecord as exc:
         raise exc.named(name or exc.name or "record") from None
+
+
+def encode_prompt(
+    record: Mapping[str, Any], tokenizer: ChatTokenizer, *, max_len: int | None = None, name: str | None = None
+) -> tuple[list[int], bytes]:
+    """(prompt_ids ending with the assistant header, the UTF-8 JSON of ``[name, record]``). A prompt
+    longer than ``max_len`` tokens is a :class:`BadRecord` (cutting it would change the question)."""
+    try:
+        prompt_text = render(_template(tokenizer), to_prompt(record), add_generation_prompt=True,
+                             **_tokenizer_specials(tokenizer))
+        prompt_ids, _ = _encode_spans(tokenizer, prompt_text, [])
+        if max_len is not None and len(prompt_ids) > max_len:
+            raise BadRecord("prompt longer than max_len", f"{len(prompt_ids)} tokens > {max_len}")
+        return prompt_ids, json.dumps([name, record], ensure_ascii=False).encode()
+    except BadRecord as exc:
+        raise exc.named(name or exc.name or "record") from None
+
+
+def decode_record(data: bytes) -> tuple[str, dict[str, Any]]:
+    """(name, record) back from a prompt sample's ``record`` bytes."""
+    name, record = json.loads(data.decode())
+    return name, record
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:

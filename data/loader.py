@@ -26,6 +26,7 @@ from data.collate import (
     collate_classification,
     collate_mlm,
     collate_preference,
+    collate_prompt,
     collate_rows,
     collate_seq2seq,
     collate_sft,
@@ -55,6 +56,7 @@ DATA_OBJECTIVES = {
     "preference": DataObjective("preference", "samples", token_level=False),
     "classify": DataObjective("classification", "samples", token_level=False),
     "seq2seq": DataObjective("seq2seq", "samples", token_level=True),
+    "prompt": DataObjective("prompt", "samples", token_level=False),  # online alignment: rollouts come later
 }
 
 
@@ -150,8 +152,9 @@ class Batcher:
         samples = [stream.plan(e).sample(u) for e, u in units]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
-        if self.objective in ("sft", "classify", "seq2seq"):
-            collate = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq}
+        if self.objective in ("sft", "classify", "seq2seq", "prompt"):
+            collate = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq,
+                       "prompt": collate_prompt}
             return collate[self.objective](arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)

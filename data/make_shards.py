@@ -1,4 +1,4 @@
-"""Corpus → shards: tokenize documents (text), conversations (sft, preference) or task files
+"""Corpus → shards: tokenize documents (text), conversations (sft, preference, prompt) or task files
 (classification, seq2seq: :mod:`data.tasks`) in parallel worker
 processes and write them with :class:`data.shards.ShardWriter`, in input order."""
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from common.errors import UserError
 from data.readers import iter_documents, iter_records
-from data.shards import ShardManifest, ShardWriter
+from data.shards import KINDS, ShardManifest, ShardWriter
 from data.tasks import TASK_KINDS, encode_task, task_items
 from data.tokenizer import TessTokenizer, load_tokenizer
 
@@ -126,15 +126,17 @@ def _encode_chunk(chunk: list[tuple[str, Any]]) -> tuple[list[str], list[dict[st
         return names, [{"tokens": np.asarray(bos + t + eos)} if t else None for t in ids], Counter()
     if _worker["kind"] in TASK_KINDS:
         return names, [encode_task(_worker["kind"], record, tok, _worker["max_len"]) for _, record in chunk], Counter()
-    from data.conversations import BadRecord, encode_preference, encode_sft
+    from data.conversations import BadRecord, encode_preference, encode_prompt, encode_sft
 
-    encode = encode_sft if _worker["kind"] == "sft" else encode_preference
-    fields = ("input_ids", "loss_mask") if _worker["kind"] == "sft" else ("prompt", "chosen", "rejected")
+    encode = {"sft": encode_sft, "preference": encode_preference, "prompt": encode_prompt}[_worker["kind"]]
+    fields = KINDS[_worker["kind"]]
     out: list[dict[str, np.ndarray] | None] = []
     skipped: Counter[str] = Counter()
     for name, record in chunk:
         try:
-            out.append(dict(zip(fields, map(np.asarray, encode(record, tok, max_len=_worker["max_len"], name=name)))))
+            arrays = encode(record, tok, max_len=_worker["max_len"], name=name)
+            out.append({f: np.frombuffer(a, np.uint8) if isinstance(a, bytes) else np.asarray(a)
+                        for f, a in zip(fields, arrays)})
         except BadRecord as exc:
             if not _worker["skip_bad"]:
                 raise UserError(str(exc)) from None  # BadRecord does not survive pickling back to the parent

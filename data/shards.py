@@ -5,7 +5,9 @@ and optionally ``{key}.json`` (metadata). Stock webdataset reads these tars as t
 depend on the kind: text → ``tokens``; sft → ``input_ids`` and ``loss_mask`` (uint8);
 preference → ``prompt``, ``chosen``, ``rejected``; classification → ``input_ids`` and ``label``
 (the label's index; the names are the manifest's ``labels``); seq2seq → ``source``, ``target``
-(see :mod:`data.tasks`). Token arrays are uint16 when the vocabulary
+(see :mod:`data.tasks`); prompt → ``prompt`` (the chat-rendered prompt ending with the assistant
+header) and ``record`` (the UTF-8 JSON ``[name, record]`` of the source record, bytes as uint8: what
+online alignment's reward functions read). Token arrays are uint16 when the vocabulary
 fits, else uint32.
 
 ``manifest.json`` beside the tars lists every shard (name, samples, tokens, bytes, sha256), the
@@ -40,9 +42,11 @@ KINDS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "classification": ("input_ids", "label"),
     "seq2seq": ("source", "target"),
+    "prompt": ("prompt", "record"),
 }
 MASK_FIELDS = frozenset({"loss_mask"})
-NON_TOKEN_FIELDS = MASK_FIELDS | {"label"}  # not counted in the manifest's token totals
+BYTE_FIELDS = frozenset({"record"})  # UTF-8 text as uint8
+NON_TOKEN_FIELDS = MASK_FIELDS | BYTE_FIELDS | {"label"}  # not counted in the manifest's token totals
 REFERENCE_LOGPS = "reference_logps.npy"
 _BLOCK = 512
 
@@ -89,7 +93,7 @@ class ShardManifest:
         return sum(s.tokens for s in self.shards)
 
     def field_dtype(self, name: str) -> np.dtype:
-        return np.dtype("u1") if name in MASK_FIELDS else np.dtype(self.dtype)
+        return np.dtype("u1") if name in MASK_FIELDS | BYTE_FIELDS else np.dtype(self.dtype)
 
     def to_json(self) -> dict[str, Any]:
         return {
