@@ -146,8 +146,12 @@ class TesseraModel(nn.Module):
                 ready(module, prefix)
 
     def _initializer(self, generator: torch.Generator | None) -> Callable[[nn.Module], None]:
-        """What :meth:`init_weights` does to one module (its own tensors only)."""
+        """What :meth:`init_weights` does to one module (its own tensors only). LoRA adapters draw
+        from a generator of their own, so the base weights are the same with adapters or without."""
         std = self.config.init_std
+        adapter_generator = None
+        if generator is not None:
+            adapter_generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
         residual_std = std / math.sqrt(2 * len(self.blocks()))
         residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}
         residual |= {id(m.down) for m in self.modules() if isinstance(m, MLP)}
@@ -172,6 +176,8 @@ class TesseraModel(nn.Module):
                     nn.init.zeros_(module.bias)
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
+            if hasattr(module, "reset_adapter"):
+                module.reset_adapter(adapter_generator)
 
         return init
 

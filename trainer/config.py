@@ -1,4 +1,4 @@
-"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/sft/align.
+"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/sft/align/lora.
 
 Load it with ``common.config.load_config(RunConfig, path, overrides)``. Checks that need the
 world size (global batch divisibility) happen in :func:`trainer.run.run`, once it is known.
@@ -15,6 +15,7 @@ from common.config import Config
 from common.errors import ConfigError
 from data.config import DataConfig
 from model.config import SIZED_BY_MAX_SEQ_LEN, ModelConfig
+from model.lora import LoraConfig
 from trainer.objectives import ObjectiveName
 
 
@@ -226,8 +227,12 @@ class RunConfig(Config):
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # model/lora.py
 
     def validate(self, where: str) -> None:
+        if self.lora.enabled and self.model.init is None:
+            raise ConfigError("lora.rank > 0 adapts a pretrained model: set model.init to its checkpoint "
+                              "or Hugging Face directory")
         too_long = self.data.seq_len > self.model.max_seq_len
         if self.model.init is None and self.model.pos in SIZED_BY_MAX_SEQ_LEN and too_long:
             raise ConfigError(

@@ -239,6 +239,10 @@ class Trainer:
         from model import build_model
         from model.io import save_pretrained
 
+        if self.cfg.lora.enabled:
+            from model.lora import merged_state
+
+            weights = merged_state(weights, self.model_spec.config, self.cfg.lora)
         with torch.device("meta"):  # no init, no memory: the gathered weights are assigned as they are
             plain = build_model(self.model_spec.config, head=self.model_spec.head)
         plain.load_state_dict(weights, assign=True)

@@ -95,6 +95,13 @@ def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None
                 fresh = build(dataclasses.replace(net.config, n_labels=n_labels), head=head)
             fresh.weights_source = {k: v for k, v in net.weights_source.items() if not k.startswith("score.")}
             net = fresh
+        if cfg.lora.enabled:
+            from model.lora import apply_lora
+
+            if head != "lm":
+                raise ConfigError(f"lora: a {head} head would stay frozen at its fresh init; "
+                                  "train reward models and classifiers without lora")
+            apply_lora(net, cfg.lora)
         return net, net.config
     model_cfg = cfg.model.model_config()
     if n_labels is not None:
@@ -139,6 +146,12 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
     spec = OBJECTIVES[name]
     n_labels = classifier_labels(cfg) if spec.class_labels else None
     net, model_cfg = build_model(cfg, spec.head, tokenizer.vocab_size, n_labels)
+    if cfg.lora.enabled and env.is_main:
+        from model.lora import trainable_summary
+
+        trainable, total = trainable_summary(net)
+        log.info("lora: rank %d on %s; trainable parameters %d of %d (%.3f%%)", cfg.lora.rank,
+                 ", ".join(cfg.lora.targets), trainable, total, 100 * trainable / total)
     strategy = build_strategy(cfg.train, env, accumulation)
     wrapped = strategy.wrap(net)
     objective = build_objective(name, ObjectiveContext(name, cfg, tokenizer, strategy, wrapped))

@@ -1,0 +1,96 @@
+"""LoRA runs on the real instruction data: only the adapters train, and the loss falls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from common.config import merge, parse_overrides
+from common.errors import ConfigError
+from model.lora import is_adapter_key
+from trainer.callbacks import Callback
+from trainer.config import RunConfig
+from trainer.run import run
+
+MODEL = {"preset": "tiny-llama", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 176,
+         "max_seq_len": 128}
+
+
+@pytest.fixture(scope="module")
+def base(align_corpus, tmp_path_factory) -> Path:
+    """A tiny Llama pretrained briefly on the stories (LoRA adapts a pretrained model)."""
+    root = tmp_path_factory.mktemp("lora_base")
+    raw = config(root, align_corpus.text, Path("unused"), "train.max_steps=40", "train.lr=3e-3",
+                 "train.min_lr=3e-4", "train.micro_batch_size=16")
+    raw["model"], raw["lora"] = dict(MODEL), {}
+    return run(RunConfig.from_dict(raw), "pretrain").checkpoint / "model"
+
+
+def config(run_dir: Path, data: tuple[Path, Path], base: Path, *overrides: str) -> dict[str, Any]:
+    raw = {
+        "model": {"init": str(base)},
+        "data": {"train": str(data[0]), "valid": str(data[1]), "seq_len": 96, "num_workers": 0},
+        "train": {"micro_batch_size": 8, "max_steps": 12, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
+                  "seed": 0, "weight_decay": 0.0},
+        "checkpoint": {"keep_last": 1},
+        "log": {"dir": str(run_dir), "progress": False},
+        "lora": {"rank": 8, "alpha": 16, "targets": ["all-linear"]},
+    }
+    return merge(raw, parse_overrides(list(overrides)))
+
+
+@torch.no_grad()
+def held_out_loss(corpus, model_dir: Path) -> float:
+    from data.config import DataConfig
+    from data.loader import build_loader
+    from data.tokenizer import load_tokenizer
+    from model.io import load_pretrained
+    from trainer.objectives.clm import CausalLM
+
+    data = DataConfig(train=str(corpus.sft[0]), valid=str(corpus.sft[1]), seq_len=96, num_workers=0)
+    batches = build_loader(data, objective="sft", tokenizer=load_tokenizer(corpus.tokenizer), rank=0, world_size=1,
+                           micro_batch_size=25, seed=0, split="valid")
+    model, objective, total, count = load_pretrained(model_dir).eval(), CausalLM("sft", 0), 0.0, 0
+    for batch in batches:
+        out = objective.loss(model, batch)
+        total, count = total + float(out.loss_sum), count + int(out.count)
+    return total / count
+
+
+class Watch(Callback):
+    """The wrapped model's base weights at the start and end, and what the optimizer holds state for."""
+
+    def on_train_start(self, trainer) -> None:
+        self.before = {k: v.detach().clone() for k, v in trainer.strategy.model.state_dict().items()}
+
+    def on_train_end(self, trainer) -> None:
+        self.after = {k: v.detach().clone() for k, v in trainer.strategy.model.state_dict().items()}
+        names = {id(p): n for n, p in trainer.strategy.model.named_parameters()}
+        self.optimized = {names[id(p)] for group in trainer.strategy.optimizer.param_groups for p in group["params"]}
+        self.state_bytes = sum(t.numel() * t.element_size() for s in trainer.strategy.optimizer.state.values()
+                               for t in s.values() if torch.is_tensor(t) and t.dim())
+
+
+def test_sft_with_lora_trains_only_the_adapters(align_corpus, base, tmp_path):
+    watch = Watch()
+    result = run(RunConfig.from_dict(config(tmp_path / "run", align_corpus.sft, base)), "sft", [watch])
+    after, before = held_out_loss(align_corpus, result.checkpoint / "model"), held_out_loss(align_corpus, base)
+    assert after < before - 0.15  # measured: 6.79 -> 6.52
+    adapters = {k for k in watch.before if is_adapter_key(k)}
+    assert watch.optimized == adapters and len(adapters) == 2 * 7 * 2  # A and B of 7 sites per layer
+    for key, value in watch.before.items():
+        if is_adapter_key(key):
+            continue
+        assert torch.equal(watch.after[key], value), f"base weight {key} changed"
+    assert any(not torch.equal(watch.after[k], watch.before[k]) for k in adapters if k.endswith(".B"))
+    assert watch.state_bytes == 2 * 4 * sum(watch.before[k].numel() for k in adapters)  # AdamW's two moments
+
+
+def test_lora_needs_a_base_model(align_corpus, tmp_path):
+    raw = config(tmp_path / "run", align_corpus.sft, Path("unused"))
+    del raw["model"]["init"]
+    with pytest.raises(ConfigError, match=r"lora.rank > 0 adapts a pretrained model"):
+        RunConfig.from_dict(raw)
