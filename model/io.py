@@ -1,6 +1,7 @@
 """Model directories: ``model.safetensors`` + ``model.yaml`` (the ModelConfig and the head), with any
 tokenizer files beside them. ``load_pretrained`` also reads Hugging Face directories (config.json)
-and follows a ``latest`` file (a trainer's ``checkpoints/`` directory) to the step it names.
+and follows a ``latest`` file (a trainer's ``checkpoints/`` directory) to the step it names. The
+``model/`` of a trainer's step is checked against the step's manifest (sizes, sha256) before it is read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from common import manifest
 from common.config import read_json_object, read_yaml
 from common.errors import UserError
 from model.config import ModelConfig
@@ -25,6 +27,7 @@ CONFIG = "model.yaml"
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
 LATEST = "latest"
+STEP_MODEL_DIR = "model"  # the consolidated weights inside a trainer's step directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -37,8 +40,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise UserError(f"checkpoint not found: {path} is not a directory")
         if (path / CONFIG).is_file() or (path / HF_CONFIG).is_file():
             return path
-        if (path / "model" / CONFIG).is_file():
-            return path / "model"
+        if (path / STEP_MODEL_DIR / CONFIG).is_file():
+            return path / STEP_MODEL_DIR
         latest = path / LATEST
         if not latest.is_file():
             raise UserError(f"{path}: not a model directory (no {CONFIG}, {HF_CONFIG} or {LATEST} file)")
@@ -47,6 +50,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise UserError(f"{latest}: empty; it should hold the name of a checkpoint sub-directory")
         path = path / name
     raise UserError(f"{path}: too many nested '{LATEST}' files")
+
+
+def check_saved_hashes(directory: Path) -> None:
+    """A trainer step's ``model/`` (its parent holds the step's manifest): every file of it listed there
+    must have its size and sha256, or the load fails with one line naming the file."""
+    if directory.name == STEP_MODEL_DIR and (directory.parent / manifest.MANIFEST).is_file():
+        manifest.verify(directory.parent, under=STEP_MODEL_DIR)
 
 
 def head_of(model: TesseraModel) -> str:
@@ -75,6 +85,7 @@ def load_pretrained(path: str | Path, head: str | None = None, lazy: bool = Fals
     its checkpoint tensors attached, checked but unread: ``materialize`` reads them block by block.
     """
     directory = resolve_checkpoint(path)
+    check_saved_hashes(directory)
     if (directory / CONFIG).is_file():
         meta = read_yaml(directory / CONFIG)
         saved_head = meta.pop("head", "lm")

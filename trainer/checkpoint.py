@@ -10,26 +10,29 @@ Layout of ``<checkpoint.dir>/``::
       config.yaml          the resolved run config
       model/               consolidated weights (model.safetensors + model.yaml) + tokenizer files
       manifest.json        every file above with its size and sha256: present only when complete
-      deepspeed_universal/ added later, by a ZeRO resume on another world size (derived, so not in the manifest)
+      deepspeed_universal/ added later, by a ZeRO resume on another world size (derived: its own manifest)
 
 A step is written under ``.tmp_step_000100`` and renamed once the manifest is in place; ``latest``
 is replaced with ``os.replace``. A crash mid-save leaves only a ``.tmp_*`` directory (removed by
-the next save), never a half-written step behind ``latest``. Loading checks the manifest first.
+the next save), never a half-written step behind ``latest``. Resuming checks every file's size and
+sha256 against the manifest first (common/manifest.py), before anything is unpickled or read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
-from trainer.distributed import DistEnv, barrier
+import torch
 
-MANIFEST = "manifest.json"
+from common import manifest
+from common.errors import UserError
+from trainer.distributed import DistEnv, all_reduce, barrier
+
+MANIFEST = manifest.MANIFEST
 LATEST = "latest"
 STATE = "trainer_state.json"
 
@@ -46,8 +49,6 @@ def load_rank_state(path: Path) -> dict[str, Any]:
     """A rank's data-loader and RNG state: tensors and plain values only, never pickled code."""
     import pickle
 
-    import torch
-
     try:
         return torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
@@ -55,54 +56,40 @@ def load_rank_state(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint file {path} is not plain tensor data and was not loaded ({first})") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def verify(directory: Path, env: DistEnv | None = None, hashes: bool = True) -> None:
+    """Fail with one line unless ``directory`` is a complete, unchanged checkpoint: manifest present,
+    every listed file of its size and (``hashes``) its sha256. With ``env`` every rank calls it
+    together and hashes its share of the files; a bad file on any rank fails them all."""
+    files = manifest.read_manifest(directory)
+    manifest.check_sizes(directory, files)
+    if not hashes:
+        return
+    names = sorted(files)
+    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
+    bad = manifest.damaged(directory, files, names[rank::world])
+    if world > 1:  # the lowest bad index found on any rank, or len(names)
+        index = torch.tensor([names.index(bad) if bad is not None else len(names)], device=env.device)
+        index = int(all_reduce(index, op=torch.distributed.ReduceOp.MIN).item())
+        bad = names[index] if index < len(names) else None
+    if bad is not None:
+        raise manifest.damaged_error(directory, bad)
 
 
-def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    tmp = directory / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": entries}, indent=1))
-    os.replace(tmp, directory / MANIFEST)
-
-
-def verify(directory: Path) -> None:
-    """Fail with one line unless ``directory`` is a complete checkpoint (manifest present, sizes match)."""
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        raise UserError(f"checkpoint {directory} is incomplete (no {MANIFEST}): its save did not finish")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        raise UserError(f"checkpoint {directory}: {MANIFEST} is unreadable") from None
-    for name, entry in files.items():
-        path = directory / name
-        size = path.stat().st_size if path.is_file() else None
-        if size != entry["bytes"]:
-            found = "missing" if size is None else f"{size} bytes"
-            raise UserError(f"checkpoint {directory} is truncated: {name} is {found}, expected {entry['bytes']} bytes")
-
-
-def resolve(path: Path) -> Path:
-    """A step directory, or a checkpoints directory whose ``latest`` names one; verified."""
+def resolve(path: Path, env: DistEnv | None = None, hashes: bool = True) -> Path:
+    """A step directory, or a checkpoints directory whose ``latest`` names one; verified (see :func:`verify`)."""
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if (path / LATEST).is_file():
         path = path / (path / LATEST).read_text().strip()
-    verify(path)
+    verify(path, env, hashes)
     return path
 
 
-def latest(root: Path) -> Path | None:
+def latest(root: Path, env: DistEnv | None = None) -> Path | None:
     """The newest complete checkpoint under ``root`` (verified), or None when there is none yet."""
     if not (root / LATEST).is_file():
         return None
-    return resolve(root)
+    return resolve(root, env)
 
 
 def read_state(directory: Path) -> dict[str, Any]:
@@ -131,7 +118,7 @@ class CheckpointWriter:
         final = self.root / step_name(step)
         if self.env.is_main:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
-            write_manifest(tmp)
+            manifest.write_manifest(tmp)
             if final.exists():  # this step is already saved (and complete): keep that one
                 shutil.rmtree(tmp)
             else:

@@ -220,7 +220,9 @@ class Trainer:
         torch.save({"loader": self.loader.state_dict(), "rng": rng_state()}, tmp / checkpoint.rank_file(self.env.rank))
         weights = self.strategy.full_state_dict()
         if self.env.is_main:
-            self.write_model_dir(weights, tmp / "model")
+            from model.io import STEP_MODEL_DIR
+
+            self.write_model_dir(weights, tmp / STEP_MODEL_DIR)
             dump_yaml(self.cfg, tmp / "config.yaml")
         state = {
             "step": self.step,

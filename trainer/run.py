@@ -72,9 +72,12 @@ def find_tokenizer_dir(cfg: RunConfig) -> Path:
 
 
 def model_dir_of(path: Path) -> Path:
-    """A checkpoint step directory or checkpoints/ dir → its consolidated model/; other paths as given."""
+    """A checkpoint step directory or checkpoints/ dir → its consolidated model/; other paths as given.
+    Only sizes are checked here: ``load_pretrained`` hashes the model/ files it reads."""
+    from model.io import STEP_MODEL_DIR
+
     if (path / checkpoint.LATEST).is_file() or (path / checkpoint.MANIFEST).is_file():
-        return checkpoint.resolve(path) / "model"
+        return checkpoint.resolve(path, hashes=False) / STEP_MODEL_DIR
     return path
 
 
@@ -172,7 +175,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
     )
     trainer.callbacks = default_callbacks(trainer) + list(extra)
-    start = resume_point(cfg)
+    start = resume_point(cfg, env)
     if start is not None:
         trainer.resume(start)
     if env.is_main:
@@ -206,11 +209,12 @@ def classifier_labels(cfg: RunConfig) -> int:
     return len(labels)
 
 
-def resume_point(cfg: RunConfig) -> Path | None:
-    """checkpoint.resume: auto → the latest complete checkpoint if any; never → None; else that path."""
+def resume_point(cfg: RunConfig, env: DistEnv | None = None) -> Path | None:
+    """checkpoint.resume: auto → the latest complete checkpoint if any; never → None; else that path.
+    Verified (sizes and sha256, the files shared out among the ranks of ``env``) before anything is read."""
     resume = cfg.checkpoint.resume
     if resume == "never":
         return None
     if resume == "auto":
-        return checkpoint.latest(cfg.checkpoint_dir)
-    return checkpoint.resolve(Path(resume))
+        return checkpoint.latest(cfg.checkpoint_dir, env)
+    return checkpoint.resolve(Path(resume), env)

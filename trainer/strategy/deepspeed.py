@@ -8,8 +8,10 @@ move; non-finite gradients are already discarded by ZeRO's own overflow check).
 
 Checkpoints are DeepSpeed's own (one partition per rank, under ``<step>/deepspeed``). Resuming on
 another number of ranks goes through DeepSpeed's universal checkpoint: rank 0 converts the step once
-with ``ds_to_universal`` into ``<step>/deepspeed_universal`` (kept for later resumes) and every rank
-loads that with ``load_universal``, optimizer moments included.
+with ``ds_to_universal`` into ``<step>/deepspeed_universal`` (kept for later resumes, with its own
+manifest) and every rank loads that with ``load_universal``, optimizer moments included. DeepSpeed
+unpickles its files: each is loaded only after its sha256 matched the manifest (the step's, checked
+before resuming, or the conversion's).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from trainer.checkpoint import read_state
+from common.manifest import MANIFEST, write_manifest
+from trainer.checkpoint import read_state, verify
 from trainer.config import StrategyName, TrainConfig
 from trainer.distributed import DistEnv, barrier
 from trainer.strategy import Strategy, materialize
@@ -159,6 +162,7 @@ class DeepSpeed(Strategy):
         if self.env.is_main:
             convert_to_universal(path)
         barrier()
+        verify(path / UNIVERSAL, self.env)  # DeepSpeed unpickles these files: only once their hashes check out
         # load_universal is read only by load_checkpoint: switch it on for this load, not for the whole run
         config = self.model._config
         config.load_universal_checkpoint = True
@@ -176,6 +180,7 @@ class DeepSpeed(Strategy):
         It gives every group the first group's hyperparameters (weight decay would reach the biases
         and norms), and one shared ``step`` tensor, which AdamW then advances once per group and step.
         """
+        # a pickle DeepSpeed wrote, loaded like DeepSpeed does, after load_universal verified its sha256
         saved = torch.load(universal / TAG / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
         for group, saved_group in zip(self.optimizer.param_groups, saved["param_groups"], strict=True):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
@@ -201,12 +206,14 @@ class DeepSpeed(Strategy):
 def convert_to_universal(step_dir: Path) -> Path:
     """``step_dir/deepspeed`` → ``step_dir/deepspeed_universal/deepspeed`` with DeepSpeed's ds_to_universal.
 
-    Written under a temporary name and renamed when complete; an existing conversion is reused. The
-    step's manifest does not list it (it is derived, added after the save), so verification is unchanged.
+    Written under a temporary name with its own manifest (the step's does not list it: it is derived,
+    added after the save) and renamed when complete. An existing conversion is reused (and verified
+    before it is loaded); one without a manifest, from an older Tessera, is made again.
     """
     final = step_dir / UNIVERSAL
-    if final.is_dir():
+    if (final / MANIFEST).is_file():
         return final
+    shutil.rmtree(final, ignore_errors=True)
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     tmp = step_dir / f".tmp_{UNIVERSAL}"
@@ -220,6 +227,7 @@ def convert_to_universal(step_dir: Path) -> Path:
     chatter = io.StringIO()  # the converter prints progress: keep it out of the run's output
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         ds_to_universal(args)
+    write_manifest(tmp)
     os.rename(tmp, final)
     log.info("converted %s to a universal checkpoint in %.1f s", step_dir / TAG, time.perf_counter() - started)
     return final
