@@ -409,3 +409,56 @@ def _normalise_hf_names(tensors: dict[str, LazyTensor], layout: Layout) -> dict[
     if layout.model_type == "gpt2" and "transformer.wte.weight" not in tensors:
         return {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in tensors.items()}
     return tensors
+
+
+# --- LoRA adapters (PEFT's layout) -------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass(frozen=True)
+class HFAdapter:
+    """A LoRA adapter in PEFT's names: tensors ``base_model.model.<module>.lora_A/B.weight``, and the
+    rank of each module (several of our parts in one HF module, GPT-2's c_attn, add up their ranks)."""
+
+    tensors: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+
+
+def adapter_to_hf(adapter: dict[str, torch.Tensor], cfg: ModelConfig) -> HFAdapter:
+    """PEFT tensors for Tessera adapter tensors (``<linear>.lora.<part>.A/B``). Each HF module takes the
+    parts whose rows it holds: one part maps to it as it is; several (q, k, v into one c_attn) stack
+    their A's and place their B's block-diagonally, zero for rows no part adapts, which is exact."""
+    from model.lora import linear_parts, part_rows
+
+    layout = layout_for(cfg)
+    hf_names = {ours: (names, transpose) for ours, names, transpose in _entries(layout, cfg)}
+    parts_of = linear_parts(cfg)
+    by_linear: dict[str, list[str]] = {}
+    for key in adapter:
+        if key.endswith(".A"):
+            linear, part = key[: -len(".A")].rsplit(".lora.", 1)
+            by_linear.setdefault(linear, []).append(part)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for linear, adapted in by_linear.items():
+        rows = part_rows(parts_of[".".join(linear.split(".")[-2:])])
+        names, _ = hf_names[f"{linear}.weight"]
+        total = max(r.stop for r in rows.values())
+        start = 0
+        for name, size in zip(names, _split_sizes(names, total, cfg)):
+            inside = [p for p in adapted if start <= rows[p].start and rows[p].stop <= start + size]
+            if inside:
+                a = torch.cat([adapter[f"{linear}.lora.{p}.A"] for p in inside])
+                b = torch.zeros(size, a.shape[0], dtype=a.dtype)
+                col = 0
+                for p in inside:
+                    part_b = adapter[f"{linear}.lora.{p}.B"]
+                    b[rows[p].start - start:rows[p].stop - start, col:col + part_b.shape[1]] = part_b
+                    col += part_b.shape[1]
+                module = name[: -len(".weight")]
+                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+                tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+                ranks[module] = a.shape[0]
+            start += size
+    return HFAdapter(tensors, ranks)

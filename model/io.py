@@ -2,10 +2,16 @@
 tokenizer files beside them. ``load_pretrained`` also reads Hugging Face directories (config.json)
 and follows a ``latest`` file (a trainer's ``checkpoints/`` directory) to the step it names. The
 ``model/`` of a trainer's step is checked against the step's manifest (sizes, sha256) before it is read.
+
+A LoRA run's model directory holds the adapter alone: ``adapter.safetensors`` + ``adapter.yaml`` (the
+lora section, and the base model it adapts: its directory and the sha256 of its weights, checked when
+the adapter is loaded). ``save_peft_adapter`` writes the same adapter in PEFT's layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +32,10 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded Hugging Face checkpoin
 CONFIG = "model.yaml"
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.yaml"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 LATEST = "latest"
 STEP_MODEL_DIR = "model"  # the consolidated weights inside a trainer's step directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -38,9 +48,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for _ in range(8):
         if not path.is_dir():
             raise UserError(f"checkpoint not found: {path} is not a directory")
-        if (path / CONFIG).is_file() or (path / HF_CONFIG).is_file():
+        if any((path / name).is_file() for name in (CONFIG, HF_CONFIG, ADAPTER_CONFIG)):
             return path
-        if (path / STEP_MODEL_DIR / CONFIG).is_file():
+        if any((path / STEP_MODEL_DIR / name).is_file() for name in (CONFIG, ADAPTER_CONFIG)):
             return path / STEP_MODEL_DIR
         latest = path / LATEST
         if not latest.is_file():
@@ -86,6 +96,8 @@ def load_pretrained(path: str | Path, head: str | None = None, lazy: bool = Fals
     """
     directory = resolve_checkpoint(path)
     check_saved_hashes(directory)
+    if (directory / ADAPTER_CONFIG).is_file():
+        return _load_adapter(directory, head, lazy)
     if (directory / CONFIG).is_file():
         meta = read_yaml(directory / CONFIG)
         saved_head = meta.pop("head", "lm")
@@ -109,6 +121,120 @@ def load_pretrained(path: str | Path, head: str | None = None, lazy: bool = Fals
     if not lazy and device.type != "meta":
         model.materialize(device)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterBase:
+    """The model a LoRA adapter adapts: its directory and the sha256 of its weights."""
+
+    path: Path
+    sha256: str
+
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 of a model directory's ``model.safetensors`` (as its step manifest lists it); of a sharded
+    one, the sha256 of its shards' names and sha256s, in name order."""
+    if (directory / WEIGHTS).is_file():
+        return manifest.sha256_file(directory / WEIGHTS)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{directory}: no weights (*.safetensors) found")
+    lines = "".join(f"{f.name} {manifest.sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def adapter_base_of(path: str | Path) -> AdapterBase:
+    """What a LoRA run on ``model.init=path`` adapts: that model, or the base of the adapter it names."""
+    directory = resolve_checkpoint(path).resolve()
+    if (directory / ADAPTER_CONFIG).is_file():
+        return _checked_base(directory, read_yaml(directory / ADAPTER_CONFIG))
+    return AdapterBase(directory, weights_sha256(directory))
+
+
+def _checked_base(directory: Path, meta: dict) -> AdapterBase:
+    base = AdapterBase(Path(meta["base"]), meta["base_sha256"])
+    if not base.path.is_dir():
+        raise UserError(f"{directory}: the base model it adapts, {base.path}, is not there")
+    now = weights_sha256(resolve_checkpoint(base.path))
+    if now != base.sha256:
+        raise UserError(f"{directory}: its base model {base.path} has changed since the adapter was trained "
+                        f"(weights sha256 {now[:12]}, the adapter records {base.sha256[:12]}); use that base")
+    return base
+
+
+def save_adapter(adapter: dict[str, torch.Tensor], lora, base: AdapterBase, directory: str | Path) -> Path:
+    """A LoRA run's model directory: the adapter tensors and what they adapt (``lora`` a LoraConfig)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
+    _atomic(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    meta = {"lora": lora.to_dict(), "base": str(base.path), "base_sha256": base.sha256}
+    _atomic(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(yaml.safe_dump(meta, sort_keys=False)))
+    return directory
+
+
+def _load_adapter(directory: Path, head: str | None, lazy: bool) -> TesseraModel:
+    from model.lora import LoraConfig, apply_lora, is_adapter_key
+
+    meta = read_yaml(directory / ADAPTER_CONFIG)
+    base = _checked_base(directory, meta)
+    if head not in (None, "lm"):
+        raise UserError(f"{directory}: a LoRA adapter of an LM cannot be loaded with a {head} head")
+    device = torch.get_default_device()
+    model = load_pretrained(base.path, lazy=True)
+    apply_lora(model, LoraConfig.from_dict(meta["lora"], f"{directory / ADAPTER_CONFIG}: lora"))
+    adapter = read_lazy(directory / ADAPTER_WEIGHTS)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if is_adapter_key(k)}
+    if set(adapter) != set(expected) or any(adapter[k].shape != shape for k, shape in expected.items()):
+        odd = sorted(set(adapter) ^ set(expected)) or [k for k in expected if adapter[k].shape != expected[k]]
+        raise UserError(f"{directory / ADAPTER_WEIGHTS}: does not match {ADAPTER_CONFIG} (tensor {odd[0]!r})")
+    model.weights_source.update(adapter)
+    model.adapter_base = base
+    if not lazy and device.type != "meta":
+        model.materialize(device)
+    return model
+
+
+def save_peft_adapter(model: TesseraModel, directory: str | Path, base_dir: str | Path) -> Path:
+    """Write ``model``'s adapters as PEFT does (``adapter_config.json`` + ``adapter_model.safetensors``), for
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), directory)``."""
+    from safetensors.torch import save_file
+
+    from model.config import Arch
+    from model.hf import adapter_to_hf, layout_for
+    from model.lora import is_adapter_key
+
+    lora = model.lora_config
+    adapter = adapter_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items() if is_adapter_key(k)},
+                            model.config)
+
+    def alpha(rank: int) -> float:  # the same scaling whatever the module's rank
+        return lora.scaling * (rank**0.5 if lora.rslora else rank)
+
+    odd = {m: r for m, r in adapter.ranks.items() if r != lora.rank}
+    task = {Arch.decoder: "CAUSAL_LM", Arch.encoder_decoder: "SEQ_2_SEQ_LM"}.get(model.config.arch)
+    config = {
+        "peft_type": "LORA", "task_type": task, "base_model_name_or_path": str(Path(base_dir).resolve()),
+        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
+        "target_modules": sorted(adapter.ranks), "rank_pattern": {_exact(m): r for m, r in odd.items()},
+        "alpha_pattern": {_exact(m): alpha(r) for m, r in odd.items()}, "bias": "none",
+        "fan_in_fan_out": layout_for(model.config).model_type == "gpt2", "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None, "use_dora": False,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(directory / PEFT_WEIGHTS, lambda tmp: save_file(adapter.tensors, str(tmp), metadata={"format": "pt"}))
+    _atomic(directory / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def _exact(module: str) -> str:
+    """A PEFT rank/alpha pattern (a regex matched at the end of a module name) for exactly ``module``."""
+    import re
+
+    return re.escape(module)
 
 
 def _fitting(model: TesseraModel, weights: dict[str, LazyTensor], directory: Path, keep_body: bool

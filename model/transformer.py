@@ -90,6 +90,9 @@ class TesseraModel(nn.Module):
     config: ModelConfig
     # checkpoint tensors (by state-dict name) that ``materialize`` copies in after init (lazy ``load_pretrained``)
     weights_source: dict[str, LazyTensor] | None = None
+    # with LoRA adapters (model/lora.py): their config, and the base they adapt (model.io.AdapterBase)
+    lora_config = None
+    adapter_base = None
 
     def blocks(self) -> list[nn.Module]:
         """All transformer blocks (encoder's, then decoder's)."""

@@ -40,6 +40,7 @@ class ModelSpec:
     config: Any  # model.config.ModelConfig
     head: str
     tokenizer_dir: Path | None  # its files are copied beside the weights
+    adapter_base: Any = None  # model.io.AdapterBase: a LoRA run's model directory holds the adapter alone
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -237,18 +238,22 @@ class Trainer:
         return self.last_saved
 
     def write_model_dir(self, weights: dict[str, torch.Tensor], out: Path) -> None:
-        """The consolidated model (what ``model.init``, generate and export load) + tokenizer files."""
+        """The consolidated model (what ``model.init``, generate and export load; a LoRA run's adapter
+        alone) + tokenizer files."""
         from model import build_model
         from model.io import save_pretrained
 
-        if self.cfg.lora.enabled:
-            from model.lora import merged_state
+        if self.model_spec.adapter_base is not None:
+            from model.io import save_adapter
+            from model.lora import is_adapter_key
 
-            weights = merged_state(weights, self.model_spec.config, self.cfg.lora)
-        with torch.device("meta"):  # no init, no memory: the gathered weights are assigned as they are
-            plain = build_model(self.model_spec.config, head=self.model_spec.head)
-        plain.load_state_dict(weights, assign=True)
-        save_pretrained(plain, out)
+            adapter = {k: v for k, v in weights.items() if is_adapter_key(k)}
+            save_adapter(adapter, self.cfg.lora, self.model_spec.adapter_base, out)
+        else:
+            with torch.device("meta"):  # no init, no memory: the gathered weights are assigned as they are
+                plain = build_model(self.model_spec.config, head=self.model_spec.head)
+            plain.load_state_dict(weights, assign=True)
+            save_pretrained(plain, out)
         tokenizer_dir = self.model_spec.tokenizer_dir
         if tokenizer_dir is not None:
             for path in tokenizer_dir.iterdir():

@@ -47,13 +47,13 @@ def live_reference(ctx: ObjectiveContext) -> torch.nn.Module:
 
 def reference_identity(ctx: ObjectiveContext) -> dict[str, Any]:
     """What the stored log-probs depend on; a mismatch means they must be computed again."""
-    from model.io import WEIGHTS, resolve_checkpoint
+    from model.io import ADAPTER_WEIGHTS, WEIGHTS, resolve_checkpoint
 
     cfg = ctx.cfg
     init = None
     if cfg.model.init is not None:  # the concrete directory: a run's checkpoints/ moves on as it trains
         directory = resolve_checkpoint(cfg.model.init).resolve()
-        weights = (directory / WEIGHTS).stat()
+        weights = (directory / (ADAPTER_WEIGHTS if (directory / ADAPTER_WEIGHTS).is_file() else WEIGHTS)).stat()
         init = {"path": str(directory), "bytes": weights.st_size, "mtime_ns": weights.st_mtime_ns}
     return {
         "model_init": init,

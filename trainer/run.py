@@ -98,13 +98,8 @@ def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None
                 fresh = build(dataclasses.replace(net.config, n_labels=n_labels), head=head)
             fresh.weights_source = {k: v for k, v in net.weights_source.items() if not k.startswith("score.")}
             net = fresh
-        if cfg.lora.enabled:
-            from model.lora import apply_lora
-
-            if head != "lm":
-                raise ConfigError(f"lora: a {head} head would stay frozen at its fresh init; "
-                                  "train reward models and classifiers without lora")
-            apply_lora(net, cfg.lora)
+        if cfg.lora.enabled or net.lora_config is not None:
+            add_lora(cfg, net, head)
         return net, net.config
     model_cfg = cfg.model.model_config()
     if n_labels is not None:
@@ -115,6 +110,28 @@ def build_model(cfg: RunConfig, head: str, vocab_size: int, n_labels: int | None
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     with torch.device("meta"):  # the strategy materialises it from train.seed, block by block
         return build(model_cfg, head=head), model_cfg
+
+
+def add_lora(cfg: RunConfig, net: torch.nn.Module, head: str) -> None:
+    """Freeze ``net`` and add the lora section's adapters, or check that the adapter model.init
+    names (already on ``net``) is the one the section describes; record the base it adapts."""
+    from model.io import adapter_base_of
+    from model.lora import apply_lora
+
+    if head != "lm":
+        raise ConfigError(f"lora: a {head} head would stay frozen at its fresh init; "
+                          "train reward models and classifiers without lora")
+    saved = net.lora_config
+    if saved is None:
+        apply_lora(net, cfg.lora)
+        net.adapter_base = adapter_base_of(model_dir_of(cfg.model.init))
+        return
+    keys = ("rank", "alpha", "targets", "rslora")
+    if any(getattr(saved, k) != getattr(cfg.lora, k) for k in keys):
+        want = " ".join(f"lora.{k}={getattr(saved, k)}" for k in keys)
+        raise ConfigError(f"model.init={cfg.model.init} is a LoRA adapter ({want}); set the same lora keys to "
+                          "continue training it, or start from its merged export (tessera export --merge)")
+    net.lora_config = cfg.lora  # the same adapter; dropout and init may differ
 
 
 def run(cfg: RunConfig, task: str, callbacks: Sequence[Callback] = ()) -> RunResult:
@@ -170,7 +187,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
 
     trainer = Trainer(
         cfg, env, strategy, objective, loader("train"),
-        model_spec=ModelSpec(model_cfg, spec.head, tokenizer_dir),
+        model_spec=ModelSpec(model_cfg, spec.head, tokenizer_dir, net.adapter_base),
         valid_batches=(lambda: loader("valid")) if cfg.data.valid else None,
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
     )

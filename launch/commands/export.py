@@ -1,30 +1,54 @@
 """`tessera export --checkpoint DIR --out DIR`: write the Hugging Face layout (config.json,
 model.safetensors) of a Tessera checkpoint, with its tokenizer files, for transformers / vLLM.
 With a tokenizer, config.json names the bos / eos / pad ids and generation_config.json makes
-transformers' ``generate`` stop where ``tessera generate`` stops (EOS, and ``<|end|>`` when present)."""
+transformers' ``generate`` stop where ``tessera generate`` stops (EOS, and ``<|end|>`` when present).
+
+A LoRA checkpoint exports as its base (DIR) plus the adapter in PEFT's layout (DIR/adapter:
+``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR), DIR/adapter)``); with
+``--merge``, as one model with the adapter folded into the weights."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's PEFT adapter, beside the base it adapts
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a model directory or a checkpoints/ directory (its latest)")
     parser.add_argument("--out", required=True, type=Path, help="directory to write the Hugging Face files into")
+    parser.add_argument("--merge", action="store_true",
+                        help="a LoRA checkpoint: write the merged model instead of the base + a PEFT adapter")
 
 
 def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
+    from common.errors import UserError
     from data.tokenizer import special_ids, stop_ids, tokenizer_config
     from launch.commands.generate import MAX_NEW_TOKENS
     from model.hf import layout_for
-    from model.io import copy_tokenizer_files, find_tokenizer_dir, load_pretrained, save_hf, save_hf_token_ids
+    from model.io import (
+        copy_tokenizer_files,
+        find_tokenizer_dir,
+        load_pretrained,
+        save_hf,
+        save_hf_token_ids,
+        save_peft_adapter,
+    )
+    from model.lora import merge
 
     model = load_pretrained(args.checkpoint)
-    save_hf(model, args.out)
+    adapter = model.lora_config is not None
+    if args.merge and not adapter:
+        raise UserError(f"--merge: {args.checkpoint} has no LoRA adapter to merge; export it without --merge")
+    if args.merge:
+        merge(model)
+    save_hf(model, args.out)  # unmerged adapters: the base's weights
+    if adapter and not args.merge:
+        save_peft_adapter(model, args.out / ADAPTER_DIR, args.out)
     tok_dir = find_tokenizer_dir(args.checkpoint)
     copied = copy_tokenizer_files(tok_dir, args.out) if tok_dir is not None else []
     if tok_dir is not None:
@@ -33,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         save_hf_token_ids(args.out, bos=special.get("bos"), stops=stop_ids(special),
                           pad=special.get("pad", model.config.pad_token_id), max_new_tokens=MAX_NEW_TOKENS)
         copied.append("generation_config.json")
-    print(f"exported {layout_for(model.config).architecture} to {args.out}"
+    what = " (merged with its LoRA adapter)" if args.merge else ""
+    what += f" and its LoRA adapter to {args.out / ADAPTER_DIR}" if adapter and not args.merge else ""
+    print(f"exported {layout_for(model.config).architecture}{what} to {args.out}"
           + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found)"))
     return 0

@@ -74,9 +74,16 @@ class Watch(Callback):
                                for t in s.values() if torch.is_tensor(t) and t.dim())
 
 
-def test_sft_with_lora_trains_only_the_adapters(align_corpus, base, tmp_path):
+@pytest.fixture(scope="module")
+def lora_sft(align_corpus, base, tmp_path_factory):
     watch = Watch()
-    result = run(RunConfig.from_dict(config(tmp_path / "run", align_corpus.sft, base)), "sft", [watch])
+    result = run(RunConfig.from_dict(config(tmp_path_factory.mktemp("lora_sft"), align_corpus.sft, base)), "sft",
+                 [watch])
+    return result, watch
+
+
+def test_sft_with_lora_trains_only_the_adapters(align_corpus, base, lora_sft):
+    result, watch = lora_sft
     after, before = held_out_loss(align_corpus, result.checkpoint / "model"), held_out_loss(align_corpus, base)
     assert after < before - 0.15  # measured: 6.79 -> 6.52
     adapters = {k for k in watch.before if is_adapter_key(k)}
@@ -94,3 +101,28 @@ def test_lora_needs_a_base_model(align_corpus, tmp_path):
     del raw["model"]["init"]
     with pytest.raises(ConfigError, match=r"lora.rank > 0 adapts a pretrained model"):
         RunConfig.from_dict(raw)
+
+
+def test_the_checkpoint_holds_the_adapter_and_exports_for_peft(align_corpus, base, lora_sft, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from launch.cli import main
+    from model.io import load_pretrained
+
+    result, _ = lora_sft
+    model_dir = result.checkpoint / "model"
+    assert (model_dir / "adapter.safetensors").is_file() and not (model_dir / "model.safetensors").exists()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_pretrained(result.checkpoint).eval()(ids)
+    assert main(["export", "--checkpoint", str(result.checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    assert "and its LoRA adapter to" in capsys.readouterr().out
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), tmp_path / "hf" / "adapter")
+    assert main(["export", "--checkpoint", str(result.checkpoint), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert (peft.eval()(input_ids=ids).logits - ours).abs().max() <= 1e-4
+        assert (merged.eval()(input_ids=ids).logits - ours).abs().max() <= 1e-4
+    assert main(["export", "--checkpoint", str(base), "--out", str(tmp_path / "x"), "--merge"]) == 2
+    assert "has no LoRA adapter" in capsys.readouterr().err
