@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -120,6 +121,7 @@ def load_pretrained(path: str | Path, head: str | None = None, lazy: bool = Fals
     model.weights_source = _fitting(model, weights, directory, keep_body=head != saved_head)
     if not lazy and device.type != "meta":
         model.materialize(device)
+        refuse_non_finite(model.state_dict(), str(directory))
     return model
 
 
@@ -194,6 +196,7 @@ def _load_adapter(directory: Path, head: str | None, lazy: bool) -> TesseraModel
     model.adapter_base = base
     if not lazy and device.type != "meta":
         model.materialize(device)
+        refuse_non_finite(model.state_dict(), str(directory))
     return model
 
 
@@ -235,6 +238,19 @@ def _exact(module: str) -> str:
     import re
 
     return re.escape(module)
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a nan or an inf."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """One line, naming the first tensor, when any weight is nan or inf (a diverged model)."""
+    bad = non_finite(tensors)
+    if bad:
+        raise UserError(f"{where}: {len(bad)} of {len(tensors)} weight tensors hold nan or inf (first: {bad[0]}); "
+                        "the model diverged: use an earlier checkpoint")
 
 
 def _fitting(model: TesseraModel, weights: dict[str, LazyTensor], directory: Path, keep_body: bool
@@ -315,6 +331,7 @@ def save_hf(model: TesseraModel, directory: str | Path) -> Path:
     hf_config = config_to_hf(model.config)
     tensors = state_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
     directory = Path(directory)
+    refuse_non_finite(tensors, f"export to {directory}")
     directory.mkdir(parents=True, exist_ok=True)
     _atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _atomic(directory / HF_CONFIG, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"))

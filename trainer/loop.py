@@ -24,7 +24,7 @@ from trainer import checkpoint
 from trainer.callbacks import Callback
 from trainer.config import RunConfig
 from trainer.distributed import DistEnv, all_reduce
-from trainer.guard import LossGuard
+from trainer.guard import LossGuard, TrainingDiverged
 from trainer.metrics import memory_gb, mfu, peak_flops
 from trainer.objectives import Batch, Objective
 from trainer.schedule import lr_at
@@ -216,10 +216,11 @@ class Trainer:
         """Write a complete checkpoint of this step (all ranks call it together)."""
         if self.last_saved_step == self.step:
             return self.last_saved
+        weights = self.strategy.full_state_dict()
+        self.refuse_non_finite(weights)
         tmp = self.writer.begin(self.step)
         self.strategy.save(tmp)
         torch.save({"loader": self.loader.state_dict(), "rng": rng_state()}, tmp / checkpoint.rank_file(self.env.rank))
-        weights = self.strategy.full_state_dict()
         if self.env.is_main:
             from model.io import STEP_MODEL_DIR
 
@@ -236,6 +237,18 @@ class Trainer:
         self.last_saved = self.writer.commit(tmp, self.step, state)
         self.last_saved_step = self.step
         return self.last_saved
+
+    def refuse_non_finite(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Stop every rank, before anything is written, when the gathered weights (rank 0's) hold nan/inf."""
+        from model.io import non_finite
+
+        bad = non_finite(weights) if self.env.is_main else []
+        if all_reduce(torch.tensor([len(bad)], device=self.env.device)).item():
+            last = f"the last one is {self.last_saved.name}" if self.last_saved else "there is none yet"
+            what = f"{len(bad)} of {len(weights)} weight tensors hold nan or inf (first: {bad[0]})" if bad else \
+                "the weights hold nan or inf"
+            raise TrainingDiverged(f"step {self.step}: {what}; no checkpoint was written ({last}); "
+                                   "lower train.lr or check the data")
 
     def write_model_dir(self, weights: dict[str, torch.Tensor], out: Path) -> None:
         """The consolidated model (what ``model.init``, generate and export load; a LoRA run's adapter

@@ -1,4 +1,5 @@
-"""Side jobs of the loop, as callbacks: evaluation, checkpoints, preemption, metrics file, W&B, progress.
+"""Side jobs of the loop, as callbacks: the first-step blow-up check, evaluation, checkpoints, preemption,
+metrics file, W&B, progress.
 
 The loop calls, on every rank, ``on_train_start(trainer)``, ``on_step_end(trainer, metrics)`` after
 each optimizer step (``metrics`` is a dict a callback may add to; later callbacks see the
@@ -28,6 +29,7 @@ class Callback:
 
 def default_callbacks(trainer: Trainer) -> list[Callback]:
     """The callbacks a run gets from its config."""
+    from trainer.callbacks.blowup import BlowUpCheck
     from trainer.callbacks.checkpointing import Checkpointing
     from trainer.callbacks.console import ConsoleLog
     from trainer.callbacks.evaluation import Evaluation
@@ -36,7 +38,7 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
     from trainer.callbacks.progress import ProgressBar
 
     cfg = trainer.cfg
-    callbacks: list[Callback] = []
+    callbacks: list[Callback] = [BlowUpCheck()]  # before anything saves the weights of a blown-up step
     if cfg.train.eval_every and cfg.data.valid:
         callbacks.append(Evaluation(cfg.train.eval_every, cfg.train.eval_steps))
     callbacks += [Checkpointing(cfg.checkpoint.every, cfg.checkpoint.save_final), Preemption()]

@@ -81,6 +81,23 @@ class Strategy(abc.ABC):
         """Context for forward passes (bf16 autocast where the strategy does not cast itself)."""
         return contextlib.nullcontext()
 
+    def local_weights(self) -> Iterator[torch.Tensor]:
+        """This rank's part of every trainable weight (a DTensor's local shard)."""
+        for param in self.model.parameters():
+            if param.requires_grad:
+                yield param.to_local() if hasattr(param, "to_local") else param
+
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """The L2 norm of the trainable weights over all ranks (every rank calls it). A tensor replicated
+        on several ranks counts once per copy: the same factor for every tensor, so ratios of norms hold."""
+        from trainer.distributed import all_reduce
+
+        squares = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for tensor in self.local_weights():
+            squares += tensor.detach().double().pow(2).sum().to(squares.device)
+        return float(all_reduce(squares).sqrt())
+
 
 def materialize(model: nn.Module, seed: int, on_block: Callable[[nn.Module], None] | None = None) -> bool:
     """Give a model built on the meta device (a fresh run's) its weights on the host, initialised from

@@ -188,6 +188,12 @@ class DeepSpeed(Strategy):
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
 
+    def local_weights(self) -> Iterator[torch.Tensor]:
+        """ZeRO-3 keeps each rank's partition of a parameter in ``ds_tensor``."""
+        for param in self.model.module.parameters():
+            if param.requires_grad:
+                yield getattr(param, "ds_tensor", param)
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The optimizer's fp32 master weights, as fsdp and ddp save (the module's own copy is bf16
         under train.precision=bf16, and partitioned under ZeRO-3); every rank gathers, one at a time."""
