@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import dump_yaml
+from common.config import dump_yaml, read_yaml
 from common.errors import UserError
 from trainer import checkpoint
 from trainer.callbacks import Callback
@@ -260,8 +260,8 @@ class Trainer:
             from model.io import save_adapter
             from model.lora import is_adapter_key
 
-            adapter = {k: v for k, v in weights.items() if is_adapter_key(k)}
-            save_adapter(adapter, self.cfg.lora, self.model_spec.adapter_base, out)
+            save_adapter({k: v for k, v in weights.items() if is_adapter_key(k)}, self.cfg.lora,
+                         self.model_spec.adapter_base, out)
         else:
             with torch.device("meta"):  # no init, no memory: the gathered weights are assigned as they are
                 plain = build_model(self.model_spec.config, head=self.model_spec.head)
@@ -273,6 +273,26 @@ class Trainer:
                 if path.is_file() and path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                     shutil.copy2(path, out / path.name)
 
+    def check_adapter_base(self, path: Path) -> None:
+        """A LoRA checkpoint holds the adapter alone: resuming it on another base than its own would
+        silently train something else, so the base's hash must match the one the checkpoint records."""
+        from model.io import ADAPTER_CONFIG, STEP_MODEL_DIR
+
+        saved = path / STEP_MODEL_DIR / ADAPTER_CONFIG
+        base = self.model_spec.adapter_base
+        if base is None and not saved.is_file():
+            return
+        if base is None:
+            raise UserError(f"checkpoint {path} holds a LoRA adapter; resume it with the lora section it was "
+                            "trained with")
+        if not saved.is_file():
+            raise UserError(f"checkpoint {path} is a full model's, not a LoRA run's: resume it without lora, or "
+                            "start a LoRA run from it with model.init and checkpoint.resume=never")
+        recorded = read_yaml(saved)["base_sha256"]
+        if recorded != base.sha256:
+            raise UserError(f"checkpoint {path} adapts a base with weights sha256 {recorded[:12]}, but model.init "
+                            f"{base.path} has {base.sha256[:12]}: resume it on the base it was trained on")
+
     def resume(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (verified), also when it was saved at another world size."""
         state = checkpoint.read_state(path)
@@ -282,6 +302,7 @@ class Trainer:
                 f"checkpoint {path} was saved by {state['strategy']}; {self.cfg.train.strategy} cannot resume it "
                 "(start from its weights with model.init and checkpoint.resume=never instead)"
             )
+        self.check_adapter_base(path)
         self.strategy.load(path)
         ranks = [checkpoint.load_rank_state(path / checkpoint.rank_file(r)) for r in range(saved_world)]
         if saved_world == self.env.world_size:

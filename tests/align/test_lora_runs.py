@@ -126,3 +126,62 @@ def test_the_checkpoint_holds_the_adapter_and_exports_for_peft(align_corpus, bas
         assert (merged.eval()(input_ids=ids).logits - ours).abs().max() <= 1e-4
     assert main(["export", "--checkpoint", str(base), "--out", str(tmp_path / "x"), "--merge"]) == 2
     assert "has no LoRA adapter" in capsys.readouterr().err
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if trainer.step == self.step:
+            trainer.stop(f"test stop at step {self.step}", reason="test")
+
+
+def adapter_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model" / "adapter.safetensors")
+
+
+def test_a_resumed_adapter_run_equals_the_uninterrupted_one(align_corpus, base, lora_sft, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    straight, _ = lora_sft
+    raw = config(tmp_path / "run", align_corpus.sft, base)
+    first = run(RunConfig.from_dict(raw), "sft", [StopAt(6)])
+    assert first.steps == 6
+    saved = dcp.FileSystemReader(str(first.checkpoint / "dcp")).read_metadata().state_dict_metadata
+    model_keys = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
+    assert model_keys and all(is_adapter_key(k) for k in model_keys)  # the frozen base is not in it
+    second = run(RunConfig.from_dict(raw), "sft")
+    assert second.steps == 12 and second.losses == straight.losses[6:]
+    expected, got = adapter_of(straight.checkpoint), adapter_of(second.checkpoint)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resuming_on_another_base_is_one_line(align_corpus, base, lora_sft, tmp_path):
+    from common.errors import UserError
+    from model.io import load_pretrained, save_pretrained
+
+    other = load_pretrained(base)
+    with torch.no_grad():
+        other.embed.tokens.weight.add_(0.01)
+    save_pretrained(other, tmp_path / "other")
+    straight, _ = lora_sft
+    raw = config(tmp_path / "run", align_corpus.sft, tmp_path / "other",
+                 f"checkpoint.resume={straight.checkpoint}")
+    with pytest.raises(UserError, match="adapts a base with weights sha256") as error:
+        run(RunConfig.from_dict(raw), "sft")
+    assert "\n" not in str(error.value)
+
+
+def test_model_init_may_name_an_adapter_to_continue(align_corpus, base, lora_sft, tmp_path):
+    straight, _ = lora_sft
+    more = "train.max_steps=2", "checkpoint.save_final=false", "train.lr=1e-9", "train.min_lr=0"
+    continued = run(RunConfig.from_dict(config(tmp_path / "on", align_corpus.sft, straight.checkpoint, *more)), "sft")
+    fresh = run(RunConfig.from_dict(config(tmp_path / "fresh", align_corpus.sft, base, *more)), "sft")
+    assert continued.losses[0] < fresh.losses[0] - 0.1  # it starts from the trained adapter, not from B = 0
+    raw = config(tmp_path / "other", align_corpus.sft, straight.checkpoint, *more, "lora.rank=4")
+    with pytest.raises(ConfigError, match="is a LoRA adapter") as error:
+        run(RunConfig.from_dict(raw), "sft")
+    assert "\n" not in str(error.value)

@@ -63,14 +63,16 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def save(self, path: Path) -> None:
-        """Write model + optimizer state under ``path`` (every rank calls it)."""
+        """Write model + optimizer state under ``path`` (every rank calls it); frozen parameters (a LoRA
+        run's base) are not written: the run rebuilds them from model.init."""
 
     @abc.abstractmethod
     def load(self, path: Path) -> None: ...
 
     @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on CPU on rank 0 (None elsewhere); every rank calls it."""
+        """The whole model's trained weights on CPU on rank 0 (None elsewhere): all of them, but the frozen
+        base of a LoRA run (its adapters alone); every rank calls it."""
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:

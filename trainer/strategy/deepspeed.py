@@ -134,7 +134,8 @@ class DeepSpeed(Strategy):
 
         # ds_to_universal refuses (ZeRO-1/2) a checkpoint whose client state lacks this entry
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.model.save_checkpoint(str(path), tag=TAG, client_state=info, save_latest=False)
+        self.model.save_checkpoint(str(path), tag=TAG, client_state=info, save_latest=False,
+                                   exclude_frozen_parameters=True)
 
     def load(self, path: Path) -> None:
         saved_world = read_state(path)["world_size"]
@@ -201,6 +202,8 @@ class DeepSpeed(Strategy):
 
         state = {}
         for name, param in self.model.module.named_parameters():
+            if not param.requires_grad:  # a LoRA run's frozen base: the base model's, not this run's
+                continue
             master = safe_get_full_fp32_param(param)
             if master is None:
                 raise RuntimeError(f"DeepSpeed's optimizer holds no fp32 copy of {name} (a frozen parameter?)")

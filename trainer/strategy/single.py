@@ -2,7 +2,8 @@
 
 Checkpoints use torch.distributed.checkpoint (DCP) with ``get_state_dict``/``set_state_dict``,
 which key the model and optimizer state by parameter name whatever the wrapping, so a
-checkpoint from any torch-native strategy and world size loads into any other.
+checkpoint from any torch-native strategy and world size loads into any other. Frozen parameters
+(a LoRA run's base) are left out of checkpoints and of ``full_state_dict``: they are the base's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
 from trainer.strategy import Strategy, materialize
 from trainer.strategy.optim import build_adamw, set_lr
 from trainer.strategy.prepare import prepare
+
+# a LoRA run's frozen base is not the checkpoint's (not strict: dcp.load already refuses a missing trained key)
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class Single(Strategy):
@@ -66,19 +70,20 @@ class Single(Strategy):
         return norm
 
     def save(self, path: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
         with _single_process_dcp():
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
 
     def load(self, path: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
         state = {"model": model_state, "optim": optim_state}
         with _single_process_dcp():
             dcp.load(state, checkpoint_id=path / "dcp")
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=TRAINED)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         state = get_model_state_dict(self.model, options=options)
         return state if self.env.is_main else None
 
