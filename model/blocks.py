@@ -11,6 +11,7 @@ from torch import nn
 from model.attention import Attention, AttentionMask, KVCache
 from model.config import ModelConfig, NormPosition, Pos
 from model.mlp import MLP
+from model.moe import MoE
 from model.norm import make_norm
 from model.position import Rope, make_score_bias
 
@@ -37,7 +38,7 @@ class Block(nn.Module):
         self.cross_norm = make_norm(cfg) if cross else None
         self.cross_attn = Attention(cfg, layer_id + 1, cross=True) if cross else None
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:

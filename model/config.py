@@ -49,6 +49,11 @@ class Mlp(enum.StrEnum):
     geglu = "geglu"
 
 
+class RouterGating(enum.StrEnum):
+    softmax = "softmax"  # Mixtral, Qwen-MoE: softmax over all experts, then top-k
+    sigmoid = "sigmoid"  # DeepSeek-V3: an independent sigmoid score per expert, then top-k
+
+
 class Attn(enum.StrEnum):
     auto = "auto"  # sdpa, or compiled flex on CUDA where a mask or score bias would leave SDPA's fused kernels
     eager = "eager"
@@ -104,11 +109,24 @@ class ModelConfig(Config):
     dropout: float = 0.0
     init_std: float = 0.02
     n_labels: int = 1  # outputs of the classifier / reward head
+    n_experts: int = 0  # > 0: every block's MLP is a Mixture-of-Experts (model/moe.py)
+    experts_per_token: int = 2  # top-k experts each token is routed to
+    moe_d_ff: int | None = None  # hidden size of one expert; None means d_ff
+    shared_expert_d_ff: int = 0  # > 0: a dense MLP of this size that every token also passes through
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(linear(x))
+    router_gating: RouterGating = RouterGating.softmax
+    router_norm_topk: bool = True  # renormalise the k chosen weights to sum to 1 (Mixtral; Qwen's norm_topk_prob)
+    router_aux_loss_coef: float = 0.01  # load-balancing loss (Switch Transformer form), added to the training loss
+    router_z_loss_coef: float = 0.0  # router z-loss (ST-MoE): mean squared logsumexp of the router logits
     pad_token_id: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
 
     @property
     def kv_heads(self) -> int:
@@ -178,5 +196,17 @@ class ModelConfig(Config):
             fail("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
             fail("init_std", f"must be positive, got {self.init_std}")
+        if self.n_experts < 0:
+            fail("n_experts", f"must be 0 (dense MLP) or a number of experts, got {self.n_experts}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            fail("experts_per_token", f"must be in [1, n_experts={self.n_experts}], got {self.experts_per_token}")
+        if self.n_experts and self.bias:
+            fail("n_experts", "experts have no biases; set bias=false for a Mixture-of-Experts model")
+        if (self.moe_d_ff is not None and self.moe_d_ff < 1) or self.shared_expert_d_ff < 0:
+            fail("moe_d_ff", "moe_d_ff must be at least 1 (or unset) and shared_expert_d_ff at least 0")
+        if self.shared_expert_gate and not self.shared_expert_d_ff:
+            fail("shared_expert_gate", "gates the shared expert; set shared_expert_d_ff > 0")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            fail("router_aux_loss_coef", "router_aux_loss_coef and router_z_loss_coef must be >= 0")
         if not 0 <= self.pad_token_id < self.vocab_size:
             fail("pad_token_id", f"must be a token id below vocab_size={self.vocab_size}")

@@ -25,6 +25,7 @@ from model.blocks import Block, Stack
 from model.config import SIZED_BY_MAX_SEQ_LEN, Arch, ModelConfig, NormPosition, Pos
 from model.lazy_weights import LazyTensor
 from model.mlp import MLP
+from model.moe import Experts
 from model.norm import RMSNorm, make_norm
 from model.position import AbsolutePositions
 
@@ -170,6 +171,9 @@ class TesseraModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 normal(module.weight, std)
+            elif isinstance(module, Experts):  # as the dense MLP: down is a residual output projection
+                normal(module.up, std)
+                normal(module.down, residual_std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
             elif isinstance(module, OutputHead):

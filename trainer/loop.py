@@ -20,13 +20,14 @@ import torch
 
 from common.config import dump_yaml, read_yaml
 from common.errors import UserError
+from model.moe import moe_layers, pop_router_stats
 from trainer import checkpoint
 from trainer.callbacks import Callback
 from trainer.config import RunConfig
 from trainer.distributed import DistEnv, all_reduce
 from trainer.guard import LossGuard, TrainingDiverged
 from trainer.metrics import memory_gb, mfu, peak_flops
-from trainer.objectives import Batch, Objective
+from trainer.objectives import Batch, LossOutput, Objective
 from trainer.schedule import lr_at
 from trainer.strategy import Strategy
 
@@ -92,6 +93,7 @@ class Trainer:
         self.env = env
         self.strategy = strategy
         self.model = strategy.model
+        self.moe_layers = moe_layers(self.model)
         self.objective = objective
         self.loader = loader
         self.model_spec = model_spec
@@ -145,8 +147,8 @@ class Trainer:
             batch = to_device(batch, device)
             with self.strategy.accumulate(last=i == len(micro_batches) - 1):
                 with self.strategy.autocast():
-                    out = self.objective.loss(self.model, batch)
-                self.strategy.backward(out.loss_sum * scale)
+                    out, router_loss = self.loss(batch)
+                self.strategy.backward((out.loss_sum + router_loss) * scale)
             for name, value in {"loss": out.loss_sum, **out.metrics}.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
 
@@ -181,6 +183,21 @@ class Trainer:
             "skipped": skip is not None,
             **values,
         }
+
+    def loss(self, batch: Batch) -> tuple[LossOutput, torch.Tensor | float]:
+        """The objective's loss, and the MoE router losses (load balancing, z-loss) to add to it when
+        back-propagating, as a sum over the micro-batch's units like the loss. The logged ``loss``
+        stays the objective's; the router's terms and the load per expert go in as ``moe/*`` metrics."""
+        pop_router_stats(self.moe_layers)  # drop what backward's recomputation (activation checkpointing) recorded
+        out = self.objective.loss(self.model, batch)
+        router = pop_router_stats(self.moe_layers)
+        if router is None:
+            return out, 0.0
+        units = out.count.to(router.loss.dtype)
+        out.metrics.update({"moe/router_loss": router.loss.detach() * units, "moe/aux_loss": router.aux_loss * units,
+                            "moe/z_loss": router.z_loss * units,
+                            **{f"moe/load/{e}": share * units for e, share in enumerate(router.load)}})
+        return out, router.loss * units
 
     def stop(self, message: str, reason: str) -> None:
         """Ask the loop to end after this step (callbacks call this)."""

@@ -1,0 +1,136 @@
+"""Mixture-of-Experts MLP: a top-k router, dropless dispatch to stacked experts, an optional shared expert.
+
+Every token goes to its ``experts_per_token`` best experts (none is dropped: no capacity limit);
+assignments are sorted by expert so each expert runs one matmul over its tokens. The router's
+load-balancing loss (Switch Transformer, Fedus et al. 2021: ``E · Σ_e f_e · P_e`` with ``f_e`` the
+share of assignments and ``P_e`` the mean routing probability of expert e; 1.0 when balanced) and
+z-loss (ST-MoE, Zoph et al. 2022: mean squared logsumexp of the logits) are recorded on the layer at
+each forward; the trainer collects them with :func:`pop_router_stats` and adds them to the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from model.config import Mlp, ModelConfig, RouterGating
+from model.mlp import MLP, activation
+
+
+@dataclasses.dataclass
+class RouterStats:
+    """What MoE layers recorded since the last pop. ``loss``: the coefficient-weighted aux and z
+    losses summed over layers (differentiable); ``aux_loss``, ``z_loss`` and ``load`` (share of
+    assignments per expert, [E]) are detached means over layers."""
+
+    loss: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    load: torch.Tensor
+
+
+def route(logits: torch.Tensor, gating: RouterGating, k: int, norm_topk: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] (fp32) → (weights [N, k], chosen experts [N, k], routing probabilities
+    [N, E] summing to 1 per token, for the load-balancing loss)."""
+    if gating == RouterGating.softmax:
+        scores = probs = logits.softmax(dim=-1)
+    else:
+        scores = logits.sigmoid()
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    weights, chosen = scores.topk(k, dim=-1)
+    if norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, chosen, probs
+
+
+class Experts(nn.Module):
+    """``n_experts`` feed-forward networks as stacked weights: ``up`` [E, F (×2 gated: gate first), D]
+    and ``down`` [E, D, F], so one parameter holds every expert (an expert that got no token this
+    step still has a (zero) gradient, and a data-parallel reducer finds nothing unused)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp != Mlp.gelu
+        self.act = activation(cfg)
+        d_ff = cfg.expert_d_ff
+        self.up = nn.Parameter(torch.empty(cfg.n_experts, d_ff * (2 if self.gated else 1), cfg.d_model))
+        self.down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, d_ff))
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``x`` [M, D]: rows sorted by expert, ``counts[e]`` of them for expert e."""
+        outs = []
+        for e, rows in enumerate(x.split(counts)):
+            if not counts[e]:
+                continue
+            h = rows @ self.up[e].t()
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                h = self.act(gate) * up
+            else:
+                h = self.act(h)
+            outs.append(h @ self.down[e].t())
+        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+
+class MoE(nn.Module):
+    """The MoE MLP of a block: ``Σ_k w_k · expert_k(x)`` (+ the shared expert, optionally gated)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.experts_per_token
+        self.gating, self.norm_topk = cfg.router_gating, cfg.router_norm_topk
+        self.aux_loss_coef, self.z_loss_coef = cfg.router_aux_loss_coef, cfg.router_z_loss_coef
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.shared = MLP(cfg, cfg.shared_expert_d_ff) if cfg.shared_expert_d_ff else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        self.recorded: list[RouterStats] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x).float()
+        weights, chosen, probs = route(logits, self.gating, self.top_k, self.norm_topk)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        tokens = order // self.top_k  # the token of each sorted assignment
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        out = self.experts(x[tokens], counts.tolist())
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        y = torch.zeros_like(x).index_add_(0, tokens, out)
+        if self.shared is not None:
+            shared = self.shared(x)
+            y = y + (torch.sigmoid(self.shared_gate(x)) * shared if self.shared_gate is not None else shared)
+        if torch.is_grad_enabled():  # a training forward (not evaluation or decoding)
+            self._record(logits, probs, counts)
+        return y.view(shape)
+
+    def _record(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
+        load = counts.float() / max(int(logits.shape[0]) * self.top_k, 1)
+        aux = self.n_experts * (load * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        self.recorded.append(RouterStats(self.aux_loss_coef * aux + self.z_loss_coef * z, aux.detach(), z.detach(),
+                                         load))
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def pop_router_stats(layers: list[MoE]) -> RouterStats | None:
+    """Collect and clear what ``layers`` recorded (None if nothing): the loss sums over layers of
+    each layer's mean over its forwards since the last pop (an objective may run several, e.g.
+    chosen and rejected); the statistics are means over every recorded forward."""
+    per_layer = [layer.recorded for layer in layers if layer.recorded]
+    for layer in layers:
+        layer.recorded = []
+    if not per_layer:
+        return None
+    every = [r for records in per_layer for r in records]
+    return RouterStats(loss=sum(torch.stack([r.loss for r in records]).mean() for records in per_layer),
+                       aux_loss=torch.stack([r.aux_loss for r in every]).mean(),
+                       z_loss=torch.stack([r.z_loss for r in every]).mean(),
+                       load=torch.stack([r.load for r in every]).mean(dim=0))
