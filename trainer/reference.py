@@ -2,7 +2,8 @@
 
 Live: the starting model (``model.init``, or the seeded initialisation) is built a second time and
 given to ``strategy.wrap_frozen``, so under fsdp/zero3 it is sharded like the policy and every
-reference forward costs gathers, not a full copy per rank.
+reference forward costs gathers, not a full copy per rank. A LoRA run starting from its base needs
+no copy at all: the reference is the policy with its adapters switched off.
 
 Precomputed: one pass of that frozen model over every preference shard directory of the run
 (``data.train`` and ``data.valid``) writes ``reference_logps.npy`` ([samples, (chosen, rejected)]
@@ -40,8 +41,41 @@ def starting_model(ctx: ObjectiveContext) -> torch.nn.Module:
     return net
 
 
-def live_reference(ctx: ObjectiveContext) -> torch.nn.Module:
-    """The frozen reference, placed and sharded by the run's strategy."""
+class AdaptersOff:
+    """The policy with its LoRA adapters switched off: the base model it adapts, with no second copy
+    (the inner module is called, so DDP does not sync; FSDP2 and ZeRO-3 gather as for the policy)."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        from trainer.objectives.tokens import unwrap
+
+        self.module = unwrap(policy)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from model.lora import adapters_disabled
+
+        training = self.module.training
+        self.module.eval()  # as the frozen copy is: no dropout in the reference
+        try:
+            with adapters_disabled(self.module):
+                return self.module(*args, **kwargs)
+        finally:
+            self.module.train(training)
+
+
+def reference_is_the_base(ctx: ObjectiveContext) -> bool:
+    """A LoRA run whose adapters start at zero (not from an adapter checkpoint): its starting model is
+    the base, which the policy itself computes with its adapters off."""
+    from model.io import ADAPTER_CONFIG, resolve_checkpoint
+
+    cfg = ctx.cfg
+    return cfg.lora.enabled and not (resolve_checkpoint(cfg.model.init) / ADAPTER_CONFIG).is_file()
+
+
+def live_reference(ctx: ObjectiveContext) -> torch.nn.Module | AdaptersOff:
+    """The frozen reference: a LoRA policy's base (its adapters off), else a copy of the starting
+    model placed and sharded by the run's strategy."""
+    if reference_is_the_base(ctx):
+        return AdaptersOff(ctx.model)
     return ctx.strategy.wrap_frozen(starting_model(ctx))
 
 

@@ -185,3 +185,31 @@ def test_model_init_may_name_an_adapter_to_continue(align_corpus, base, lora_sft
     with pytest.raises(ConfigError, match="is a LoRA adapter") as error:
         run(RunConfig.from_dict(raw), "sft")
     assert "\n" not in str(error.value)
+
+
+class Reference(Callback):
+    def on_train_start(self, trainer) -> None:
+        from trainer.objectives.tokens import unwrap
+
+        reference = trainer.objective.reference_model
+        self.is_the_policy = getattr(reference, "module", None) is unwrap(trainer.strategy.model)
+
+
+def test_dpo_with_lora_uses_the_base_as_reference_and_equals_a_frozen_copy(align_corpus, base, tmp_path,
+                                                                            monkeypatch):
+    import numpy as np
+
+    import trainer.reference
+
+    dpo = ("train.max_steps=4", "checkpoint.save_final=false", "align.reference=live", "train.lr=1e-2",
+           "lora.dropout=0.1")
+    watch = Reference()
+    shared = run(RunConfig.from_dict(config(tmp_path / "shared", align_corpus.pairs, base, *dpo)), "align", [watch])
+    assert watch.is_the_policy  # no second model: the policy with its adapters off
+    assert shared.losses[0] == pytest.approx(np.log(2), rel=1e-6)  # policy == reference at step 1
+    monkeypatch.setattr(trainer.reference, "reference_is_the_base", lambda ctx: False)
+    watch = Reference()
+    copied = run(RunConfig.from_dict(config(tmp_path / "copy", align_corpus.pairs, base, *dpo)), "align", [watch])
+    assert not watch.is_the_policy
+    assert shared.losses[-1] != shared.losses[0]
+    np.testing.assert_allclose(shared.losses, copied.losses, rtol=1e-5, atol=0)
