@@ -21,6 +21,7 @@ from trainer import checkpoint
 from trainer.callbacks import Callback, default_callbacks
 from trainer.config import RunConfig
 from trainer.distributed import DistEnv, init_distributed, teardown
+from trainer.lock import run_lock
 from trainer.loop import ModelSpec, Trainer
 from trainer.objectives import OBJECTIVES, ObjectiveContext, build_objective, objective_name
 from trainer.strategy import build_strategy, needs_process_group
@@ -143,7 +144,8 @@ def run(cfg: RunConfig, task: str, callbacks: Sequence[Callback] = ()) -> RunRes
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     ok = False
     try:
-        result = _run(cfg, task, env, callbacks)
+        with run_lock(cfg.log.dir, env):  # before anything in the run directory is read or written
+            result = _run(cfg, task, env, callbacks)
         ok = True
         return result
     finally:
