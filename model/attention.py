@@ -234,11 +234,12 @@ class Attention(nn.Module):
         self.backend = BACKENDS[cfg.attn]
         self.liger = cfg.kernels == Kernels.liger
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
         if cross:
-            self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
-            self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+            self.q = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,

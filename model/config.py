@@ -106,6 +106,7 @@ class ModelConfig(Config):
     tie_embeddings: bool = True
     scale_output: bool = False  # multiply final hidden states by d_model**-0.5 before the LM head (original T5)
     bias: bool = False  # biases of linear layers and LayerNorm
+    qkv_bias: bool = False  # biases on the query/key/value projections even when bias is false (Qwen2)
     dropout: float = 0.0
     init_std: float = 0.02
     n_labels: int = 1  # outputs of the classifier / reward head

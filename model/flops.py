@@ -21,8 +21,8 @@ def _norm(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if cfg.norm == Norm.layernorm and cfg.bias else 1)
 
 
-def _linear(cfg: ModelConfig, fan_in: int, fan_out: int) -> int:
-    return fan_in * fan_out + (fan_out if cfg.bias else 0)
+def _linear(cfg: ModelConfig, fan_in: int, fan_out: int, bias: bool | None = None) -> int:
+    return fan_in * fan_out + (fan_out if (cfg.bias if bias is None else bias) else 0)
 
 
 def _mlp(cfg: ModelConfig, d_ff: int) -> int:
@@ -32,7 +32,8 @@ def _mlp(cfg: ModelConfig, d_ff: int) -> int:
 
 def _block(cfg: ModelConfig, cross: bool, active: bool) -> int:
     d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    attention = _linear(cfg, d, q + 2 * kv) + _linear(cfg, q, d) + _norm(cfg)
+    q_proj, kv_proj = _linear(cfg, d, q, cfg.bias or cfg.qkv_bias), _linear(cfg, d, 2 * kv, cfg.bias or cfg.qkv_bias)
+    attention = q_proj + kv_proj + _linear(cfg, q, d) + _norm(cfg)
     if cfg.n_experts:
         experts = cfg.experts_per_token if active else cfg.n_experts
         mlp = d * cfg.n_experts + experts * _mlp(cfg, cfg.expert_d_ff) + d * cfg.shared_expert_gate

@@ -1,8 +1,13 @@
-"""Hugging Face interop: LlamaForCausalLM, GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration.
+"""Hugging Face interop: LlamaForCausalLM, GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration,
+MixtralForCausalLM, Qwen2MoeForCausalLM.
 
 Pure tensor mapping (no transformers import): each layout is a :class:`Layout` that translates
 ``config.json`` to a ``ModelConfig`` and back, and lists which HF tensors make each Tessera tensor
-(several HF tensors concatenate into one fused Tessera tensor: q/k/v → qkv, gate/up → up).
+(several HF tensors concatenate into one fused Tessera tensor: q/k/v → qkv, gate/up → up; the
+per-expert tensors of the checkpoint format stack into one [E, ...] tensor per MoE layer).
+
+MoE: the router's load-balancing coefficient is carried over as it is, but transformers' loss
+(over all layers at once, and k at balance) is not Tessera's (per layer, summed; 1 at balance).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
-from model.config import Arch, Mlp, ModelConfig, Norm, NormPosition, Pos
+from model.config import Arch, Mlp, ModelConfig, Norm, NormPosition, Pos, RouterGating
 from model.lazy_weights import LazyTensor
 
 # (tessera name, HF names concatenated along dim 0, transpose each HF tensor: GPT-2 Conv1D)
@@ -100,18 +105,104 @@ def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _llama_entries(cfg: ModelConfig) -> list[Entry]:
+def _llama_entries(cfg: ModelConfig, mlp: Callable[[str, str], list[Entry]] | None = None) -> list[Entry]:
+    """Llama's tensors; ``mlp(ours, hf)`` gives a layer's MLP entries instead of the dense SwiGLU's."""
     out: list[Entry] = [("embed.tokens.weight", ("model.embed_tokens.weight",), False)]
     for i in range(cfg.n_layers):
         hf, us = f"model.layers.{i}", f"stack.layers.{i}"
-        out += _linear(f"{us}.attn.qkv", f"{hf}.self_attn.", cfg.bias, parts=("q_proj", "k_proj", "v_proj"))
+        out += _linear(f"{us}.attn.qkv", f"{hf}.self_attn.", cfg.bias or cfg.qkv_bias,
+                       parts=("q_proj", "k_proj", "v_proj"))
         out += _linear(f"{us}.attn.out", f"{hf}.self_attn.o_proj", cfg.bias)
-        out += _linear(f"{us}.mlp.up", f"{hf}.mlp.", cfg.bias, parts=("gate_proj", "up_proj"))
-        out += _linear(f"{us}.mlp.down", f"{hf}.mlp.down_proj", cfg.bias)
+        if mlp is not None:
+            out += mlp(f"{us}.mlp", hf)
+        else:
+            out += _linear(f"{us}.mlp.up", f"{hf}.mlp.", cfg.bias, parts=("gate_proj", "up_proj"))
+            out += _linear(f"{us}.mlp.down", f"{hf}.mlp.down_proj", cfg.bias)
         out += _norm(f"{us}.attn_norm", f"{hf}.input_layernorm", False)
         out += _norm(f"{us}.mlp_norm", f"{hf}.post_attention_layernorm", False)
     out += _norm("stack.final_norm", "model.norm", False)
     return out
+
+
+# --- Mixtral and Qwen2-MoE (Llama attention, MoE MLPs) -----------------------------------------
+
+EXPERT_TENSORS = (".experts.up", ".experts.down")  # stacked [E, rows, cols]: one HF tensor per expert (and part)
+
+
+def _experts(ours: str, hf: str, cfg: ModelConfig, gate: str, up: str, down: str) -> list[Entry]:
+    """The stacked expert tensors from HF's ``{hf}.{e}.{gate|up|down}.weight`` (the checkpoint format)."""
+    experts = range(cfg.n_experts)
+    return [(f"{ours}.up", tuple(f"{hf}.{e}.{part}.weight" for e in experts for part in (gate, up)), False),
+            (f"{ours}.down", tuple(f"{hf}.{e}.{down}.weight" for e in experts), False)]
+
+
+def _moe_from_hf(hf: dict[str, Any], n_experts_key: str) -> dict[str, Any]:
+    """Llama's keys plus the router's; ``d_ff`` (dense) stays as given, experts get ``moe_d_ff``."""
+    raw = _llama_from_hf({**hf, "attention_bias": False, "mlp_bias": False})
+    raw.update(n_experts=hf[n_experts_key], experts_per_token=hf["num_experts_per_tok"], router_gating="softmax",
+               router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), router_z_loss_coef=0.0)
+    return raw
+
+
+def _moe_to_hf(cfg: ModelConfig, n_experts_key: str) -> dict[str, Any]:
+    out = _llama_to_hf(cfg)
+    for key in ("attention_bias", "mlp_bias"):
+        del out[key]
+    return {**out, n_experts_key: cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+            "router_aux_loss_coef": cfg.router_aux_loss_coef, "output_router_logits": False}
+
+
+def _mixtral_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    raw = _moe_from_hf(hf, "num_local_experts")
+    _require_equal(hf, "router_jitter_noise", 0.0, "router jitter")
+    return {**raw, "moe_d_ff": hf["intermediate_size"], "router_norm_topk": True,
+            "sliding_window": hf.get("sliding_window")}
+
+
+def _mixtral_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_moe_to_hf(cfg, "num_local_experts"), "intermediate_size": cfg.expert_d_ff,
+            "sliding_window": cfg.sliding_window, "router_jitter_noise": 0.0}
+
+
+def _mixtral_entries(cfg: ModelConfig) -> list[Entry]:
+    def mlp(ours: str, hf: str) -> list[Entry]:
+        moe = f"{hf}.block_sparse_moe"
+        return [(f"{ours}.router.weight", (f"{moe}.gate.weight",), False),
+                *_experts(f"{ours}.experts", f"{moe}.experts", cfg, "w1", "w3", "w2")]
+
+    return _llama_entries(cfg, mlp)
+
+
+def _qwen2_moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise UserError("config.json: mlp_only_layers / decoder_sparse_step (dense layers among MoE ones) "
+                        "are not supported; every layer must be sparse")
+    _require_equal(hf, "use_sliding_window", False, "per-layer sliding windows")
+    if not hf.get("shared_expert_intermediate_size"):
+        raise UserError("config.json: shared_expert_intermediate_size must be > 0 (Qwen2-MoE's shared expert)")
+    raw = _moe_from_hf(hf, "num_experts")
+    return {**raw, "moe_d_ff": hf["moe_intermediate_size"], "router_norm_topk": hf.get("norm_topk_prob", False),
+            "shared_expert_d_ff": hf["shared_expert_intermediate_size"], "shared_expert_gate": True,
+            "qkv_bias": hf.get("qkv_bias", True)}
+
+
+def _qwen2_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_moe_to_hf(cfg, "num_experts"), "moe_intermediate_size": cfg.expert_d_ff,
+            "shared_expert_intermediate_size": cfg.shared_expert_d_ff, "norm_topk_prob": cfg.router_norm_topk,
+            "qkv_bias": cfg.qkv_bias, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "use_sliding_window": False}
+
+
+def _qwen2_moe_entries(cfg: ModelConfig) -> list[Entry]:
+    def mlp(ours: str, hf: str) -> list[Entry]:
+        moe = f"{hf}.mlp"
+        return [(f"{ours}.router.weight", (f"{moe}.gate.weight",), False),
+                *_experts(f"{ours}.experts", f"{moe}.experts", cfg, "gate_proj", "up_proj", "down_proj"),
+                *_linear(f"{ours}.shared.up", f"{moe}.shared_expert.", False, parts=("gate_proj", "up_proj")),
+                *_linear(f"{ours}.shared.down", f"{moe}.shared_expert.down_proj", False),
+                *_linear(f"{ours}.shared_gate", f"{moe}.shared_expert_gate", False)]
+
+    return _llama_entries(cfg, mlp)
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------
@@ -263,8 +354,13 @@ def _t5_entries(cfg: ModelConfig) -> list[Entry]:
     return out
 
 
-_COMMON = {"attn_scale": None, "sliding_window": None, "scale_output": False}
+_DENSE = {"n_experts": 0, "qkv_bias": False}
+_COMMON = {"attn_scale": None, "sliding_window": None, "scale_output": False, **_DENSE}
 _SINGLE_KV = {"n_kv_heads": "n_heads"}  # marker: these layouts have no grouped KV heads
+_MOE = "> 0"  # marker: n_experts > 0
+_LLAMA_SHAPE = {"arch": Arch.decoder, "pos": Pos.rope, "norm": Norm.rmsnorm, "norm_position": NormPosition.pre,
+                "mlp": Mlp.swiglu, "bias": False, "attn_scale": None, "scale_output": False, "n_experts": _MOE,
+                "router_gating": RouterGating.softmax}
 
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout("LlamaForCausalLM", "llama", "model.embed_tokens.weight", "lm_head.weight",
@@ -281,10 +377,16 @@ LAYOUTS: dict[str, Layout] = {
                     "norm_position": NormPosition.post, "mlp": Mlp.gelu, "bias": True},
                    _bert_from_hf, _bert_to_hf, _bert_entries),
     "t5": Layout("T5ForConditionalGeneration", "t5", "shared.weight", "lm_head.weight",
-                 {**_SINGLE_KV, "arch": Arch.encoder_decoder, "pos": Pos.t5_bias, "norm": Norm.rmsnorm,
+                 {**_SINGLE_KV, **_DENSE, "arch": Arch.encoder_decoder, "pos": Pos.t5_bias, "norm": Norm.rmsnorm,
                   "norm_position": NormPosition.pre, "mlp": Mlp.geglu, "bias": False, "attn_scale": 1.0,
                   "gelu_tanh": True, "sliding_window": None},
                  _t5_from_hf, _t5_to_hf, _t5_entries),
+    "mixtral": Layout("MixtralForCausalLM", "mixtral", "model.embed_tokens.weight", "lm_head.weight",
+                      {**_LLAMA_SHAPE, "qkv_bias": False, "router_norm_topk": True, "shared_expert_d_ff": 0},
+                      _mixtral_from_hf, _mixtral_to_hf, _mixtral_entries),
+    "qwen2_moe": Layout("Qwen2MoeForCausalLM", "qwen2_moe", "model.embed_tokens.weight", "lm_head.weight",
+                        {**_LLAMA_SHAPE, "sliding_window": None, "shared_expert_gate": True},
+                        _qwen2_moe_from_hf, _qwen2_moe_to_hf, _qwen2_moe_entries),
 }
 
 
@@ -311,11 +413,13 @@ def layout_for(cfg: ModelConfig) -> Layout:
 def _satisfies(cfg: ModelConfig, key: str, value: Any) -> bool:
     if value == "n_heads":
         return cfg.kv_heads == cfg.n_heads
+    if value == _MOE:
+        return getattr(cfg, key) > 0
     return getattr(cfg, key) == value
 
 
 def _show(value: Any) -> str:
-    return "n_heads" if value == "n_heads" else str(getattr(value, "value", value))
+    return value if value in ("n_heads", _MOE) else str(getattr(value, "value", value))
 
 
 def config_from_hf(hf_config: dict[str, Any], tensors: dict[str, LazyTensor]) -> ModelConfig:
@@ -357,7 +461,8 @@ def state_from_hf(tensors: dict[str, LazyTensor], cfg: ModelConfig) -> dict[str,
         missing = [n for n in names if n not in tensors]
         if missing:
             raise UserError(f"model.safetensors: tensor {missing[0]!r} is missing for a {layout.architecture}")
-        state[ours] = _converted([tensors[n] for n in names], transpose)
+        state[ours] = _converted([tensors[n] for n in names], transpose,
+                                 cfg.n_experts if ours.endswith(EXPERT_TENSORS) else 0)
     token_types = tensors.get("bert.embeddings.token_type_embeddings.weight")
     if layout.model_type == "bert" and token_types is not None:
         # Tessera has no token types: token type 0 (what every single-segment input uses) is folded in
@@ -367,14 +472,17 @@ def state_from_hf(tensors: dict[str, LazyTensor], cfg: ModelConfig) -> dict[str,
     return state
 
 
-def _converted(parts: list[LazyTensor], transpose: bool) -> LazyTensor:
-    """HF tensors as one of ours: each transposed (Conv1D), then concatenated (fused q/k/v, gate/up)."""
+def _converted(parts: list[LazyTensor], transpose: bool, experts: int = 0) -> LazyTensor:
+    """HF tensors as one of ours: each transposed (Conv1D), then concatenated (fused q/k/v, gate/up),
+    then, for ``experts`` > 0, viewed as [experts, rows, cols] (the stacked experts of an MoE layer)."""
     shapes = [p.shape[::-1] if transpose else p.shape for p in parts]
     shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+    if experts:
+        shape = (experts, shape[0] // experts, *shape[1:])
 
     def load() -> torch.Tensor:
         tensors = [p.load().t() if transpose else p.load() for p in parts]
-        return torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+        return (torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]).reshape(shape)
 
     return LazyTensor(shape, load)
 
@@ -386,7 +494,12 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for ours, names, transpose in _entries(layout, cfg):
         tensor = state[ours]
-        for name, part in zip(names, torch.split(tensor, _split_sizes(names, tensor.shape[0], cfg), dim=0)):
+        if ours.endswith(EXPERT_TENSORS):  # [E, rows, cols]: rows of every expert (and part) in turn
+            tensor = tensor.flatten(0, 1)
+            parts = tensor.chunk(len(names))
+        else:
+            parts = torch.split(tensor, _split_sizes(names, tensor.shape[0], cfg), dim=0)
+        for name, part in zip(names, parts):
             out[name] = (part.t() if transpose else part).contiguous().clone()
     if cfg.tie_embeddings:
         out[layout.head_tensor] = out[layout.embedding_tensor].clone()

@@ -21,6 +21,15 @@ SPECS = {
         num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        tie_word_embeddings=False, rope_theta=500.0, sliding_window=5)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=5, num_experts_per_tok=3, norm_topk_prob=False, max_position_embeddings=64,
+        tie_word_embeddings=True, rope_theta=500.0)),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
     "bert": ("BertForMaskedLM", "BertConfig", dict(

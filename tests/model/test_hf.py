@@ -74,3 +74,42 @@ def test_unsupported_hf_model_type_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="model_type 'mamba' is not supported"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("overrides", "architecture"), [
+    ({}, "MixtralForCausalLM"),
+    ({"shared_expert_d_ff": 24, "shared_expert_gate": True, "qkv_bias": True, "router_norm_topk": False},
+     "Qwen2MoeForCausalLM"),
+])
+def test_tessera_moe_models_export_to_the_matching_transformers_class(tmp_path, overrides, architecture):
+    import transformers
+
+    from model.io import load_pretrained
+
+    cfg = tiny(n_experts=4, experts_per_token=2, moe_d_ff=16, init_std=0.2, tie_embeddings=False, **overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    save_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [architecture]
+    reloaded = getattr(transformers, architecture).from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 64, (2, 9))
+    ours = ours_logits(model, ids)
+    assert ours.std() > 0.1
+    assert (hf_logits(reloaded, ids) - ours).abs().max() <= 1e-4
+    again = load_pretrained(tmp_path)
+    for key in ("n_experts", "experts_per_token", "moe_d_ff", "shared_expert_d_ff", "router_norm_topk", "qkv_bias"):
+        assert getattr(again.config, key) == getattr(cfg, key), key
+
+
+def test_moe_without_a_matching_layout_is_refused(tmp_path):
+    model = build_model(tiny(n_experts=4, router_gating="sigmoid"))
+    with pytest.raises(UserError, match="mixtral needs router_gating=softmax"):
+        save_hf(model, tmp_path)
+
+
+def test_qwen2_moe_with_dense_layers_is_refused(tmp_path):
+    reference = hf_model("qwen2_moe")
+    reference.config.mlp_only_layers = [1]
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="mlp_only_layers"):
+        load_pretrained(tmp_path)
