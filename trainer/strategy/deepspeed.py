@@ -139,8 +139,10 @@ class DeepSpeed(Strategy):
 
     def load(self, path: Path) -> None:
         saved_world = read_state(path)["world_size"]
-        if saved_world == self.env.world_size:
-            loaded, _ = self.model.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        if saved_world == self.env.world_size:  # a LoRA run's checkpoint lacks its frozen base: not strict
+            strict = all(p.requires_grad for p in self.model.module.parameters())
+            loaded, _ = self.model.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False,
+                                                   load_module_strict=strict)
         else:
             self.check_reshardable(path, saved_world)
             loaded = self.load_universal(path)
