@@ -236,6 +236,11 @@ class Loader:
         """Shards left out as corrupt (with ``on_corrupt=skip``), one message each."""
         return list(self.stream.shards.skipped)
 
+    @property
+    def num_shards(self) -> int:
+        """Shards listed by the manifests, skipped ones included."""
+        return sum(len(m.shards) for m in self.stream.shards.manifests)
+
     def __len__(self) -> int:
         """Batches per pass (evaluation) or per epoch (training, from epoch 0)."""
         units = self.stream.plan(0).num_units // self.stream.world_size

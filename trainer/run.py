@@ -40,6 +40,7 @@ class RunResult:
     run_dir: Path
     checkpoint: Path | None  # the last checkpoint written or resumed from
     preempted: bool
+    skipped_shards: list[str] = dataclasses.field(default_factory=list)  # data.on_corrupt=skip: one message each
 
 
 def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
@@ -212,6 +213,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
         run_dir=cfg.log.dir,
         checkpoint=trainer.last_saved,
         preempted=trainer.stop_reason == "preempted",
+        skipped_shards=trainer.loader.skipped_shards,
     )
 
 

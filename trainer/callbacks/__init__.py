@@ -1,5 +1,5 @@
 """Side jobs of the loop, as callbacks: the first-step blow-up check, evaluation, checkpoints, preemption,
-metrics file, W&B, progress.
+skipped-shard reports, metrics file, W&B, progress.
 
 The loop calls, on every rank, ``on_train_start(trainer)``, ``on_step_end(trainer, metrics)`` after
 each optimizer step (``metrics`` is a dict a callback may add to; later callbacks see the
@@ -36,6 +36,7 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
     from trainer.callbacks.metrics_file import MetricsFile
     from trainer.callbacks.preemption import Preemption
     from trainer.callbacks.progress import ProgressBar
+    from trainer.callbacks.skipped_shards import SkippedShards
 
     cfg = trainer.cfg
     callbacks: list[Callback] = [BlowUpCheck()]  # before anything saves the weights of a blown-up step
@@ -43,6 +44,7 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
         callbacks.append(Evaluation(cfg.train.eval_every, cfg.train.eval_steps))
     callbacks += [Checkpointing(cfg.checkpoint.every, cfg.checkpoint.save_final), Preemption()]
     if trainer.env.is_main:
+        callbacks.append(SkippedShards(cfg.log.dir))  # before the callbacks that record its count
         callbacks.append(MetricsFile(cfg.log.dir / "metrics.jsonl", cfg.log.every))
         if cfg.log.wandb:
             from trainer.callbacks.wandb_logger import WandbLogger
