@@ -72,3 +72,11 @@ def test_an_intact_checkpoint_still_resumes_and_exports(run_copy, shards, tmp_pa
     assert (run_copy / "checkpoints" / "latest").read_text().strip() == "step_000003"
     assert main(["export", "--checkpoint", str(run_copy / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("text", ["", '{"files": {"trainer_state.json": {"by', "[]"])
+def test_an_empty_or_truncated_manifest_is_refused_on_resume(text, run_copy, shards, capsys):
+    step = run_copy / "checkpoints" / "step_000002"
+    (step / "manifest.json").write_text(text)
+    assert main(["pretrain", *run_overrides(shards, run_copy, "train.max_steps=3")]) == 2
+    assert f"checkpoint {step}: manifest.json is unreadable" in one_error_line(capsys, "pretrain")
