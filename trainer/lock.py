@@ -4,6 +4,7 @@ The lock belongs to the open file, so the OS drops it when the process ends, how
 (SIGKILL included): a stale lock file never blocks the next run. The file names the holder (pid,
 host, start time) for the one line a second run on the same directory fails with. Only rank 0
 writes the run directory, so only rank 0 locks it; every rank learns the outcome and fails together.
+A filesystem that refuses locks altogether (Lustre without ``flock``) gets a warning, not a failure.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from common.errors import UserError
 from trainer.distributed import DistEnv, all_reduce
 
 LOCK = "run.lock"
+log = logging.getLogger("tessera.trainer")
 
 
 @contextlib.contextmanager
@@ -30,13 +33,19 @@ def run_lock(directory: Path, env: DistEnv) -> Iterator[None]:
     path = directory / LOCK
     handle = None
     if env.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a+")  # not "w": the holder's line must survive a failed attempt
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = path.open("a+")  # not "w": the holder's line must survive a failed attempt
+        except PermissionError as exc:
+            raise UserError(f"log.dir {directory}: cannot write there ({exc.strerror})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             handle = None
+        except OSError as exc:  # e.g. Lustre mounted without flock: ENOSYS; run unguarded rather than not at all
+            log.warning("%s: the filesystem refuses locks (%s); a second run on this log.dir will not be stopped",
+                        path, exc.strerror or exc)
         else:
             started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             handle.truncate(0)

@@ -61,3 +61,24 @@ def test_a_second_run_on_a_live_run_directory_fails_naming_the_holder(shards, tm
     result = run(load(None, run_overrides(shards, run_dir, "checkpoint.resume=never")), "pretrain")
     assert result.steps == 2
     assert (run_dir / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    import torch
+
+    from trainer.distributed import DistEnv
+    from trainer.lock import run_lock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="tessera.trainer"), run_lock(tmp_path / "run", env):
+        entered = True
+    assert entered
+    assert caplog.messages == [f"{tmp_path / 'run' / LOCK}: the filesystem refuses locks (Function not implemented); "
+                               "a second run on this log.dir will not be stopped"]
