@@ -575,3 +575,78 @@ def adapter_to_hf(adapter: dict[str, torch.Tensor], cfg: ModelConfig) -> HFAdapt
                 ranks[module] = a.shape[0]
             start += size
     return HFAdapter(tensors, ranks)
+
+
+def adapter_from_hf(tensors: dict[str, torch.Tensor], peft_config: dict[str, Any], cfg: ModelConfig
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tessera adapter tensors and the ``lora`` section for a PEFT LoRA adapter (its
+    ``adapter_model.safetensors`` tensors and ``adapter_config.json``) of a model of ``cfg``.
+
+    Every part of an HF module takes the module's A and its rows of B, which is exact. Tessera has one
+    rank and one scaling for all sites: modules of a smaller rank (``rank_pattern``) are padded with zero
+    rows of A and columns of B, and a module's own scaling (``alpha_pattern``) is folded into its B."""
+    import math
+    import re
+
+    from model.lora import linear_parts, part_rows
+
+    if peft_config.get("peft_type") != "LORA":
+        raise UserError(f"adapter_config.json: peft_type {peft_config.get('peft_type')!r} is not LORA")
+    for key in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices"):
+        if peft_config.get(key):
+            raise UserError(f"adapter_config.json: {key} is not supported by Tessera's LoRA")
+    layout = layout_for(cfg)
+    modules: dict[str, tuple[str, int, int]] = {}  # HF module -> (our linear, first row, rows)
+    parts_of = linear_parts(cfg)
+    for ours, names, _ in _entries(layout, cfg):
+        linear = ours.removesuffix(".weight")
+        if ".".join(linear.split(".")[-2:]) not in parts_of or not ours.endswith(".weight"):
+            continue
+        total = sum(rows for _, rows in parts_of[".".join(linear.split(".")[-2:])])
+        start = 0
+        for name, size in zip(names, _split_sizes(names, total, cfg)):
+            modules[name.removesuffix(".weight")] = (linear, start, size)
+            start += size
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in tensors:
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A(?:\.[^.]+)?\.weight", key)
+        if match is None:
+            if ".lora_B" not in key:
+                raise UserError(f"adapter_model.safetensors: tensor {key!r} is not a LoRA A/B weight")
+            continue
+        module = match.group(1)
+        if module not in modules:
+            raise UserError(f"adapter_model.safetensors: {module!r} is not a projection Tessera adapts")
+        b_key = key.replace(".lora_A", ".lora_B")
+        if b_key not in tensors:
+            raise UserError(f"adapter_model.safetensors: {b_key!r} is missing")
+        found[module] = (tensors[key].float(), tensors[b_key].float())
+    if not found:
+        raise UserError("adapter_model.safetensors: no LoRA tensors found")
+    rank, alpha, rslora = peft_config["r"], float(peft_config["lora_alpha"]), bool(peft_config.get("use_rslora"))
+
+    def pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
+        return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+    def scaling(r: int, a: float) -> float:
+        return a / (math.sqrt(r) if rslora else r)
+
+    top = max(a.shape[0] for a, _ in found.values())
+    ours_scaling = scaling(rank, alpha)
+    state: dict[str, torch.Tensor] = {}
+    sites = []
+    for module, (a, b) in found.items():
+        r = a.shape[0]
+        own = scaling(pattern(peft_config.get("rank_pattern") or {}, module, rank),
+                      pattern(peft_config.get("alpha_pattern") or {}, module, alpha))
+        a = torch.cat([a, a.new_zeros(top - r, a.shape[1])])
+        b = torch.cat([b * (own / ours_scaling), b.new_zeros(b.shape[0], top - r)], dim=1)
+        linear, start, size = modules[module]
+        for part, rows in part_rows(parts_of[".".join(linear.split(".")[-2:])]).items():
+            if start <= rows.start and rows.stop <= start + size:
+                state[f"{linear}.lora.{part}.A"] = a.clone()
+                state[f"{linear}.lora.{part}.B"] = b[rows.start - start:rows.stop - start].contiguous()
+                sites.append(f"{linear.rsplit('.', 1)[0]}.{part}")
+    lora = {"rank": top, "alpha": ours_scaling * (math.sqrt(top) if rslora else top), "rslora": rslora,
+            "dropout": float(peft_config.get("lora_dropout") or 0.0), "targets": sorted(sites)}
+    return state, lora

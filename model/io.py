@@ -233,6 +233,26 @@ def save_peft_adapter(model: TesseraModel, directory: str | Path, base_dir: str 
     return directory
 
 
+def import_peft_adapter(adapter_dir: str | Path, base_dir: str | Path, directory: str | Path) -> TesseraModel:
+    """A Tessera adapter directory (on ``base_dir``, Tessera or Hugging Face) from a PEFT LoRA adapter
+    directory; returns the adapted model, loaded."""
+    from safetensors.torch import load_file
+
+    from model.hf import adapter_from_hf
+    from model.lora import LoraConfig
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / PEFT_CONFIG).is_file() or not (adapter_dir / PEFT_WEIGHTS).is_file():
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    base_path = resolve_checkpoint(base_dir).resolve()
+    base = AdapterBase(base_path, weights_sha256(base_path))
+    cfg = load_pretrained(base.path, lazy=True).config
+    tensors, peft_config = load_file(str(adapter_dir / PEFT_WEIGHTS)), read_json_object(adapter_dir / PEFT_CONFIG)
+    state, lora = adapter_from_hf(tensors, peft_config, cfg)
+    save_adapter(state, LoraConfig.from_dict(lora, "lora"), base, directory)
+    return load_pretrained(directory)
+
+
 def _exact(module: str) -> str:
     """A PEFT rank/alpha pattern (a regex matched at the end of a module name) for exactly ``module``."""
     import re

@@ -128,6 +128,21 @@ def test_the_checkpoint_holds_the_adapter_and_exports_for_peft(align_corpus, bas
     assert "has no LoRA adapter" in capsys.readouterr().err
 
 
+def test_generate_with_the_adapter_equals_the_merged_model(lora_sft, capsys):
+    from launch.cli import main
+    from model import generate
+    from model.io import load_pretrained
+    from model.lora import merge
+
+    result, _ = lora_sft
+    adapted, merged = load_pretrained(result.checkpoint).eval(), load_pretrained(result.checkpoint).eval()
+    merge(merged)
+    prompt = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(generate(adapted, prompt, max_new_tokens=12), generate(merged, prompt, max_new_tokens=12))
+    assert main(["generate", "--checkpoint", str(result.checkpoint), "--prompt", "Name a colour.",
+                 "--max-new-tokens", "4"]) == 0
+
+
 class StopAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step

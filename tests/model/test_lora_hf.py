@@ -91,3 +91,33 @@ def test_an_adapter_directory_loads_on_its_base_and_refuses_a_changed_one(tmp_pa
     with pytest.raises(UserError, match="has changed since the adapter was trained") as error:
         load_pretrained(tmp_path / "adapter")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, targets, patterns", [
+    ("llama", ["q_proj", "v_proj", "up_proj", "down_proj"], {"rank_pattern": {"model.layers.1.mlp.down_proj": 2},
+                                                              "alpha_pattern": {"v_proj": 3.0}}),
+    ("gpt2", ["c_attn", "c_fc"], {"rank_pattern": {"c_fc": 6}}),
+])
+def test_a_peft_adapter_made_by_others_imports(name, targets, patterns, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from launch.cli import main
+
+    hf_model(name).save_pretrained(tmp_path / "base")
+    peft = get_peft_model(hf_model(name), PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets, **patterns))
+    randomise_peft = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for key, param in peft.named_parameters():
+            if "lora_" in key:
+                param.copy_(torch.randn(param.shape, generator=randomise_peft) * 0.2)
+        theirs = peft.eval()(input_ids=IDS).logits
+    peft.save_pretrained(tmp_path / "adapter")
+    assert main(["import", "--hf", str(tmp_path / "base"), "--peft", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    model = load_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        ours = model(IDS)
+        with adapters_disabled(model):
+            assert (model(IDS) - theirs).abs().max() > 1e-2
+    assert (ours - theirs).abs().max() <= 1e-4
