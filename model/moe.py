@@ -60,19 +60,26 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, d_ff))
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """``x`` [M, D]: rows sorted by expert, ``counts[e]`` of them for expert e."""
-        outs = []
-        for e, rows in enumerate(x.split(counts)):
-            if not counts[e]:
-                continue
-            h = rows @ self.up[e].t()
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = self.act(gate) * up
-            else:
-                h = self.act(h)
-            outs.append(h @ self.down[e].t())
-        return torch.cat(outs) if outs else x.new_zeros(x.shape)
+        """``x`` [M, D]: rows sorted by expert, ``counts[e]`` of them for expert e. A trainer may put a
+        module with this interface in its place (expert parallelism: the experts on other ranks)."""
+        return run_experts(x, counts, self.up, self.down, self.act, self.gated)
+
+
+def run_experts(x: torch.Tensor, counts: list[int], up: torch.Tensor, down: torch.Tensor, act, gated: bool
+                ) -> torch.Tensor:
+    """Each expert's feed-forward over its rows of ``x`` (sorted by expert, ``counts[e]`` for expert e)."""
+    outs = []
+    for e, rows in enumerate(x.split(counts)):
+        if not counts[e]:
+            continue
+        h = rows @ up[e].t()
+        if gated:
+            gate, value = h.chunk(2, dim=-1)
+            h = act(gate) * value
+        else:
+            h = act(h)
+        outs.append(h @ down[e].t())
+    return torch.cat(outs) if outs else x.new_zeros(x.shape)
 
 
 class MoE(nn.Module):

@@ -1,4 +1,4 @@
-"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/sft/align/lora.
+"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/sft/align/lora/parallel.
 
 Load it with ``common.config.load_config(RunConfig, path, overrides)``. Checks that need the
 world size (global batch divisibility) happen in :func:`trainer.run.run`, once it is known.
@@ -152,6 +152,26 @@ class TrainConfig(Config):
 
 
 @dataclasses.dataclass
+class ParallelConfig(Config):
+    """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now:
+    ``ep`` (experts sharded over ep ranks, with train.strategy=ddp); tp, pp and cp are refused."""
+
+    tp: int = 1  # tensor parallel (not yet)
+    pp: int = 1  # pipeline parallel (not yet)
+    cp: int = 1  # context parallel (not yet)
+    ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
+
+    def validate(self, where: str) -> None:
+        for key in ("tp", "pp", "cp", "ep"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("tp", "pp", "cp"):
+            if getattr(self, key) > 1:
+                raise ConfigError(f"{where}.{key}={getattr(self, key)}: not supported yet; only {where}.ep "
+                                  "(expert parallel) goes beyond data parallelism")
+
+
+@dataclasses.dataclass
 class CheckpointConfig(Config):
     dir: Path | None = None  # None: <log.dir>/checkpoints
     every: int = 0  # save every N steps (0: only at the end and on preemption)
@@ -228,8 +248,12 @@ class RunConfig(Config):
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # model/lora.py
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def validate(self, where: str) -> None:
+        if self.parallel.ep > 1 and self.train.strategy is not StrategyName.ddp:
+            raise ConfigError(f"parallel.ep={self.parallel.ep} runs with train.strategy=ddp (experts sharded, "
+                              f"the rest replicated), not {self.train.strategy}")
         if self.lora.enabled and self.model.init is None:
             raise ConfigError("lora.rank > 0 adapts a pretrained model: set model.init to its checkpoint "
                               "or Hugging Face directory")

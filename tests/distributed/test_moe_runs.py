@@ -4,9 +4,12 @@ metrics.jsonl, and DDP with activation checkpointing follows the single-process 
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
-from runs import tiny_config, train
+import torch
+from runs import final_weights, tiny_config, train
 from spawn import spawn
 
 MOE = {"preset": "tiny-moe", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "moe_d_ff": 32, "max_seq_len": 64,
@@ -43,3 +46,35 @@ def test_ddp_with_activation_checkpointing_follows_the_single_process_run(corpus
     for a, b in zip(*((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("ddp", "ac"))):
         # what recomputation records in backward does not reach the next micro-batch's router loss
         assert json.loads(b)["moe/router_loss"] == pytest.approx(json.loads(a)["moe/router_loss"], rel=1e-6)
+
+
+def test_expert_parallel_follows_ddp_and_the_single_process_run_and_resumes_under_ddp(corpus, tmp_path):
+    """ep=2 × dp=2 on 4 ranks: each rank holds 2 of the 4 experts of every layer."""
+    common = ("train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=10", "checkpoint.every=5")
+    [single] = spawn(train, 1, moe_config(corpus, tmp_path / "single", *common))
+    ddp = spawn(train, 4, moe_config(corpus, tmp_path / "ddp", *common, "train.strategy=ddp",
+                                     "checkpoint.save_final=true"))
+    ep = spawn(train, 4, moe_config(corpus, tmp_path / "ep", *common, "train.strategy=ddp", "parallel.ep=2",
+                                    "checkpoint.save_final=true"))
+    assert all(r.losses == ep[0].losses for r in ep)  # every rank reports the global loss
+    np.testing.assert_allclose(ep[0].losses, ddp[0].losses, rtol=1e-5)
+    np.testing.assert_allclose(ep[0].losses, single.losses, rtol=1e-4)
+    assert ep[0].losses[-1] < ep[0].losses[0] - 0.2
+
+    ep_weights, ddp_weights = final_weights(ep[0]), final_weights(ddp[0])  # whole experts, plain names
+    assert ep_weights.keys() == ddp_weights.keys()
+    for name, tensor in ddp_weights.items():
+        torch.testing.assert_close(ep_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    # the ep checkpoint of step 5 resumes under plain ddp (whole experts, plain names) and goes on the same way
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ep" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+    (resumed / "checkpoints" / "latest").write_text("step_000005")
+    again = spawn(train, 4, moe_config(corpus, resumed, *common, "train.strategy=ddp"))
+    np.testing.assert_allclose(again[0].losses, ep[0].losses[5:], rtol=1e-5)
+    # and the ddp checkpoint of step 5 resumes under ep (each rank takes its experts' part)
+    shutil.rmtree(resumed)
+    shutil.copytree(tmp_path / "ddp" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+    (resumed / "checkpoints" / "latest").write_text("step_000005")
+    again = spawn(train, 4, moe_config(corpus, resumed, *common, "train.strategy=ddp", "parallel.ep=2"))
+    np.testing.assert_allclose(again[0].losses, ddp[0].losses[5:], rtol=1e-5)

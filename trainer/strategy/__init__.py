@@ -10,6 +10,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp    | ddp.py            | DistributedDataParallel                                         |
 | fsdp   | fsdp.py           | FSDP2 ``fully_shard`` per block (+ HSDP, bf16 policy, offload)  |
 | zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
+| ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    from trainer.config import ParallelConfig, TrainConfig
     from trainer.distributed import DistEnv
 
 
@@ -116,7 +117,13 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
               "zero3": ("deepspeed", "DeepSpeed")}
 
 
-def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> Strategy:
+def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
+                   parallel: ParallelConfig | None = None) -> Strategy:
+    """The strategy of ``cfg.strategy``; with ``parallel.ep`` > 1 (config-checked: ddp), expert parallel."""
+    if parallel is not None and parallel.ep > 1:
+        from trainer.strategy.expert_parallel import ExpertParallel
+
+        return ExpertParallel(cfg, env, accumulation, ep=parallel.ep)
     module, name = STRATEGIES[str(cfg.strategy)]
     return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 
