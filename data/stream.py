@@ -6,6 +6,10 @@ The idea is mosaicml streaming's, done on our tars:
   permuted, their samples laid end to end and shuffled inside windows of ``shuffle_buffer``
   samples; with several datasets each contributes ``round(N * weight / sum(weights))`` samples per
   epoch (cycling when upsampled) and the contributions are interleaved by a seeded permutation.
+* **Unit order** — the second level of the shuffle (Megatron's ``shuffle_idx``): when training, the
+  epoch's units are permuted as a whole by a seeded permutation, so the ``B`` units of a micro-batch
+  come from all over the epoch instead of being ``B`` neighbours of one or two documents (correlated
+  gradients, measurably worse models). Positions below are positions in this permuted order.
 * **Units** — what a rank consumes: whole samples (``"samples"``), pieces of at most ``seq_len``
   tokens of each sample (``"chunks"``), or rows of the epoch's concatenated token stream
   (``"rows"``: row ``g`` is tokens ``[g*L, g*L + L + 1)``, overlapping the next row by one token so
@@ -214,9 +218,16 @@ def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True
 
 
 class EpochPlan:
-    """One epoch's units: how many there are and what each one reads."""
+    """One epoch's units: how many there are and what the unit at each position reads.
 
-    def __init__(self, shards: ShardSet, order: np.ndarray, mode: str, seq_len: int, field: int = 0) -> None:
+    With ``unit_seed`` set, position ``p`` holds unit ``unit_order[p]`` of a seeded permutation of
+    the epoch's units; without it, position ``p`` is unit ``p`` (evaluation keeps its order).
+    """
+
+    def __init__(
+        self, shards: ShardSet, order: np.ndarray, mode: str, seq_len: int, field: int = 0,
+        unit_seed: Sequence[int] | None = None,
+    ) -> None:
         self.shards, self.order, self.mode, self.seq_len, self.field = shards, order, mode, seq_len, field
         lengths = shards.length(field)[order]
         if mode == "samples":
@@ -230,21 +241,28 @@ class EpochPlan:
             self.num_units = max(0, int(self.token_start[-1]) - 1) // seq_len
         else:
             raise ValueError(f"unknown unit mode {mode!r}")
+        self.unit_order = None if unit_seed is None else np.random.default_rng(unit_seed).permutation(self.num_units)
 
-    def sample(self, unit: int) -> int:
-        """The flat sample id of a ``samples`` unit."""
-        return int(self.order[unit])
+    def unit(self, positions: Any) -> Any:
+        """The unit (or array of units) at epoch position(s) ``positions``."""
+        return positions if self.unit_order is None else self.unit_order[positions]
 
-    def chunk(self, unit: int) -> np.ndarray:
-        """The tokens of a ``chunks`` unit: piece ``j`` of its sample."""
+    def sample(self, position: int) -> int:
+        """The flat sample id of the ``samples`` unit at ``position``."""
+        return int(self.order[self.unit(position)])
+
+    def chunk(self, position: int) -> np.ndarray:
+        """The tokens of the ``chunks`` unit at ``position``: piece ``j`` of its sample."""
+        unit = int(self.unit(position))
         i = int(np.searchsorted(self.chunk_start, unit, "right")) - 1
         j = unit - int(self.chunk_start[i])
         return self.shards.read(int(self.order[i]), self.field)[j * self.seq_len : (j + 1) * self.seq_len]
 
-    def rows(self, units: np.ndarray, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        """``rows`` units, gathered with numpy: ``[len(units), seq_len + 1]`` per field, and a bool
-        array marking where a document begins inside each row (index 0 is marked when a document
-        starts exactly there)."""
+    def rows(self, positions: np.ndarray, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """The ``rows`` units at ``positions``, gathered with numpy: ``[len(positions), seq_len + 1]``
+        per field, and a bool array marking where a document begins inside each row (index 0 is
+        marked when a document starts exactly there)."""
+        units = self.unit(np.asarray(positions, np.int64))
         n = self.seq_len + 1
         begins = np.asarray(units, np.int64) * self.seq_len
         first = np.searchsorted(self.token_start, begins, "right") - 1
@@ -293,7 +311,8 @@ class SampleStream:
             if len(self._plans) > 2:
                 self._plans.pop(min(self._plans))
             order = epoch_order(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
-            plan = EpochPlan(self.shards, order, self.mode, self.seq_len, self.field)
+            unit_seed = (self.seed, epoch, 0x0F17) if self.shuffle else None
+            plan = EpochPlan(self.shards, order, self.mode, self.seq_len, self.field, unit_seed)
             if plan.num_units < self.world_size:
                 raise UserError(
                     f"the data gives {plan.num_units} {self.mode} per epoch at seq_len {self.seq_len}, fewer than "

@@ -7,7 +7,7 @@ import pytest
 
 from data.config import DataConfig
 from data.loader import build_loader
-from data.stream import SampleStream, ShardSet, Source, StreamState, epoch_order
+from data.stream import EpochPlan, SampleStream, ShardSet, Source, StreamState, epoch_order
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,34 @@ def test_resume_on_another_world_size_sees_the_rest_exactly_once(text_shards, to
         seen_after += rows(take(iter(ld), share))
     assert Counter(seen_before + seen_after) == Counter(full[: consumed + after * share])
     assert len(full) - consumed - after * share < after  # only the epoch's last (rest % after) rows are dropped
+
+
+def test_a_micro_batch_draws_its_rows_from_the_whole_epoch(text_shards, tokenizer):
+    """The second level of the shuffle: without it a batch is B neighbouring rows (one or two
+    documents); with it the rows of a batch are spread over the epoch like a random draw."""
+    ld = loader(text_shards, batch=8, tokenizer=tokenizer)
+    plan = ld.stream.plan(0)
+    batches = [units for pieces in take(ld.stream.batches(StreamState()), 20) for _, units in pieces]
+    spread = np.mean([np.ptp(plan.unit(u)) for u in batches])
+    expected = plan.num_units * 7 / 9  # E[max - min] of 8 uniform draws without replacement
+    assert 0.6 * expected < spread < 1.3 * expected
+    assert np.mean([np.ptp(u) for u in batches]) == 7  # positions are still consecutive: the split is unchanged
+    in_order = EpochPlan(plan.shards, plan.order, "rows", plan.seq_len)  # position p is unit p
+    (shuffled,), starts = plan.rows(np.arange(8), (0,))
+    (direct,), direct_starts = in_order.rows(plan.unit_order[:8], (0,))
+    np.testing.assert_array_equal(shuffled, direct)
+    np.testing.assert_array_equal(starts, direct_starts)
+
+
+def test_the_unit_order_depends_on_seed_and_epoch_only(shards):
+    def plan(seed, epoch, rank=0, world=1, shuffle=True):
+        stream = SampleStream(shards=shards, mode="samples", seq_len=64, seed=seed, rank=rank, world_size=world,
+                              batch_size=4, shuffle=shuffle)
+        return stream.plan(epoch)
+
+    order = plan(3, 0).unit_order
+    assert sorted(order.tolist()) == list(range(len(order)))
+    np.testing.assert_array_equal(order, plan(3, 0, rank=1, world=2).unit_order)
+    assert not np.array_equal(order, plan(3, 1).unit_order)
+    assert not np.array_equal(order, plan(4, 0).unit_order)
+    assert plan(3, 0, shuffle=False).unit_order is None  # evaluation reads its units in order
