@@ -20,7 +20,7 @@ from common.errors import UserError
 from data import filters as filter_registry
 from data.dedup import ExactDedup, MinHashDedup
 from data.pii import redact
-from data.readers import Document, expand_inputs, iter_documents
+from data.readers import Document, expand_inputs, iter_documents, txt_modes
 from data.text import TextView, normalize
 
 DEDUPS = ("exact", "minhash")
@@ -97,7 +97,9 @@ def prepare(
     partial.replace(out / "documents.jsonl")
     seconds = time.perf_counter() - started
     report = {
-        "inputs": [str(p) for p in inputs], "documents_in": seen, "documents_out": kept,
+        "inputs": [str(p) for p in inputs],
+        "txt_modes": txt_modes(inputs, txt_mode),
+        "documents_in": seen, "documents_out": kept,
         "skipped": dict(skipped.most_common()), "removed": dict(removed.most_common()), "examples": examples,
         "filters": [f.name for f in chosen_filters], "dedup": dedups,
         "pii_redacted": {"email": redacted["email"], "ipv4": redacted["ipv4"]} if pii else None,

@@ -1,8 +1,13 @@
 """Streaming readers for raw corpora: .txt, .jsonl, .json, .parquet and .warc files, or directories of them.
 
-A .txt file gives one document per blank-line-separated block (``txt_mode="block"``), per
-non-empty line (``"line"``), per file (``"file"``), or ``"auto"`` (the default): blocks when the
-file has a blank line, else lines (one article per line, as in many corpus dumps). .jsonl gives one
+A .txt file has no document separator, so what a document is there is a choice (``txt_mode``):
+``"chapter"`` (from one chapter heading, alone in its block, to the next: a book), ``"passage"``
+(consecutive blank-line blocks joined until they hold at least ``PASSAGE_WORDS`` words: running
+text such as stories whose paragraphs are separated by blank lines too), ``"block"`` (each
+blank-line block), ``"line"`` (each non-empty line) or ``"file"``. ``"auto"`` (the default) picks
+chapters when the file has at least two headings, else passages when it has a blank line, else lines
+(one article per line, as in many corpus dumps): a book is never cut into thousands of unrelated
+paragraphs that the quality filters then drop one by one and the loader masks apart. .jsonl gives one
 per line and .json one per array item, with the text taken from ``text_field``. Files are read line
 by line, so memory stays flat (a .json array is the exception: it is parsed whole). Text files may be
 gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch at a time, taking the
@@ -15,6 +20,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +33,19 @@ SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".warc")
 COMPRESSIONS = (".gz", ".zst")
 PARQUET_BATCH_ROWS = 1024
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-TXT_MODES = ("auto", "block", "line", "file")
+TXT_MODES = ("auto", "chapter", "passage", "block", "line", "file")
+TXT_MODE_HELP = (
+    "what a document of a .txt file is: chapter (heading to heading), passage (blank-line blocks joined to "
+    "at least 200 words), block, line, or file; auto (default): chapters when the file has two or more "
+    "chapter headings, else passages when it has blank lines, else lines. report.json says what each file got"
+)
+PASSAGE_WORDS = 200  # "passage": a document is at least this many words (Gopher keeps 50 and more)
+HEADING_CHARS = 60
+HEADING = re.compile(
+    r"(?:(?:first|second|third|fourth)\s+)?(?:(?:chapter|book|part|volume|canto|capitolo|chapitre|kapitel|libro|parte)"
+    r"\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b|(?:epilogue|prologue)\b).*",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -77,8 +95,7 @@ def iter_documents(
             continue
         with _open(path) as f:
             if suffix == ".txt":
-                mode = txt_mode if txt_mode != "auto" else "block" if _has_blank_line(path) else "line"
-                yield from _txt(f, path, mode)
+                yield from _txt(f, path, resolve_txt_mode(path, txt_mode))
             elif suffix == ".jsonl":
                 yield from _jsonl(f, path, text_field)
             else:
@@ -119,9 +136,40 @@ def _open(path: Path) -> TextIO:
     return path.open(encoding="utf-8", errors="replace")
 
 
-def _has_blank_line(path: Path) -> bool:
+def resolve_txt_mode(path: Path, txt_mode: str) -> str:
+    """The mode a .txt file is read in: ``txt_mode`` itself, or what ``"auto"`` picks for this file."""
+    if txt_mode != "auto":
+        return txt_mode
     with _open(path) as f:
-        return any(not line.strip() for line in f)
+        blocks = list(_blocks(f, limit=2))
+    with _open(path) as f:
+        headings = sum(_is_heading(block) for block in _blocks(f))
+    return "chapter" if headings >= 2 else "passage" if len(blocks) > 1 else "line"
+
+
+def txt_modes(inputs: Iterable[str | Path], txt_mode: str) -> dict[str, str]:
+    """What each .txt input among ``inputs`` is read as (for reports)."""
+    return {str(p): resolve_txt_mode(p, txt_mode) for p in expand_inputs(inputs) if _suffix(p) == ".txt"}
+
+
+def _is_heading(block: list[str]) -> bool:
+    return len(block) == 1 and len(block[0].strip()) <= HEADING_CHARS and bool(HEADING.fullmatch(block[0].strip()))
+
+
+def _blocks(f: TextIO, limit: int | None = None) -> Iterator[list[str]]:
+    """The file's blank-line-separated blocks, each a list of its lines (at most ``limit`` of them)."""
+    block: list[str] = []
+    count = 0
+    for line in f:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield block
+            count, block = count + 1, []
+            if limit is not None and count >= limit:
+                return
+    if block:
+        yield block
 
 
 def _txt(f: TextIO, path: Path, mode: str) -> Iterator[Document]:
@@ -132,17 +180,48 @@ def _txt(f: TextIO, path: Path, mode: str) -> Iterator[Document]:
         lines = (line for line in f if line.strip())
         yield from (Document(f"{path.name}:{i}", line) for i, line in enumerate(lines))
         return
-    block: list[str] = []
-    index = 0
-    for line in f:
-        if line.strip():
-            block.append(line)
-        elif block:
-            yield Document(f"{path.name}:{index}", "".join(block))
-            index += 1
-            block = []
-    if block:
-        yield Document(f"{path.name}:{index}", "".join(block))
+    groups = {"block": _each_block, "chapter": _chapters, "passage": _passages}[mode](_blocks(f))
+    for index, group in enumerate(groups):
+        yield Document(f"{path.name}:{index}", "\n".join("".join(block) for block in group))
+
+
+def _each_block(blocks: Iterator[list[str]]) -> Iterator[list[list[str]]]:
+    for block in blocks:
+        yield [block]
+
+
+def _chapters(blocks: Iterator[list[str]]) -> Iterator[list[list[str]]]:
+    """From a heading to the next heading that follows some text: a run of headings (BOOK ONE,
+    CHAPTER I) opens one chapter, and text before the first heading is a document of its own."""
+    group: list[list[str]] = []
+    has_text = False
+    for block in blocks:
+        heading = _is_heading(block)
+        if heading and has_text:
+            yield group
+            group, has_text = [], False
+        group.append(block)
+        has_text = has_text or not heading
+    if group:
+        yield group
+
+
+def _passages(blocks: Iterator[list[str]]) -> Iterator[list[list[str]]]:
+    """Consecutive blocks joined until they hold ``PASSAGE_WORDS`` words; a short tail joins the last passage."""
+    group: list[list[str]] = []
+    words = 0
+    ready: list[list[str]] | None = None
+    for block in blocks:
+        group.append(block)
+        words += sum(len(line.split()) for line in block)
+        if words >= PASSAGE_WORDS:
+            if ready is not None:
+                yield ready
+            ready, group, words = group, [], 0
+    if ready is not None:
+        yield ready + group
+    elif group:
+        yield group
 
 
 def _jsonl_objects(f: TextIO, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -125,8 +126,13 @@ def metrics_summary(pretrain: Path, sft: Path, dpo: Path) -> dict[str, str]:
         (s0, v0), (s1, v1) = points[0], points[-1]
         return f"{v0:.3f} (step {s0}) → {v1:.3f} (step {s1})"
 
+    def perplexity(run: Path) -> str:
+        losses = [r["eval/loss"] for r in rows(run) if "eval/loss" in r]
+        return f"{math.exp(losses[-1]):.1f}" if losses else "-"
+
     return {
         "pretrain valid loss": first_last(pretrain, "eval/loss"),
+        "pretrain held-out perplexity": perplexity(pretrain),
         "SFT valid loss": first_last(sft, "eval/loss"),
         "DPO valid loss": first_last(dpo, "eval/loss"),
         "DPO valid reward accuracy": first_last(dpo, "eval/rewards/accuracies"),

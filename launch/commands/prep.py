@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data.readers import TXT_MODES
+from data.readers import TXT_MODE_HELP, TXT_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory: documents.jsonl and report.json")
     parser.add_argument("--text-field", default="text",
                         help="the text field of .jsonl/.json records or .parquet column (default text)")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto",
-                        help="a .txt document is a blank-line-separated block, a line, or the whole file; "
-                             "auto: blocks when the file has a blank line, else lines")
+    parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto", help=TXT_MODE_HELP)
     parser.add_argument("--filters", default="gopher,c4,fineweb",
                         help="comma list of gopher, gopher_quality, gopher_repetition, c4, fineweb; or none")
     parser.add_argument("--dedup", default="exact,minhash", help="comma list of exact, minhash; or none")
@@ -38,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"kept {report['documents_out']} of {report['documents_in']} documents "
           f"({report['bytes_in'] / 1e6:.2f} MB in {report['seconds']:.1f} s, {report['mb_per_s']} MB/s) → {args.out}")
+    for path, mode in report["txt_modes"].items():
+        print(f"  {path}: one document per {mode}")
     for reason, count in report["skipped"].items():
         print(f"  skipped {count:7d}  {reason}")
     for rule, count in report["removed"].items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from data.readers import TXT_MODES
+from data.readers import TXT_MODE_HELP, TXT_MODES
 from data.shards import KINDS
 
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--append-eos", action="store_true", help="text: end every document with EOS")
     parser.add_argument("--add-bos", action="store_true", help="text: start every document with BOS")
     parser.add_argument("--text-field", default="text", help="text: the field of .jsonl/.json records")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto")
+    parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto", help=TXT_MODE_HELP)
     parser.add_argument("--max-len", type=int, default=None, help="all but text: cut records to this many tokens")
     parser.add_argument("--labels", type=lambda s: s.split(","), default=None, metavar="A,B,...",
                         help="classification: the label names in index order (default: sorted)")

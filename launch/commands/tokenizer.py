@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data.readers import TXT_MODES
+from data.readers import TXT_MODE_HELP, TXT_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--sentinels", type=int, default=32, help="T5 sentinel tokens <extra_id_N> (default 32)")
     train.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair frequency to merge")
     train.add_argument("--text-field", default="text", help="the text field of .jsonl/.json records")
-    train.add_argument("--txt-mode", choices=TXT_MODES, default="auto")
+    train.add_argument("--txt-mode", choices=TXT_MODES, default="auto", help=TXT_MODE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

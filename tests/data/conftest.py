@@ -37,12 +37,13 @@ def tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def text_shards(tokenizer_dir, tmp_path_factory) -> Path:
-    """1,000 stories (each ending with EOS) in 5-6 shards."""
+    """1,000 blank-line blocks of TinyStories (each ending with EOS) in 5-6 shards."""
     out = tmp_path_factory.mktemp("text_shards") / "shards"
     subset = tmp_path_factory.mktemp("subset") / "stories.txt"
     blocks = STORIES.read_text().split("\n\n")[:1000]
     subset.write_text("\n\n".join(blocks))
-    make_shards([str(subset)], tokenizer_dir, out, shard_bytes=150_000, append_eos=True, num_workers=2)
+    make_shards([str(subset)], tokenizer_dir, out, shard_bytes=150_000, append_eos=True, num_workers=2,
+                txt_mode="block")
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 from common.errors import UserError
 from data.dedup import MinHashDedup, simplify
 from data.prepare import prepare
-from data.readers import iter_documents
+from data.readers import PASSAGE_WORDS, iter_documents, resolve_txt_mode
 
 VOCAB = ["".join(p) for p in itertools.product(["ba", "ke", "mi", "lo", "su", "ta", "re", "no", "pi", "du"], repeat=3)]
 
@@ -72,7 +72,8 @@ def test_prepare_reads_every_format_and_reports(tmp_path, examples):
     gz.write_bytes(gzip.compress((examples / "pretrain_c4_demo.jsonl").read_bytes()))
     story = tmp_path / "stories.txt"
     story.write_text("\n\n".join((examples / "pretrain_tinystories_valid_head.txt").read_text().split("\n\n")[:200]))
-    report = prepare([gz, story], tmp_path / "out")
+    report = prepare([gz, story], tmp_path / "out", txt_mode="block")
+    assert report["txt_modes"] == {str(story): "block"}
     assert report["documents_in"] == 300 + 200
     assert 0 < report["documents_out"] < report["documents_in"]
     assert sum(report["removed"].values()) == report["documents_in"] - report["documents_out"]
@@ -87,7 +88,8 @@ def test_prepare_reads_every_format_and_reports(tmp_path, examples):
 def test_reader_modes_and_errors(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("one\ntwo\n\n\nthree\n")
-    assert [d.text for d in iter_documents([txt])] == ["one\ntwo\n", "three\n"]
+    assert [d.text for d in iter_documents([txt], txt_mode="block")] == ["one\ntwo\n", "three\n"]
+    assert [d.text for d in iter_documents([txt])] == ["one\ntwo\n\nthree\n"]  # auto: one short passage
     assert [d.text for d in iter_documents([txt], txt_mode="line")] == ["one\n", "two\n", "three\n"]
     assert len(list(iter_documents([txt], txt_mode="file"))) == 1
     bad = tmp_path / "b.jsonl"
@@ -102,11 +104,31 @@ def test_reader_modes_and_errors(tmp_path):
         prepare([txt], tmp_path / "o", dedup="fuzzy")
 
 
-def test_auto_txt_mode_uses_lines_when_there_are_no_blank_lines(examples):
-    wiki = list(iter_documents([examples / "pretrain_wikipedia_demo.txt"]))
-    assert len(wiki) == 30  # one article per line
-    stories = list(iter_documents([examples / "pretrain_tinystories_valid_head.txt"]))
-    assert stories == list(iter_documents([examples / "pretrain_tinystories_valid_head.txt"], txt_mode="block"))
+def test_auto_txt_mode_reads_lines_passages_or_chapters_by_what_the_file_holds(examples, tmp_path):
+    wiki = examples / "pretrain_wikipedia_demo.txt"
+    assert resolve_txt_mode(wiki, "auto") == "line" and len(list(iter_documents([wiki]))) == 30  # an article a line
+
+    stories = examples / "pretrain_tinystories_valid_head.txt"  # stories' paragraphs, blank lines between all
+    passages, blocks = list(iter_documents([stories])), list(iter_documents([stories], txt_mode="block"))
+    assert resolve_txt_mode(stories, "auto") == "passage"
+    assert "\n".join(d.text for d in passages) == "\n".join(d.text for d in blocks)  # nothing lost, order kept
+    words = [len(d.text.split()) for d in passages]
+    assert min(words) >= PASSAGE_WORDS and len(passages) < len(blocks) / 4
+
+    rng = random.Random(0)
+    prose = [" ".join(rng.choices(VOCAB, k=40)) + "." for _ in range(12)]
+    book = tmp_path / "book.txt"
+    book.write_text("A PREFACE\n\n" + prose[0] + "\n\nBOOK ONE: 1805\n\n\nCHAPTER I\n\n" + "\n\n".join(prose[1:6])
+                    + "\n\nCHAPTER II\n\n" + "\n\n".join(prose[6:9]) + "\n\nChapter 3. The end\n\n"
+                    + "\n\n".join(prose[9:]) + "\nCHAPTER and verse were quoted, a line of running text.\n")
+    chapters = list(iter_documents([book]))
+    assert resolve_txt_mode(book, "auto") == "chapter"
+    firsts = ["A PREFACE", "BOOK ONE: 1805", "CHAPTER II", "Chapter 3. The end"]
+    assert [d.text.split("\n")[0] for d in chapters] == firsts
+    assert chapters[1].text.startswith("BOOK ONE: 1805\n\nCHAPTER I\n\n" + prose[1])  # the headings open one chapter
+    assert chapters[-1].text.endswith("a line of running text.\n")  # a heading word inside a block is text
+    report = prepare([book, wiki], tmp_path / "out", filters="none", dedup="none")
+    assert report["txt_modes"] == {str(book): "chapter", str(wiki): "line"} and report["documents_out"] == 4 + 30
 
 
 def test_missing_input_writes_nothing(tmp_path):

@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> Corpus:
     train_tokenizer([_blocks(text, 0, 240)], root / "tokenizer", vocab_size=384)
     for split in ("train", "valid"):
         make_shards([str(root / f"{split}.txt")], root / "tokenizer", root / split, kind="text",
-                    shard_bytes=8 << 10, append_eos=True)
+                    shard_bytes=8 << 10, append_eos=True, txt_mode="block")
     return Corpus(root / "tokenizer", root / "train", root / "valid")
 
 

@@ -29,7 +29,7 @@ def shards(tmp_path_factory) -> Path:
     (root / "train.txt").write_text(text)
     train_tokenizer([text], root / "tokenizer", vocab_size=384)
     make_shards([str(root / "train.txt")], root / "tokenizer", root / "train", kind="text",
-                shard_bytes=8 << 10, append_eos=True)
+                shard_bytes=8 << 10, append_eos=True, txt_mode="block")
     return root / "train"
 
 
