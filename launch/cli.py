@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "score a checkpoint on a shard directory (perplexity, accuracy, exact match)"),
     "slurm": ("slurm", "render (and submit) an sbatch script for a config"),
     "plot": ("plot", "draw a run's metrics as PNG plots"),
+    "config": ("config", "print the resolved config (show) or every key with its type and choices (schema)"),
 }
 
 

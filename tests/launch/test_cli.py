@@ -18,5 +18,5 @@ def test_unknown_command_is_one_line(capsys):
     assert main(["pretrian"]) == 2
     assert capsys.readouterr().err.strip() == (
         "tessera: error: unknown command 'pretrian'; choose from prep, tokenizer, shard, pretrain, sft, align, "
-        "generate, export, import, eval, slurm, plot"
+        "generate, export, import, eval, slurm, plot, config"
     )
