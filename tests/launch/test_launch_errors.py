@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from launching import child_env
@@ -72,3 +73,26 @@ def test_rank0_alone_times_out_with_one_line():
     assert last.startswith("tessera pretrain: error: rendezvous at 127.0.0.1:") and "1/2 clients joined" in last
     assert "Traceback" not in done.stderr
     assert elapsed < 60
+
+
+def test_a_users_model_py_in_the_launch_directory_does_not_shadow_ours(shards, tmp_path):
+    """torchrun/deepspeed/srun run ``python -m launch.pretrain`` from the user's directory, which
+    Python puts first on sys.path; the user's model.py and data.py there must not replace ours."""
+    from launching import write_config
+
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("model", "data", "trainer", "common"):
+        (tmp_path / f"{name}.py").write_text(f"raise RuntimeError('the user\\'s {name}.py was imported')\n")
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "run", max_steps=2)
+    env = child_env(PYTHONPATH=str(repo))
+    done = subprocess.run([sys.executable, "-m", "launch.pretrain", f"--config={config}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    shadowed = subprocess.run([sys.executable, "-c", "import model, launch"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert "RuntimeError: the user's model.py was imported" in shadowed.stderr  # Python's own order, as a control
+    imported_first = subprocess.run([sys.executable, "-c", "import sys; sys.modules['model'] = type(sys)('model'); "
+                                     "import launch"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert imported_first.returncode == 2
+    assert imported_first.stderr.strip().endswith("rename it or launch from another directory")
