@@ -1,5 +1,7 @@
 """bf16, activation checkpointing, CPU offload and HSDP: each trains and agrees with its reference."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,26 @@ def test_deepspeed_bf16_saves_the_fp32_master_weights(corpus, tmp_path, strategy
     assert all(np.array_equal(saved[k].numpy(), masters[k]) for k in masters)
     as_bf16 = {k: torch.from_numpy(v).bfloat16().float().numpy() for k, v in masters.items()}
     assert any(not np.array_equal(v, as_bf16[k]) for k, v in masters.items())  # not bf16 values
+
+
+@pytest.mark.slow
+def test_the_hf_trainers_zero3_config_as_written_trains_like_single(corpus, tmp_path, single):
+    """A ds_config the way HF Trainer users carry it ("auto" everywhere, optimizer and scheduler blocks)."""
+    user = {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16}, "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW",
+                      "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_min_lr": "auto", "warmup_num_steps": "auto",
+                                                           "total_num_steps": "auto", "cos_min_ratio": "auto"}},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 2000, "wall_clock_breakdown": False,
+    }
+    path = tmp_path / "ds_config_zero3.json"
+    path.write_text(json.dumps(user))
+    raw = tiny_config(corpus, tmp_path, *STEPS, "train.strategy=zero3", f"train.deepspeed_config={path}")
+    rank0, _ = spawn(train, 2, raw)
+    np.testing.assert_allclose(rank0.losses, single, rtol=1e-4)
