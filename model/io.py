@@ -25,6 +25,7 @@ from common import manifest
 from common.config import read_json_object, read_yaml
 from common.errors import UserError
 from model.config import ModelConfig
+from model.hub import hub_snapshot, looks_like_hub_id
 from model.lazy_weights import LazyTensor, read_lazy
 from model.transformer import HEADS, SequenceClassifier, TesseraModel, build_model
 
@@ -43,9 +44,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The model directory ``path`` means: itself, its ``model/`` (a trainer's step directory), or
-    (repeatedly) the sub-directory its ``latest`` names (a trainer's ``checkpoints/`` directory)."""
+    """The model directory ``path`` means: itself, its ``model/`` (a trainer's step directory),
+    (repeatedly) the sub-directory its ``latest`` names (a trainer's ``checkpoints/`` directory), or
+    the cached snapshot of a Hugging Face Hub id (:mod:`model.hub`)."""
     path = Path(path)
+    if looks_like_hub_id(path):
+        return hub_snapshot(str(path))
     for _ in range(8):
         if not path.is_dir():
             raise UserError(f"checkpoint not found: {path} is not a directory")
@@ -88,7 +92,7 @@ def save_pretrained(model: TesseraModel, directory: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, head: str | None = None, lazy: bool = False) -> TesseraModel:
-    """Load a Tessera or Hugging Face model directory (or a checkpoints dir with ``latest``).
+    """Load a Tessera or Hugging Face model directory (a checkpoints dir with ``latest``, or a Hub id).
 
     ``head`` overrides the saved head: an LM checkpoint loaded with ``head="classifier"`` keeps its
     body and starts a fresh score head (a reward model from an SFT model). Fresh tensors come from

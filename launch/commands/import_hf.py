@@ -13,25 +13,29 @@ from common.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf", required=True, type=Path, help="a directory with config.json + model.safetensors")
+    parser.add_argument("--hf", required=True, type=Path,
+                        help="a directory with config.json + model.safetensors, or a Hugging Face Hub id (gpt2, "
+                             "meta-llama/Llama-3.2-1B: fetched into the HF cache, which HF_HOME/HF_HUB_OFFLINE steer)")
     parser.add_argument("--out", required=True, type=Path, help="the Tessera model directory to write")
     parser.add_argument("--peft", type=Path, help="a PEFT LoRA adapter directory of the --hf model to import")
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.hub import hub_snapshot, looks_like_hub_id
     from model.io import HF_CONFIG, copy_tokenizer_files, import_peft_adapter, load_pretrained, save_pretrained
 
-    if not (args.hf / HF_CONFIG).is_file():
+    source = hub_snapshot(str(args.hf)) if looks_like_hub_id(args.hf) else args.hf
+    if not (source / HF_CONFIG).is_file():
         raise UserError(f"{args.hf}: not a Hugging Face model directory (no {HF_CONFIG})")
     if args.peft is not None:
-        model = import_peft_adapter(args.peft, args.hf, args.out)
-        copied = copy_tokenizer_files(args.peft, args.out) or copy_tokenizer_files(args.hf, args.out)
+        model = import_peft_adapter(args.peft, source, args.out)
+        copied = copy_tokenizer_files(args.peft, args.out) or copy_tokenizer_files(source, args.out)
         print(f"imported the LoRA adapter {args.peft} (rank {model.lora_config.rank}, "
               f"{len(model.lora_config.targets)} sites) of {args.hf} to {args.out}")
         return 0
-    model = load_pretrained(args.hf)
+    model = load_pretrained(source)
     save_pretrained(model, args.out)
-    copied = copy_tokenizer_files(args.hf, args.out)
+    copied = copy_tokenizer_files(source, args.out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"imported {args.hf} ({model.config.arch}, {n_params:,} parameters) to {args.out}"
           + (f" with {', '.join(copied)}" if copied else ""))
