@@ -53,7 +53,7 @@ class LoraConfig(Config):
     @classmethod
     def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
         # the default targets are what every resolved config.yaml carries: only others mean "set"
-        default = [f.default_factory() for f in dataclasses.fields(cls) if f.name == "targets"][0]
+        default = cls().targets
         if raw.get("targets", default) != default and not (isinstance(raw.get("rank"), int) and raw["rank"] > 0):
             raise ConfigError(f"{where}.targets is set but {where}.rank={raw.get('rank', 0)} (LoRA off); "
                               f"set {where}.rank to a positive integer")
