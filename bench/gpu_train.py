@@ -1,6 +1,7 @@
 """Training-step throughput: Tessera vs Hugging Face transformers, same shapes, same process.
 
-For each workload (Llama-shape 125M and 1B decoders, BERT-base MLM, T5-base v1.1 span corruption)
+For each workload (Llama-shape 125M and 1B decoders, a Mixtral-shape MoE on the 1B trunk, BERT-base
+MLM, T5-base v1.1 span corruption)
 one training step (forward, backward, fused AdamW) is timed after warm-up, for Tessera (eager,
 per-block compiled, and with ``model.kernels=liger``) and for transformers (SDPA, bf16 autocast,
 fused AdamW; eager, compiled, and with Liger kernels when ``liger_kernel`` is importable). Prints
@@ -55,11 +56,15 @@ WORKLOADS = {
     "llama-125m": Workload("llama-125m", "llama-125m", batch=16, seq_len=2048),
     "bert-base": Workload("bert-base", "bert-base", batch=64, seq_len=512),
     "t5-base": Workload("t5-base", "t5-base", batch=32, seq_len=512, decoder_len=114),
+    # Mixtral-shape MoE on llama-1b's trunk: 8 experts, top-2 (~2.0B parameters, ~0.6B active); HF peer: Mixtral
+    "moe-1b": Workload("moe-1b", "llama-1b", batch=8, seq_len=2048,
+                       overrides={"n_experts": 8, "experts_per_token": 2, "moe_d_ff": 2048}),
 }
 SMOKE_WORKLOADS = {
     "tiny-llama": Workload("tiny-llama", "tiny-llama", batch=2, seq_len=64, overrides={"vocab_size": 512}),
     "tiny-bert": Workload("tiny-bert", "tiny-bert", batch=2, seq_len=64, overrides={"vocab_size": 512}),
     "tiny-t5": Workload("tiny-t5", "tiny-t5", batch=2, seq_len=64, decoder_len=16, overrides={"vocab_size": 512}),
+    "tiny-moe": Workload("tiny-moe", "tiny-moe", batch=2, seq_len=64, overrides={"vocab_size": 512}),
 }
 # Run mode by mode (every workload's eager rows first, the slow-to-start compiled ones last), so a
 # run cut short by --budget-s still compares each workload on something.

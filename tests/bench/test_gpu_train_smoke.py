@@ -11,11 +11,11 @@ from bench import gpu_train
 @pytest.mark.slow
 def test_smoke_writes_json_with_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--smoke", "--workloads", "tiny-llama,tiny-t5", "--modes", "tessera,hf", "--json", str(out)]
+    argv = ["--smoke", "--workloads", "tiny-llama,tiny-t5,tiny-moe", "--modes", "tessera,hf", "--json", str(out)]
     assert gpu_train.main(argv) == 0
     report = json.loads(out.read_text())
     rows = {(r["workload"], r["mode"]): r for r in report["rows"]}
-    assert set(rows) == {("tiny-llama", "tessera"), ("tiny-llama", "hf"), ("tiny-t5", "tessera"), ("tiny-t5", "hf")}
+    assert set(rows) == {(w, m) for w in ("tiny-llama", "tiny-t5", "tiny-moe") for m in ("tessera", "hf")}
     for row in rows.values():
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0 and row["loss"] == pytest.approx(row["loss"])  # finite

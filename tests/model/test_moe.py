@@ -185,3 +185,12 @@ def test_bad_moe_settings_are_refused_in_one_line(overrides, key):
     with pytest.raises(ConfigError, match=key) as error:
         ModelConfig.from_dict({**BASE, **overrides}, where="model")
     assert "\n" not in str(error.value)
+
+
+def test_mixtral_and_qwen_moe_presets_have_their_published_sizes():
+    mixtral = ModelConfig.from_dict({"preset": "mixtral-8x7b"})
+    assert round(count_parameters(mixtral) / 1e9, 1) == 46.7  # "47B total, 13B active"
+    assert round(count_parameters(mixtral, active=True) / 1e9, 1) == 12.9
+    qwen = ModelConfig.from_dict({"preset": "qwen1.5-moe-a2.7b"})
+    assert round(count_parameters(qwen) / 1e9, 1) == 14.3  # "14.3B total, 2.7B activated"
+    assert round(count_parameters(qwen, active=True) / 1e9, 1) == 2.7
