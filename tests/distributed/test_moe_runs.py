@@ -1,5 +1,6 @@
 """Mixture-of-Experts runs through the real trainer: tiny-moe learns, router statistics reach
-metrics.jsonl, and DDP with activation checkpointing follows the single-process run."""
+metrics.jsonl; DDP (with activation checkpointing), FSDP, ZeRO-3 and expert parallel follow the
+single-process run; expert-parallel checkpoints resume under DDP and back."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_tiny_moe_pretrains_and_logs_router_statistics(corpus, tmp_path):
                                                     rel=1e-3)  # tiny-moe's coefficients, two layers
 
 
-def test_ddp_with_activation_checkpointing_follows_the_single_process_run(corpus, tmp_path):
+def test_ddp_fsdp_zero3_and_activation_checkpointing_follow_the_single_process_run(corpus, tmp_path):
     steps = ("train.max_steps=3", "train.global_batch_size=8")
     [single] = spawn(train, 1, moe_config(corpus, tmp_path / "single", *steps))
     ddp, _ = spawn(train, 2, moe_config(corpus, tmp_path / "ddp", *steps, "train.strategy=ddp"))
@@ -46,6 +47,9 @@ def test_ddp_with_activation_checkpointing_follows_the_single_process_run(corpus
     for a, b in zip(*((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("ddp", "ac"))):
         # what recomputation records in backward does not reach the next micro-batch's router loss
         assert json.loads(b)["moe/router_loss"] == pytest.approx(json.loads(a)["moe/router_loss"], rel=1e-6)
+    for strategy in ("fsdp", "zero3"):  # experts sharded as any other parameter, gathered for the block's forward
+        sharded, _ = spawn(train, 2, moe_config(corpus, tmp_path / strategy, *steps, f"train.strategy={strategy}"))
+        assert sharded.losses == pytest.approx(ddp.losses, rel=1e-6), strategy
 
 
 def test_expert_parallel_follows_ddp_and_the_single_process_run_and_resumes_under_ddp(corpus, tmp_path):

@@ -94,6 +94,15 @@ class ExpertParallel(Single):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """The whole model's weight norm (each tensor once, experts gathered over the ep group)."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        replicated = sum(p.double().pow(2).sum() for p in trained if id(p) not in self.sharded)
+        shards = torch.stack([p.double().pow(2).sum() for p in trained if id(p) in self.sharded]).sum()
+        dist.all_reduce(shards, group=self.ep_group)
+        return float((replicated + shards).sqrt())
+
     def _reduce_gradients(self) -> None:
         world = self.env.world_size
         for sharded in (False, True):
