@@ -16,12 +16,20 @@ A step is written under ``.tmp_step_000100`` and renamed once the manifest is in
 is replaced with ``os.replace``. A crash mid-save leaves only a ``.tmp_*`` directory (removed by
 the next save), never a half-written step behind ``latest``. Resuming checks every file's size and
 sha256 against the manifest first (common/manifest.py), before anything is unpickled or read.
+
+Auto-resume falls back: when ``latest`` is missing or names a step that is missing, incomplete or
+fails verification, the newest step that verifies is used, with a warning; when none does, one line
+says so (never a silent restart beside old steps). A save replaces a step directory of the same
+name, and pruning removes steps newer than the one just saved (left by a history this run
+abandoned), so two histories never mix in one directory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,9 @@ from trainer.distributed import DistEnv, all_reduce, barrier
 MANIFEST = manifest.MANIFEST
 LATEST = "latest"
 STATE = "trainer_state.json"
+STEP_DIR = re.compile(r"step_(\d{6,})")
+
+log = logging.getLogger(__name__)
 
 
 def step_name(step: int) -> str:
@@ -85,11 +96,47 @@ def resolve(path: Path, env: DistEnv | None = None, hashes: bool = True) -> Path
     return path
 
 
+def step_dirs(root: Path) -> list[Path]:
+    """The step directories under ``root``, newest (highest step) first."""
+    found = [p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)), reverse=True)
+
+
 def latest(root: Path, env: DistEnv | None = None) -> Path | None:
-    """The newest complete checkpoint under ``root`` (verified), or None when there is none yet."""
-    if not (root / LATEST).is_file():
+    """The checkpoint to auto-resume under ``root`` (verified), or None when it holds no step yet.
+
+    ``latest`` when it names a step that verifies; otherwise the newest step that does, with a
+    warning; one line when steps exist but none verifies."""
+    pointer = root / LATEST
+    named = root / pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    candidates = [p for p in step_dirs(root) if p != named]
+    if named is None and not candidates:
         return None
-    return resolve(root, env)
+    if named is None:
+        problem = f"{pointer} is missing"
+    elif not named.is_dir():
+        problem = f"{pointer} names {named.name}, which does not exist"
+    else:
+        try:
+            verify(named, env)
+            return named
+        except UserError as e:
+            problem = f"{pointer} names a step that cannot be used ({e})"
+    rejected = []
+    for step in candidates:
+        try:
+            verify(step, env)
+        except UserError:
+            rejected.append(step.name)
+            continue
+        if env is None or env.is_main:
+            also = f"; also unusable: {', '.join(rejected)}" if rejected else ""
+            log.warning("checkpoint.resume=auto: %s; resuming from %s, the newest step that verifies%s",
+                        problem, step.name, also)
+        return step
+    unusable = f" ({', '.join(rejected)} fail verification)" if rejected else ""
+    raise UserError(f"{problem}, and no other step under {root} verifies{unusable}: remove the damaged steps "
+                    "to start afresh, or set another checkpoint.dir")
 
 
 def read_state(directory: Path) -> dict[str, Any]:
@@ -119,20 +166,28 @@ class CheckpointWriter:
         if self.env.is_main:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             manifest.write_manifest(tmp)
-            if final.exists():  # this step is already saved (and complete): keep that one
-                shutil.rmtree(tmp)
+            if final.exists():  # left by an abandoned history (or damaged): this run's save replaces it
+                stale = self.root / f".old_{final.name}"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.rename(final, stale)
+                os.rename(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
             else:
                 os.rename(tmp, final)
             pointer = self.root / f"{LATEST}.tmp"
             pointer.write_text(final.name + "\n")
             os.replace(pointer, self.root / LATEST)
-            self.prune()
+            self.prune(step)
         barrier()
         return final
 
-    def prune(self) -> None:
-        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in steps[: -self.keep_last]:
+    def prune(self, step: int) -> None:
+        """Keep the newest ``keep_last`` steps up to ``step`` (the one just saved); steps above it belong
+        to a history this run abandoned (a damaged step resumed past, an older step resumed) and go."""
+        steps = step_dirs(self.root)
+        newer = [p for p in steps if int(STEP_DIR.fullmatch(p.name).group(1)) > step]
+        kept = [p for p in steps if p not in newer]
+        for old in newer + kept[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp_step_*"):
+        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".old_step_*")]:
             shutil.rmtree(stale, ignore_errors=True)

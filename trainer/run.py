@@ -231,10 +231,16 @@ def classifier_labels(cfg: RunConfig) -> int:
 
 
 def resume_point(cfg: RunConfig, env: DistEnv | None = None) -> Path | None:
-    """checkpoint.resume: auto → the latest complete checkpoint if any; never → None; else that path.
+    """checkpoint.resume: auto → the latest verified checkpoint if any (see checkpoint.latest); never → None
+    (refused when checkpoint.dir already holds steps); else that path.
     Verified (sizes and sha256, the files shared out among the ranks of ``env``) before anything is read."""
     resume = cfg.checkpoint.resume
     if resume == "never":
+        held = checkpoint.step_dirs(cfg.checkpoint_dir)
+        if held:  # a fresh run saving beside them would mix two histories in one directory
+            raise UserError(f"checkpoint.resume=never, but {cfg.checkpoint_dir} already holds checkpoints of an "
+                            f"earlier run (newest {held[0].name}): set another checkpoint.dir (or log.dir), "
+                            "remove them, or continue them with checkpoint.resume=auto")
         return None
     if resume == "auto":
         return checkpoint.latest(cfg.checkpoint_dir, env)

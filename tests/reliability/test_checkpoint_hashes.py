@@ -4,24 +4,9 @@ resume, export, generate and model.init stop with one line naming the file, exit
 import json
 
 import pytest
-from reliability_runs import run_overrides
+from reliability_runs import flip_bytes, one_error_line, run_overrides
 
 from launch.cli import main
-
-
-def flip_bytes(path, count=8):
-    """Invert ``count`` bytes in the middle of ``path``: the size stays the same."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
-    path.write_bytes(bytes(data))
-
-
-def one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"tessera {command}: error: "), err
-    return lines[0]
 
 
 def commands(run_dir, shards, tmp_path):
