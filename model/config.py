@@ -115,6 +115,7 @@ class ModelConfig(Config):
     moe_d_ff: int | None = None  # hidden size of one expert; None means d_ff
     shared_expert_d_ff: int = 0  # > 0: a dense MLP of this size that every token also passes through
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(linear(x))
+    moe_capacity_factor: float | None = None  # None: dropless; else an expert keeps its best cf·N·k/E assignments
     router_gating: RouterGating = RouterGating.softmax
     router_norm_topk: bool = True  # renormalise the k chosen weights to sum to 1 (Mixtral; Qwen's norm_topk_prob)
     router_aux_loss_coef: float = 0.01  # load-balancing loss (Switch Transformer form), added to the training loss
@@ -205,6 +206,8 @@ class ModelConfig(Config):
             fail("n_experts", "experts have no biases; set bias=false for a Mixture-of-Experts model")
         if (self.moe_d_ff is not None and self.moe_d_ff < 1) or self.shared_expert_d_ff < 0:
             fail("moe_d_ff", "moe_d_ff must be at least 1 (or unset) and shared_expert_d_ff at least 0")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            fail("moe_capacity_factor", f"must be > 0 (or unset: dropless), got {self.moe_capacity_factor}")
         if self.shared_expert_gate and not self.shared_expert_d_ff:
             fail("shared_expert_gate", "gates the shared expert; set shared_expert_d_ff > 0")
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:

@@ -1,7 +1,8 @@
 """Mixture-of-Experts MLP: a top-k router, dropless dispatch to stacked experts, an optional shared expert.
 
-Every token goes to its ``experts_per_token`` best experts (none is dropped: no capacity limit);
-assignments are sorted by expert so each expert runs one matmul over its tokens. The router's
+Every token goes to its ``experts_per_token`` best experts; none is dropped unless
+``moe_capacity_factor`` caps what an expert takes (``capacity_factor · assignments / n_experts``).
+Assignments are sorted by expert so each expert runs one matmul over its tokens. The router's
 load-balancing loss (Switch Transformer, Fedus et al. 2021: ``E · Σ_e f_e · P_e`` with ``f_e`` the
 share of assignments and ``P_e`` the mean routing probability of expert e; 1.0 when balanced) and
 z-loss (ST-MoE, Zoph et al. 2022: mean squared logsumexp of the logits) are recorded on the layer at
@@ -11,6 +12,7 @@ each forward; the trainer collects them with :func:`pop_router_stats` and adds t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -22,13 +24,14 @@ from model.mlp import MLP, activation
 @dataclasses.dataclass
 class RouterStats:
     """What MoE layers recorded since the last pop. ``loss``: the coefficient-weighted aux and z
-    losses summed over layers (differentiable); ``aux_loss``, ``z_loss`` and ``load`` (share of
-    assignments per expert, [E]) are detached means over layers."""
+    losses summed over layers (differentiable); ``aux_loss``, ``z_loss``, ``load`` (share of
+    assignments per expert, [E], before any is dropped) and ``dropped`` are detached means over layers."""
 
     loss: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     load: torch.Tensor
+    dropped: torch.Tensor  # share of assignments over the experts' capacity (0 when dropless)
 
 
 def route(logits: torch.Tensor, gating: RouterGating, k: int, norm_topk: bool
@@ -90,6 +93,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.experts_per_token
         self.gating, self.norm_topk = cfg.router_gating, cfg.router_norm_topk
         self.aux_loss_coef, self.z_loss_coef = cfg.router_aux_loss_coef, cfg.router_z_loss_coef
+        self.capacity_factor = cfg.moe_capacity_factor
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = Experts(cfg)
         self.shared = MLP(cfg, cfg.shared_expert_d_ff) if cfg.shared_expert_d_ff else None
@@ -101,26 +105,41 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits = self.router(x).float()
         weights, chosen, probs = route(logits, self.gating, self.top_k, self.norm_topk)
-        flat = chosen.reshape(-1)
-        order = flat.argsort(stable=True)
+        order, counts, kept = self.dispatch(chosen, weights)
         tokens = order // self.top_k  # the token of each sorted assignment
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        out = self.experts(x[tokens], counts.tolist())
+        out = self.experts(x[tokens], kept.tolist())
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         y = torch.zeros_like(x).index_add_(0, tokens, out)
         if self.shared is not None:
             shared = self.shared(x)
             y = y + (torch.sigmoid(self.shared_gate(x)) * shared if self.shared_gate is not None else shared)
         if torch.is_grad_enabled():  # a training forward (not evaluation or decoding)
-            self._record(logits, probs, counts)
+            self._record(logits, probs, counts, kept)
         return y.view(shape)
 
-    def _record(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
-        load = counts.float() / max(int(logits.shape[0]) * self.top_k, 1)
+    def dispatch(self, chosen: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat assignment indices sorted by expert, assignments per expert, those kept per expert).
+        Dropless keeps all; with a capacity each expert keeps its ``capacity`` highest-weighted
+        assignments (Megatron's "probs" drop policy), the others add nothing (the residual passes)."""
+        flat = chosen.reshape(-1)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        if self.capacity_factor is None:
+            return flat.argsort(stable=True), counts, counts
+        by_weight = weights.reshape(-1).argsort(descending=True, stable=True)
+        order = by_weight[flat[by_weight].argsort(stable=True)]  # by expert, then by weight
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[flat[order]]
+        capacity = math.ceil(self.capacity_factor * flat.numel() / self.n_experts)
+        return order[rank_in_expert < capacity], counts, counts.clamp(max=capacity)
+
+    def _record(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, kept: torch.Tensor) -> None:
+        assignments = max(int(logits.shape[0]) * self.top_k, 1)
+        load = counts.float() / assignments
         aux = self.n_experts * (load * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
+        dropped = (counts - kept).sum().float() / assignments
         self.recorded.append(RouterStats(self.aux_loss_coef * aux + self.z_loss_coef * z, aux.detach(), z.detach(),
-                                         load))
+                                         load, dropped))
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -140,4 +159,5 @@ def pop_router_stats(layers: list[MoE]) -> RouterStats | None:
     return RouterStats(loss=sum(torch.stack([r.loss for r in records]).mean() for records in per_layer),
                        aux_loss=torch.stack([r.aux_loss for r in every]).mean(),
                        z_loss=torch.stack([r.z_loss for r in every]).mean(),
-                       load=torch.stack([r.load for r in every]).mean(dim=0))
+                       load=torch.stack([r.load for r in every]).mean(dim=0),
+                       dropped=torch.stack([r.dropped for r in every]).mean())

@@ -195,7 +195,7 @@ class Trainer:
             return out, 0.0
         units = out.count.to(router.loss.dtype)
         out.metrics.update({"moe/router_loss": router.loss.detach() * units, "moe/aux_loss": router.aux_loss * units,
-                            "moe/z_loss": router.z_loss * units,
+                            "moe/z_loss": router.z_loss * units, "moe/dropped": router.dropped * units,
                             **{f"moe/load/{e}": share * units for e, share in enumerate(router.load)}})
         return out, router.loss * units
 

@@ -30,7 +30,7 @@ def test_tiny_moe_pretrains_and_logs_router_statistics(corpus, tmp_path):
     last = lines[-1]
     loads = [last[f"moe/load/{e}"] for e in range(4)]
     assert sum(loads) == pytest.approx(1.0) and min(loads) > 0
-    assert 1.0 <= last["moe/aux_loss"] < 2.0 and last["moe/z_loss"] > 0
+    assert 1.0 <= last["moe/aux_loss"] < 2.0 and last["moe/z_loss"] > 0 and last["moe/dropped"] == 0  # dropless
     assert last["moe/router_loss"] == pytest.approx(2 * (0.01 * last["moe/aux_loss"] + 0.001 * last["moe/z_loss"]),
                                                     rel=1e-3)  # tiny-moe's coefficients, two layers
 

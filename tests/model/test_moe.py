@@ -22,6 +22,7 @@ VARIANTS = {
     "sigmoid-shared": {"router_gating": "sigmoid", "router_norm_topk": True, "shared_expert_d_ff": 8,
                        "experts_per_token": 3},
     "gelu-top1": {"mlp": "gelu", "experts_per_token": 1, "router_norm_topk": False},
+    "capacity": {"moe_capacity_factor": 0.75, "shared_expert_d_ff": 8},
 }
 
 
@@ -50,7 +51,7 @@ def naive(layer: MoE, cfg: ModelConfig, x: torch.Tensor) -> tuple[torch.Tensor, 
 
     tokens = x.reshape(-1, cfg.d_model)
     n, k, e_count = tokens.shape[0], cfg.experts_per_token, cfg.n_experts
-    outs, assigned, prob_sum, z_sum = [], torch.zeros(e_count), torch.zeros(e_count), 0.0
+    routed = []  # per token: its logits, routing probabilities and {expert: weight}
     for v in tokens:
         logits = layer.router.weight @ v
         if cfg.router_gating == "softmax":
@@ -61,10 +62,20 @@ def naive(layer: MoE, cfg: ModelConfig, x: torch.Tensor) -> tuple[torch.Tensor, 
             probs = scores / scores.sum()
         best = sorted(range(e_count), key=lambda e: -scores[e].item())[:k]
         total = sum(scores[e] for e in best)
+        routed.append((logits, probs, {e: scores[e] / total if cfg.router_norm_topk else scores[e] for e in best}))
+    kept = {(t, e) for t, (_, _, chosen) in enumerate(routed) for e in chosen}
+    if cfg.moe_capacity_factor is not None:  # each expert keeps its highest-weighted assignments
+        capacity = math.ceil(cfg.moe_capacity_factor * n * k / e_count)
+        kept = set()
+        for e in range(e_count):
+            mine = sorted((t for t in range(n) if e in routed[t][2]), key=lambda t: -routed[t][2][e].item())
+            kept |= {(t, e) for t in mine[:capacity]}
+    outs, assigned, prob_sum, z_sum = [], torch.zeros(e_count), torch.zeros(e_count), 0.0
+    for t, (v, (logits, probs, chosen)) in enumerate(zip(tokens, routed)):
         out = torch.zeros(cfg.d_model)
-        for e in best:
-            weight = scores[e] / total if cfg.router_norm_topk else scores[e]
-            out = out + weight * expert(e, v)
+        for e, weight in chosen.items():
+            if (t, e) in kept:
+                out = out + weight * expert(e, v)
             assigned[e] += 1
         if cfg.shared_expert_d_ff:
             shared = layer.shared(v)
@@ -102,6 +113,11 @@ def test_moe_equals_the_naive_reference_in_forward_and_gradients(variant):
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
     assert grads["router.weight"].abs().sum() > 0  # the router learns (through the weights and its losses)
     assert stats.load.sum().item() == pytest.approx(1.0)
+    if cfg.moe_capacity_factor is None:
+        assert stats.dropped.item() == 0
+    else:  # 30 assignments, at most ceil(0.75 · 30 / 4) = 6 kept per expert
+        over = (stats.load * 30 - 6).clamp(min=0).sum() / 30
+        assert stats.dropped.item() == pytest.approx(over.item()) and over > 0
 
 
 def test_balanced_routing_has_unit_balance_loss_and_its_gradient_pushes_towards_balance():
@@ -180,6 +196,7 @@ def test_tiny_moe_preset_builds_trains_and_counts_its_parameters():
     ({"shared_expert_gate": True}, "model.shared_expert_gate"),
     ({"router_aux_loss_coef": -0.1}, "model.router_aux_loss_coef"),
     ({"router_gating": "relu"}, "model.router_gating"),
+    ({"moe_capacity_factor": 0.0}, "model.moe_capacity_factor"),
 ])
 def test_bad_moe_settings_are_refused_in_one_line(overrides, key):
     with pytest.raises(ConfigError, match=key) as error:
