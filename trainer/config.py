@@ -197,6 +197,7 @@ class LogConfig(Config):
     wandb_group: str | None = None
     wandb_tags: list[str] = dataclasses.field(default_factory=list)
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs are looked up
+    tensorboard: bool = False  # TensorBoard event files in <log.dir>/tensorboard, the metrics.jsonl names
 
     def validate(self, where: str) -> None:
         if self.every < 1:

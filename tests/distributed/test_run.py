@@ -17,7 +17,7 @@ REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb
 
 def test_run_directory_metrics_wandb_and_init_from_checkpoint(corpus, tmp_path):
     raw = tiny_config(corpus, tmp_path / "run", "train.max_steps=6", "train.eval_every=3", "train.eval_steps=2",
-                      "log.wandb=true", "log.wandb_run_name=tiny", "log.wandb_tags=[ci, cpu]")
+                      "log.wandb=true", "log.wandb_run_name=tiny", "log.wandb_tags=[ci, cpu]", "log.tensorboard=true")
     [result] = spawn(train, 1, raw)
     run_dir = tmp_path / "run"
 
@@ -31,6 +31,11 @@ def test_run_directory_metrics_wandb_and_init_from_checkpoint(corpus, tmp_path):
 
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run was written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(m["step"], pytest.approx(m["loss"])) for m in lines]
+    assert [e.step for e in events.Scalars("eval/loss")] == [3, 6] and "lr" in events.Tags()["scalars"]
     step_dir = run_dir / "checkpoints" / "step_000006"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == step_dir.name
     for name in ("model.safetensors", "model.yaml", "tokenizer.json", "tokenizer_config.json"):

@@ -1,5 +1,5 @@
 """Side jobs of the loop, as callbacks: the first-step blow-up check, evaluation, checkpoints, preemption,
-skipped-shard reports, metrics file, W&B, progress.
+skipped-shard reports, metrics file, W&B, TensorBoard, progress.
 
 The loop calls, on every rank, ``on_train_start(trainer)``, ``on_step_end(trainer, metrics)`` after
 each optimizer step (``metrics`` is a dict a callback may add to; later callbacks see the
@@ -50,6 +50,10 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
             from trainer.callbacks.wandb_logger import WandbLogger
 
             callbacks.append(WandbLogger(cfg))
+        if cfg.log.tensorboard:
+            from trainer.callbacks.tensorboard_logger import TensorBoardLogger
+
+            callbacks.append(TensorBoardLogger(cfg.log.dir))
         if cfg.log.progress and sys.stderr.isatty():
             callbacks.append(ProgressBar(cfg.train.max_steps))
         else:  # a log file (SLURM, CI) gets plain lines instead of a redrawn bar
