@@ -76,8 +76,14 @@ def generate(model: TesseraModel, input_ids: torch.Tensor, *, attention_mask: to
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 1, eos_token_ids: Sequence[int] = (), pad_token_id: int | None = None,
              decoder_start_token_id: int | None = None, seed: int | None = None, use_cache: bool = True,
-             length_penalty: float = 1.0) -> torch.Tensor:
-    """Continue ``input_ids`` [B, T] (left-padded, with ``attention_mask``, when rows differ in length)."""
+             length_penalty: float = 1.0, generator: torch.Generator | None = None,
+             stop_when_done: bool = True) -> torch.Tensor:
+    """Continue ``input_ids`` [B, T] (left-padded, with ``attention_mask``, when rows differ in length).
+
+    Sampling draws from ``generator`` (one the caller keeps, e.g. to checkpoint its state), else from
+    a fresh one seeded with ``seed``, else from torch's global RNG. ``stop_when_done=False`` runs all
+    ``max_new_tokens`` steps even once every row has stopped: ranks of a sharded model must make the
+    same number of forwards."""
     if not isinstance(model, (TransformerLM, Seq2SeqLM)) or (isinstance(model, TransformerLM)
                                                              and not model.config.causal):
         raise UserError("generate needs a decoder or encoder_decoder LM (not an encoder or classifier)")
@@ -96,7 +102,8 @@ def generate(model: TesseraModel, input_ids: torch.Tensor, *, attention_mask: to
         if num_beams > 1:
             return _beam_search(model, input_ids, attention_mask, seq, max_new_tokens, num_beams, eos, pad,
                                 use_cache, length_penalty)
-        generator = None if seed is None else torch.Generator(input_ids.device).manual_seed(seed)
+        if generator is None and seed is not None:
+            generator = torch.Generator(input_ids.device).manual_seed(seed)
         step = _Stepper(model, input_ids, attention_mask, use_cache)
         done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
         for _ in range(max_new_tokens):
@@ -104,7 +111,7 @@ def generate(model: TesseraModel, input_ids: torch.Tensor, *, attention_mask: to
             token = torch.where(done, torch.full_like(token, pad), token)
             seq = torch.cat([seq, token[:, None]], dim=1)
             done |= torch.isin(token, eos)
-            if bool(done.all()):
+            if stop_when_done and bool(done.all()):
                 break
         return seq
     finally:

@@ -17,6 +17,7 @@ from data.config import DataConfig
 from model.config import SIZED_BY_MAX_SEQ_LEN, ModelConfig
 from model.lora import LoraConfig
 from trainer.objectives import ObjectiveName
+from trainer.objectives.policy_gradient import LossAggregation
 
 
 class StrategyName(enum.StrEnum):
@@ -31,6 +32,11 @@ class StrategyName(enum.StrEnum):
     def zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage for zero1/2/3; None for the strategies that are not DeepSpeed."""
         return {"zero1": 1, "zero2": 2, "zero3": 3}.get(self.value)
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank holds a slice of the weights, so every forward is collective (fsdp, zero3)."""
+        return self in (StrategyName.fsdp, StrategyName.zero3)
 
 
 class Schedule(enum.StrEnum):
@@ -222,6 +228,17 @@ class AlignLoss(enum.StrEnum):
     cdpo = "cdpo"
     simpo = "simpo"
     orpo = "orpo"
+    grpo = "grpo"
+    rloo = "rloo"
+
+    @property
+    def online(self) -> bool:
+        """Trained on completions sampled from the policy during the run (prompt shards, rewards)."""
+        return self in (AlignLoss.grpo, AlignLoss.rloo)
+
+    @property
+    def objective(self) -> ObjectiveName:
+        return ObjectiveName.online if self.online else ObjectiveName.preference
 
 
 class Reference(enum.StrEnum):
@@ -229,14 +246,66 @@ class Reference(enum.StrEnum):
     live = "live"
 
 
+class ScaleRewards(enum.StrEnum):
+    """GRPO's advantage scaling (TRL's ``scale_rewards``): by the group's std, or none (Dr. GRPO)."""
+
+    group = "group"
+    none = "none"
+
+
 @dataclasses.dataclass
 class AlignConfig(Config):
     loss: AlignLoss = AlignLoss.dpo
-    beta: float = 0.1
+    beta: float = 0.1  # DPO's temperature; for grpo/rloo the KL coefficient (0: no reference model)
     label_smoothing: float = 0.0  # cdpo
     simpo_gamma: float = 0.5
     orpo_alpha: float = 1.0
     reference: Reference = Reference.live
+    # online losses (grpo, rloo): rollouts, rewards and the clipped objective; TRL's names
+    reward: list[str] = dataclasses.field(default_factory=list)  # exact_match, boxed, regex:P, module:function
+    reward_weights: list[float] = dataclasses.field(default_factory=list)  # empty: 1 each
+    num_generations: int = 8  # completions per prompt (G); train.micro_batch_size counts prompts
+    max_new_tokens: int = 64  # completion length; prompts keep their last data.seq_len tokens
+    temperature: float = 1.0  # of sampling; the loss divides the logits by it too, as TRL does
+    top_p: float = 1.0
+    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # None: epsilon; DAPO recommends 0.28
+    loss_aggregation: LossAggregation = LossAggregation.dapo  # grpo's normaliser (TRL's loss_type)
+    scale_rewards: ScaleRewards = ScaleRewards.group  # grpo
+    normalize_advantages: bool = False  # rloo
+
+    @classmethod
+    def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        if isinstance(raw.get("reward"), str):  # align.reward=exact_match names one
+            raw["reward"] = [raw["reward"]]
+        return super().preprocess(raw, where)
+
+    def validate(self, where: str) -> None:
+        if not self.loss.online:
+            return
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{where}.{key}: {why} (align.loss={self.loss})")
+
+        if self.num_generations < 2:
+            raise bad("num_generations", f"must be at least 2 to compare completions of a prompt, got "
+                                         f"{self.num_generations}")
+        if self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be at least 1")
+        if self.temperature <= 0:
+            raise bad("temperature", f"must be > 0: the completions of a prompt must differ, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise bad("epsilon", f"need 0 < epsilon < 1 and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
+        if self.beta < 0:
+            raise bad("beta", f"the KL coefficient must be >= 0, got {self.beta}")
+        if not self.reward:
+            raise bad("reward", "name at least one reward: exact_match, boxed, regex:PATTERN or module:function")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise bad("reward_weights", f"{len(self.reward_weights)} weights for {len(self.reward)} rewards")
+        if self.reference is Reference.precomputed and self.beta:
+            raise bad("reference", "online completions are new every step: the reference must be live")
 
 
 @dataclasses.dataclass

@@ -75,6 +75,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class MetricSums:
+    """The loss and metrics of an objective's micro-batches, summed, until :meth:`reduce` makes them
+    means over every rank: metrics per loss unit, ratios by their own denominators."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, out: Any) -> None:
+        for name, value in {"loss": out.loss_sum, **out.metrics}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().double()
+        for name, (numerator, denominator) in out.ratios.items():
+            before = self.ratios.get(name, (0, 0))
+            self.ratios[name] = (before[0] + numerator.detach().double(), before[1] + denominator.detach().double())
+
+    def reduce(self, count: torch.Tensor, reduced: bool) -> dict[str, float]:
+        """All-reduce over ranks (``count`` too, unless it is ``reduced`` already) and divide."""
+        names, ratio_names = sorted(self.sums), sorted(self.ratios)  # the same order on every rank
+        parts = [self.sums[n] for n in names] + [t for n in ratio_names for t in self.ratios[n]]
+        if not reduced:
+            parts.append(count)
+        totals = all_reduce(torch.stack(parts).to(count.device)).tolist()
+        units = max(count.item() if reduced else totals[-1], 1)
+        out = {name: total / units for name, total in zip(names, totals)}
+        at = len(names)
+        for k, name in enumerate(ratio_names):
+            out[name] = totals[at + 2 * k] / max(totals[at + 2 * k + 1], 1)
+        return out
+
+
 class Trainer:
     def __init__(
         self,
@@ -133,6 +163,12 @@ class Trainer:
         started = time.perf_counter()
         cfg, world, device = self.cfg.train, self.env.world_size, self.env.device
         micro_batches = [next(batches) for _ in range(self.strategy.accumulation)]
+        timings: dict[str, float] = {}
+        rollout_metrics: dict[str, float] = {}
+        rollout = getattr(self.objective, "rollout", None)
+        if rollout is not None:  # online alignment: the batches are completions sampled from the policy now
+            micro_batches, rollout_metrics = rollout(self.model, micro_batches, train=True)
+            timings["time/rollout_s"] = time.perf_counter() - started
 
         # the global number of loss units (tokens, pairs) is known before any forward: normalise by it
         sizes = torch.tensor(
@@ -142,19 +178,16 @@ class Trainer:
         global_count, global_tokens = (int(x) for x in all_reduce(sizes).tolist())
         scale = world / max(global_count, 1)
 
-        sums: dict[str, torch.Tensor] = {}
+        sums = MetricSums()
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, device)
             with self.strategy.accumulate(last=i == len(micro_batches) - 1):
                 with self.strategy.autocast():
                     out, router_loss = self.loss(batch)
                 self.strategy.backward((out.loss_sum + router_loss) * scale)
-            for name, value in {"loss": out.loss_sum, **out.metrics}.items():
-                sums[name] = sums.get(name, 0) + value.detach().double()
+            sums.add(out)
 
-        names = list(sums)
-        totals = all_reduce(torch.stack([sums[n] for n in names])) / max(global_count, 1)
-        values = dict(zip(names, totals.tolist()))
+        values = sums.reduce(torch.tensor(float(global_count), dtype=torch.float64, device=device), reduced=True)
         loss = values.pop("loss")
 
         skip = self.guard.check(loss, global_count)
@@ -170,6 +203,8 @@ class Trainer:
 
         elapsed = time.perf_counter() - started
         tokens_per_s = global_tokens / elapsed
+        if timings:
+            timings["time/training_s"] = elapsed - timings["time/rollout_s"]
         return {
             "step": self.step,
             "loss": loss,
@@ -182,6 +217,8 @@ class Trainer:
             "step_time_s": elapsed,
             "skipped": skip is not None,
             **values,
+            **rollout_metrics,
+            **timings,
         }
 
     def loss(self, batch: Batch) -> tuple[LossOutput, torch.Tensor | float]:
@@ -212,20 +249,20 @@ class Trainer:
         """Mean loss (and the objective's metrics) per unit over the first ``max_batches``
         validation batches of every rank: ``{"loss": ..., "rewards/accuracies": ...}``."""
         self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
+        sums = MetricSums()
         count = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        rollout = getattr(self.objective, "rollout", None)
         for i, batch in enumerate(self.valid_batches()):
             if i == max_batches:
                 break
+            if rollout is not None:
+                [batch], _ = rollout(self.model, [batch], train=False)
             with self.strategy.autocast():
                 out = self.objective.loss(self.model, to_device(batch, self.env.device))
-            for name, value in {"loss": out.loss_sum, **out.metrics}.items():
-                sums[name] = sums.get(name, 0) + value.detach().double()
+            sums.add(out)
             count += out.count.double()
         self.model.train()
-        names = sorted(sums)  # every rank holds the same names in the same order
-        totals = all_reduce(torch.stack([*(sums[n] for n in names), count])).tolist()
-        return {name: total / max(totals[-1], 1) for name, total in zip(names, totals)}
+        return sums.reduce(count, reduced=False)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -237,7 +274,10 @@ class Trainer:
         self.refuse_non_finite(weights)
         tmp = self.writer.begin(self.step)
         self.strategy.save(tmp)
-        torch.save({"loader": self.loader.state_dict(), "rng": rng_state()}, tmp / checkpoint.rank_file(self.env.rank))
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        if hasattr(self.objective, "state_dict"):  # e.g. the rollout sampler's RNG
+            rank_state["objective"] = self.objective.state_dict()
+        torch.save(rank_state, tmp / checkpoint.rank_file(self.env.rank))
         if self.env.is_main:
             from model.io import STEP_MODEL_DIR
 
@@ -325,6 +365,8 @@ class Trainer:
         if saved_world == self.env.world_size:
             self.loader.load_state_dict(ranks[self.env.rank]["loader"])
             set_rng_state(ranks[self.env.rank]["rng"])
+            if "objective" in ranks[self.env.rank]:
+                self.objective.load_state_dict(ranks[self.env.rank]["objective"])
         else:  # the loader continues with exactly the units no old rank consumed
             self.loader.load_state_dict([r["loader"] for r in ranks])
         self.step = state["step"]

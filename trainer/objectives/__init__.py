@@ -8,6 +8,11 @@ micro-batch (data-parallel gradient reduction averages over ranks). The step's g
 exactly that of the mean over every unit of the global batch, however tokens fall across
 micro-steps and ranks.
 
+An objective that makes its own batches from the loader's (online alignment samples completions
+from the policy) also has ``rollout(model, batches, train) -> (batches, metrics)``: the loop calls
+it on each step's micro-batches before counting units, and ``state_dict``/``load_state_dict`` for
+what it keeps across steps (its sampler's RNG), saved with every rank's checkpoint state.
+
 To add an objective, write a module here with a class that satisfies :class:`Objective` and a
 ``build(ctx: ObjectiveContext) -> Objective`` function, add its name to :class:`ObjectiveName` and
 its row to :data:`OBJECTIVES`.
@@ -38,16 +43,19 @@ class LossOutput:
     """``loss_sum``: summed loss over this micro-batch's units (a scalar that back-propagates);
     ``count``: the units in it (a scalar tensor, equal to ``count(batch)``); ``metrics``: extra
     scalars to log (e.g. ``rewards/accuracies``), each a *sum* over units, divided by the global
-    count by the loop like the loss."""
+    count by the loop like the loss; ``ratios``: metrics that are means over units of their own
+    (``kl`` over completion tokens) as (numerator, denominator) sums, each added over micro-batches
+    and ranks by the loop before it divides."""
 
     loss_sum: torch.Tensor
     count: torch.Tensor
     metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class Objective(Protocol):
     data_objective: str
-    """Which collator the data loader uses: clm, mlm, span, sft or preference."""
+    """Which collator the data loader uses (a row of data.loader.DATA_OBJECTIVES)."""
 
     def count(self, batch: Batch) -> int:
         """Loss units in ``batch``, known before any forward."""
@@ -80,6 +88,7 @@ class ObjectiveName(enum.StrEnum):
     reward = "reward"
     classify = "classify"
     seq2seq = "seq2seq"
+    online = "online"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,7 @@ OBJECTIVES: dict[ObjectiveName, ObjectiveSpec] = {
     ObjectiveName.reward: ObjectiveSpec("reward", head="classifier"),
     ObjectiveName.classify: ObjectiveSpec("classify", head="classifier", class_labels=True),
     ObjectiveName.seq2seq: ObjectiveSpec("seq2seq"),
+    ObjectiveName.online: ObjectiveSpec("online"),
 }
 
 # what each pretraining architecture learns when train.objective is not set
@@ -113,7 +123,7 @@ def objective_name(cfg: RunConfig, task: str) -> ObjectiveName:
         return ObjectiveName(cfg.train.objective)
     if task == "pretrain":
         return PRETRAIN_OBJECTIVE[str(cfg.model.arch)]
-    return {"sft": ObjectiveName.sft, "align": ObjectiveName.preference}[task]
+    return {"sft": ObjectiveName.sft, "align": cfg.align.loss.objective}[task]
 
 
 def build_objective(name: str, ctx: ObjectiveContext) -> Objective:

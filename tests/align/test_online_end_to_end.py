@@ -1,0 +1,172 @@
+"""Online alignment end to end, on a task where learning shows in CPU seconds: two-digit additions.
+
+A tiny decoder is SFT'd on additions whose answers, where the units carry, forget the carry 60% of
+the time (``a + b - 10``): it learns to add, and the habit. GRPO with ``exact_match`` against the
+prompt records' answers then has to unlearn the habit from its own samples. Measured here (2 shared
+CPU cores): held-out greedy exact match 0.XX → 0.XX, training reward (first → last ten steps)
+0.XX → 0.XX, KL to the SFT model at most 0.XX per token. Resuming a GRPO run replays the same
+completions (the sampler's RNG is in the checkpoint), and bad inputs stop with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from common.config import merge, parse_overrides
+from common.errors import ConfigError, UserError
+from trainer.config import RunConfig
+from trainer.run import RunResult, run
+
+MODEL = {"preset": "tiny-llama", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 176,
+         "max_seq_len": 64}
+HELD_OUT = 200
+FORGET_CARRY = 0.6
+
+
+@dataclasses.dataclass(frozen=True)
+class Additions:
+    root: Path
+    tokenizer: Path
+    sft: Path
+    prompts: Path
+    held_out: list[tuple[int, int]]
+
+
+def record(a: int, b: int) -> dict[str, Any]:
+    return {"prompt": f"{a}+{b}", "answer": str(a + b), "operands": [a, b]}
+
+
+@pytest.fixture(scope="module")
+def additions(tmp_path_factory) -> Additions:
+    """Every pair of two-digit numbers, shuffled: 200 held out, 4,000 for SFT, the rest as prompts."""
+    from tokenizers import pre_tokenizers
+
+    from data.make_shards import make_shards
+    from data.tokenizer import special_tokens, train_tokenizer
+
+    root = tmp_path_factory.mktemp("additions")
+    rng = random.Random(0)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    rng.shuffle(pairs)
+    held_out, sft_pairs, prompt_pairs = pairs[:HELD_OUT], pairs[HELD_OUT:4200], pairs[4200:]
+    smallest = len(special_tokens()) + len(pre_tokenizers.ByteLevel.alphabet()) + 1  # digits stay apart
+    train_tokenizer([f"{a}+{b} {a + b}" for a, b in sft_pairs[:2000]], root / "tokenizer", vocab_size=smallest)
+
+    def answer(a: int, b: int) -> int:
+        carry = a % 10 + b % 10 >= 10
+        return a + b - 10 if carry and rng.random() < FORGET_CARRY else a + b
+
+    def shards(name: str, records: list[dict[str, Any]], kind: str) -> Path:
+        source = root / f"{name}.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+        make_shards([str(source)], root / "tokenizer", root / name, kind=kind)
+        return root / name
+
+    sft = shards("sft", [{"prompt": f"{a}+{b}", "completion": str(answer(a, b))} for a, b in sft_pairs], "sft")
+    prompts = shards("prompts", [record(a, b) for a, b in prompt_pairs], "prompt")
+    return Additions(root, root / "tokenizer", sft, prompts, held_out)
+
+
+def config(run_dir: Path, data: Path, *overrides: str) -> RunConfig:
+    raw = {
+        "model": dict(MODEL),
+        "data": {"train": str(data), "seq_len": 24, "num_workers": 0},
+        "train": {"micro_batch_size": 32, "max_steps": 800, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10,
+                  "seed": 0},
+        "checkpoint": {"keep_last": 1},
+        "log": {"dir": str(run_dir), "progress": False},
+    }
+    return RunConfig.from_dict(merge(raw, parse_overrides(list(overrides))))
+
+
+GRPO = ("align.loss=grpo", "align.reward=exact_match", "align.num_generations=8", "align.max_new_tokens=5",
+        "align.temperature=0.7", "align.beta=0.04", "train.micro_batch_size=16", "train.lr=3e-4",
+        "train.min_lr=3e-4", "train.warmup_steps=10")
+
+
+def greedy_exact_match(model_dir: Path, additions: Additions) -> float:
+    from data.conversations import encode_prompt
+    from data.tokenizer import load_tokenizer
+    from model.generate import generate
+    from model.io import load_pretrained
+
+    tokenizer = load_tokenizer(additions.tokenizer)
+    model = load_pretrained(model_dir).eval()
+    prompts = [encode_prompt(record(a, b), tokenizer)[0] for a, b in additions.held_out]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts])
+    out = generate(model, ids, attention_mask=(ids != tokenizer.pad_id).long(), max_new_tokens=5,
+                   eos_token_ids=[tokenizer.eos_id, tokenizer.end_id], pad_token_id=tokenizer.pad_id)
+    texts = [tokenizer.decode(row[width:].tolist(), skip_special_tokens=True).strip() for row in out]
+    return statistics.mean(t == str(a + b) for t, (a, b) in zip(texts, additions.held_out))
+
+
+def metrics(result: RunResult) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_run(additions, tmp_path_factory) -> RunResult:
+    return run(config(tmp_path_factory.mktemp("sft"), additions.sft), "sft")
+
+
+def test_grpo_raises_held_out_exact_match_with_bounded_kl(additions, sft_run, tmp_path):
+    before = greedy_exact_match(sft_run.checkpoint / "model", additions)
+    grpo = run(config(tmp_path, additions.prompts, f"model.init={sft_run.checkpoint}", "train.max_steps=60",
+                      *GRPO), "align")
+    after = greedy_exact_match(grpo.checkpoint / "model", additions)
+    steps = metrics(grpo)
+    rewards = [m["reward"] for m in steps]
+    early, late = statistics.mean(rewards[:10]), statistics.mean(rewards[-10:])
+    kl = max(m["kl"] for m in steps)
+    print(f"held-out exact match {before:.3f} -> {after:.3f}; reward {early:.3f} -> {late:.3f}; max kl {kl:.3f}")
+    assert after >= before + 0.10
+    assert late >= early + 0.05
+    assert kl < 1.0
+    for name in ("reward", "reward_std", "rewards/exact_match/mean", "frac_reward_zero_std", "kl", "entropy",
+                 "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+                 "time/generation_s", "time/rollout_s", "time/training_s"):
+        assert name in steps[-1], name
+    assert all(m["clip_ratio/region_mean"] == 0 for m in steps)  # one update per rollout: ratios are 1
+
+
+def test_resumed_grpo_samples_and_trains_as_the_uninterrupted_run(additions, tmp_path):
+    """From a fresh tiny model (no SFT): 4 steps straight vs 2 steps, stop, resume to 4."""
+    quick = (*GRPO, "train.micro_batch_size=4", "checkpoint.every=2", "model.n_layers=1")
+    straight = run(config(tmp_path / "straight", additions.prompts, "train.max_steps=4", *quick), "align")
+    run(config(tmp_path / "resumed", additions.prompts, "train.max_steps=2", *quick), "align")
+    resumed = run(config(tmp_path / "resumed", additions.prompts, "train.max_steps=4", *quick), "align")
+    assert resumed.losses == pytest.approx(straight.losses[2:], abs=1e-6)
+    tail = metrics(straight)[2:]
+    for name in ("reward", "completions/mean_length", "kl"):
+        assert [m[name] for m in metrics(resumed)[2:]] == pytest.approx([m[name] for m in tail], abs=1e-6)
+
+
+def test_bad_online_inputs_stop_with_one_line(additions, tmp_path):
+    from data.make_shards import make_shards
+
+    source = tmp_path / "no_answers.jsonl"
+    source.write_text(json.dumps({"prompt": "12+34"}) + "\n")
+    make_shards([str(source)], additions.tokenizer, tmp_path / "no_answers", kind="prompt")
+    quick = (*GRPO, "train.micro_batch_size=1", "train.max_steps=1", "model.n_layers=1")
+    cases = [
+        (tmp_path / "no_answers", (), UserError,
+         r"reward exact_match failed on no_answers\.jsonl record 0: KeyError: the record has no 'answer' field"),
+        (additions.prompts, ("align.reward=no_such_reward_module:score",), ConfigError,
+         r"align\.reward: module 'no_such_reward_module' does not import"),
+        (additions.prompts, ("align.max_new_tokens=48",), ConfigError,
+         r"align\.max_new_tokens=48 after prompts of up to data\.seq_len=24 tokens exceeds model\.max_seq_len=64"),
+        (additions.sft, (), UserError, r"holds sft shards; the prompt objective needs prompt shards"),
+    ]
+    for i, (data, overrides, error, message) in enumerate(cases):
+        with pytest.raises(error, match=message) as caught:
+            run(config(tmp_path / f"run{i}", data, *quick, *overrides), "align")
+        assert "\n" not in str(caught.value)

@@ -1,0 +1,201 @@
+"""Online alignment (``align.loss`` grpo or rloo): each step samples ``align.num_generations``
+completions per prompt from the current policy, scores them with ``align.reward``, turns the scores
+into advantages and trains on the clipped policy-gradient loss of :mod:`policy_gradient`.
+
+:meth:`OnlineObjective.rollout` runs before the loop counts units, so the loss is normalised by the
+global number of sequences (grpo, dr_grpo, rloo) or completion tokens (dapo), as TRL does. The
+sampler is a ``torch.Generator`` seeded with ``train.seed + rank`` whose state is saved with each
+rank's checkpoint state: a resumed run samples the same completions. Evaluation samples with a
+generator seeded afresh each time, so it neither shifts the training samples nor varies between
+evaluations. Metrics carry TRL's names: ``reward``, ``reward_std``, ``rewards/<name>/mean|std``,
+``frac_reward_zero_std``, ``kl``, ``entropy``, ``clip_ratio/{low,high,region}_mean``,
+``completions/{mean,min,max}_length``, ``completions/clipped_ratio``, and ``time/generation_s``
+beside the loop's ``time/rollout_s`` and ``time/training_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from common.errors import ConfigError
+from data.collate import prompt_records
+from model.config import SIZED_BY_MAX_SEQ_LEN
+from trainer.config import AlignLoss, ScaleRewards
+from trainer.distributed import all_gather_object
+from trainer.objectives import Batch, LossOutput, ObjectiveContext
+from trainer.objectives.policy_gradient import (
+    group_advantages,
+    grpo_loss,
+    kl_penalised,
+    leave_one_out_advantages,
+    rloo_loss,
+)
+from trainer.objectives.tokens import unwrap
+from trainer.rewards import Rewards, build_rewards
+from trainer.rollout import completion_logps, sample_completions
+
+if TYPE_CHECKING:
+    from trainer.config import AlignConfig
+    from trainer.strategy import Strategy
+
+EVAL_SEED_OFFSET = 1 << 20  # evaluation's sampler: far from any training rank's seed
+
+
+class OnlineObjective:
+    """Prompts in, rollouts made by :meth:`rollout`, the policy-gradient loss on them."""
+
+    data_objective = "prompt"
+
+    def __init__(self, align: AlignConfig, rewards: Rewards, tokenizer: Any, strategy: Strategy,
+                 reference: torch.nn.Module | None, seed: int) -> None:
+        self.align, self.rewards, self.tokenizer, self.strategy = align, rewards, tokenizer, strategy
+        self.reference = reference
+        self.seed = seed + strategy.env.rank
+        self.device = strategy.env.device
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)
+        self.stop_ids = sorted({tokenizer.eos_id, tokenizer.end_id})
+        self.token_units = align.loss is AlignLoss.grpo and align.loss_aggregation.token_units
+
+    # -- rollouts -----------------------------------------------------------------------------------
+
+    def rollout(self, model: torch.nn.Module, batches: list[Batch], train: bool = True
+                ) -> tuple[list[Batch], dict[str, float]]:
+        """Sample, score and attach advantages (and reference log-probs) to every micro-batch."""
+        generator = self.generator if train else torch.Generator(self.device).manual_seed(self.seed + EVAL_SEED_OFFSET)
+        out, stats, generation_s = [], [], 0.0
+        for batch in batches:
+            started = time.perf_counter()
+            ids, mask = batch["prompt_input_ids"].to(self.device), batch["prompt_attention_mask"].to(self.device)
+            with self.strategy.autocast():
+                completions = sample_completions(
+                    model, ids, mask, num_generations=self.align.num_generations,
+                    max_new_tokens=self.align.max_new_tokens, temperature=self.align.temperature,
+                    top_p=self.align.top_p, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
+                    generator=generator, stop_when_done=not self.strategy.cfg.strategy.shards_parameters,
+                )
+            generation_s += time.perf_counter() - started
+            per_function = self.score(batch, ids, mask, completions)
+            rolled = self.attach(completions, self.rewards.total(per_function))
+            out.append(rolled)
+            stats.append({"rewards": per_function, "lengths": completions.completion_mask.sum(1).cpu(),
+                          "truncated": completions.truncated.cpu()})
+        return out, self.metrics(stats) | {"time/generation_s": generation_s}
+
+    def score(self, batch: Batch, ids: torch.Tensor, mask: torch.Tensor, completions: Any) -> torch.Tensor:
+        """Per-function rewards [N, F] of the decoded completions against their prompts' records."""
+        group = self.align.num_generations
+        records = [r for r in prompt_records(batch) for _ in range(group)]
+        prompts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                   for row, m in zip(ids, mask)]
+        texts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                 for row, m in zip(completions.completion_ids, completions.completion_mask)]
+        return self.rewards.score([p for p in prompts for _ in range(group)], texts, [r for _, r in records],
+                                  [name for name, _ in records])
+
+    @torch.no_grad()
+    def attach(self, completions: Any, rewards: torch.Tensor) -> Batch:
+        """The training batch: sequences, masks, advantages, and what the KL term needs."""
+        align, group = self.align, self.align.num_generations
+        batch = {"input_ids": completions.input_ids, "attention_mask": completions.attention_mask,
+                 "completion_mask": completions.completion_mask,
+                 "prompt_length": torch.tensor(completions.prompt_length), "rewards": rewards.float()}
+        ref_logps = self.logps(self.reference, completions) if self.reference is not None else None
+        if align.loss is AlignLoss.grpo:
+            advantages = group_advantages(rewards, group, scale=align.scale_rewards is ScaleRewards.group)
+            if ref_logps is not None:
+                batch["ref_logps"] = ref_logps
+        else:
+            if ref_logps is not None:  # RLOO's KL is a reward penalty from the sampling policy's log-probs
+                old_logps = self.logps(self.strategy.model, completions)
+                rewards, kl = kl_penalised(rewards, old_logps.double(), ref_logps.double(),
+                                           completions.completion_mask, align.beta)
+                batch["kl"] = kl.float()
+            advantages = leave_one_out_advantages(rewards, group, normalize=align.normalize_advantages)
+        batch["advantages"] = advantages.float()
+        return batch
+
+    def logps(self, model: torch.nn.Module, completions: Any) -> torch.Tensor:
+        with self.strategy.autocast():
+            logps, _ = completion_logps(model, completions.input_ids, completions.attention_mask,
+                                        completions.prompt_length, self.align.temperature)
+        return logps
+
+    def metrics(self, stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """TRL's rollout metrics over every rank's completions of this step."""
+        merged = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+        every = all_gather_object(merged)
+        per_function = torch.cat([g["rewards"] for g in every])
+        lengths = torch.cat([g["lengths"] for g in every]).double()
+        truncated = torch.cat([g["truncated"] for g in every])
+        total = self.rewards.total(per_function)
+        grouped_std = total.view(-1, self.align.num_generations).std(1)
+        out = {
+            "reward_std": total.std().item(),
+            "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).double().mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": truncated.double().mean().item(),
+        }
+        for j, name in enumerate(self.rewards.names):
+            out[f"rewards/{name}/mean"] = per_function[:, j].mean().item()
+            out[f"rewards/{name}/std"] = per_function[:, j].std().item()
+        return out
+
+    # -- the loss -----------------------------------------------------------------------------------
+
+    def count(self, batch: Batch) -> int:
+        mask = batch["completion_mask"]
+        return int(mask.sum()) if self.token_units else int(mask.shape[0])
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
+        align, mask = self.align, batch["completion_mask"]
+        logps, entropy = completion_logps(model, batch["input_ids"], batch["attention_mask"],
+                                          int(batch["prompt_length"]), align.temperature, with_entropy=True)
+        if align.loss is AlignLoss.grpo:
+            out = grpo_loss(logps, batch["advantages"], mask, ref_logps=batch.get("ref_logps"), beta=align.beta,
+                            epsilon=align.epsilon, epsilon_high=align.epsilon_high,
+                            aggregation=align.loss_aggregation, max_new_tokens=align.max_new_tokens)
+        else:
+            out = rloo_loss(logps, batch["advantages"], mask, epsilon=align.epsilon, epsilon_high=align.epsilon_high)
+        tokens, sequences = mask.sum().double(), torch.tensor(float(mask.shape[0]), device=mask.device)
+        ratios = dict(out.ratios)
+        ratios["entropy"] = ((entropy.detach() * mask).sum(), tokens)
+        ratios["reward"] = (batch["rewards"].sum(), sequences)
+        if "kl" in batch:
+            ratios["kl"] = (batch["kl"].sum(), tokens)
+        return LossOutput(loss_sum=out.loss_sum, count=out.units, ratios=ratios)
+
+    # -- checkpointed state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"sampler": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["sampler"])
+
+
+def check_lengths(ctx: ObjectiveContext) -> None:
+    """The longest prompt (data.seq_len tokens) plus max_new_tokens must fit the model's positions."""
+    config = unwrap(ctx.model).config
+    longest = ctx.cfg.data.seq_len + ctx.cfg.align.max_new_tokens
+    if config.pos in SIZED_BY_MAX_SEQ_LEN and longest > config.max_seq_len:
+        raise ConfigError(
+            f"align.max_new_tokens={ctx.cfg.align.max_new_tokens} after prompts of up to data.seq_len="
+            f"{ctx.cfg.data.seq_len} tokens exceeds model.max_seq_len={config.max_seq_len}; lower one of them"
+        )
+
+
+def build(ctx: ObjectiveContext) -> OnlineObjective:
+    """Rewards resolved (and user modules imported) before any step; the reference, when β > 0, is a
+    frozen copy of the starting model held by the strategy like the policy."""
+    from trainer.reference import live_reference
+
+    align = ctx.cfg.align
+    check_lengths(ctx)
+    rewards = build_rewards(align.reward, align.reward_weights)
+    reference = live_reference(ctx) if align.beta else None
+    return OnlineObjective(align, rewards, ctx.tokenizer, ctx.strategy, reference, ctx.cfg.train.seed)
