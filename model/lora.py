@@ -114,8 +114,8 @@ class LowRank(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B)
+    def forward(self, x: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A) * scaling, self.B)  # scaled at rank r: one small temporary
 
     @torch.no_grad()
     def reset_adapter(self, generator: torch.Generator | None = None) -> None:
@@ -142,7 +142,7 @@ class LoRALinear(nn.Linear):
         device, dtype = self.weight.device, self.weight.dtype
         self.lora = nn.ModuleDict({name: LowRank(self.in_features, rows[name], cfg.rank, cfg.init, device, dtype)
                                    for name, _ in parts if name in adapted})
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.merged = False
         self.disabled = False
         for adapter in self.lora.values():
@@ -152,7 +152,7 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return out
-        pieces = [self.lora[name](self.dropout(x)) * self.scaling if name in self.lora
+        pieces = [self.lora[name](self.dropout(x), self.scaling) if name in self.lora
                   else out.new_zeros(*out.shape[:-1], rows) for name, rows in self.parts]
         return out + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
 
