@@ -1,8 +1,10 @@
 """Preparation: raw documents → normalised, filtered, deduplicated ``documents.jsonl`` + ``report.json``.
 
-Stages run per document in order: normalisation (an empty result is dropped as ``empty``), the
-quality filters (:mod:`data.filters`), exact dedup, then MinHash near dedup (on batches of documents,
-in order, so the outcome is that of one document at a time). The report counts how
+Stages run per document in ``STAGES`` order (FineWeb's, with decontamination after the quality
+filters): the URL block list, normalisation (an empty result is dropped as ``empty``), language
+identification, the quality filters (:mod:`data.filters`), n-gram decontamination against
+evaluation files, exact dedup, then MinHash near dedup (on batches of documents, in order, so the
+outcome is that of one document at a time); the optional ones run when asked for. The report counts how
 many documents each rule removed, keeps a few examples of each, and records the throughput.
 Documents stream through one at a time: memory stays flat except for the dedup indexes.
 """
@@ -19,10 +21,15 @@ from typing import Any
 from common.errors import UserError
 from data import filters as filter_registry
 from data.dedup import ExactDedup, MinHashDedup
+from data.filters.decontamination import DEFAULT_NGRAM, Decontamination
+from data.filters.language import DEFAULT_THRESHOLD, LanguageFilter
+from data.filters.url import URLBlocklist
 from data.pii import redact
 from data.readers import Document, expand_inputs, iter_documents, txt_modes
 from data.text import TextView, normalize
 
+STAGES = ("url_blocklist", "normalise", "language", "quality filters", "decontaminated", "exact_duplicate",
+          "near_duplicate")
 DEDUPS = ("exact", "minhash")
 EXAMPLE_CHARS = 300
 DEDUP_BATCH_CHARS = 200_000  # documents are deduplicated in batches of about this much text
@@ -42,11 +49,18 @@ def prepare(
     inputs: Iterable[str | Path], out_dir: str | Path, *, text_field: str = "text", txt_mode: str = "auto",
     filters: str | list[str] = "gopher,c4,fineweb", dedup: str | list[str] = "exact,minhash",
     unicode_form: str = "NFC", minhash_bands: int = 14, minhash_rows: int = 8, minhash_ngram: int = 5,
-    examples_per_rule: int = 3, pii: bool = False,
+    examples_per_rule: int = 3, pii: bool = False, languages: list[str] | None = None,
+    language_threshold: float = DEFAULT_THRESHOLD, decontaminate: list[str | Path] | None = None,
+    decontaminate_ngram: int = DEFAULT_NGRAM, url_blocklist: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline and write ``out_dir/documents.jsonl`` and ``out_dir/report.json``; returns the report."""
     inputs = expand_inputs(inputs)  # a missing input fails here, before anything is written
-    chosen_filters = filter_registry.build(filters)
+    urls = URLBlocklist(url_blocklist) if url_blocklist else None
+    chosen_filters = [
+        *([LanguageFilter(languages, language_threshold)] if languages else []),
+        *filter_registry.build(filters),
+        *([Decontamination(decontaminate, decontaminate_ngram)] if decontaminate else []),
+    ]
     dedups = parse_dedup(dedup)
     exact = ExactDedup() if "exact" in dedups else None
     near = MinHashDedup(ngram=minhash_ngram, bands=minhash_bands, rows=minhash_rows) if "minhash" in dedups else None
@@ -84,7 +98,8 @@ def prepare(
         for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, skipped=skipped):
             seen += 1
             bytes_in += len(doc.text.encode("utf-8"))
-            verdict = _filter(doc.text, unicode_form, chosen_filters)
+            blocked = urls(doc.meta.get("url")) if urls else None
+            verdict = f"{urls.name}:{blocked}" if blocked else _filter(doc.text, unicode_form, chosen_filters)
             if isinstance(verdict, str):
                 note(verdict, doc)
                 continue
@@ -102,6 +117,10 @@ def prepare(
         "documents_in": seen, "documents_out": kept,
         "skipped": dict(skipped.most_common()), "removed": dict(removed.most_common()), "examples": examples,
         "filters": [f.name for f in chosen_filters], "dedup": dedups,
+        "url_blocklist": str(url_blocklist) if url_blocklist else None,
+        "languages": {"keep": languages, "threshold": language_threshold} if languages else None,
+        "decontaminate": {"files": [str(p) for p in decontaminate], "ngram": decontaminate_ngram}
+        if decontaminate else None,
         "pii_redacted": {"email": redacted["email"], "ipv4": redacted["ipv4"]} if pii else None,
         "minhash": {"ngram": minhash_ngram, "bands": minhash_bands, "rows": minhash_rows} if near else None,
         "bytes_in": bytes_in, "bytes_out": bytes_out, "seconds": round(seconds, 3),

@@ -20,6 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unicode", default="NFC", choices=["NFC", "NFKC", "none"], help="Unicode normal form")
     parser.add_argument("--pii", action="store_true",
                         help="replace emails and public IPv4 addresses in the kept documents (as datatrove does)")
+    parser.add_argument("--languages", help="keep only these languages (comma list of ISO 639-1 codes, e.g. en,fr), "
+                                           "identified by py3langid's model (it ships in the package)")
+    parser.add_argument("--language-threshold", type=float, default=0.65,
+                        help="minimum language probability to keep a document (default 0.65, as datatrove)")
+    parser.add_argument("--decontaminate", nargs="+", metavar="EVAL_FILE",
+                        help="remove documents sharing an n-gram with these evaluation files' items (.jsonl/.json "
+                             "records with question/answer or choices+label fields, or .txt lines)")
+    parser.add_argument("--decontaminate-ngram", type=int, default=12, help="n-gram length (default 12, as datatrove)")
+    parser.add_argument("--url-blocklist", help="a file of blocked domains / URL prefixes, one a line, checked against "
+                                                "each document's url field (WARC pages have one)")
     parser.add_argument("--minhash-bands", type=int, default=14)
     parser.add_argument("--minhash-rows", type=int, default=8)
     parser.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
@@ -32,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         args.inputs, args.out, text_field=args.text_field, txt_mode=args.txt_mode, filters=args.filters,
         dedup=args.dedup, unicode_form="" if args.unicode == "none" else args.unicode,
         minhash_bands=args.minhash_bands, minhash_rows=args.minhash_rows, minhash_ngram=args.minhash_ngram,
-        pii=args.pii,
+        pii=args.pii, languages=args.languages.split(",") if args.languages else None,
+        language_threshold=args.language_threshold, decontaminate=args.decontaminate,
+        decontaminate_ngram=args.decontaminate_ngram, url_blocklist=args.url_blocklist,
     )
     print(f"kept {report['documents_out']} of {report['documents_in']} documents "
           f"({report['bytes_in'] / 1e6:.2f} MB in {report['seconds']:.1f} s, {report['mb_per_s']} MB/s) → {args.out}")
