@@ -22,6 +22,7 @@ from torch import nn
 from common.errors import UserError
 from model import kernels
 from model.config import Attn, Kernels, ModelConfig
+from model.norm import RMSNorm
 from model.position import apply_rope
 
 
@@ -241,12 +242,14 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 memory: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         if self.cross:
-            q = self.q(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+            q = self._norm_q(self.q(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2))
             if cache is not None and self.layer_id in cache.entries:
                 k, v = cache.entries[self.layer_id]
             else:
@@ -256,7 +259,7 @@ class Attention(nn.Module):
         else:
             q_dim = self.n_heads * self.head_dim
             qkv = self.qkv(x)
-            q = qkv[..., :q_dim].view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+            q = self._norm_q(qkv[..., :q_dim].view(batch, length, self.n_heads, self.head_dim).transpose(1, 2))
             k, v = self._split_kv(qkv[..., q_dim:])
             if rope is not None and kernels.use_liger(self.liger, q):
                 q, k = kernels.rope(q, k, *rope)
@@ -274,4 +277,8 @@ class Attention(nn.Module):
     def _split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = kv.shape
         kv = kv.view(batch, length, 2, self.n_kv_heads, self.head_dim)
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        k = kv[:, :, 0].transpose(1, 2)
+        return (self.k_norm(k) if self.k_norm is not None else k), kv[:, :, 1].transpose(1, 2)
+
+    def _norm_q(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(q) if self.q_norm is not None else q

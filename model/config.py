@@ -68,7 +68,7 @@ class Kernels(enum.StrEnum):
 
 @dataclasses.dataclass
 class ModelConfig(Config):
-    """Shape and choices of a Transformer. ``head_dim`` is ``d_model // n_heads``.
+    """Shape and choices of a Transformer. ``head_dim`` is ``attn_head_dim`` or ``d_model // n_heads``.
 
     Refused combinations: pos=none outside arch=decoder (nothing would tell positions apart);
     pos=alibi with encoder_decoder (cross-attention has no distance); sliding_window outside
@@ -84,6 +84,8 @@ class ModelConfig(Config):
     n_decoder_layers: int | None = None  # encoder_decoder only; None means n_layers
     n_heads: int = 4
     n_kv_heads: int | None = None  # None means n_heads (MHA); 1 is MQA
+    attn_head_dim: int | None = None  # None means d_model // n_heads (Qwen3, Mistral-Nemo set their own)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     d_ff: int = 256
     max_seq_len: int = 1024
     pos: Pos = Pos.rope
@@ -124,7 +126,7 @@ class ModelConfig(Config):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def expert_d_ff(self) -> int:
@@ -162,8 +164,11 @@ class ModelConfig(Config):
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "n_labels"):
             if getattr(self, key) < 1:
                 fail(key, f"must be at least 1, got {getattr(self, key)}")
-        if self.d_model % self.n_heads:
-            fail("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
+            fail("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} "
+                 "(or set attn_head_dim)")
+        if self.attn_head_dim is not None and self.attn_head_dim < 1:
+            fail("attn_head_dim", f"must be at least 1 (or unset), got {self.attn_head_dim}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             fail("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.n_decoder_layers is not None and self.arch != Arch.encoder_decoder:

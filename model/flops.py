@@ -33,7 +33,7 @@ def _mlp(cfg: ModelConfig, d_ff: int) -> int:
 def _block(cfg: ModelConfig, cross: bool, active: bool) -> int:
     d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     q_proj, kv_proj = _linear(cfg, d, q, cfg.bias or cfg.qkv_bias), _linear(cfg, d, 2 * kv, cfg.bias or cfg.qkv_bias)
-    attention = q_proj + kv_proj + _linear(cfg, q, d) + _norm(cfg)
+    attention = q_proj + kv_proj + _linear(cfg, q, d) + _norm(cfg) + 2 * cfg.head_dim * cfg.qk_norm
     if cfg.n_experts:
         experts = cfg.experts_per_token if active else cfg.n_experts
         mlp = d * cfg.n_experts + experts * _mlp(cfg, cfg.expert_d_ff) + d * cfg.shared_expert_gate

@@ -1,5 +1,5 @@
 """Hugging Face interop: LlamaForCausalLM, GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration,
-MixtralForCausalLM, Qwen2MoeForCausalLM.
+Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM.
 
 Pure tensor mapping (no transformers import): each layout is a :class:`Layout` that translates
 ``config.json`` to a ``ModelConfig`` and back, and lists which HF tensors make each Tessera tensor
@@ -77,8 +77,11 @@ def _llama_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     _require_equal(hf, "hidden_act", "silu", "Llama MLP must be SwiGLU")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         raise UserError("config.json: attention_bias and mlp_bias differ; Tessera has one bias switch")
-    _head_dim_check(hf, hf["hidden_size"], hf["num_attention_heads"], "head_dim")
+    head_dim = hf.get("head_dim")
+    implied = hf["hidden_size"] // hf["num_attention_heads"]
+    explicit = head_dim is not None and (head_dim != implied or hf["hidden_size"] % hf["num_attention_heads"])
     return {
+        "attn_head_dim": head_dim if explicit else None,
         "arch": "decoder", "pos": "rope", "norm": "rmsnorm", "norm_position": "pre", "mlp": "swiglu",
         "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
         "n_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
@@ -118,10 +121,22 @@ def _llama_entries(cfg: ModelConfig, mlp: Callable[[str, str], list[Entry]] | No
         else:
             out += _linear(f"{us}.mlp.up", f"{hf}.mlp.", cfg.bias, parts=("gate_proj", "up_proj"))
             out += _linear(f"{us}.mlp.down", f"{hf}.mlp.down_proj", cfg.bias)
+        if cfg.qk_norm:
+            out += _norm(f"{us}.attn.q_norm", f"{hf}.self_attn.q_norm", False)
+            out += _norm(f"{us}.attn.k_norm", f"{hf}.self_attn.k_norm", False)
         out += _norm(f"{us}.attn_norm", f"{hf}.input_layernorm", False)
         out += _norm(f"{us}.mlp_norm", f"{hf}.post_attention_layernorm", False)
     out += _norm("stack.final_norm", "model.norm", False)
     return out
+
+
+def _qwen3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    _require_equal(hf, "use_sliding_window", False, "per-layer sliding windows")
+    return {**_llama_from_hf(hf), "qk_norm": True}
+
+
+def _qwen3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_llama_to_hf(cfg), "use_sliding_window": False}
 
 
 # --- Mixtral and Qwen2-MoE (Llama attention, MoE MLPs) -----------------------------------------
@@ -139,7 +154,10 @@ def _experts(ours: str, hf: str, cfg: ModelConfig, gate: str, up: str, down: str
 def _moe_from_hf(hf: dict[str, Any], n_experts_key: str) -> dict[str, Any]:
     """Llama's keys plus the router's; ``d_ff`` (dense) stays as given, experts get ``moe_d_ff``."""
     raw = _llama_from_hf({**hf, "attention_bias": False, "mlp_bias": False})
-    raw.update(n_experts=hf[n_experts_key], experts_per_token=hf["num_experts_per_tok"], router_gating="softmax",
+    n_experts = hf.get(n_experts_key, hf.get("num_local_experts"))  # transformers 5 may save either name
+    if n_experts is None:
+        raise UserError(f"config.json: missing key {n_experts_key!r}")
+    raw.update(n_experts=n_experts, experts_per_token=hf["num_experts_per_tok"], router_gating="softmax",
                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), router_z_loss_coef=0.0)
     return raw
 
@@ -173,11 +191,15 @@ def _mixtral_entries(cfg: ModelConfig) -> list[Entry]:
     return _llama_entries(cfg, mlp)
 
 
-def _qwen2_moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+def _every_layer_sparse(hf: dict[str, Any]) -> None:
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise UserError("config.json: mlp_only_layers / decoder_sparse_step (dense layers among MoE ones) "
                         "are not supported; every layer must be sparse")
     _require_equal(hf, "use_sliding_window", False, "per-layer sliding windows")
+
+
+def _qwen2_moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    _every_layer_sparse(hf)
     if not hf.get("shared_expert_intermediate_size"):
         raise UserError("config.json: shared_expert_intermediate_size must be > 0 (Qwen2-MoE's shared expert)")
     raw = _moe_from_hf(hf, "num_experts")
@@ -191,6 +213,27 @@ def _qwen2_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "shared_expert_intermediate_size": cfg.shared_expert_d_ff, "norm_topk_prob": cfg.router_norm_topk,
             "qkv_bias": cfg.qkv_bias, "decoder_sparse_step": 1, "mlp_only_layers": [],
             "use_sliding_window": False}
+
+
+def _qwen3_moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    _every_layer_sparse(hf)
+    _require_equal(hf, "attention_bias", False, "MoE models have no biases")
+    return {**_moe_from_hf(hf, "num_experts"), "moe_d_ff": hf["moe_intermediate_size"],
+            "router_norm_topk": hf.get("norm_topk_prob", False), "qk_norm": True}
+
+
+def _qwen3_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_moe_to_hf(cfg, "num_experts"), "moe_intermediate_size": cfg.expert_d_ff,
+            "norm_topk_prob": cfg.router_norm_topk, "attention_bias": False, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "use_sliding_window": False}
+
+
+def _qwen3_moe_entries(cfg: ModelConfig) -> list[Entry]:
+    def mlp(ours: str, hf: str) -> list[Entry]:
+        return [(f"{ours}.router.weight", (f"{hf}.mlp.gate.weight",), False),
+                *_experts(f"{ours}.experts", f"{hf}.mlp.experts", cfg, "gate_proj", "up_proj", "down_proj")]
+
+    return _llama_entries(cfg, mlp)
 
 
 def _qwen2_moe_entries(cfg: ModelConfig) -> list[Entry]:
@@ -354,13 +397,14 @@ def _t5_entries(cfg: ModelConfig) -> list[Entry]:
     return out
 
 
-_DENSE = {"n_experts": 0, "qkv_bias": False}
+_DENSE = {"n_experts": 0, "qkv_bias": False, "qk_norm": False}
 _COMMON = {"attn_scale": None, "sliding_window": None, "scale_output": False, **_DENSE}
+_STANDARD_HEADS = {"attn_head_dim": None}  # layouts whose head size is always d_model / n_heads
 _SINGLE_KV = {"n_kv_heads": "n_heads"}  # marker: these layouts have no grouped KV heads
 _MOE = "> 0"  # marker: n_experts > 0
 _LLAMA_SHAPE = {"arch": Arch.decoder, "pos": Pos.rope, "norm": Norm.rmsnorm, "norm_position": NormPosition.pre,
                 "mlp": Mlp.swiglu, "bias": False, "attn_scale": None, "scale_output": False, "n_experts": _MOE,
-                "router_gating": RouterGating.softmax, "moe_capacity_factor": None}
+                "router_gating": RouterGating.softmax, "moe_capacity_factor": None, "qk_norm": False}
 
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout("LlamaForCausalLM", "llama", "model.embed_tokens.weight", "lm_head.weight",
@@ -368,18 +412,20 @@ LAYOUTS: dict[str, Layout] = {
                      "norm_position": NormPosition.pre, "mlp": Mlp.swiglu},
                     _llama_from_hf, _llama_to_hf, _llama_entries),
     "gpt2": Layout("GPT2LMHeadModel", "gpt2", "transformer.wte.weight", "lm_head.weight",
-                   {**_COMMON, **_SINGLE_KV, "arch": Arch.decoder, "pos": Pos.learned, "norm": Norm.layernorm,
+                   {**_COMMON, **_SINGLE_KV, **_STANDARD_HEADS, "arch": Arch.decoder, "pos": Pos.learned,
+                    "norm": Norm.layernorm,
                     "norm_position": NormPosition.pre, "mlp": Mlp.gelu, "bias": True},
                    _gpt2_from_hf, _gpt2_to_hf, _gpt2_entries),
     "bert": Layout("BertForMaskedLM", "bert", "bert.embeddings.word_embeddings.weight",
                    "cls.predictions.decoder.weight",
-                   {**_COMMON, **_SINGLE_KV, "arch": Arch.encoder, "pos": Pos.learned, "norm": Norm.layernorm,
+                   {**_COMMON, **_SINGLE_KV, **_STANDARD_HEADS, "arch": Arch.encoder, "pos": Pos.learned,
+                    "norm": Norm.layernorm,
                     "norm_position": NormPosition.post, "mlp": Mlp.gelu, "bias": True},
                    _bert_from_hf, _bert_to_hf, _bert_entries),
     "t5": Layout("T5ForConditionalGeneration", "t5", "shared.weight", "lm_head.weight",
-                 {**_SINGLE_KV, **_DENSE, "arch": Arch.encoder_decoder, "pos": Pos.t5_bias, "norm": Norm.rmsnorm,
-                  "norm_position": NormPosition.pre, "mlp": Mlp.geglu, "bias": False, "attn_scale": 1.0,
-                  "gelu_tanh": True, "sliding_window": None},
+                 {**_SINGLE_KV, **_DENSE, **_STANDARD_HEADS, "arch": Arch.encoder_decoder, "pos": Pos.t5_bias,
+                  "norm": Norm.rmsnorm, "norm_position": NormPosition.pre, "mlp": Mlp.geglu, "bias": False,
+                  "attn_scale": 1.0, "gelu_tanh": True, "sliding_window": None},
                  _t5_from_hf, _t5_to_hf, _t5_entries),
     "mixtral": Layout("MixtralForCausalLM", "mixtral", "model.embed_tokens.weight", "lm_head.weight",
                       {**_LLAMA_SHAPE, "qkv_bias": False, "router_norm_topk": True, "shared_expert_d_ff": 0},
@@ -387,6 +433,14 @@ LAYOUTS: dict[str, Layout] = {
     "qwen2_moe": Layout("Qwen2MoeForCausalLM", "qwen2_moe", "model.embed_tokens.weight", "lm_head.weight",
                         {**_LLAMA_SHAPE, "sliding_window": None, "shared_expert_gate": True},
                         _qwen2_moe_from_hf, _qwen2_moe_to_hf, _qwen2_moe_entries),
+    "qwen3": Layout("Qwen3ForCausalLM", "qwen3", "model.embed_tokens.weight", "lm_head.weight",
+                    {**_COMMON, "qk_norm": True, "arch": Arch.decoder, "pos": Pos.rope, "norm": Norm.rmsnorm,
+                     "norm_position": NormPosition.pre, "mlp": Mlp.swiglu},
+                    _qwen3_from_hf, _qwen3_to_hf, _llama_entries),
+    "qwen3_moe": Layout("Qwen3MoeForCausalLM", "qwen3_moe", "model.embed_tokens.weight", "lm_head.weight",
+                        {**_LLAMA_SHAPE, "qk_norm": True, "qkv_bias": False, "sliding_window": None,
+                         "shared_expert_d_ff": 0},
+                        _qwen3_moe_from_hf, _qwen3_moe_to_hf, _qwen3_moe_entries),
 }
 
 

@@ -30,6 +30,13 @@ SPECS = {
         shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_experts=5, num_experts_per_tok=3, norm_topk_prob=False, max_position_embeddings=64,
         tie_word_embeddings=True, rope_theta=500.0)),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True, rope_theta=500.0)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=64, tie_word_embeddings=False, rope_theta=500.0)),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
     "bert": ("BertForMaskedLM", "BertConfig", dict(

@@ -25,3 +25,15 @@ def test_known_sizes_and_palm_flops():
     expected = 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 2048
     assert flops_per_token(cfg, 2048) == expected
     assert flops_per_token(cfg, 4096) > flops_per_token(cfg, 2048)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"qk_norm": True, "attn_head_dim": 12},
+    {"arch": "encoder_decoder", "pos": "t5_bias", "qk_norm": True, "qkv_bias": True},
+    {"n_experts": 4, "experts_per_token": 2, "moe_d_ff": 24, "shared_expert_d_ff": 40, "shared_expert_gate": True},
+])
+def test_parameter_count_matches_for_head_sizes_norms_and_experts(overrides):
+    cfg = ModelConfig.from_dict({"preset": "tiny-llama", **overrides})
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())

@@ -50,6 +50,9 @@ def test_greedy_equals_transformers_for_t5(tmp_path):
     {"pos": "t5_bias"},
     {"arch": "encoder_decoder", "pos": "t5_bias"},
     {"arch": "encoder_decoder", "pos": "sinusoidal", "attn": "eager"},
+    {"pos": "rope", "qk_norm": True, "attn_head_dim": 12},
+    {"arch": "encoder_decoder", "pos": "t5_bias", "qk_norm": True},
+    {"pos": "rope", "n_experts": 4, "experts_per_token": 2, "shared_expert_d_ff": 16},
 ])
 def test_cached_decoding_equals_uncached_with_left_padding(overrides):
     model = build_model(tiny(init_std=0.3, **overrides))
