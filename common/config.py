@@ -70,13 +70,16 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(arg, value, key)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_name(tp)}")
+                errors[arg] = str(exc)
+        shaped = [arg for arg in errors if _container(arg) is not None and isinstance(value, _container(arg))]
+        if len(errors) == 1 or len(shaped) == 1:  # the alternative of the value's own shape says what is wrong inside
+            raise ConfigError(errors[shaped[0]] if shaped else next(iter(errors.values())))
+        raise ConfigError(f"{key}: {value!r} matches none of {_name(tp)}")
     if origin is typing.Literal:
         if value in args:
             return value
@@ -158,6 +161,9 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        elif isinstance(value, dict) and out.get(key) is not None:  # `model: 5` + model.* overrides
+            raise ConfigError(f"{key}: must be a mapping of keys (a section), got {out[key]!r}; "
+                              f"{', '.join(f'{key}.{k}' for k in value)} set keys inside it")
         else:
             out[key] = value
     return out
@@ -219,6 +225,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _container(tp: Any) -> tuple[type, ...] | None:
+    """The Python types a value of annotation ``tp`` comes as when it is a list or a mapping, else None."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return (list, tuple)
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, Config)):
+        return (dict,)
+    return None
 
 
 def _number(value: Any) -> float | None:

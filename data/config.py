@@ -26,7 +26,7 @@ class DatasetSpec(Config):
         if not self.path:
             raise ConfigError(f"{where}.path: give the shard directory")
         if self.weight <= 0:
-            raise ConfigError(f"{where}.weight: must be positive, got {self.weight}")
+            raise ConfigError(f"{where}.weight: weight must be > 0 (a share of the mixture), got {self.weight}")
 
 
 @dataclasses.dataclass

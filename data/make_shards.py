@@ -47,18 +47,22 @@ def make_shards(
     num_workers: int = 1, labels: list[str] | None = None,
 ) -> tuple[ShardManifest, Counter[str]]:
     """Tokenize ``inputs`` and write shards of ``kind`` into ``out_dir``; returns the manifest and
-    the counts of skipped records by reason. ``labels`` fixes the label order of classification
-    shards (default: sorted), so train and valid splits agree."""
+    the counts of skipped records by reason (``skip_bad``: bad records and lines that are not JSON).
+    ``labels`` fixes the label order of classification shards (default: sorted), so train and valid
+    splits agree."""
     tokenizer = load_tokenizer(tokenizer_dir)
     extra: dict[str, Any] = {}
+    skipped: Counter[str] = Counter()
+    invalid_utf8: Counter[str] = Counter()
     if kind == "text":
         items: Iterable[tuple[str, Any]] = (
-            (d.id, d.text) for d in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode)
+            (d.id, d.text)
+            for d in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, invalid_utf8=invalid_utf8)
         )
     elif kind in TASK_KINDS:
         items, extra = task_items(inputs, kind, labels)
     else:
-        items = iter_records(inputs)
+        items = iter_records(inputs, skipped if skip_bad else None, invalid_utf8)
     writer = ShardWriter(
         out_dir, kind=kind, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
         shard_bytes=shard_bytes,
@@ -66,15 +70,17 @@ def make_shards(
                **extra},
     )
     options = {"kind": kind, "append_eos": append_eos, "add_bos": add_bos, "max_len": max_len, "skip_bad": skip_bad}
-    skipped: Counter[str] = Counter()
     for names, samples, reasons in _encode_chunks(items, str(tokenizer_dir), options, num_workers):
         skipped.update(reasons)
         for name, arrays in zip(names, samples):
             if arrays is not None:
                 writer.write(arrays, {"id": name} if metadata else None)
     manifest = writer.close()
+    if invalid_utf8:  # replaced by U+FFFD, counted per file
+        manifest.extra["invalid_utf8_bytes"] = dict(invalid_utf8)
     if skipped:
         manifest.extra["skipped"] = dict(skipped)
+    if skipped or invalid_utf8:
         manifest.save()
     return manifest, skipped
 

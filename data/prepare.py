@@ -69,6 +69,7 @@ def prepare(
     removed: Counter[str] = Counter()
     redacted: Counter[str] = Counter()
     skipped: Counter[str] = Counter()  # input records that gave no document (WARC: not HTML, not 200, cut short)
+    invalid_utf8: Counter[str] = Counter()  # per file: bytes that were not UTF-8, replaced by U+FFFD
     examples: dict[str, list[dict[str, str]]] = {}
     seen = kept = bytes_in = bytes_out = 0
     started = time.perf_counter()
@@ -95,7 +96,8 @@ def prepare(
     pending_chars = 0
     partial = out / "documents.jsonl.partial"  # renamed when complete: a failed run leaves no half file
     with partial.open("w", encoding="utf-8") as sink:
-        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, skipped=skipped):
+        for doc in iter_documents(inputs, text_field=text_field, txt_mode=txt_mode, skipped=skipped,
+                                  invalid_utf8=invalid_utf8):
             seen += 1
             bytes_in += len(doc.text.encode("utf-8"))
             blocked = urls(doc.meta.get("url")) if urls else None
@@ -109,6 +111,10 @@ def prepare(
                 flush()
                 pending_chars = 0
         flush()
+    if not seen:
+        partial.unlink()
+        gave = f" (records that gave no document: {dict(skipped)})" if skipped else ""
+        raise UserError(f"no documents in {', '.join(map(str, inputs))}: the inputs are empty{gave}")
     partial.replace(out / "documents.jsonl")
     seconds = time.perf_counter() - started
     report = {
@@ -116,6 +122,7 @@ def prepare(
         "txt_modes": txt_modes(inputs, txt_mode),
         "documents_in": seen, "documents_out": kept,
         "skipped": dict(skipped.most_common()), "removed": dict(removed.most_common()), "examples": examples,
+        "invalid_utf8_bytes": dict(invalid_utf8),
         "filters": [f.name for f in chosen_filters], "dedup": dedups,
         "url_blocklist": str(url_blocklist) if url_blocklist else None,
         "languages": {"keep": languages, "threshold": language_threshold} if languages else None,

@@ -13,6 +13,9 @@ by line, so memory stays flat (a .json array is the exception: it is parsed whol
 gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch at a time, taking the
 ``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML type and extracts the
 main text with trafilatura; the other responses, and records cut short, are counted in ``skipped``.
+Bytes that are not UTF-8 become U+FFFD and are counted per file (``invalid_utf8``: prep's report);
+a file that is mostly such bytes is not text and is refused in one line. Record errors name
+``file:line`` (1-based) for .jsonl and ``file item N`` (1-based) for .json arrays.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ TXT_MODE_HELP = (
     "at least 200 words), block, line, or file; auto (default): chapters when the file has two or more "
     "chapter headings, else passages when it has blank lines, else lines. report.json says what each file got"
 )
+INVALID_UTF8_FRACTION = 0.1  # more of a file's bytes than this undecodable: not text (random bytes, a binary)
+ESCAPED_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of an undecodable byte
 PASSAGE_WORDS = 200  # "passage": a document is at least this many words (Gopher keeps 50 and more)
 HEADING_CHARS = 60
 HEADING = re.compile(
@@ -79,9 +84,10 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 def iter_documents(
     inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "auto",
-    skipped: Counter[str] | None = None,
+    skipped: Counter[str] | None = None, invalid_utf8: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Every document of every input, in order; records that give no document are counted in ``skipped``."""
+    """Every document of every input, in order; records that give no document are counted in ``skipped``,
+    bytes that are not UTF-8 (replaced by U+FFFD) in ``invalid_utf8`` per file."""
     if txt_mode not in TXT_MODES:
         raise UserError(f"unknown txt mode {txt_mode!r}; choose from {', '.join(TXT_MODES)}")
     skipped = Counter() if skipped is None else skipped
@@ -93,7 +99,7 @@ def iter_documents(
         if suffix == ".warc":
             yield from _warc(path, skipped)
             continue
-        with _open(path) as f:
+        with open_text(path, invalid_utf8) as f:
             if suffix == ".txt":
                 yield from _txt(f, path, resolve_txt_mode(path, txt_mode))
             elif suffix == ".jsonl":
@@ -102,16 +108,22 @@ def iter_documents(
                 yield from _json(f, path, text_field)
 
 
-def iter_records(inputs: Iterable[str | Path]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, record) for every JSON object of .jsonl/.json inputs (SFT and preference data)."""
+def iter_records(
+    inputs: Iterable[str | Path], skipped: Counter[str] | None = None, invalid_utf8: Counter[str] | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, record) for every JSON object of .jsonl/.json inputs (SFT and preference data), the name
+    ``file:line``; with ``skipped`` a line that is not JSON is counted there instead of failing."""
     for path in expand_inputs(inputs):
         suffix = _suffix(path)
         if suffix not in (".jsonl", ".json"):
             raise UserError(f"{path}: conversations must be .jsonl or .json records, not {suffix} files")
-        with _open(path) as f:
-            items = _jsonl_objects(f, path) if suffix == ".jsonl" else enumerate(_json_array(f, path))
-            for index, record in items:
-                yield f"{path.name} record {index}", record
+        with open_text(path, invalid_utf8) as f:
+            if suffix == ".jsonl":
+                for lineno, _, record in _jsonl_objects(f, path, skipped):
+                    yield f"{path}:{lineno}", record
+            else:
+                for index, record in enumerate(_json_array(f, path)):
+                    yield f"{path} item {index + 1}", record
 
 
 def _suffix(path: Path) -> str:
@@ -124,25 +136,67 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
-def _open(path: Path) -> TextIO:
+def open_text(path: Path, invalid_utf8: Counter[str] | None = None) -> _Text:
+    """A (possibly compressed) UTF-8 text file; undecodable bytes become U+FFFD, counted (see :class:`_Text`)."""
+    return _Text(_open_raw(path), path, invalid_utf8)
+
+
+def _open_raw(path: Path) -> TextIO:
+    """The file as text, undecodable bytes kept as surrogate escapes (for :class:`_Text` to count)."""
     name = path.name.lower()
     if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
     if name.endswith(".zst"):
         import zstandard
 
         raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
-        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="replace")
-    return path.open(encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="surrogateescape")
+    return path.open(encoding="utf-8", errors="surrogateescape")
+
+
+class _Text:
+    """A text file read line by line (or whole) whose undecodable bytes become U+FFFD, counted into
+    ``invalid_utf8[path]`` at close; mostly undecodable (more than ``INVALID_UTF8_FRACTION``) → one line."""
+
+    def __init__(self, f: TextIO, path: Path, invalid_utf8: Counter[str] | None) -> None:
+        self.f, self.path, self.counts = f, path, invalid_utf8
+        self.chars = self.invalid = 0
+
+    def _clean(self, text: str) -> str:
+        self.chars += len(text)
+        if not ESCAPED_BYTES.search(text):
+            return text
+        text, n = ESCAPED_BYTES.subn("\ufffd", text)
+        self.invalid += n
+        return text
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._clean(line) for line in self.f)
+
+    def read(self) -> str:
+        return self._clean(self.f.read())
+
+    def __enter__(self) -> _Text:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        self.f.close()
+        if kind is not None or not self.invalid:
+            return
+        if self.counts is not None:
+            self.counts[str(self.path)] += self.invalid
+        if self.invalid > INVALID_UTF8_FRACTION * self.chars:
+            raise UserError(f"{self.path}: {self.invalid} of about {self.chars} bytes are not UTF-8: not a text file "
+                            "(convert another encoding with iconv -t UTF-8)")
 
 
 def resolve_txt_mode(path: Path, txt_mode: str) -> str:
     """The mode a .txt file is read in: ``txt_mode`` itself, or what ``"auto"`` picks for this file."""
     if txt_mode != "auto":
         return txt_mode
-    with _open(path) as f:
+    with open_text(path) as f:
         blocks = list(_blocks(f, limit=2))
-    with _open(path) as f:
+    with open_text(path) as f:
         headings = sum(_is_heading(block) for block in _blocks(f))
     return "chapter" if headings >= 2 else "passage" if len(blocks) > 1 else "line"
 
@@ -156,7 +210,7 @@ def _is_heading(block: list[str]) -> bool:
     return len(block) == 1 and len(block[0].strip()) <= HEADING_CHARS and bool(HEADING.fullmatch(block[0].strip()))
 
 
-def _blocks(f: TextIO, limit: int | None = None) -> Iterator[list[str]]:
+def _blocks(f: _Text, limit: int | None = None) -> Iterator[list[str]]:
     """The file's blank-line-separated blocks, each a list of its lines (at most ``limit`` of them)."""
     block: list[str] = []
     count = 0
@@ -172,7 +226,7 @@ def _blocks(f: TextIO, limit: int | None = None) -> Iterator[list[str]]:
         yield block
 
 
-def _txt(f: TextIO, path: Path, mode: str) -> Iterator[Document]:
+def _txt(f: _Text, path: Path, mode: str) -> Iterator[Document]:
     if mode == "file":
         yield Document(path.name, f.read())
         return
@@ -224,7 +278,9 @@ def _passages(blocks: Iterator[list[str]]) -> Iterator[list[list[str]]]:
         yield group
 
 
-def _jsonl_objects(f: TextIO, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_objects(f: _Text, path: Path, skipped: Counter[str] | None = None) -> Iterator[tuple[int, int, Any]]:
+    """(1-based line, 0-based record index, record) per non-blank line; a line that is not JSON
+    fails, or is counted in ``skipped`` when given."""
     index = 0
     for lineno, line in enumerate(f, 1):
         if not line.strip():
@@ -232,38 +288,41 @@ def _jsonl_objects(f: TextIO, path: Path) -> Iterator[tuple[int, dict[str, Any]]
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        yield index, record
+            if skipped is None:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            skipped["not valid JSON"] += 1
+            continue
+        yield lineno, index, record
         index += 1
 
 
-def _json_array(f: TextIO, path: Path) -> list[Any]:
+def _json_array(f: _Text, path: Path) -> list[Any]:
     try:
-        data = json.load(f)
+        data = json.loads(f.read())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     return data if isinstance(data, list) else [data]
 
 
-def _jsonl(f: TextIO, path: Path, text_field: str) -> Iterator[Document]:
-    for index, record in _jsonl_objects(f, path):
-        yield _from_record(record, path, index, text_field)
+def _jsonl(f: _Text, path: Path, text_field: str) -> Iterator[Document]:
+    for lineno, index, record in _jsonl_objects(f, path):
+        yield _from_record(record, f"{path}:{lineno}", f"{path.name}:{index}", text_field)
 
 
-def _json(f: TextIO, path: Path, text_field: str) -> Iterator[Document]:
+def _json(f: _Text, path: Path, text_field: str) -> Iterator[Document]:
     for index, record in enumerate(_json_array(f, path)):
-        yield _from_record(record, path, index, text_field)
+        yield _from_record(record, f"{path} item {index + 1}", f"{path.name}:{index}", text_field)
 
 
-def _from_record(record: Any, path: Path, index: int, text_field: str) -> Document:
+def _from_record(record: Any, where: str, default_id: str, text_field: str) -> Document:
     if not isinstance(record, dict):
-        raise UserError(f"{path} record {index}: expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     text = record.get(text_field)
     if not isinstance(text, str):
         keys = ", ".join(sorted(record)) or "none"
-        raise UserError(f"{path} record {index}: no text field {text_field!r} (keys: {keys}); set --text-field")
+        raise UserError(f"{where}: no text field {text_field!r} (keys: {keys}); set --text-field")
     meta = {k: v for k, v in record.items() if k not in (text_field, "id")}
-    return Document(str(record.get("id", f"{path.name}:{index}")), text, meta)
+    return Document(str(record.get("id", default_id)), text, meta)
 
 
 def _parquet(path: Path, text_field: str) -> Iterator[Document]:
@@ -279,7 +338,7 @@ def _parquet(path: Path, text_field: str) -> Iterator[Document]:
     index = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
         for record in batch.to_pylist():
-            yield _from_record(record, path, index, text_field)
+            yield _from_record(record, f"{path} row {index + 1}", f"{path.name}:{index}", text_field)
             index += 1
 
 

@@ -126,13 +126,26 @@ class ShardManifest:
                 raise ValueError(f"unknown kind {raw['kind']!r}")
             known = {"format", "version", "kind", "fields", "dtype", "tokenizer", "num_samples", "num_tokens",
                      "shards"}
+            shards = [ShardInfo(**s) for s in raw["shards"]]
+            for info in shards:
+                _check_shard_name(info.name)
             return cls(
                 kind=raw["kind"], dtype=raw["dtype"], tokenizer_sha256=raw["tokenizer"]["sha256"],
-                vocab_size=int(raw["tokenizer"]["vocab_size"]), shards=[ShardInfo(**s) for s in raw["shards"]],
+                vocab_size=int(raw["tokenizer"]["vocab_size"]), shards=shards,
                 root=path.parent, extra={k: v for k, v in raw.items() if k not in known},
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{path}: malformed manifest ({exc})") from None
+
+
+def _check_shard_name(name: Any) -> None:
+    """A shard is a file beside its manifest (or a ``pipe:`` command): never a path that leaves the directory."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"shard name {name!r} is not a file name")
+    if name.startswith("pipe:"):
+        return
+    if Path(name).is_absolute() or "\\" in name or ".." in Path(name).parts:
+        raise ValueError(f"shard name {name!r} leaves the shard directory; a shard must be a file beside manifest.json")
 
 
 class ShardWriter:
@@ -245,7 +258,30 @@ def check_shard(buf: Any, manifest: ShardManifest, info: ShardInfo, *, verify_ch
         raise ShardError(f"shard {where} is malformed: {exc}") from None
     if len(index.offsets) != info.samples:
         raise ShardError(f"shard {where} holds {len(index.offsets)} samples, the manifest says {info.samples}")
+    _check_token_ids(buf, manifest, index, where)
     return index
+
+
+def _check_token_ids(buf: Any, manifest: ShardManifest, index: ShardIndex, where: Path) -> None:
+    """Every token id below the manifest's vocabulary size (else the embedding lookup would fail
+    mid-run with an IndexError): one pass over the shard, a max per sample via ``reduceat``."""
+    dtype = np.dtype(manifest.dtype)
+    view = np.frombuffer(buf, dtype, len(buf) // dtype.itemsize)
+    for field, name in enumerate(manifest.fields):
+        if name in NON_TOKEN_FIELDS:
+            continue
+        present = index.counts[:, field] > 0
+        starts = index.offsets[present, field] // dtype.itemsize
+        ends = starts + index.counts[present, field]
+        if not len(starts):
+            continue
+        bounds = np.stack([starts, ends], 1).reshape(-1)
+        highest = np.maximum.reduceat(view, bounds[bounds < len(view)])[::2]
+        if int(highest.max()) >= manifest.vocab_size:
+            sample = int(np.flatnonzero(present)[int(np.argmax(highest >= manifest.vocab_size))])
+            raise ShardError(f"shard {where}: sample {sample} holds token id {int(highest.max())}, not below the "
+                             f"vocabulary size {manifest.vocab_size} of its manifest (corrupt, or made with "
+                             "another tokenizer)")
 
 
 def _index_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:

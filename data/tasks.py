@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
+from data.readers import open_text
 
 TASK_KINDS = ("classification", "seq2seq")
 
@@ -38,7 +39,7 @@ class Pair:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     if not path.is_file():
         raise UserError(f"no such file: {path}")
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:  # undecodable bytes → U+FFFD; a file mostly of them is refused
         for number, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():

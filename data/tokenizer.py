@@ -75,11 +75,13 @@ def train_tokenizer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
             initial_alphabet=alphabet, show_progress=False,
         )
-        tok.train_from_iterator(_non_empty(texts), trainer)
+        texts = _NonEmpty(texts)
+        tok.train_from_iterator(texts, trainer)
     else:
-        _train_unigram(tok, _non_empty(texts), vocab_size=vocab_size, specials=specials)
-    if tok.get_vocab_size() <= len(specials):
-        raise UserError("the tokenizer saw no text to train on; check the input files")
+        texts = _NonEmpty(texts)
+        _train_unigram(tok, texts, vocab_size=vocab_size, specials=specials)
+    if not texts.count or tok.get_vocab_size() <= len(specials):
+        raise UserError("the tokenizer saw no text to train on: the inputs are empty (or only whitespace)")
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -244,5 +246,14 @@ def _train_unigram(tok: Any, texts: Iterable[str], *, vocab_size: int, specials:
     tok.add_special_tokens(specials)
 
 
-def _non_empty(texts: Iterable[str]) -> Iterator[str]:
-    return (t for t in texts if t and not t.isspace())
+class _NonEmpty:
+    """The texts that hold more than whitespace, counted as they pass (a tokenizer of nothing is refused)."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.texts, self.count = texts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if text and not text.isspace():
+                self.count += 1
+                yield text

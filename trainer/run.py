@@ -162,6 +162,14 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
             f"train.strategy=single trains one process, but {env.world_size} ranks were started; "
             "use ddp, fsdp or zero1/2/3 (or start one process)"
         )
+    if cfg.data.valid:  # refused now, not at the first evaluation (or never, with train.eval_every=0)
+        from data.shards import ShardManifest
+
+        try:
+            ShardManifest.load(cfg.data.valid)
+        except UserError as exc:
+            raise ConfigError(f"data.valid: {exc}") from None
+
     accumulation = accumulation_steps(cfg, env.world_size)
     tokenizer_dir = find_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {path}: one document per {mode}")
     for reason, count in report["skipped"].items():
         print(f"  skipped {count:7d}  {reason}")
+    for path, count in report["invalid_utf8_bytes"].items():
+        print(f"  replaced {count:6d}  bytes that are not UTF-8 in {path} (with U+FFFD)")
     for rule, count in report["removed"].items():
         print(f"  removed {count:7d}  {rule}")
     return 0

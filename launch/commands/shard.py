@@ -42,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
           f"{len(manifest.shards)} shards → {args.out}/manifest.json")
     for reason, count in skipped.items():
         print(f"  skipped {count:6d}  {reason}")
+    for path, count in manifest.extra.get("invalid_utf8_bytes", {}).items():
+        print(f"  replaced {count:5d}  bytes that are not UTF-8 in {path} (with U+FFFD)")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from data.readers import TXT_MODE_HELP, TXT_MODES
 
@@ -26,8 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from data.readers import iter_documents
     from data.tokenizer import train_tokenizer
 
-    texts = (d.text for d in iter_documents(args.inputs, text_field=args.text_field, txt_mode=args.txt_mode))
+    invalid_utf8: Counter[str] = Counter()
+    texts = (d.text for d in iter_documents(args.inputs, text_field=args.text_field, txt_mode=args.txt_mode,
+                                            invalid_utf8=invalid_utf8))
     tok = train_tokenizer(texts, args.out, vocab_size=args.vocab_size, model=args.model,
                           num_sentinels=args.sentinels, min_frequency=args.min_frequency, split=args.split)
     print(f"{args.model} tokenizer with {tok.vocab_size} tokens → {args.out}/tokenizer.json")
+    for path, count in invalid_utf8.items():
+        print(f"  replaced {count:6d}  bytes that are not UTF-8 in {path} (with U+FFFD)")
     return 0

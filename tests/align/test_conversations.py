@@ -166,7 +166,7 @@ def test_sharding_skips_and_counts_bad_records(tokenizer, shared_data, tmp_path)
     good = json.loads((shared_data / "pref_rasbt_instruction_data_with_preference.json").read_text())[:30]
     records = [*good[:10], HH_EMPTY, *good[10:20], {"prompt": "Hi", "chosen": "Hello"}, HH_EMPTY, *good[20:]]
     (tmp_path / "pairs.json").write_text(json.dumps(records))
-    with pytest.raises(UserError, match=r"pairs.json record 10: empty response: chosen 0$"):
+    with pytest.raises(UserError, match=r"pairs.json item 11: empty response: chosen 0$"):
         make_shards([str(tmp_path / "pairs.json")], tokenizer.path, tmp_path / "strict", kind="preference")
     manifest, skipped = make_shards(
         [str(tmp_path / "pairs.json")], tokenizer.path, tmp_path / "shards", kind="preference", max_len=48,

@@ -61,7 +61,7 @@ def test_prompt_shards_reach_the_loader_left_padded_with_their_records(tokenizer
     for row, m, (name, record) in zip(ids, mask, prompt_records(batch)):
         expected, _ = encode_prompt(record, tokenizer)
         assert row[m.bool()].tolist() == expected
-        assert name == f"prompts.jsonl record {RECORDS.index(record)}"
+        assert name == f"{source}:{RECORDS.index(record) + 1}"
     assert sorted((r["answer"] for _, r in prompt_records(batch)), key=str) == [2, "42", "red"]
     assert {k for _, r in prompt_records(batch) for k in r} >= {"difficulty", "tags", "system"}
 
