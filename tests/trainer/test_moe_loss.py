@@ -95,6 +95,6 @@ def test_expert_parallel_refuses_what_it_cannot_shard(model, world, message):
     from trainer.strategy.expert_parallel import ExpertParallel
 
     env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
-    strategy = ExpertParallel(RunConfig.from_dict({}).train, env, ep=2)
+    strategy = ExpertParallel(RunConfig.from_dict({}).train, env, size=2)
     with pytest.raises(ConfigError, match=message):
         strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))

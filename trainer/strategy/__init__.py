@@ -10,7 +10,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp    | ddp.py            | DistributedDataParallel                                         |
 | fsdp   | fsdp.py           | FSDP2 ``fully_shard`` per block (+ HSDP, bf16 policy, offload)  |
 | zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
-| ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated |
+| ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated (partitioned.py) |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -123,7 +123,7 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
 
-        return ExpertParallel(cfg, env, accumulation, ep=parallel.ep)
+        return ExpertParallel(cfg, env, accumulation, size=parallel.ep)
     module, name = STRATEGIES[str(cfg.strategy)]
     return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 
