@@ -21,12 +21,12 @@ import torch
 from common.config import dump_yaml, read_yaml
 from common.errors import UserError
 from model.moe import moe_layers, pop_router_stats
-from trainer import checkpoint
+from trainer import checkpoint, evaluation
 from trainer.callbacks import Callback
 from trainer.config import RunConfig
-from trainer.distributed import DistEnv, all_reduce
+from trainer.distributed import DistEnv, all_reduce, to_device
 from trainer.guard import LossGuard, TrainingDiverged
-from trainer.metrics import memory_gb, mfu, peak_flops
+from trainer.metrics import MetricSums, memory_gb, mfu, peak_flops
 from trainer.objectives import Batch, LossOutput, Objective
 from trainer.schedule import lr_at
 from trainer.strategy import Strategy
@@ -42,10 +42,6 @@ class ModelSpec:
     head: str
     tokenizer_dir: Path | None  # its files are copied beside the weights
     adapter_base: Any = None  # model.io.AdapterBase: a LoRA run's model directory holds the adapter alone
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def input_tokens(batch: Batch) -> int:
@@ -73,36 +69,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class MetricSums:
-    """The loss and metrics of an objective's micro-batches, summed, until :meth:`reduce` makes them
-    means over every rank: metrics per loss unit, ratios by their own denominators."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def add(self, out: Any) -> None:
-        for name, value in {"loss": out.loss_sum, **out.metrics}.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().double()
-        for name, (numerator, denominator) in out.ratios.items():
-            before = self.ratios.get(name, (0, 0))
-            self.ratios[name] = (before[0] + numerator.detach().double(), before[1] + denominator.detach().double())
-
-    def reduce(self, count: torch.Tensor, reduced: bool) -> dict[str, float]:
-        """All-reduce over ranks (``count`` too, unless it is ``reduced`` already) and divide."""
-        names, ratio_names = sorted(self.sums), sorted(self.ratios)  # the same order on every rank
-        parts = [self.sums[n] for n in names] + [t for n in ratio_names for t in self.ratios[n]]
-        if not reduced:
-            parts.append(count)
-        totals = all_reduce(torch.stack(parts).to(count.device)).tolist()
-        units = max(count.item() if reduced else totals[-1], 1)
-        out = {name: total / units for name, total in zip(names, totals)}
-        at = len(names)
-        for k, name in enumerate(ratio_names):
-            out[name] = totals[at + 2 * k] / max(totals[at + 2 * k + 1], 1)
-        return out
 
 
 class Trainer:
@@ -187,7 +153,7 @@ class Trainer:
                 self.strategy.backward((out.loss_sum + router_loss) * scale)
             sums.add(out)
 
-        values = sums.reduce(torch.tensor(float(global_count), dtype=torch.float64, device=device), reduced=True)
+        values = sums.reduce(torch.tensor(float(global_count), dtype=torch.float64, device=device))
         loss = values.pop("loss")
 
         skip = self.guard.check(loss, global_count)
@@ -244,25 +210,14 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, max_batches: int) -> dict[str, float]:
         """Mean loss (and the objective's metrics) per unit over the first ``max_batches``
         validation batches of every rank: ``{"loss": ..., "rewards/accuracies": ...}``."""
         self.model.eval()
-        sums = MetricSums()
-        count = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        rollout = getattr(self.objective, "rollout", None)
-        for i, batch in enumerate(self.valid_batches()):
-            if i == max_batches:
-                break
-            if rollout is not None:
-                [batch], _ = rollout(self.model, [batch], train=False)
-            with self.strategy.autocast():
-                out = self.objective.loss(self.model, to_device(batch, self.env.device))
-            sums.add(out)
-            count += out.count.double()
+        scores = evaluation.evaluate(self.model, self.objective, self.valid_batches(), device=self.env.device,
+                                     autocast=self.strategy.autocast, max_batches=max_batches)
         self.model.train()
-        return sums.reduce(count, reduced=False)
+        return scores.means
 
     # -- checkpoints ------------------------------------------------------------------------------
 

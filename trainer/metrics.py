@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import Any
 
 import torch
+
+from trainer.distributed import all_reduce
 
 # dense bf16 peak FLOP/s per device (no sparsity), by a substring of the CUDA device name
 PEAK_BF16_FLOPS = {
@@ -42,3 +45,32 @@ def memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+class MetricSums:
+    """The loss and metrics of an objective's micro-batches, summed, until :meth:`reduce` makes them
+    means over every rank: metrics per loss unit, ratios by their own denominators (the training
+    step and :mod:`trainer.evaluation` both sum this way)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, out: Any) -> None:
+        for name, value in {"loss": out.loss_sum, **out.metrics}.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().double()
+        for name, (numerator, denominator) in out.ratios.items():
+            before = self.ratios.get(name, (0, 0))
+            self.ratios[name] = (before[0] + numerator.detach().double(), before[1] + denominator.detach().double())
+
+    def reduce(self, count: torch.Tensor) -> dict[str, float]:
+        """All-reduce over ranks and divide by ``count``, the loss units of every rank (reduced already)."""
+        names, ratio_names = sorted(self.sums), sorted(self.ratios)  # the same order on every rank
+        parts = [self.sums[n] for n in names] + [t for n in ratio_names for t in self.ratios[n]]
+        totals = all_reduce(torch.stack(parts).to(count.device)).tolist()
+        units = max(count.item(), 1)
+        out = {name: total / units for name, total in zip(names, totals)}
+        at = len(names)
+        for k, name in enumerate(ratio_names):
+            out[name] = totals[at + 2 * k] / max(totals[at + 2 * k + 1], 1)
+        return out

@@ -1,13 +1,13 @@
 """Evaluate every N steps on the first ``eval_steps`` batches of the validation split: the loss, the
-objective's own metrics (e.g. ``eval/rewards/accuracies``) and, for token objectives, perplexity."""
+objective's own metrics (e.g. ``eval/rewards/accuracies``) and, for token objectives, perplexity.
+The loop itself is :func:`trainer.evaluation.evaluate`."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-from data.loader import DATA_OBJECTIVES
 from trainer.callbacks import Callback
+from trainer.evaluation import perplexity, token_level
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -22,5 +22,5 @@ class Evaluation(Callback):
         if trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps:
             values = trainer.evaluate(self.steps)
             metrics.update({f"eval/{name}": value for name, value in values.items()})
-            if DATA_OBJECTIVES[trainer.objective.data_objective].token_level:
-                metrics["eval/ppl"] = math.exp(min(values["loss"], 50.0))
+            if token_level(trainer.objective):
+                metrics["eval/ppl"] = perplexity(values["loss"])

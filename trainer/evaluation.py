@@ -1,0 +1,243 @@
+"""Evaluation, in one place: the loop over validation batches that the trainer runs every
+``train.eval_every`` steps and ``tessera eval`` runs on a checkpoint, the metrics beyond an
+objective's own loss (exact match, teacher-forced accuracy, the preference log-prob accuracy), and
+which objective scores a shard directory (chosen from :data:`trainer.objectives.OBJECTIVES` and
+:data:`data.loader.DATA_OBJECTIVES`, built without a Strategy).
+
+Every number is a sum over units (tokens, samples, pairs) on every rank, divided once at the end:
+batch sizes and ranks do not weigh in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from common.errors import UserError
+from data.collate import IGNORE_INDEX
+from data.loader import DATA_OBJECTIVES
+from trainer.distributed import all_reduce, to_device
+from trainer.metrics import MetricSums
+from trainer.objectives import OBJECTIVES, PRETRAIN_OBJECTIVE, Batch, Objective, ObjectiveName
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean token cross-entropy, capped so that a diverged model reads as huge, not inf."""
+    return math.exp(min(loss, 50.0))
+
+
+def token_level(objective: Objective) -> bool:
+    """Its loss is a mean token cross-entropy (so exp(loss) is a perplexity)."""
+    return DATA_OBJECTIVES[objective.data_objective].token_level
+
+
+class Scorer(Protocol):
+    """A metric beyond the objective's loss: sums per batch, then :meth:`finish` over the totals."""
+
+    def sums(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]: ...
+
+    def finish(self, totals: dict[str, float]) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass
+class Scores:
+    """``means``: the objective's loss and metrics per unit; ``units``: how many (tokens, samples,
+    pairs) over every rank; ``extra``: what the scorers report."""
+
+    means: dict[str, float]
+    units: int
+    extra: dict[str, Any]
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    objective: Objective | None,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_batches: int | None = None,
+    scorers: Sequence[Scorer] = (),
+) -> Scores:
+    """The loss (and metrics) of ``objective`` and the ``scorers``' metrics over ``batches`` (the
+    first ``max_batches``), summed on every rank and divided once. All ranks call it together.
+    Batches move to ``device`` (when given) after an online objective's rollout."""
+    sums = MetricSums()
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    extra: dict[str, float] = {}
+    rollout = getattr(objective, "rollout", None)
+    for i, batch in enumerate(batches):
+        if i == max_batches:
+            break
+        if rollout is not None:  # online alignment: score completions sampled now
+            [batch], _ = rollout(model, [batch], train=False)
+        if device is not None:
+            batch = to_device(batch, device)
+        if objective is not None:
+            with autocast():
+                out = objective.loss(model, batch)
+            sums.add(out)
+            count += out.count.double()
+        for scorer in scorers:
+            for name, value in scorer.sums(model, batch).items():
+                extra[name] = extra.get(name, 0.0) + float(value)
+    means, units = {}, 0
+    if objective is not None:
+        count = all_reduce(count)
+        means, units = sums.reduce(count), int(count.item())
+    if scorers:
+        names = sorted(extra)  # the same names in the same order on every rank
+        totals = dict(zip(names, all_reduce(torch.tensor([extra[n] for n in names], dtype=torch.float64,
+                                                         device=count.device)).tolist()))
+        extra = {k: v for scorer in scorers for k, v in scorer.finish(totals).items()}
+    return Scores(means, units, extra)
+
+
+# -- metrics beyond the objective's loss ----------------------------------------------------------
+
+
+class LabelCounts:
+    """The majority-class accuracy, the trivial baseline a classifier must beat."""
+
+    def __init__(self, n_labels: int) -> None:
+        self.n_labels = n_labels
+
+    def sums(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]:
+        counts = torch.bincount(batch["labels"], minlength=self.n_labels).tolist()
+        return {f"label/{k}": n for k, n in enumerate(counts)}
+
+    def finish(self, totals: dict[str, float]) -> dict[str, Any]:
+        counts = [totals[f"label/{k}"] for k in range(self.n_labels)]
+        return {"majority_accuracy": max(counts) / max(sum(counts), 1)}
+
+
+class ExactMatch:
+    """Rows whose greedy decoding equals the target up to and including its EOS. Decoding stops after
+    as many tokens as the longest target: anything longer is wrong anyway."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
+
+    def sums(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]:
+        from model.generate import generate
+
+        targets = [row[row != IGNORE_INDEX].tolist() for row in batch["labels"]]
+        out = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"].bool(),
+                       max_new_tokens=max(map(len, targets)), eos_token_ids=[self.eos_id], pad_token_id=self.pad_id)
+        hits = sum(out[b, 1 : 1 + len(t)].tolist() == t for b, t in enumerate(targets))
+        return {"exact_hits": hits, "rows": len(targets)}
+
+    def finish(self, totals: dict[str, float]) -> dict[str, Any]:
+        return {"exact_match": totals["exact_hits"] / max(totals["rows"], 1), "samples": int(totals["rows"])}
+
+
+class TeacherForcedAccuracy:
+    """Target tokens that are the decoder's argmax given the true previous tokens."""
+
+    def sums(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]:
+        logits = model(batch["input_ids"], batch["decoder_input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_attention_mask=batch["decoder_attention_mask"])
+        labels = batch["labels"]
+        return {"token_hits": int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()),
+                "target_tokens": int((labels != IGNORE_INDEX).sum())}
+
+    def finish(self, totals: dict[str, float]) -> dict[str, Any]:
+        return {"token_accuracy": totals["token_hits"] / max(totals["target_tokens"], 1)}
+
+
+class PairLogProbs:
+    """Share of pairs whose chosen continuation has the higher summed log-prob, and the mean margin
+    (DPO's implicit-reward accuracy would need the reference model too)."""
+
+    def sums(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]:
+        from trainer.objectives.pairs import pair_logps
+
+        logps = pair_logps(model, batch)
+        diff = logps.chosen - logps.rejected
+        return {"wins": float((diff > 0).sum()), "margin": float(diff.sum()), "pairs": len(diff)}
+
+    def finish(self, totals: dict[str, float]) -> dict[str, Any]:
+        if not totals["pairs"]:
+            raise UserError("the shards gave no pair to evaluate")
+        return {"logp_accuracy": totals["wins"] / totals["pairs"], "logp_margin": totals["margin"] / totals["pairs"],
+                "pairs": int(totals["pairs"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """How ``tessera eval`` scores shards for one objective: its loss (unless it needs more than a
+    checkpoint holds, as DPO's reference) and which scorers besides."""
+
+    scorers: Callable[[torch.nn.Module, Any], list[Scorer]] = lambda model, tokenizer: []
+    loss: bool = True
+
+
+EVALS: dict[ObjectiveName, EvalSpec] = {
+    ObjectiveName.classify: EvalSpec(lambda model, tokenizer: [LabelCounts(model.config.n_labels)]),
+    ObjectiveName.seq2seq: EvalSpec(lambda model, tokenizer: [ExactMatch(tokenizer), TeacherForcedAccuracy()]),
+    ObjectiveName.preference: EvalSpec(lambda model, tokenizer: [PairLogProbs()], loss=False),
+}
+
+
+# -- which objective scores a shard directory -----------------------------------------------------
+
+def shard_objective(kind: str, model: torch.nn.Module, labels: list[str] | None, where: Any) -> ObjectiveName:
+    """The objective that scores ``model`` on shards of ``kind``; a mismatch is a one-line error.
+    Text shards get what the model's architecture pretrains on; other kinds the objective whose
+    data objective reads them and whose head the model has."""
+    from model.transformer import Seq2SeqLM, SequenceClassifier
+
+    seq2seq, classifier = isinstance(model, Seq2SeqLM), isinstance(model, SequenceClassifier)
+    what = "a classifier" if classifier else f"an LM of arch {model.config.arch}"
+    decoder = not classifier and not seq2seq and model.config.causal
+    need = {"text": (not classifier, "a language model"),
+            "classification": (classifier, "a classifier (train.objective=classify)"),
+            "seq2seq": (seq2seq, "an encoder_decoder model"),
+            "preference": (decoder, "a decoder LM"), "sft": (decoder, "a decoder LM")}
+    if kind not in need:
+        raise UserError(f"tessera eval does not score {kind} shards; it scores {', '.join(need)} shards")
+    ok, wanted = need[kind]
+    if not ok:
+        raise UserError(f"{kind} shards need {wanted}; {where} holds {what}")
+    if classifier and len(labels or []) != model.config.n_labels:
+        raise UserError(f"{where} scores {model.config.n_labels} labels; the shards name {len(labels or [])}: {labels}")
+    if kind == "text":
+        return PRETRAIN_OBJECTIVE[str(model.config.arch)]
+    head = "classifier" if classifier else "lm"
+    return next(name for name, spec in OBJECTIVES.items() if spec.head == head and name in DATA_OBJECTIVES
+                and DATA_OBJECTIVES[name].shard_kind == kind)
+
+
+def eval_objective(name: ObjectiveName, model: torch.nn.Module, tokenizer: Any) -> Objective:
+    """Objective ``name`` built from its own row of OBJECTIVES for a plain model (no Strategy, full logits)."""
+    from trainer.config import RunConfig
+    from trainer.objectives import ObjectiveContext, build_objective
+
+    cfg = RunConfig.from_dict({"train": {"loss_chunk_size": 0}})
+    return build_objective(name, ObjectiveContext(str(name), cfg, tokenizer, None, model))
+
+
+def score(model: torch.nn.Module, name: ObjectiveName, batches: Iterable[Batch], tokenizer: Any, *,
+          max_batches: int | None = None) -> dict[str, Any]:
+    """What ``tessera eval`` reports for objective ``name`` over ``batches``: the mean loss and the
+    objective's metrics, perplexity and the token count for token-level objectives (else the sample
+    count), and the scorers' metrics."""
+    spec = EVALS.get(name, EvalSpec())
+    objective = eval_objective(name, model, tokenizer) if spec.loss else None
+    result = evaluate(model, objective, batches, max_batches=max_batches, scorers=spec.scorers(model, tokenizer))
+    if objective is None:
+        return result.extra
+    if not result.units:
+        raise UserError("the shards gave no batch to evaluate")
+    out: dict[str, Any] = dict(result.means)
+    if token_level(objective):
+        out |= {"ppl": perplexity(out["loss"]), "tokens": result.units}
+    else:
+        out["samples"] = result.units
+    return out | result.extra
