@@ -159,10 +159,11 @@ class TrainConfig(Config):
 
 @dataclasses.dataclass
 class ParallelConfig(Config):
-    """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now:
-    ``ep`` (experts sharded over ep ranks, with train.strategy=ddp); tp, pp and cp are refused."""
+    """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now,
+    one at a time and with train.strategy=ddp: ``tp`` (Megatron-style tensor parallel of dense
+    blocks) and ``ep`` (MoE experts split over ranks); pp and cp are refused."""
 
-    tp: int = 1  # tensor parallel (not yet)
+    tp: int = 1  # tensor parallel: ranks each block's heads and MLP units are split over (they share a batch)
     pp: int = 1  # pipeline parallel (not yet)
     cp: int = 1  # context parallel (not yet)
     ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
@@ -171,10 +172,13 @@ class ParallelConfig(Config):
         for key in ("tp", "pp", "cp", "ep"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(self, key)}")
-        for key in ("tp", "pp", "cp"):
+        if self.tp > 1 and self.ep > 1:
+            raise ConfigError(f"{where}.tp and {where}.ep: one at a time for now (tp splits dense blocks, "
+                              "ep the experts of MoE ones)")
+        for key in ("pp", "cp"):
             if getattr(self, key) > 1:
-                raise ConfigError(f"{where}.{key}={getattr(self, key)}: not supported yet; only {where}.ep "
-                                  "(expert parallel) goes beyond data parallelism")
+                raise ConfigError(f"{where}.{key}={getattr(self, key)}: not supported yet; {where}.tp and "
+                                  f"{where}.ep go beyond data parallelism")
 
 
 @dataclasses.dataclass
@@ -321,9 +325,13 @@ class RunConfig(Config):
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def validate(self, where: str) -> None:
-        if self.parallel.ep > 1 and self.train.strategy is not StrategyName.ddp:
-            raise ConfigError(f"parallel.ep={self.parallel.ep} runs with train.strategy=ddp (experts sharded, "
-                              f"the rest replicated), not {self.train.strategy}")
+        for key in ("ep", "tp"):
+            size = getattr(self.parallel, key)
+            if size > 1 and self.train.strategy is not StrategyName.ddp:
+                raise ConfigError(f"parallel.{key}={size} runs with train.strategy=ddp (its split tensors, "
+                                  f"the rest replicated), not {self.train.strategy}")
+            if size > 1 and self.lora.enabled:
+                raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
         if self.lora.enabled and self.model.init is None:
             raise ConfigError("lora.rank > 0 adapts a pretrained model: set model.init to its checkpoint "
                               "or Hugging Face directory")

@@ -142,6 +142,7 @@ class Trainer:
             dtype=torch.float64, device=device,
         )
         global_count, global_tokens = (int(x) for x in all_reduce(sizes).tolist())
+        global_tokens //= self.strategy.data_copies  # tensor-parallel ranks read the same tokens
         scale = world / max(global_count, 1)
 
         sums = MetricSums()

@@ -170,7 +170,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
         except UserError as exc:
             raise ConfigError(f"data.valid: {exc}") from None
 
-    accumulation = accumulation_steps(cfg, env.world_size)
+    accumulation = accumulation_steps(cfg, env.world_size // cfg.parallel.tp)  # tp ranks share a batch
     tokenizer_dir = find_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     name = objective_name(cfg, task)
@@ -190,8 +190,9 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
 
     def loader(split: str):
         return build_loader(
-            cfg.data, objective=objective.data_objective, tokenizer=tokenizer, rank=env.rank,
-            world_size=env.world_size, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, split=split,
+            cfg.data, objective=objective.data_objective, tokenizer=tokenizer, rank=strategy.data_rank,
+            world_size=strategy.data_world, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+            split=split,
         )
 
     from model.flops import flops_per_token

@@ -82,3 +82,4 @@ def test_expert_parallel_follows_ddp_and_the_single_process_run_and_resumes_unde
     (resumed / "checkpoints" / "latest").write_text("step_000005")
     again = spawn(train, 4, moe_config(corpus, resumed, *common, "train.strategy=ddp", "parallel.ep=2"))
     np.testing.assert_allclose(again[0].losses, ddp[0].losses[5:], rtol=1e-5)
+

@@ -71,30 +71,3 @@ def test_router_losses_join_the_gradient_weighted_by_tokens(tmp_path):
     plain_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in without.parameters()]))
     assert abs(plain_norm.item() - norm.item()) > 1e-4
 
-
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"parallel": {"tp": 2}}, "parallel.tp=2: not supported yet"),
-    ({"parallel": {"ep": 0}}, "parallel.ep: must be at least 1"),
-    ({"parallel": {"ep": 2}, "train": {"strategy": "fsdp"}}, "parallel.ep=2 runs with train.strategy=ddp"),
-])
-def test_parallel_settings_are_checked_at_config_load(overrides, message):
-    from common.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=message) as error:
-        RunConfig.from_dict(overrides)
-    assert "\n" not in str(error.value)
-
-
-@pytest.mark.parametrize(("model", "world", "message"), [
-    ({"preset": "tiny-llama"}, 4, "the model's n_experts=0 must be a positive multiple"),
-    ({"preset": "tiny-moe", "n_experts": 3}, 4, "n_experts=3 must be a positive multiple"),
-    ({"preset": "tiny-moe"}, 3, "parallel.ep=2 does not divide the 3 ranks"),
-])
-def test_expert_parallel_refuses_what_it_cannot_shard(model, world, message):
-    from common.errors import ConfigError
-    from trainer.strategy.expert_parallel import ExpertParallel
-
-    env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
-    strategy = ExpertParallel(RunConfig.from_dict({}).train, env, size=2)
-    with pytest.raises(ConfigError, match=message):
-        strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))

@@ -11,6 +11,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | fsdp   | fsdp.py           | FSDP2 ``fully_shard`` per block (+ HSDP, bf16 policy, offload)  |
 | zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
 | ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated (partitioned.py) |
+| ddp + parallel.tp > 1 | tensor_parallel.py | attention heads and MLP units split over tp ranks (partitioned.py) |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -84,6 +85,17 @@ class Strategy(abc.ABC):
         """Context for forward passes (bf16 autocast where the strategy does not cast itself)."""
         return contextlib.nullcontext()
 
+    # ranks that read the same batch (tensor parallel's tp group); the loader splits data over the rest
+    data_copies = 1
+
+    @property
+    def data_rank(self) -> int:
+        return self.env.rank // self.data_copies
+
+    @property
+    def data_world(self) -> int:
+        return self.env.world_size // self.data_copies
+
     def local_weights(self) -> Iterator[torch.Tensor]:
         """This rank's part of every trainable weight (a DTensor's local shard)."""
         for param in self.model.parameters():
@@ -119,11 +131,16 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
-    """The strategy of ``cfg.strategy``; with ``parallel.ep`` > 1 (config-checked: ddp), expert parallel."""
+    """The strategy of ``cfg.strategy``; with ``parallel.ep`` or ``parallel.tp`` > 1 (config-checked:
+    with ddp, one of them), expert or tensor parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
 
         return ExpertParallel(cfg, env, accumulation, size=parallel.ep)
+    if parallel is not None and parallel.tp > 1:
+        from trainer.strategy.tensor_parallel import TensorParallel
+
+        return TensorParallel(cfg, env, accumulation, size=parallel.tp)
     module, name = STRATEGIES[str(cfg.strategy)]
     return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 

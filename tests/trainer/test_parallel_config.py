@@ -1,0 +1,51 @@
+"""The parallel section and the strategies behind it refuse what they cannot split, in one line."""
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from model import ModelConfig, build_model
+from trainer.config import RunConfig
+from trainer.distributed import DistEnv
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"parallel": {"pp": 2}}, "parallel.pp=2: not supported yet"),
+    ({"parallel": {"tp": 2, "ep": 2}}, "parallel.tp and parallel.ep: one at a time"),
+    ({"parallel": {"tp": 2}}, "parallel.tp=2 runs with train.strategy=ddp"),
+    ({"parallel": {"ep": 0}}, "parallel.ep: must be at least 1"),
+    ({"parallel": {"ep": 2}, "train": {"strategy": "fsdp"}}, "parallel.ep=2 runs with train.strategy=ddp"),
+])
+def test_parallel_settings_are_checked_at_config_load(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        RunConfig.from_dict(overrides)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("model", "world", "message"), [
+    ({"preset": "tiny-llama"}, 4, "the model's n_experts=0 must be a positive multiple"),
+    ({"preset": "tiny-moe", "n_experts": 3}, 4, "n_experts=3 must be a positive multiple"),
+    ({"preset": "tiny-moe"}, 3, "parallel.ep=2 does not divide the 3 ranks"),
+])
+def test_expert_parallel_refuses_what_it_cannot_shard(model, world, message):
+    from trainer.strategy.expert_parallel import ExpertParallel
+
+    env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
+    strategy = ExpertParallel(RunConfig.from_dict({}).train, env, size=2)
+    with pytest.raises(ConfigError, match=message):
+        strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
+
+
+@pytest.mark.parametrize(("model", "world", "message"), [
+    ({"preset": "tiny-llama", "n_heads": 4, "n_kv_heads": 1}, 4, "parallel.tp=2 must divide model.n_heads=4, the kv"),
+    ({"preset": "tiny-moe"}, 4, "not for MoE models"),
+    ({"preset": "tiny-llama", "pos": "alibi"}, 4, "per-head score biases"),
+    ({"preset": "tiny-llama"}, 3, "parallel.tp=2 does not divide the 3 ranks"),
+])
+def test_tensor_parallel_refuses_what_it_cannot_split(model, world, message):
+    from trainer.strategy.tensor_parallel import TensorParallel
+
+    env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
+    strategy = TensorParallel(RunConfig.from_dict({}).train, env, size=2)
+    with pytest.raises(ConfigError, match=message):
+        strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
