@@ -141,18 +141,18 @@ def collate_sft(
 
 def collate_preference(
     samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int,
-    reference_logps: np.ndarray | None = None,
+    reference_logps: np.ndarray | None = None, names: tuple[str, str] = ("chosen", "rejected"),
 ) -> dict[str, torch.Tensor]:
     """chosen_* and rejected_* (input_ids, labels, attention_mask), all padded to one length so they
     stack; labels are shifted and -100 on the prompt. A prompt too long for ``seq_len + 1`` tokens
     with its longer response is cut from the left (keeping at least half the budget for the prompt);
-    responses are cut from the right."""
+    responses are cut from the right. ``names`` renames the two prefixes (KTO's completion and kl)."""
     budget = seq_len + 1
-    rows: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for prompt, chosen, rejected in samples:
         keep = min(len(prompt), max(budget // 2, budget - max(len(chosen), len(rejected))))
         prompt = prompt[len(prompt) - keep :]
-        for name, response in (("chosen", chosen), ("rejected", rejected)):
+        for name, response in zip(names, (chosen, rejected)):
             response = response[: budget - keep]
             tokens = np.concatenate([prompt, response])
             mask = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(response), np.uint8)])
@@ -196,6 +196,19 @@ def collate_seq2seq(
         "labels": torch.from_numpy(np.where(decoder_attention > 0, labels, IGNORE_INDEX)),
         "decoder_attention_mask": torch.from_numpy(decoder_attention),
     }
+
+
+def collate_unpaired(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int
+                     ) -> dict[str, torch.Tensor]:
+    """KTO batches: ``completion_*`` (each prompt with its own completion), ``kl_*`` (each prompt with
+    the previous example's completion, cycling: the mismatched pairs TRL's KTOTrainer estimates the KL
+    term from) and ``kto_labels`` [B] (1 desirable, 0 undesirable)."""
+    completions = [c for _, c, _ in samples]
+    cycled = completions[-1:] + completions[:-1]
+    triples = [(p, c, k) for (p, c, _), k in zip(samples, cycled)]
+    batch = collate_preference(triples, pad_id=pad_id, seq_len=seq_len, names=("completion", "kl"))
+    batch["kto_labels"] = torch.tensor([int(label[0]) for _, _, label in samples])
+    return batch
 
 
 def collate_prompt(samples: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, seq_len: int

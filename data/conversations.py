@@ -9,6 +9,7 @@ Record formats (detected from the keys):
               {conversations, chosen: {from, value}, rejected}; {instruction, input?, chosen,
               rejected}; hh-rlhf full dialogues {chosen, rejected} (text or message lists) whose
               prompt is the shared prefix up to the last assistant turn.
+  unpaired    {prompt, completion, label: bool} (TRL's KTO format; strings or message lists)
   prompt      {prompt (string or message list) | messages, system?, answer?, ...} for online
               alignment: the prompt alone; the whole record is kept for the reward functions.
 
@@ -287,23 +288,59 @@ def encode_preference(
     """(prompt_ids, chosen_ids, rejected_ids): the prompt ends with the assistant header; each
     continuation ends with its end-of-turn token. ``prompt + response`` is cut to ``max_len``."""
     try:
-        template = _template(tokenizer)
-        specials = _tokenizer_specials(tokenizer)
         prompt, chosen, rejected = to_preference(record)
-        prompt_text = render(template, prompt, add_generation_prompt=True, **specials)
-        prompt_ids, _ = _encode_spans(tokenizer, prompt_text, [])
-        responses = []
-        for turns in (chosen, rejected):
-            full = render(template, prompt + turns, **specials)
-            start = _prefix_len(prompt_text, full)
-            responses.append(_encode_text(tokenizer, full[start:].rstrip()))
-        if max_len is not None:
-            if len(prompt_ids) >= max_len:
-                raise BadRecord("prompt longer than seq_len", f"{len(prompt_ids)} prompt tokens >= {max_len}")
-            responses = [r[: max_len - len(prompt_ids)] for r in responses]
-        return prompt_ids, responses[0], responses[1]
+        prompt_ids, (chosen_ids, rejected_ids) = _encode_continuations(tokenizer, prompt, [chosen, rejected], max_len)
+        return prompt_ids, chosen_ids, rejected_ids
     except BadRecord as exc:
         raise exc.named(name or exc.name or "record") from None
+
+
+def to_unpaired(record: Mapping[str, Any]) -> tuple[list[Message], list[Message], bool]:
+    """An unpaired record (TRL's KTO format ``{prompt, completion, label}``) as (prompt messages, the
+    completion's turns, whether it is desirable)."""
+    _require_mapping(record)
+    prompt = _with_system(record, _turns(_field(record, "prompt"), "user"))
+    completion = _turns(_field(record, "completion"), "assistant")
+    label = _field(record, "label")
+    if not isinstance(label, bool):
+        raise BadRecord("'label' must be true or false", f"got {label!r}")
+    if not completion or completion[0]["role"] != "assistant":
+        raise BadRecord("completion must start with an assistant turn")
+    _check_not_empty(prompt, "prompt")
+    _check_not_empty(completion, "completion")
+    return prompt, completion, label
+
+
+def encode_unpaired(
+    record: Mapping[str, Any], tokenizer: ChatTokenizer, *, max_len: int | None = None, name: str | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, completion_ids, [label]) as :func:`encode_preference` encodes one continuation."""
+    try:
+        prompt, completion, label = to_unpaired(record)
+        prompt_ids, (completion_ids,) = _encode_continuations(tokenizer, prompt, [completion], max_len)
+        return prompt_ids, completion_ids, [int(label)]
+    except BadRecord as exc:
+        raise exc.named(name or exc.name or "record") from None
+
+
+def _encode_continuations(tokenizer: ChatTokenizer, prompt: list[Message], continuations: list[list[Message]],
+                          max_len: int | None) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids (ending with the assistant header) and each continuation's (ending with its
+    end-of-turn token); ``prompt + continuation`` is cut to ``max_len``."""
+    template = _template(tokenizer)
+    specials = _tokenizer_specials(tokenizer)
+    prompt_text = render(template, prompt, add_generation_prompt=True, **specials)
+    prompt_ids, _ = _encode_spans(tokenizer, prompt_text, [])
+    responses = []
+    for turns in continuations:
+        full = render(template, prompt + turns, **specials)
+        start = _prefix_len(prompt_text, full)
+        responses.append(_encode_text(tokenizer, full[start:].rstrip()))
+    if max_len is not None:
+        if len(prompt_ids) >= max_len:
+            raise BadRecord("prompt longer than seq_len", f"{len(prompt_ids)} prompt tokens >= {max_len}")
+        responses = [r[: max_len - len(prompt_ids)] for r in responses]
+    return prompt_ids, responses
 
 
 def encode_prompt(

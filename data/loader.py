@@ -31,6 +31,7 @@ from data.collate import (
     collate_seq2seq,
     collate_sft,
     collate_span,
+    collate_unpaired,
 )
 from data.config import DataConfig
 from data.stream import SampleStream, ShardSet, Source, StreamState
@@ -57,6 +58,7 @@ DATA_OBJECTIVES = {
     "classify": DataObjective("classification", "samples", token_level=False),
     "seq2seq": DataObjective("seq2seq", "samples", token_level=True),
     "prompt": DataObjective("prompt", "samples", token_level=False),  # online alignment: rollouts come later
+    "unpaired": DataObjective("unpaired", "samples", token_level=False),  # KTO
 }
 
 
@@ -152,9 +154,9 @@ class Batcher:
         samples = [stream.plan(e).sample(u) for e, u in units]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
-        if self.objective in ("sft", "classify", "seq2seq", "prompt"):
+        if self.objective in ("sft", "classify", "seq2seq", "prompt", "unpaired"):
             collate = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq,
-                       "prompt": collate_prompt}
+                       "prompt": collate_prompt, "unpaired": collate_unpaired}
             return collate[self.objective](arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)

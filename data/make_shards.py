@@ -1,4 +1,4 @@
-"""Corpus → shards: tokenize documents (text), conversations (sft, preference, prompt) or task files
+"""Corpus → shards: tokenize documents (text), conversations (sft, preference, unpaired, prompt) or task files
 (classification, seq2seq: :mod:`data.tasks`) in parallel worker
 processes and write them with :class:`data.shards.ShardWriter`, in input order."""
 
@@ -132,9 +132,10 @@ def _encode_chunk(chunk: list[tuple[str, Any]]) -> tuple[list[str], list[dict[st
         return names, [{"tokens": np.asarray(bos + t + eos)} if t else None for t in ids], Counter()
     if _worker["kind"] in TASK_KINDS:
         return names, [encode_task(_worker["kind"], record, tok, _worker["max_len"]) for _, record in chunk], Counter()
-    from data.conversations import BadRecord, encode_preference, encode_prompt, encode_sft
+    from data.conversations import BadRecord, encode_preference, encode_prompt, encode_sft, encode_unpaired
 
-    encode = {"sft": encode_sft, "preference": encode_preference, "prompt": encode_prompt}[_worker["kind"]]
+    encode = {"sft": encode_sft, "preference": encode_preference, "prompt": encode_prompt,
+              "unpaired": encode_unpaired}[_worker["kind"]]
     fields = KINDS[_worker["kind"]]
     out: list[dict[str, np.ndarray] | None] = []
     skipped: Counter[str] = Counter()

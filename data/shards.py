@@ -3,7 +3,8 @@
 A sample is a group of tar members sharing a key: ``{key}.{field}.npy`` (little-endian numpy arrays)
 and optionally ``{key}.json`` (metadata). Stock webdataset reads these tars as they are. The fields
 depend on the kind: text → ``tokens``; sft → ``input_ids`` and ``loss_mask`` (uint8);
-preference → ``prompt``, ``chosen``, ``rejected``; classification → ``input_ids`` and ``label``
+preference → ``prompt``, ``chosen``, ``rejected``; unpaired (KTO) → ``prompt``, ``completion``, ``label``
+(1 desirable, 0 undesirable); classification → ``input_ids`` and ``label``
 (the label's index; the names are the manifest's ``labels``); seq2seq → ``source``, ``target``
 (see :mod:`data.tasks`); prompt → ``prompt`` (the chat-rendered prompt ending with the assistant
 header) and ``record`` (the UTF-8 JSON ``[name, record]`` of the source record, bytes as uint8: what
@@ -43,6 +44,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "classification": ("input_ids", "label"),
     "seq2seq": ("source", "target"),
     "prompt": ("prompt", "record"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 MASK_FIELDS = frozenset({"loss_mask"})
 BYTE_FIELDS = frozenset({"record"})  # UTF-8 text as uint8

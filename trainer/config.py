@@ -234,6 +234,7 @@ class AlignLoss(enum.StrEnum):
     orpo = "orpo"
     grpo = "grpo"
     rloo = "rloo"
+    kto = "kto"
 
     @property
     def online(self) -> bool:
@@ -242,6 +243,8 @@ class AlignLoss(enum.StrEnum):
 
     @property
     def objective(self) -> ObjectiveName:
+        if self is AlignLoss.kto:
+            return ObjectiveName.kto
         return ObjectiveName.online if self.online else ObjectiveName.preference
 
 
@@ -265,6 +268,8 @@ class AlignConfig(Config):
     simpo_gamma: float = 0.5
     orpo_alpha: float = 1.0
     reference: Reference = Reference.live
+    desirable_weight: float = 1.0  # kto: weights of the desirable and undesirable examples' losses
+    undesirable_weight: float = 1.0
     # online losses (grpo, rloo): rollouts, rewards and the clipped objective; TRL's names
     reward: list[str] = dataclasses.field(default_factory=list)  # exact_match, boxed, regex:P, module:function
     reward_weights: list[float] = dataclasses.field(default_factory=list)  # empty: 1 each
@@ -285,6 +290,9 @@ class AlignConfig(Config):
         return super().preprocess(raw, where)
 
     def validate(self, where: str) -> None:
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigError(f"{where}.desirable_weight and undesirable_weight must be > 0, got "
+                              f"{self.desirable_weight} and {self.undesirable_weight}")
         if not self.loss.online:
             return
 

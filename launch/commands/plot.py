@@ -15,6 +15,9 @@ PANELS: list[tuple[str, str, tuple[str, ...]]] = [
     ("tokens_per_s", "tokens / s", ("tokens_per_s",)),
     ("rewards", "DPO rewards", ("rewards/margins", "rewards/chosen", "rewards/rejected")),
     ("accuracy", "preference accuracy", ("rewards/accuracies", "eval/rewards/accuracies")),
+    ("reward", "online reward (grpo, rloo)", ("reward", "eval/reward")),
+    ("kl", "KL to the reference", ("kl",)),
+    ("rollout_time", "seconds per step", ("time/rollout_s", "time/training_s")),
 ]
 
 

@@ -11,8 +11,9 @@ from data.shards import KINDS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="text: .txt/.jsonl/.json (e.g. prep's documents.jsonl); sft/preference/prompt: "
-                             ".jsonl/.json; classification: label<TAB>text lines; seq2seq: 'IN: ... OUT: ...' lines")
+                        help="text: .txt/.jsonl/.json (e.g. prep's documents.jsonl); sft/preference/unpaired/"
+                             "prompt: .jsonl/.json; classification: label<TAB>text lines; "
+                             "seq2seq: 'IN: ... OUT: ...' lines")
     parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (tessera tokenizer train)")
     parser.add_argument("--out", required=True, help="an empty output directory")
     parser.add_argument("--kind", choices=list(KINDS), default="text")
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None, help="all but text: cut records to this many tokens")
     parser.add_argument("--labels", type=lambda s: s.split(","), default=None, metavar="A,B,...",
                         help="classification: the label names in index order (default: sorted)")
-    parser.add_argument("--skip-bad", action="store_true", help="sft/preference/prompt: skip (and count) bad records")
+    parser.add_argument("--skip-bad", action="store_true", help="conversations: skip (and count) bad records")
     parser.add_argument("--metadata", action="store_true", help="store each sample's source id as {key}.json")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
 

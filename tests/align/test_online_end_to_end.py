@@ -142,13 +142,17 @@ def test_grpo_raises_held_out_exact_match_with_bounded_kl(additions, sft_run, tm
 
 @pytest.mark.parametrize("loss", ["grpo", "rloo"])
 def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(additions, tmp_path, loss):
-    """From a fresh tiny model (no SFT): 4 steps straight vs 2 steps, stop, resume to 4."""
-    quick = (*GRPO, f"align.loss={loss}", "train.micro_batch_size=4", "checkpoint.every=2", "model.n_layers=1")
+    """From a fresh tiny model (no SFT): 4 steps straight vs 2 steps, stop, resume to 4; evaluations
+    in between (with their own sampler) leave the training samples alone."""
+    quick = (*GRPO, f"align.loss={loss}", "train.micro_batch_size=4", "checkpoint.every=2", "model.n_layers=1",
+             f"data.valid={additions.prompts}", "train.eval_every=2", "train.eval_steps=2")
     straight = run(config(tmp_path / "straight", additions.prompts, "train.max_steps=4", *quick), "align")
     run(config(tmp_path / "resumed", additions.prompts, "train.max_steps=2", *quick), "align")
     resumed = run(config(tmp_path / "resumed", additions.prompts, "train.max_steps=4", *quick), "align")
     assert resumed.losses == pytest.approx(straight.losses[2:], abs=1e-6)
     tail = metrics(straight)[2:]
+    evaluated = [m for m in metrics(straight) if "eval/reward" in m]
+    assert [m["step"] for m in evaluated] == [2, 4] and all(0 <= m["eval/reward"] <= 1 for m in evaluated)
     for name in ("reward", "completions/mean_length", "kl"):
         assert [m[name] for m in metrics(resumed)[2:]] == pytest.approx([m[name] for m in tail], abs=1e-6)
 

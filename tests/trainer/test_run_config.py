@@ -30,9 +30,9 @@ def test_explicit_vocab_size_is_kept():
         ("train.global_batch_size=10", "not a multiple of micro_batch_size 8"),
         ("train.offload=optimizer", "offload: needs strategy fsdp or zero1/2/3"),
         ("train.warmup_steps=-1", "warmup_steps"),
-        ("align.loss=kto", "align.loss"),
+        ("align.loss=ppo", "align.loss"),
         ("train.deepspeed_config=/any/ds_config.json", "deepspeed_config: only used by zero1/zero2/zero3"),
-        ("train.objective=kto", "train.objective: 'kto' is not one of clm, mlm, span, sft, preference, reward"),
+        ("train.objective=ppo", "train.objective: 'ppo' is not one of clm, mlm, span, sft, preference, reward"),
     ],
 )
 def test_bad_values_are_one_line(override, message):

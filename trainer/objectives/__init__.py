@@ -89,6 +89,7 @@ class ObjectiveName(enum.StrEnum):
     classify = "classify"
     seq2seq = "seq2seq"
     online = "online"
+    kto = "kto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,7 @@ OBJECTIVES: dict[ObjectiveName, ObjectiveSpec] = {
     ObjectiveName.classify: ObjectiveSpec("classify", head="classifier", class_labels=True),
     ObjectiveName.seq2seq: ObjectiveSpec("seq2seq"),
     ObjectiveName.online: ObjectiveSpec("online"),
+    ObjectiveName.kto: ObjectiveSpec("kto"),
 }
 
 # what each pretraining architecture learns when train.objective is not set
