@@ -1,6 +1,6 @@
 """Supervised task files: text classification (``label<TAB>text``) and seq2seq pairs (SCAN's
 ``IN: <source> OUT: <target>``), parsed and encoded for the ``classification`` and ``seq2seq``
-shard kinds.
+shard kinds; multiple-choice records (HellaSwag-style jsonl) for ``tessera eval --tasks``.
 
 A classification sample is ``input_ids`` (BOS, the text, EOS: an encoder pools the first
 position) and ``label`` (one integer: the index of its label in the manifest's ``labels`` list);
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from data.readers import open_text
+from data.readers import iter_records, open_text
 
 TASK_KINDS = ("classification", "seq2seq")
 
@@ -64,6 +64,51 @@ def read_seq2seq(path: str | Path) -> Iterator[Pair]:
         if not head.startswith("IN: ") or not sep or not head[4:].strip() or not target.strip():
             raise UserError(f"{path}:{number}: expected 'IN: <source> OUT: <target>', got {line[:60]!r}")
         yield Pair(head[4:].strip(), target.strip())
+
+
+# the field names a multiple-choice record may use, first present wins: HellaSwag's own (ctx, endings,
+# label as a string) and lm-evaluation-harness's processed documents (query, choices, gold) included
+CHOICE_FIELDS = {"context": ("context", "query", "ctx"), "choices": ("choices", "endings"), "label": ("label", "gold")}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoice:
+    """A context, its candidate continuations, and the index of the right one."""
+
+    context: str
+    choices: tuple[str, ...]
+    label: int
+
+
+def read_multiple_choice(path: str | Path) -> list[MultipleChoice]:
+    """Every record of a .jsonl/.json file of multiple-choice items (see :data:`CHOICE_FIELDS`); a
+    malformed one is a one-line error naming ``file:line``."""
+    if not Path(path).is_file():
+        raise UserError(f"no such file: {path}")
+    items = []
+    for where, record in iter_records([path]):
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        found = {}
+        for field, names in CHOICE_FIELDS.items():
+            name = next((n for n in names if n in record), None)
+            if name is None:
+                raise UserError(f"{where}: no {field} field (one of {', '.join(names)})")
+            found[field] = record[name]
+        context, choices, label = found["context"], found["choices"], found["label"]
+        if not isinstance(context, str):
+            raise UserError(f"{where}: the context must be a string, got {type(context).__name__}")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise UserError(f"{where}: the choices must be a list of at least two non-empty strings")
+        if isinstance(label, str) and label.strip().isdigit():
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+            raise UserError(f"{where}: the label must be the index of the right choice (0 to {len(choices) - 1}), "
+                            f"got {label!r}")
+        items.append(MultipleChoice(context, tuple(choices), label))
+    if not items:
+        raise UserError(f"{path} holds no multiple-choice record")
+    return items
 
 
 def label_list(examples: Iterable[LabelledText], given: Sequence[str] | None = None) -> list[str]:

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "decode text from a checkpoint"),
     "export": ("export", "export a checkpoint to the Hugging Face layout"),
     "import": ("import_hf", "import a Hugging Face model directory as a Tessera checkpoint"),
-    "eval": ("evaluate", "score a checkpoint on a shard directory (perplexity, accuracy, exact match)"),
+    "eval": ("evaluate", "score a checkpoint on shards (perplexity, accuracy, exact match) or multiple-choice tasks"),
     "slurm": ("slurm", "render (and submit) an sbatch script for a config"),
     "plot": ("plot", "draw a run's metrics as PNG plots"),
     "config": ("config", "print the resolved config (show) or every key with its type and choices (schema)"),

@@ -187,6 +187,15 @@ EVALS: dict[ObjectiveName, EvalSpec] = {
 
 # -- which objective scores a shard directory -----------------------------------------------------
 
+def model_kind(model: torch.nn.Module) -> tuple[str, bool]:
+    """What ``model`` is, in words for an error, and whether it is a decoder LM (causal, no encoder)."""
+    from model.transformer import Seq2SeqLM, SequenceClassifier
+
+    classifier = isinstance(model, SequenceClassifier)
+    what = "a classifier" if classifier else f"an LM of arch {model.config.arch}"
+    return what, not classifier and not isinstance(model, Seq2SeqLM) and model.config.causal
+
+
 def shard_objective(kind: str, model: torch.nn.Module, labels: list[str] | None, where: Any) -> ObjectiveName:
     """The objective that scores ``model`` on shards of ``kind``; a mismatch is a one-line error.
     Text shards get what the model's architecture pretrains on; other kinds the objective whose
@@ -194,8 +203,7 @@ def shard_objective(kind: str, model: torch.nn.Module, labels: list[str] | None,
     from model.transformer import Seq2SeqLM, SequenceClassifier
 
     seq2seq, classifier = isinstance(model, Seq2SeqLM), isinstance(model, SequenceClassifier)
-    what = "a classifier" if classifier else f"an LM of arch {model.config.arch}"
-    decoder = not classifier and not seq2seq and model.config.causal
+    what, decoder = model_kind(model)
     need = {"text": (not classifier, "a language model"),
             "classification": (classifier, "a classifier (train.objective=classify)"),
             "seq2seq": (seq2seq, "an encoder_decoder model"),
@@ -241,3 +249,64 @@ def score(model: torch.nn.Module, name: ObjectiveName, batches: Iterable[Batch],
     else:
         out["samples"] = result.units
     return out | result.extra
+
+
+# -- multiple-choice tasks: log-likelihood of each choice given the context -----------------------
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids split as lm-evaluation-harness splits them: trailing spaces of the
+    context move to the continuation, the whole string is encoded once and the continuation is what
+    follows the context's own encoding (so a merge across the boundary is not scored twice). No BOS,
+    as text shards have none; an empty context conditions on BOS alone."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [tokenizer.bos_id], tokenizer.encode(continuation)
+    whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return head, whole[len(head):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], *,
+                          pad_id: int, batch_size: int = 16) -> list[float]:
+    """Summed log-prob of each continuation given its context, the pair cut from the left to the
+    model's max_seq_len + 1 tokens (as lm-evaluation-harness cuts to its max_length)."""
+    limit = model.config.max_seq_len + 1
+    rows = [(context + continuation)[-limit:] for context, continuation in pairs]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk, sizes = rows[start : start + batch_size], [len(c) for _, c in pairs[start : start + batch_size]]
+        width = max(map(len, chunk)) - 1
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # right padding: causal rows ignore it
+        for i, row in enumerate(chunk):
+            ids[i, : len(row) - 1] = torch.tensor(row[:-1])
+        logprobs = model(ids).float().log_softmax(-1)
+        for i, (row, size) in enumerate(zip(chunk, sizes)):
+            n = len(row)
+            targets = torch.tensor(row[n - size :])
+            out.append(float(logprobs[i, n - size - 1 : n - 1].gather(1, targets[:, None]).sum()))
+    return out
+
+
+def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], *, delimiter: str = " ",
+                  batch_size: int = 16, where: Any = "the checkpoint") -> dict[str, Any]:
+    """lm-evaluation-harness's multiple-choice metrics over ``items`` (data.tasks.MultipleChoice):
+    ``acc`` (the choice of highest summed log-likelihood is the labelled one) and ``acc_norm`` (the
+    same with each log-likelihood divided by its choice's length in characters), each continuation
+    being ``delimiter + choice``; ``chance`` is the mean of 1 / choices."""
+    what, decoder = model_kind(model)
+    if not decoder:
+        raise UserError(f"multiple-choice tasks need a decoder LM; {where} holds {what}")
+    pairs = [encode_pair(tokenizer, item.context, delimiter + choice) for item in items for choice in item.choices]
+    logprobs = iter(continuation_logprobs(model, pairs, pad_id=tokenizer.pad_id, batch_size=batch_size))
+    right = right_norm = 0
+    for item in items:
+        lls = [next(logprobs) for _ in item.choices]
+        norm = [ll / len(choice) for ll, choice in zip(lls, item.choices)]
+        right += lls.index(max(lls)) == item.label  # the first of equal maxima, as numpy's argmax
+        right_norm += norm.index(max(norm)) == item.label
+    n = len(items)
+    return {"acc": right / n, "acc_norm": right_norm / n, "samples": n,
+            "chance": sum(1 / len(item.choices) for item in items) / n}

@@ -1,4 +1,6 @@
-"""`tessera eval --checkpoint DIR --data DIR`: score a model on a shard directory, by the shards' kind.
+"""`tessera eval --checkpoint DIR --data DIR`: score a model on a shard directory, by the shards' kind;
+`tessera eval --checkpoint DIR --tasks FILE.jsonl`: multiple-choice accuracy, as lm-evaluation-harness
+scores it (acc and acc_norm, see :func:`trainer.evaluation.score_choices`).
 
 text            the pretraining loss and perplexity: causal LM (decoder), masked LM (encoder, seeded
                 15% masking) or span corruption (encoder-decoder, seeded noise)
@@ -7,6 +9,11 @@ seq2seq         exact match of greedy decoding against the target; teacher-force
                 token accuracy (the argmax given the true previous tokens)
 preference      log-prob accuracy (the chosen answer more likely than the rejected one) and the mean
                 log-prob margin; DPO's implicit-reward accuracy would need the reference model too
+sft             the loss and perplexity on assistant tokens
+
+A ``--tasks`` record is a JSON object with a context (``context``, ``query`` or ``ctx``), its
+choices (``choices`` or ``endings``) and the right one's index (``label`` or ``gold``, an int or a
+digit string): HellaSwag's own records and lm-evaluation-harness's processed ones both read as they are.
 
 One line goes to stdout (stderr when the JSON does), the JSON to stdout (``--json``) or a file.
 The objective, the loop and the metrics live in :mod:`trainer.evaluation`; this is the command.
@@ -25,8 +32,12 @@ from common.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a model directory, a checkpoints/ directory (its latest), or a Hugging Face directory")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="a shard directory (tessera shard), or one holding a sub-directory per split")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", type=Path,
+                      help="a shard directory (tessera shard), or one holding a sub-directory per split")
+    what.add_argument("--tasks", type=Path, metavar="FILE.jsonl",
+                      help="multiple-choice records ({context|query|ctx, choices|endings, label|gold}): "
+                           "acc and acc_norm by the log-likelihood of each choice")
     parser.add_argument("--split", default="valid", help="the sub-directory of --data to use when it has no manifest")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: the whole split)")
@@ -47,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.max_batches < 0:
         raise UserError("--batch-size must be at least 1 and --max-batches at least 0")
+    if args.tasks is not None:
+        return run_tasks(args)
     data_dir = shard_dir(args.data, args.split)
     manifest = ShardManifest.load(data_dir)
     model_dir = resolve_checkpoint(args.checkpoint)
@@ -63,14 +76,39 @@ def run(args: argparse.Namespace) -> int:
     metrics = score(model, objective, loader, tokenizer, max_batches=args.max_batches or None)
     result = {"checkpoint": str(model_dir), "data": str(data_dir), "kind": manifest.kind, "objective": str(objective),
               "seq_len": seq_len, **metrics}
-    line = f"tessera eval: {manifest.kind} ({objective}) " + "  ".join(
+    report(args, f"{manifest.kind} ({objective})", metrics, result)
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """``--tasks FILE``: acc and acc_norm of the checkpoint's decoder on the file's records."""
+    from data.tasks import read_multiple_choice
+    from data.tokenizer import load_tokenizer
+    from model.io import find_tokenizer_dir, load_pretrained, resolve_checkpoint
+    from trainer.evaluation import score_choices
+
+    items = read_multiple_choice(args.tasks)
+    model_dir = resolve_checkpoint(args.checkpoint)
+    tokenizer_dir = find_tokenizer_dir(model_dir)
+    if tokenizer_dir is None:
+        raise UserError(f"no tokenizer.json beside {model_dir}: multiple-choice tasks are text")
+    model = load_pretrained(model_dir).eval()
+    metrics = score_choices(model, load_tokenizer(tokenizer_dir), items, batch_size=args.batch_size,
+                            where=args.checkpoint)
+    result = {"checkpoint": str(model_dir), "tasks": str(args.tasks), **metrics}
+    report(args, f"{args.tasks.name} (multiple choice)", metrics, result)
+    return 0
+
+
+def report(args: argparse.Namespace, what: str, metrics: dict, result: dict) -> None:
+    """One line to stdout (stderr when the JSON goes there), the JSON to stdout or ``--json FILE``."""
+    line = f"tessera eval: {what} " + "  ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(line, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(result, indent=1))
     elif args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
 
 
 def shard_dir(data: Path, split: str) -> Path:
