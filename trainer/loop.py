@@ -243,6 +243,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world_size": self.env.world_size,
+            "data_copies": self.strategy.data_copies,  # tensor-parallel ranks sharing one loader state
             "strategy": str(self.cfg.train.strategy),
             "format": self.strategy.checkpoint_format,
             "guard": self.guard.state_dict(),
@@ -318,13 +319,14 @@ class Trainer:
         self.check_adapter_base(path)
         self.strategy.load(path)
         ranks = [checkpoint.load_rank_state(path / checkpoint.rank_file(r)) for r in range(saved_world)]
-        if saved_world == self.env.world_size:
+        copies = state.get("data_copies", 1)
+        if saved_world == self.env.world_size and copies == self.strategy.data_copies:
             self.loader.load_state_dict(ranks[self.env.rank]["loader"])
             set_rng_state(ranks[self.env.rank]["rng"])
             if "objective" in ranks[self.env.rank]:
                 self.objective.load_state_dict(ranks[self.env.rank]["objective"])
-        else:  # the loader continues with exactly the units no old rank consumed
-            self.loader.load_state_dict([r["loader"] for r in ranks])
+        else:  # the loader continues with exactly the units no old data rank consumed
+            self.loader.load_state_dict([r["loader"] for r in ranks[::copies]])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path
 
     [single] = spawn(train, 1, config("single"))
     ddp, _ = spawn(train, 2, config("ddp", "train.strategy=ddp"))
-    tp = spawn(train, 4, config("tp", "train.strategy=ddp", "parallel.tp=2"))
+    tp = spawn(train, 4, config("tp", "train.strategy=ddp", "parallel.tp=2", "checkpoint.every=5"))
     assert all(r.losses == tp[0].losses for r in tp)
     np.testing.assert_allclose(tp[0].losses, ddp.losses, rtol=1e-5)
     np.testing.assert_allclose(tp[0].losses, single.losses, rtol=1e-4)
@@ -32,6 +34,14 @@ def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path
     assert tp_weights.keys() == ddp_weights.keys()
     for name, tensor in ddp_weights.items():
         torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    # the step-5 checkpoint resumes at dp=4 (ddp, micro-batch 2): whole tensors, one loader state per tp group
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "tp" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+    (resumed / "checkpoints" / "latest").write_text("step_000005")
+    raw = config("resumed", "train.strategy=ddp", "train.micro_batch_size=2")
+    again = spawn(train, 4, raw)
+    np.testing.assert_allclose(again[0].losses, tp[0].losses[5:], rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "encoder_decoder"])
