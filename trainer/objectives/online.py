@@ -4,7 +4,7 @@ into advantages and trains on the clipped policy-gradient loss of :mod:`policy_g
 
 :meth:`OnlineObjective.rollout` runs before the loop counts units, so the loss is normalised by the
 global number of sequences (grpo, dr_grpo, rloo) or completion tokens (dapo), as TRL does. The
-sampler is a ``torch.Generator`` seeded with ``train.seed + rank`` whose state is saved with each
+sampler is a ``torch.Generator`` seeded with ``train.seed + data rank`` whose state is saved with each
 rank's checkpoint state: a resumed run samples the same completions. Evaluation samples with a
 generator seeded afresh each time, so it neither shifts the training samples nor varies between
 evaluations. Metrics carry TRL's names: ``reward``, ``reward_std``, ``rewards/<name>/mean|std``,
@@ -53,7 +53,7 @@ class OnlineObjective:
                  reference: torch.nn.Module | None, seed: int) -> None:
         self.align, self.rewards, self.tokenizer, self.strategy = align, rewards, tokenizer, strategy
         self.reference = reference
-        self.seed = seed + strategy.env.rank
+        self.seed = seed + strategy.data_rank  # tensor-parallel ranks share a batch: they sample alike
         self.device = strategy.env.device
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         self.stop_ids = sorted({tokenizer.eos_id, tokenizer.end_id})
