@@ -52,6 +52,7 @@ def test_ddp_fsdp_zero3_and_activation_checkpointing_follow_the_single_process_r
         assert sharded.losses == pytest.approx(ddp.losses, rel=1e-6), strategy
 
 
+@pytest.mark.slow
 def test_expert_parallel_follows_ddp_and_the_single_process_run_and_resumes_under_ddp(corpus, tmp_path):
     """ep=2 × dp=2 on 4 ranks: each rank holds 2 of the 4 experts of every layer."""
     common = ("train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=10", "checkpoint.every=5")
@@ -83,3 +84,11 @@ def test_expert_parallel_follows_ddp_and_the_single_process_run_and_resumes_unde
     again = spawn(train, 4, moe_config(corpus, resumed, *common, "train.strategy=ddp", "parallel.ep=2"))
     np.testing.assert_allclose(again[0].losses, ddp[0].losses[5:], rtol=1e-5)
 
+
+
+def test_expert_parallel_on_two_ranks_follows_the_single_process_run(corpus, tmp_path):
+    """ep=2, dp=1: the fast check (the 4-rank one above is marked slow)."""
+    common = ("train.max_steps=3", "train.global_batch_size=8")
+    [single] = spawn(train, 1, moe_config(corpus, tmp_path / "single", *common))
+    ep, _ = spawn(train, 2, moe_config(corpus, tmp_path / "ep", *common, "train.strategy=ddp", "parallel.ep=2"))
+    np.testing.assert_allclose(ep.losses, single.losses, rtol=1e-4)

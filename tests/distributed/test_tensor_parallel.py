@@ -11,6 +11,7 @@ from runs import final_weights, tiny_config, train
 from spawn import spawn
 
 
+@pytest.mark.slow
 def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path):
     """tp=2 × dp=2 on 4 ranks: each rank holds half of every block's heads and MLP units; the two
     ranks of a tp group read the same batch, so the global batch is 2 groups' micro-batches."""
