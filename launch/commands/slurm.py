@@ -52,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task, mem=args.mem, master_port=args.master_port,
     )
     job.validate()
+    tp = cfg.parallel.tp
+    if job.procs_per_node % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide the {job.procs_per_node} processes per node: a tensor-"
+                          "parallel group stays inside a node (data parallel goes across nodes)")
     try:
-        accumulation_steps(cfg, job.world_size)
+        accumulation_steps(cfg, job.world_size // tp)  # a tp group reads one batch
     except ConfigError as exc:
         raise ConfigError(f"--nodes {job.nodes} × {job.procs_per_node} processes per node: {exc}") from None
     script = render(job)

@@ -13,8 +13,8 @@ from spawn import spawn
 
 @pytest.mark.slow
 def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path):
-    """tp=2 × dp=2 on 4 ranks: each rank holds half of every block's heads and MLP units; the two
-    ranks of a tp group read the same batch, so the global batch is 2 groups' micro-batches."""
+    """tp=2 × dp=2 on 4 ranks (2 "nodes"): each rank holds half of every block's heads and MLP units;
+    the two ranks of a tp group read the same batch, so the global batch is 2 groups' micro-batches."""
     dense = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64}
     common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
               "checkpoint.save_final=true")
@@ -26,7 +26,9 @@ def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path
 
     [single] = spawn(train, 1, config("single"))
     ddp, _ = spawn(train, 2, config("ddp", "train.strategy=ddp"))
-    tp = spawn(train, 4, config("tp", "train.strategy=ddp", "parallel.tp=2", "checkpoint.every=5"))
+    # two simulated nodes of 2 ranks: tp inside a node, dp across
+    tp = spawn(train, 4, config("tp", "train.strategy=ddp", "parallel.tp=2", "checkpoint.every=5"),
+               env={"LOCAL_WORLD_SIZE": "2"})
     assert all(r.losses == tp[0].losses for r in tp)
     np.testing.assert_allclose(tp[0].losses, ddp.losses, rtol=1e-5)
     np.testing.assert_allclose(tp[0].losses, single.losses, rtol=1e-4)

@@ -127,3 +127,16 @@ def test_hostfile_from_a_slurm_nodelist(tmp_path):
         hostfile.render(["a", "a"], 1)
     with pytest.raises(UserError, match="at least 1"):
         hostfile.render(["a"], 0)
+
+
+def test_command_keeps_tensor_parallel_groups_inside_a_node(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  strategy: ddp\n  micro_batch_size: 2\n  global_batch_size: 8\n"
+                   "parallel:\n  tp: 4\nlog:\n  dir: runs/x\n")
+    # 4 nodes × 4 GPUs, tp=4 inside each node: 4 data-parallel groups of micro-batch 2
+    assert cli.main(["slurm", "--config", str(cfg), "--nodes", "4", "--gpus-per-node", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["slurm", "--config", str(cfg), "--nodes", "8", "--gpus-per-node", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "parallel.tp=4 must divide the 2 processes per node" in err

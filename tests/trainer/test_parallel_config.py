@@ -40,7 +40,7 @@ def test_expert_parallel_refuses_what_it_cannot_shard(model, world, message):
     ({"preset": "tiny-llama", "n_heads": 4, "n_kv_heads": 1}, 4, "parallel.tp=2 must divide model.n_heads=4, the kv"),
     ({"preset": "tiny-moe"}, 4, "not for MoE models"),
     ({"preset": "tiny-llama", "pos": "alibi"}, 4, "per-head score biases"),
-    ({"preset": "tiny-llama"}, 3, "parallel.tp=2 does not divide the 3 ranks"),
+    ({"preset": "tiny-llama"}, 3, "parallel.tp=2 must divide the 3 ranks"),
 ])
 def test_tensor_parallel_refuses_what_it_cannot_split(model, world, message):
     from trainer.strategy.tensor_parallel import TensorParallel

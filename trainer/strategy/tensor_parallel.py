@@ -98,8 +98,9 @@ class TensorParallel(Partitioned):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         cfg, tp = model.config, self.size
-        if self.env.world_size % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide the {self.env.world_size} ranks")
+        if self.env.world_size % tp or self.env.local_world_size % tp:
+            raise ConfigError(f"parallel.tp={tp} must divide the {self.env.world_size} ranks and the "
+                              f"{self.env.local_world_size} per node (a tp group stays inside a node)")
         if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.d_ff % tp:
             raise ConfigError(f"parallel.tp={tp} must divide model.n_heads={cfg.n_heads}, the kv heads "
                               f"({cfg.kv_heads}) and model.d_ff={cfg.d_ff}")
