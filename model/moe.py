@@ -1,4 +1,5 @@
-"""Mixture-of-Experts MLP: a top-k router, dropless dispatch to stacked experts, an optional shared expert.
+"""Mixture-of-Experts MLP: a top-k router, dispatch to stacked experts (dropless or with a capacity),
+an optional shared expert.
 
 Every token goes to its ``experts_per_token`` best experts; none is dropped unless
 ``moe_capacity_factor`` caps what an expert takes (``capacity_factor · assignments / n_experts``).
@@ -109,7 +110,7 @@ class MoE(nn.Module):
         tokens = order // self.top_k  # the token of each sorted assignment
         out = self.experts(x[tokens], kept.tolist())
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        y = torch.zeros_like(x).index_add_(0, tokens, out)
+        y = out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, tokens, out)  # out's dtype: bf16 under autocast
         if self.shared is not None:
             shared = self.shared(x)
             y = y + (torch.sigmoid(self.shared_gate(x)) * shared if self.shared_gate is not None else shared)

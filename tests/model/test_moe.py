@@ -211,3 +211,15 @@ def test_mixtral_and_qwen_moe_presets_have_their_published_sizes():
     qwen = ModelConfig.from_dict({"preset": "qwen1.5-moe-a2.7b"})
     assert round(count_parameters(qwen) / 1e9, 1) == 14.3  # "14.3B total, 2.7B activated"
     assert round(count_parameters(qwen, active=True) / 1e9, 1) == 2.7
+
+
+def test_bf16_autocast_runs_and_stays_near_fp32():
+    cfg = ModelConfig.from_dict({**BASE, **VARIANTS["qwen2-moe"], "init_std": 0.2})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    full = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(ids)
+    half.sum().backward()
+    assert torch.isfinite(half).all() and (half - full).abs().max() < 0.05 * full.abs().max()

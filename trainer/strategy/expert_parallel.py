@@ -45,7 +45,8 @@ class ShardedExperts(nn.Module):
         order = expert_of_row.argsort(stable=True)
         out = run_experts(got[order], got_counts.sum(0).tolist(), self.up, self.down, self.act, self.gated)
         back = torch.empty_like(out).index_copy(0, order, out)
-        return dist_fn.all_to_all_single(x.new_empty(x.shape), back, send, receive, group=self.group)
+        return dist_fn.all_to_all_single(back.new_empty(x.shape[0], back.shape[1]), back, send, receive,
+                                         group=self.group)
 
 
 class ExpertParallel(Partitioned):
