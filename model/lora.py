@@ -28,10 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import Config
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
+from model.blocks import Block
 from model.config import Mlp, ModelConfig
 
 ALL_LINEAR = "all-linear"
+
+
+class LoraQuantize(enum.StrEnum):
+    none = "none"
+    nf4 = "nf4"  # QLoRA: the frozen block linears in 4-bit NormalFloat (torchao), dequantised per matmul
 
 
 class LoraInit(enum.StrEnum):
@@ -49,6 +55,7 @@ class LoraConfig(Config):
     targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])  # q k v o gate up down, glob, all-linear
     rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank (rank-stabilised LoRA)
     init: LoraInit = LoraInit.kaiming
+    quantize: LoraQuantize = LoraQuantize.none  # nf4: QLoRA (single and ddp; needs torchao)
 
     @classmethod
     def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -68,6 +75,8 @@ class LoraConfig(Config):
             raise ConfigError(f"{where}.alpha: must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if self.quantize != LoraQuantize.none and not self.rank:
+            raise ConfigError(f"{where}.quantize={self.quantize} quantises the base LoRA adapts: set {where}.rank > 0")
         if self.rank and not self.targets:
             raise ConfigError(f"{where}.targets: empty; name the projections to adapt (e.g. [q, v] or [all-linear])")
 
@@ -166,6 +175,9 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if not self.merged and is_quantized(self.weight):
+            raise UserError("a QLoRA model's base is 4-bit: merge the adapter into the unquantised base "
+                            "(load the adapter directory again; it loads the base as saved)")
         if not self.merged:
             self.weight += self.delta()
             self.merged = True
@@ -276,6 +288,36 @@ def merged_state(state: dict[str, torch.Tensor], cfg: ModelConfig, lora: LoraCon
         a, b = state[key], state[f"{key[:-2]}.B"]
         weight[rows] += (lora.scaling * (b.float() @ a.float())).to(weight.dtype)
     return out
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight).__name__ == "NF4Tensor"
+
+
+def quantize_base(model: nn.Module) -> int:
+    """QLoRA (``lora.quantize=nf4``): every frozen linear of the blocks keeps its weight in NF4 (torchao's
+    NF4Tensor, blocks of 64 with scales quantised in turn), the adapters stay as they are. Call it once
+    the weights are loaded. Returns the bytes the base weights took before; a no-op without nf4."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None or cfg.quantize == LoraQuantize.none:
+        return 0
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError:
+        raise UserError("lora.quantize=nf4 needs torchao (pip install torchao)") from None
+    before = 0
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        for module in block.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, nn.Linear) or weight.requires_grad or is_quantized(weight):
+                continue
+            blocks_of_64 = weight.numel() // 64
+            if weight.numel() % 64:
+                continue  # NF4 needs whole blocks of 64: such a layer stays as it is
+            scaler_block = next(d for d in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks_of_64 % d == 0)
+            before += weight.numel() * weight.element_size()
+            module.weight = nn.Parameter(to_nf4(weight.detach().contiguous(), 64, scaler_block), requires_grad=False)
+    return before
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:

@@ -340,6 +340,9 @@ class RunConfig(Config):
                                   f"the rest replicated), not {self.train.strategy}")
             if size > 1 and self.lora.enabled:
                 raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
+        if self.lora.quantize != "none" and self.train.strategy not in (StrategyName.single, StrategyName.ddp):
+            raise ConfigError(f"lora.quantize={self.lora.quantize} runs under train.strategy single or ddp, not "
+                              f"{self.train.strategy} (sharding NF4 weights is not wired)")
         if self.lora.enabled and self.model.init is None:
             raise ConfigError("lora.rank > 0 adapts a pretrained model: set model.init to its checkpoint "
                               "or Hugging Face directory")

@@ -228,3 +228,24 @@ def test_dpo_with_lora_uses_the_base_as_reference_and_equals_a_frozen_copy(align
     assert not watch.is_the_policy
     assert shared.losses[-1] != shared.losses[0]
     np.testing.assert_allclose(shared.losses, copied.losses, rtol=1e-5, atol=0)
+
+
+class Quantized(Callback):
+    def on_train_start(self, trainer) -> None:
+        from model.lora import is_quantized
+
+        linears = [m for m in trainer.strategy.model.modules() if isinstance(m, torch.nn.Linear)]
+        self.nf4 = sum(is_quantized(m.weight) for m in linears)
+
+
+def test_qlora_trains_adapters_on_a_4bit_base(align_corpus, base, tmp_path):
+    pytest.importorskip("torchao")
+    watch = Quantized()
+    raw = config(tmp_path / "run", align_corpus.sft, base, "lora.quantize=nf4")
+    result = run(RunConfig.from_dict(raw), "sft", [watch])
+    assert watch.nf4 == 2 * 4  # qkv, out, up, down of both blocks
+    trained = held_out_loss(align_corpus, result.checkpoint / "model")  # on the unquantised base
+    assert trained < held_out_loss(align_corpus, base) - 0.15
+    with pytest.raises(ConfigError, match=r"lora.quantize=nf4 runs under train.strategy single or ddp"):
+        RunConfig.from_dict(config(tmp_path / "z", align_corpus.sft, base, "lora.quantize=nf4",
+                                   "train.strategy=zero3"))

@@ -66,3 +66,13 @@ def test_two_rank_lora_resumes_exactly(corpus, base, single, tmp_path, strategy)
     resumed = spawn(train, 2, raw)[0]
     assert resumed.steps == 6 and len(resumed.losses) == 3
     np.testing.assert_allclose(resumed.losses, single.losses[3:], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_rank_qlora_under_ddp_follows_single_process(corpus, base, tmp_path):
+    pytest.importorskip("torchao")
+    common = (f"model.init={base}", *LORA, "lora.quantize=nf4")
+    [single] = spawn(train, 1, tiny_config(corpus, tmp_path / "single", *common))
+    rank0, rank1 = spawn(train, 2, tiny_config(corpus, tmp_path / "ddp", "train.strategy=ddp", *common))
+    assert rank0.losses == rank1.losses and single.losses[-1] < single.losses[0]
+    np.testing.assert_allclose(rank0.losses, single.losses, rtol=1e-4)

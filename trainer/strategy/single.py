@@ -39,9 +39,14 @@ class Single(Strategy):
         return self.model
 
     def place(self, model: nn.Module) -> nn.Module:
-        """Hook for subclasses: the model on the device, before :meth:`parallelize`."""
+        """Hook for subclasses: the model on the device, before :meth:`parallelize`; a QLoRA model's
+        frozen base quantised to NF4 there (``model.lora.quantize_base``)."""
+        from model.lora import quantize_base
+
         materialize(model, self.cfg.seed)
-        return model.to(self.env.device)
+        model = model.to(self.env.device)
+        quantize_base(model)
+        return model
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Hook for subclasses: wrap the prepared model for data parallelism."""
