@@ -3,9 +3,10 @@
 A tiny decoder is SFT'd on additions whose answers, where the units carry, forget the carry 60% of
 the time (``a + b - 10``): it learns to add, and the habit. GRPO with ``exact_match`` against the
 prompt records' answers then has to unlearn the habit from its own samples. Measured here (800 SFT
-steps, 60 GRPO steps of 16 prompts × 8 completions; ~85 s on 2 loaded cores): held-out greedy exact
-match 0.625 → 0.815, training reward (mean of the first → last ten steps) 0.66 → 0.77, median KL
-(k3, per completion token) to the SFT model over the last 20 steps 0.2 (single steps spike to 1.7).
+steps, 60 GRPO steps of 16 prompts × 8 completions; ~85 s on 2 cores, 220 s when heavily shared):
+held-out greedy exact match 0.685 → 0.905, training reward (mean of the first → last ten steps)
+0.70 → 0.81, median KL (k3, per completion token) to the SFT model over the last 20 steps 0.11
+(single steps spike higher; an earlier tree measured 0.625 → 0.815, 0.66 → 0.77, 0.2).
 Resuming a GRPO run replays the same completions (the sampler's RNG is in the checkpoint), and bad
 inputs stop with one line.
 """
