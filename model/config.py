@@ -122,6 +122,7 @@ class ModelConfig(Config):
     router_norm_topk: bool = True  # renormalise the k chosen weights to sum to 1 (Mixtral; Qwen's norm_topk_prob)
     router_aux_loss_coef: float = 0.01  # load-balancing loss (Switch Transformer form), added to the training loss
     router_z_loss_coef: float = 0.0  # router z-loss (ST-MoE): mean squared logsumexp of the router logits
+    router_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing (DeepSeek-V3), per-expert bias step size
     pad_token_id: int = 0
 
     @property
@@ -215,6 +216,8 @@ class ModelConfig(Config):
             fail("moe_capacity_factor", f"must be > 0 (or unset: dropless), got {self.moe_capacity_factor}")
         if self.shared_expert_gate and not self.shared_expert_d_ff:
             fail("shared_expert_gate", "gates the shared expert; set shared_expert_d_ff > 0")
+        if self.router_bias_update_rate < 0 or (self.router_bias_update_rate and not self.n_experts):
+            fail("router_bias_update_rate", "must be >= 0, and > 0 only for a Mixture-of-Experts model")
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             fail("router_aux_loss_coef", "router_aux_loss_coef and router_z_loss_coef must be >= 0")
         if not 0 <= self.pad_token_id < self.vocab_size:

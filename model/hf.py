@@ -404,7 +404,8 @@ _SINGLE_KV = {"n_kv_heads": "n_heads"}  # marker: these layouts have no grouped 
 _MOE = "> 0"  # marker: n_experts > 0
 _LLAMA_SHAPE = {"arch": Arch.decoder, "pos": Pos.rope, "norm": Norm.rmsnorm, "norm_position": NormPosition.pre,
                 "mlp": Mlp.swiglu, "bias": False, "attn_scale": None, "scale_output": False, "n_experts": _MOE,
-                "router_gating": RouterGating.softmax, "moe_capacity_factor": None, "qk_norm": False}
+                "router_gating": RouterGating.softmax, "moe_capacity_factor": None, "qk_norm": False,
+                "router_bias_update_rate": 0.0}
 
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout("LlamaForCausalLM", "llama", "model.embed_tokens.weight", "lm_head.weight",

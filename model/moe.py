@@ -33,18 +33,24 @@ class RouterStats:
     z_loss: torch.Tensor
     load: torch.Tensor
     dropped: torch.Tensor  # share of assignments over the experts' capacity (0 when dropless)
+    counts: torch.Tensor  # assignments per expert, [E] per layer or [layers, E] once popped (summed over forwards)
 
 
-def route(logits: torch.Tensor, gating: RouterGating, k: int, norm_topk: bool
+def route(logits: torch.Tensor, gating: RouterGating, k: int, norm_topk: bool, bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router logits [N, E] (fp32) → (weights [N, k], chosen experts [N, k], routing probabilities
-    [N, E] summing to 1 per token, for the load-balancing loss)."""
+    [N, E] summing to 1 per token, for the load-balancing loss). A balancing ``bias`` [E] moves the
+    choice only; the weights stay the chosen experts' scores (DeepSeek-V3)."""
     if gating == RouterGating.softmax:
         scores = probs = logits.softmax(dim=-1)
     else:
         scores = logits.sigmoid()
         probs = scores / scores.sum(dim=-1, keepdim=True)
-    weights, chosen = scores.topk(k, dim=-1)
+    if bias is None:
+        weights, chosen = scores.topk(k, dim=-1)
+    else:
+        chosen = (scores + bias).topk(k, dim=-1).indices
+        weights = scores.gather(-1, chosen)
     if norm_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, chosen, probs
@@ -95,6 +101,9 @@ class MoE(nn.Module):
         self.gating, self.norm_topk = cfg.router_gating, cfg.router_norm_topk
         self.aux_loss_coef, self.z_loss_coef = cfg.router_aux_loss_coef, cfg.router_z_loss_coef
         self.capacity_factor = cfg.moe_capacity_factor
+        self.bias_update_rate = cfg.router_bias_update_rate
+        if self.bias_update_rate:  # learnt by counting, not by gradients: a buffer, saved with the weights
+            self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = Experts(cfg)
         self.shared = MLP(cfg, cfg.shared_expert_d_ff) if cfg.shared_expert_d_ff else None
@@ -105,7 +114,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router(x).float()
-        weights, chosen, probs = route(logits, self.gating, self.top_k, self.norm_topk)
+        weights, chosen, probs = route(logits, self.gating, self.top_k, self.norm_topk,
+                                       self.expert_bias if self.bias_update_rate else None)
         order, counts, kept = self.dispatch(chosen, weights)
         tokens = order // self.top_k  # the token of each sorted assignment
         out = self.experts(x[tokens], kept.tolist())
@@ -140,7 +150,17 @@ class MoE(nn.Module):
         z = torch.logsumexp(logits, dim=-1).square().mean()
         dropped = (counts - kept).sum().float() / assignments
         self.recorded.append(RouterStats(self.aux_loss_coef * aux + self.z_loss_coef * z, aux.detach(), z.detach(),
-                                         load, dropped))
+                                         load, dropped, counts.float()))
+
+    def reset_buffers(self) -> None:
+        if self.bias_update_rate:
+            self.expert_bias.zero_()
+
+    @torch.no_grad()
+    def balance(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of experts that got fewer than the mean
+        assignments over ``counts`` [E] (a step's, summed over ranks), lower the others'."""
+        self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts).to(self.expert_bias.dtype)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -152,13 +172,16 @@ def pop_router_stats(layers: list[MoE]) -> RouterStats | None:
     each layer's mean over its forwards since the last pop (an objective may run several, e.g.
     chosen and rejected); the statistics are means over every recorded forward."""
     per_layer = [layer.recorded for layer in layers if layer.recorded]
-    for layer in layers:
-        layer.recorded = []
     if not per_layer:
         return None
+    counts = torch.stack([sum(r.counts for r in layer.recorded) if layer.recorded
+                          else torch.zeros(layer.n_experts, device=per_layer[0][0].counts.device)
+                          for layer in layers])
+    for layer in layers:
+        layer.recorded = []
     every = [r for records in per_layer for r in records]
     return RouterStats(loss=sum(torch.stack([r.loss for r in records]).mean() for records in per_layer),
                        aux_loss=torch.stack([r.aux_loss for r in every]).mean(),
                        z_loss=torch.stack([r.z_loss for r in every]).mean(),
                        load=torch.stack([r.load for r in every]).mean(dim=0),
-                       dropped=torch.stack([r.dropped for r in every]).mean())
+                       dropped=torch.stack([r.dropped for r in every]).mean(), counts=counts)

@@ -90,6 +90,7 @@ class Trainer:
         self.strategy = strategy
         self.model = strategy.model
         self.moe_layers = moe_layers(self.model)
+        self.expert_counts: torch.Tensor | None = None  # this step's assignments per MoE layer and expert
         self.objective = objective
         self.loader = loader
         self.model_spec = model_spec
@@ -160,6 +161,7 @@ class Trainer:
         skip = self.guard.check(loss, global_count)
         lr = lr_at(self.step, cfg)
         grad_norm = self.strategy.step(lr, skip=skip is not None)
+        self.balance_experts(skip is None)
         if skip is None and not np.isfinite(grad_norm):
             skip = f"gradient norm is {grad_norm}"
         self.step += 1
@@ -197,11 +199,23 @@ class Trainer:
         router = pop_router_stats(self.moe_layers)
         if router is None:
             return out, 0.0
+        self.expert_counts = router.counts if self.expert_counts is None else self.expert_counts + router.counts
         units = out.count.to(router.loss.dtype)
         out.metrics.update({"moe/router_loss": router.loss.detach() * units, "moe/aux_loss": router.aux_loss * units,
                             "moe/z_loss": router.z_loss * units, "moe/dropped": router.dropped * units,
                             **{f"moe/load/{e}": share * units for e, share in enumerate(router.load)}})
         return out, router.loss * units
+
+    def balance_experts(self, stepped: bool) -> None:
+        """Aux-loss-free balancing (model.router_bias_update_rate > 0): each MoE layer's expert bias moves
+        by the step's assignments summed over every rank, so all ranks keep the same biases."""
+        counts, self.expert_counts = self.expert_counts, None
+        if counts is None or not stepped or not any(layer.bias_update_rate for layer in self.moe_layers):
+            return
+        counts = all_reduce(counts)
+        for layer, layer_counts in zip(self.moe_layers, counts):
+            if layer.bias_update_rate:
+                layer.balance(layer_counts)
 
     def stop(self, message: str, reason: str) -> None:
         """Ask the loop to end after this step (callbacks call this)."""

@@ -13,13 +13,17 @@ import torch
 from runs import final_weights, tiny_config, train
 from spawn import spawn
 
+from common.config import merge, parse_overrides
+
 MOE = {"preset": "tiny-moe", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "moe_d_ff": 32, "max_seq_len": 64,
        "router_z_loss_coef": 0.001}
 
 
 def moe_config(corpus, run_dir, *overrides):
-    raw = tiny_config(corpus, run_dir, "checkpoint.save_final=false", *overrides)
-    raw["model"] = dict(MOE)
+    """tiny_config with the MoE model; model.* overrides apply on top of it."""
+    model = [o for o in overrides if o.startswith("model.")]
+    raw = tiny_config(corpus, run_dir, "checkpoint.save_final=false", *(o for o in overrides if o not in model))
+    raw["model"] = merge(dict(MOE), parse_overrides(model)["model"]) if model else dict(MOE)
     return raw
 
 
@@ -92,3 +96,12 @@ def test_expert_parallel_on_two_ranks_follows_the_single_process_run(corpus, tmp
     [single] = spawn(train, 1, moe_config(corpus, tmp_path / "single", *common))
     ep, _ = spawn(train, 2, moe_config(corpus, tmp_path / "ep", *common, "train.strategy=ddp", "parallel.ep=2"))
     np.testing.assert_allclose(ep.losses, single.losses, rtol=1e-4)
+
+
+def test_aux_loss_free_balancing_keeps_ranks_in_step_and_saves_the_biases(corpus, tmp_path):
+    raw = moe_config(corpus, tmp_path, "train.max_steps=3", "train.strategy=ddp", "checkpoint.save_final=true",
+                     "model.router_bias_update_rate=0.05", "model.router_aux_loss_coef=0")
+    rank0, rank1 = spawn(train, 2, raw)
+    assert rank0.losses == rank1.losses
+    bias = final_weights(rank0)["stack.layers.0.mlp.expert_bias"]
+    assert bias.abs().max() > 0 and (bias / 0.05).round().abs().max() <= 3  # whole steps of 0.05, three at most

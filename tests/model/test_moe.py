@@ -23,6 +23,7 @@ VARIANTS = {
                        "experts_per_token": 3},
     "gelu-top1": {"mlp": "gelu", "experts_per_token": 1, "router_norm_topk": False},
     "capacity": {"moe_capacity_factor": 0.75, "shared_expert_d_ff": 8},
+    "balancing-bias": {"router_bias_update_rate": 0.01, "router_gating": "sigmoid"},
 }
 
 
@@ -33,6 +34,8 @@ def moe_layer(variant: str, seed: int = 0) -> tuple[MoE, ModelConfig]:
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.5)
+        if cfg.router_bias_update_rate:  # a bias big enough to change choices
+            layer.expert_bias.copy_(torch.tensor([0.3, -0.3, 0.1, 0.0]))
     return layer, cfg
 
 
@@ -60,7 +63,8 @@ def naive(layer: MoE, cfg: ModelConfig, x: torch.Tensor) -> tuple[torch.Tensor, 
         else:
             scores = 1 / (1 + torch.exp(-logits))
             probs = scores / scores.sum()
-        best = sorted(range(e_count), key=lambda e: -scores[e].item())[:k]
+        bias = layer.expert_bias if cfg.router_bias_update_rate else torch.zeros(e_count)
+        best = sorted(range(e_count), key=lambda e: -(scores[e] + bias[e]).item())[:k]  # the bias moves the choice
         total = sum(scores[e] for e in best)
         routed.append((logits, probs, {e: scores[e] / total if cfg.router_norm_topk else scores[e] for e in best}))
     kept = {(t, e) for t, (_, _, chosen) in enumerate(routed) for e in chosen}

@@ -71,3 +71,28 @@ def test_router_losses_join_the_gradient_weighted_by_tokens(tmp_path):
     plain_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in without.parameters()]))
     assert abs(plain_norm.item() - norm.item()) > 1e-4
 
+
+
+def test_aux_loss_free_balancing_moves_each_bias_against_its_load(tmp_path):
+    model_cfg = ModelConfig.from_dict({"preset": "tiny-moe", "vocab_size": 48, "d_model": 16, "n_heads": 2,
+                                       "n_kv_heads": 1, "moe_d_ff": 16, "router_bias_update_rate": 0.1})
+    cfg = RunConfig.from_dict({"train": {"micro_batch_size": 2, "global_batch_size": 4}, "log": {"dir": str(tmp_path)}})
+    torch.manual_seed(0)
+    net = build_model(model_cfg)
+    reference = copy.deepcopy(net)
+    micro = batches(48)
+    strategy = Single(cfg.train, ENV, accumulation=2)
+    strategy.wrap(net)
+    trainer = Trainer(cfg, ENV, strategy, CausalLM("clm", 0), loader=None, model_spec=ModelSpec(model_cfg, "lm", None))
+    trainer.train_step(iter(micro))
+
+    layers = moe_layers(reference)
+    counts = 0
+    for b in micro:  # the step's assignments, from the weights before the step
+        reference(b["input_ids"])
+        counts = counts + pop_router_stats(layers).counts
+    for layer, layer_counts in zip(moe_layers(net), counts):
+        expected = 0.1 * torch.sign(layer_counts.mean() - layer_counts)
+        torch.testing.assert_close(layer.expert_bias, expected)
+        assert layer.expert_bias.abs().sum() > 0
+    assert "stack.layers.0.mlp.expert_bias" in net.state_dict()  # saved with the weights
