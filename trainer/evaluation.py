@@ -310,3 +310,33 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     n = len(items)
     return {"acc": right / n, "acc_norm": right_norm / n, "samples": n,
             "chance": sum(1 / len(item.choices) for item in items) / n}
+
+
+# -- lm-evaluation-harness on an exported model -----------------------------------------------------
+
+
+def harness(hf_dir: Any, tasks: Sequence[str], *, include_path: Any = None, batch_size: int = 16,
+            device: str | None = None) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness's ``HFLM`` on a Hugging Face directory (``tessera export``'s output), on
+    ``tasks`` (its own, or task YAMLs under ``include_path``): each task's metrics by name
+    (``acc``, ``acc_stderr``, ``acc_norm``, ...; a filter other than ``none`` is kept as ``name,filter``).
+    No BOS is prepended (``add_bos_token=False``): Tessera's text shards have none, and so
+    ``--tasks`` scoring and this agree."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--lm-eval needs lm-evaluation-harness: pip install lm_eval") from None
+    manager = TaskManager(include_path=str(include_path), include_defaults=False) if include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):  # indexing lm-eval's own takes a minute
+        manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or under {include_path}" if include_path else " (add --include-path DIR for your own YAMLs)"
+        raise UserError(f"lm-eval has no task {unknown[0]!r} among its own{where}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = HFLM(pretrained=str(hf_dir), device=device, batch_size=batch_size, add_bos_token=False)
+    results = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, log_samples=False)["results"]
+    return {task: {name.removesuffix(",none"): value for name, value in metrics.items()
+                   if "," in name and isinstance(value, (int, float))} for task, metrics in results.items()}

@@ -1,6 +1,8 @@
 """`tessera eval --checkpoint DIR --data DIR`: score a model on a shard directory, by the shards' kind;
 `tessera eval --checkpoint DIR --tasks FILE.jsonl`: multiple-choice accuracy, as lm-evaluation-harness
-scores it (acc and acc_norm, see :func:`trainer.evaluation.score_choices`).
+scores it (acc and acc_norm, see :func:`trainer.evaluation.score_choices`);
+`tessera eval --checkpoint DIR --lm-eval TASK[,TASK] [--include-path DIR]`: lm-evaluation-harness itself
+on the checkpoint exported to the Hugging Face layout.
 
 text            the pretraining loss and perplexity: causal LM (decoder), masked LM (encoder, seeded
                 15% masking) or span corruption (encoder-decoder, seeded noise)
@@ -38,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--tasks", type=Path, metavar="FILE.jsonl",
                       help="multiple-choice records ({context|query|ctx, choices|endings, label|gold}): "
                            "acc and acc_norm by the log-likelihood of each choice")
+    what.add_argument("--lm-eval", metavar="TASK[,TASK...]",
+                      help="run lm-evaluation-harness (pip install lm_eval) on the checkpoint exported to the "
+                           "Hugging Face layout: its tasks, or your task YAMLs under --include-path")
+    parser.add_argument("--include-path", type=Path, default=None, metavar="DIR",
+                        help="--lm-eval: a directory of lm-eval task YAMLs (e.g. over local jsonl files)")
     parser.add_argument("--split", default="valid", help="the sub-directory of --data to use when it has no manifest")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: the whole split)")
@@ -60,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size must be at least 1 and --max-batches at least 0")
     if args.tasks is not None:
         return run_tasks(args)
+    if args.lm_eval is not None:
+        return run_harness(args)
     data_dir = shard_dir(args.data, args.split)
     manifest = ShardManifest.load(data_dir)
     model_dir = resolve_checkpoint(args.checkpoint)
@@ -97,6 +106,32 @@ def run_tasks(args: argparse.Namespace) -> int:
                             where=args.checkpoint)
     result = {"checkpoint": str(model_dir), "tasks": str(args.tasks), **metrics}
     report(args, f"{args.tasks.name} (multiple choice)", metrics, result)
+    return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    """``--lm-eval TASKS``: the checkpoint exported to a temporary Hugging Face directory (a LoRA
+    adapter merged in), scored there by lm-evaluation-harness."""
+    import tempfile
+
+    from launch.commands.export import export_model
+    from model.io import find_tokenizer_dir, load_pretrained, resolve_checkpoint
+    from trainer.evaluation import harness
+
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--lm-eval needs at least one task name")
+    if args.include_path is not None and not args.include_path.is_dir():
+        raise UserError(f"--include-path {args.include_path} is not a directory")
+    model_dir = resolve_checkpoint(args.checkpoint)
+    if find_tokenizer_dir(model_dir) is None:
+        raise UserError(f"no tokenizer.json beside {model_dir}: lm-eval's tasks are text")
+    model = load_pretrained(model_dir).eval()
+    with tempfile.TemporaryDirectory(prefix="tessera-lm-eval-") as tmp:
+        export_model(model, find_tokenizer_dir(model_dir), Path(tmp), merge=model.lora_config is not None)
+        results = harness(tmp, tasks, include_path=args.include_path, batch_size=args.batch_size)
+    metrics = {f"{task}/{name}": value for task, values in results.items() for name, value in values.items()}
+    report(args, "lm-eval", metrics, {"checkpoint": str(model_dir), "lm_eval": results})
     return 0
 
 

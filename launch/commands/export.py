@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 ADAPTER_DIR = "adapter"  # a LoRA checkpoint's PEFT adapter, beside the base it adapts
 
@@ -24,41 +25,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.errors import UserError
+    from model.io import find_tokenizer_dir, load_pretrained
+
+    model = load_pretrained(args.checkpoint)
+    if args.merge and model.lora_config is None:
+        raise UserError(f"--merge: {args.checkpoint} has no LoRA adapter to merge; export it without --merge")
+    print(export_model(model, find_tokenizer_dir(args.checkpoint), args.out, merge=args.merge))
+    return 0
+
+
+def export_model(model: Any, tok_dir: Path | None, out: Path, *, merge: bool) -> str:
+    """Write ``model`` (and the tokenizer files of ``tok_dir``) in the Hugging Face layout to ``out``;
+    the line saying what was written. ``merge``: fold a LoRA adapter into the weights (else the base
+    plus the adapter in PEFT's layout)."""
     from tokenizers import Tokenizer
 
-    from common.errors import UserError
     from data.tokenizer import special_ids, stop_ids, tokenizer_config
     from launch.commands.generate import MAX_NEW_TOKENS
     from model.hf import layout_for
-    from model.io import (
-        copy_tokenizer_files,
-        find_tokenizer_dir,
-        load_pretrained,
-        save_hf,
-        save_hf_token_ids,
-        save_peft_adapter,
-    )
-    from model.lora import merge
+    from model.io import copy_tokenizer_files, save_hf, save_hf_token_ids, save_peft_adapter
+    from model.lora import merge as merge_adapter
 
-    model = load_pretrained(args.checkpoint)
     adapter = model.lora_config is not None
-    if args.merge and not adapter:
-        raise UserError(f"--merge: {args.checkpoint} has no LoRA adapter to merge; export it without --merge")
-    if args.merge:
-        merge(model)
-    save_hf(model, args.out)  # unmerged adapters: the base's weights
-    if adapter and not args.merge:
-        save_peft_adapter(model, args.out / ADAPTER_DIR, args.out)
-    tok_dir = find_tokenizer_dir(args.checkpoint)
-    copied = copy_tokenizer_files(tok_dir, args.out) if tok_dir is not None else []
+    if merge:
+        merge_adapter(model)
+    save_hf(model, out)  # unmerged adapters: the base's weights
+    if adapter and not merge:
+        save_peft_adapter(model, out / ADAPTER_DIR, out)
+    copied = copy_tokenizer_files(tok_dir, out) if tok_dir is not None else []
     if tok_dir is not None:
         special = special_ids(Tokenizer.from_file(str(tok_dir / "tokenizer.json")),
                               tokenizer_config(tok_dir / "tokenizer_config.json"))
-        save_hf_token_ids(args.out, bos=special.get("bos"), stops=stop_ids(special),
+        save_hf_token_ids(out, bos=special.get("bos"), stops=stop_ids(special),
                           pad=special.get("pad", model.config.pad_token_id), max_new_tokens=MAX_NEW_TOKENS)
         copied.append("generation_config.json")
-    what = " (merged with its LoRA adapter)" if args.merge else ""
-    what += f" and its LoRA adapter to {args.out / ADAPTER_DIR}" if adapter and not args.merge else ""
-    print(f"exported {layout_for(model.config).architecture}{what} to {args.out}"
-          + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found)"))
-    return 0
+    what = " (merged with its LoRA adapter)" if merge else ""
+    what += f" and its LoRA adapter to {out / ADAPTER_DIR}" if adapter and not merge else ""
+    return (f"exported {layout_for(model.config).architecture}{what} to {out}"
+            + (f" with {', '.join(copied)}" if copied else " (no tokenizer files found)"))

@@ -98,7 +98,7 @@ def test_greedy_continuations_score_acc_one_and_acc_norm_equals_per_choice_score
     assert result["acc_norm"] == norm_right / 12
 
 
-def test_bad_task_records_and_non_decoders_are_one_line_errors(tmp_path, task_tokenizer, capsys):
+def test_bad_task_records_non_decoders_and_bad_lm_eval_paths_are_one_line_errors(tmp_path, task_tokenizer, capsys):
     _, decoder = saved_decoder(tmp_path, task_tokenizer)
     cfg = ModelConfig.from_dict({"preset": "tiny-bert", "vocab_size": task_tokenizer.vocab_size}, "model")
     encoder = save_pretrained(build_model(cfg), tmp_path / "encoder")
@@ -116,5 +116,8 @@ def test_bad_task_records_and_non_decoders_are_one_line_errors(tmp_path, task_to
     for checkpoint, tasks, message in cases:
         assert main(["eval", "--checkpoint", str(checkpoint), "--tasks", str(tasks)]) == 2
         assert capsys.readouterr().err == f"tessera eval: error: {message}\n"
+    missing = tmp_path / "no-tasks"
+    assert main(["eval", "--checkpoint", str(decoder), "--lm-eval", "mc", "--include-path", str(missing)]) == 2
+    assert capsys.readouterr().err == f"tessera eval: error: --include-path {missing} is not a directory\n"
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", str(decoder), "--tasks", str(good), "--data", str(tmp_path)])

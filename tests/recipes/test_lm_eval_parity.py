@@ -1,6 +1,7 @@
 """lm-evaluation-harness as the peer: its Hugging Face model (``HFLM``) on ``tessera export``'s output,
 offline, on a task YAML and jsonl made here, gives the same acc and acc_norm as ``tessera eval
---tasks`` on the same records, and the same log-likelihood for every choice. lm-eval's HFLM prepends
+--tasks`` on the same records, and the same log-likelihood for every choice; ``tessera eval --lm-eval``
+(export to a temporary directory, then the harness) reports the harness's numbers. lm-eval's HFLM prepends
 the tokenizer's BOS unless ``add_bos_token=False``; Tessera's text shards (and ``--tasks``) have none."""
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def test_lm_eval_hf_model_on_the_export_matches_tessera_eval_tasks(tmp_path, tas
     ours = json.loads(out.read_text())
     peer = simple_evaluate(model=HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=8,
                                       add_bos_token=False),
-                           tasks=["tessera_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                           tasks=["tessera_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
+                                                                 include_defaults=False),
                            num_fewshot=0, log_samples=True)
     theirs = peer["results"]["tessera_mc"]
     assert 0 < ours["acc"] < 1 and ours["acc"] != ours["acc_norm"]  # neither trivial nor the same argmax
@@ -83,3 +85,9 @@ def test_lm_eval_hf_model_on_the_export_matches_tessera_eval_tasks(tmp_path, tas
     pairs = [encode_pair(task_tokenizer, item["query"], " " + choice) for item in items for choice in item["choices"]]
     lls = continuation_logprobs(model, pairs, pad_id=task_tokenizer.pad_id)
     np.testing.assert_allclose(lls, peer_lls, rtol=1e-4, atol=1e-4)
+
+    via_cli = tmp_path / "lm_eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--lm-eval", "tessera_mc", "--include-path",
+                 str(tmp_path / "tasks"), "--json", str(via_cli)]) == 0
+    harness = json.loads(via_cli.read_text())["lm_eval"]["tessera_mc"]
+    assert (harness["acc"], harness["acc_norm"]) == (ours["acc"], ours["acc_norm"])
