@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from common.errors import UserError
+from common.errors import UserError, out_of_space
 
 # name → (module under launch.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(_load(COMMANDS[args.command][0]).run(args) or 0)
     except UserError as exc:
         print(f"tessera {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk anywhere else than a checkpoint save (which says more)
+        if not out_of_space(exc):
+            raise
+        print(f"tessera {command}: error: no space left on device writing {exc.filename or 'a file'}: free space "
+              "and rerun", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

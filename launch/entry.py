@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from common.config import load_config
-from common.errors import UserError
+from common.errors import UserError, out_of_space
 from launch import env, local
 
 
@@ -78,6 +78,12 @@ def main(task: str, argv: list[str] | None = None) -> int:
         train(task, args.config, args.overrides)
     except UserError as exc:
         print(f"tessera {task}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk anywhere else than a checkpoint save (which says more)
+        if not out_of_space(exc):
+            raise
+        print(f"tessera {task}: error: no space left on device writing {exc.filename or 'a file'}: free space "
+              "and rerun", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -69,9 +69,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_saved_hashes(directory: Path) -> None:
     """A trainer step's ``model/`` (its parent holds the step's manifest): every file of it listed there
-    must have its size and sha256, or the load fails with one line naming the file."""
-    if directory.name == STEP_MODEL_DIR and (directory.parent / manifest.MANIFEST).is_file():
-        manifest.verify(directory.parent, under=STEP_MODEL_DIR)
+    must have its size and sha256, or the load fails with one line naming the file. A step directory
+    without its manifest (a save that never finished, e.g. a ``.tmp_step_N``) is refused."""
+    if directory.name != STEP_MODEL_DIR:
+        return
+    step = directory.parent
+    if (step / manifest.MANIFEST).is_file() or any((step / name).is_file() for name in manifest.STEP_MARKERS):
+        manifest.verify(step, under=STEP_MODEL_DIR)  # no manifest beside the state: one line, "incomplete"
 
 
 def head_of(model: TesseraModel) -> str:

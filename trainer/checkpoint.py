@@ -42,7 +42,7 @@ from trainer.distributed import DistEnv, all_reduce, barrier
 
 MANIFEST = manifest.MANIFEST
 LATEST = "latest"
-STATE = "trainer_state.json"
+STATE = manifest.STEP_STATE
 STEP_DIR = re.compile(r"step_(\d{6,})")
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,14 @@ def load_rank_state(path: Path) -> dict[str, Any]:
     import pickle
 
     try:
-        return torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint file {path} is not plain tensor data and was not loaded ({first})") from None
+    if not isinstance(state, dict) or not {"loader", "rng"} <= set(state) or not isinstance(state["rng"], dict):
+        raise UserError(f"checkpoint file {path} holds no data-loader and RNG state (damaged, or not a rank file "
+                        "of Tessera's); the checkpoint cannot be resumed")
+    return state
 
 
 def verify(directory: Path, env: DistEnv | None = None, hashes: bool = True) -> None:
@@ -119,6 +123,7 @@ def latest(root: Path, env: DistEnv | None = None) -> Path | None:
     else:
         try:
             verify(named, env)
+            read_state(named)
             return named
         except UserError as e:
             problem = f"{pointer} names a step that cannot be used ({e})"
@@ -126,6 +131,7 @@ def latest(root: Path, env: DistEnv | None = None) -> Path | None:
     for step in candidates:
         try:
             verify(step, env)
+            read_state(step)
         except UserError:
             rejected.append(step.name)
             continue
@@ -139,8 +145,21 @@ def latest(root: Path, env: DistEnv | None = None) -> Path | None:
                     "to start afresh, or set another checkpoint.dir")
 
 
+STATE_KEYS = {"step": int, "tokens_seen": int, "world_size": int, "strategy": str, "format": str, "guard": dict}
+
+
 def read_state(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / STATE).read_text())
+    """``trainer_state.json``; one line when it is missing, not JSON or lacks a field of :data:`STATE_KEYS`."""
+    path = directory / STATE
+    try:
+        state = json.loads(path.read_text())
+        wrong = [k for k, kind in STATE_KEYS.items() if not isinstance(state.get(k), kind)]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        wrong = [type(e).__name__]
+    if wrong or state["step"] < 0 or state["world_size"] < 1:
+        raise UserError(f"checkpoint {directory}: {STATE} is damaged ({', '.join(wrong) or 'out of range'}); "
+                        "the checkpoint cannot be resumed")
+    return state
 
 
 class CheckpointWriter:
@@ -151,8 +170,11 @@ class CheckpointWriter:
         self.keep_last = keep_last
         self.env = env
 
+    def tmp_dir(self, step: int) -> Path:
+        return self.root / f".tmp_{step_name(step)}"
+
     def begin(self, step: int) -> Path:
-        tmp = self.root / f".tmp_{step_name(step)}"
+        tmp = self.tmp_dir(step)
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -180,6 +202,18 @@ class CheckpointWriter:
             self.prune(step)
         barrier()
         return final
+
+    def disk_full(self, step: int, previous: Path | None) -> UserError:
+        """The full disk during the save of ``step``: its temporary directory is removed (the space it
+        held comes back) and the error says the previous checkpoint, which ``latest`` still names, is intact."""
+        if self.env.is_main:
+            shutil.rmtree(self.tmp_dir(step), ignore_errors=True)
+        free = shutil.disk_usage(self.root).free / 1e6 if self.root.is_dir() else 0.0
+        kept = (f"the previous checkpoint {previous.name} is intact ({LATEST} names it)" if previous
+                else "there is no earlier checkpoint")
+        return UserError(f"no space left on device while saving checkpoint {step_name(step)} in {self.root} "
+                         f"({free:.1f} MB free once its partial files were removed); {kept}: free space (or lower "
+                         "checkpoint.keep_last, or set checkpoint.dir elsewhere) and rerun to resume")
 
     def prune(self, step: int) -> None:
         """Keep the newest ``keep_last`` steps up to ``step`` (the one just saved); steps above it belong

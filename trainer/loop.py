@@ -7,6 +7,7 @@ logging) are callbacks called after each step.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import random
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from common.config import dump_yaml, read_yaml
-from common.errors import UserError
+from common.errors import UserError, out_of_space
 from model.moe import moe_layers, pop_router_stats
 from trainer import checkpoint, evaluation
 from trainer.callbacks import Callback
@@ -242,12 +243,24 @@ class Trainer:
             return self.last_saved
         weights = self.strategy.full_state_dict()
         self.refuse_non_finite(weights)
+        try:
+            self.last_saved = self._write_checkpoint(weights)
+        except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+            if not out_of_space(exc):
+                raise
+            raise self.writer.disk_full(self.step, self.last_saved) from None
+        self.last_saved_step = self.step
+        return self.last_saved
+
+    def _write_checkpoint(self, weights: dict[str, torch.Tensor] | None) -> Path:
         tmp = self.writer.begin(self.step)
         self.strategy.save(tmp)
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
         if hasattr(self.objective, "state_dict"):  # e.g. the rollout sampler's RNG
             rank_state["objective"] = self.objective.state_dict()
-        torch.save(rank_state, tmp / checkpoint.rank_file(self.env.rank))
+        buffer = io.BytesIO()  # written by Python, so a full disk is an OSError, not torch's "unexpected pos"
+        torch.save(rank_state, buffer)
+        (tmp / checkpoint.rank_file(self.env.rank)).write_bytes(buffer.getbuffer())
         if self.env.is_main:
             from model.io import STEP_MODEL_DIR
 
@@ -262,9 +275,7 @@ class Trainer:
             "format": self.strategy.checkpoint_format,
             "guard": self.guard.state_dict(),
         }
-        self.last_saved = self.writer.commit(tmp, self.step, state)
-        self.last_saved_step = self.step
-        return self.last_saved
+        return self.writer.commit(tmp, self.step, state)
 
     def refuse_non_finite(self, weights: dict[str, torch.Tensor] | None) -> None:
         """Stop every rank, before anything is written, when the gathered weights (rank 0's) hold nan/inf."""
@@ -334,13 +345,19 @@ class Trainer:
         self.strategy.load(path)
         ranks = [checkpoint.load_rank_state(path / checkpoint.rank_file(r)) for r in range(saved_world)]
         copies = state.get("data_copies", 1)
-        if saved_world == self.env.world_size and copies == self.strategy.data_copies:
-            self.loader.load_state_dict(ranks[self.env.rank]["loader"])
-            set_rng_state(ranks[self.env.rank]["rng"])
-            if "objective" in ranks[self.env.rank]:
-                self.objective.load_state_dict(ranks[self.env.rank]["objective"])
-        else:  # the loader continues with exactly the units no old data rank consumed
-            self.loader.load_state_dict([r["loader"] for r in ranks[::copies]])
+        try:
+            if saved_world == self.env.world_size and copies == self.strategy.data_copies:
+                self.loader.load_state_dict(ranks[self.env.rank]["loader"])
+                set_rng_state(ranks[self.env.rank]["rng"])
+                if "objective" in ranks[self.env.rank]:
+                    self.objective.load_state_dict(ranks[self.env.rank]["objective"])
+            else:  # the loader continues with exactly the units no old data rank consumed
+                self.loader.load_state_dict([r["loader"] for r in ranks[::copies]])
+        except UserError as e:
+            raise UserError(f"checkpoint {path}: {e}") from None
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"checkpoint {path}: the rank files' loader or RNG state is damaged "
+                            f"({type(e).__name__}: {e}); the checkpoint cannot be resumed") from None
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.guard.load_state_dict(state["guard"])

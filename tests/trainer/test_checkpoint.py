@@ -13,7 +13,8 @@ ENV = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=tor
 def save(writer: checkpoint.CheckpointWriter, step: int, payload: bytes = b"x" * 100):
     tmp = writer.begin(step)
     (tmp / "weights.bin").write_bytes(payload)
-    return writer.commit(tmp, step, {"step": step})
+    state = {"step": step, "tokens_seen": 0, "world_size": 1, "strategy": "single", "format": "dcp", "guard": {}}
+    return writer.commit(tmp, step, state)
 
 
 def test_steps_latest_and_keep_last(tmp_path):
