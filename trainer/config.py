@@ -271,7 +271,7 @@ class AlignConfig(Config):
     desirable_weight: float = 1.0  # kto: weights of the desirable and undesirable examples' losses
     undesirable_weight: float = 1.0
     # online losses (grpo, rloo): rollouts, rewards and the clipped objective; TRL's names
-    reward: list[str] = dataclasses.field(default_factory=list)  # exact_match, boxed, regex:P, module:function
+    reward: list[str] = dataclasses.field(default_factory=list)  # exact_match, boxed, regex:P, module:f, RM dir
     reward_weights: list[float] = dataclasses.field(default_factory=list)  # empty: 1 each
     num_generations: int = 8  # completions per prompt (G); train.micro_batch_size counts prompts
     max_new_tokens: int = 64  # completion length; prompts keep their last data.seq_len tokens

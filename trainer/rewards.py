@@ -7,6 +7,8 @@ shard's JSON record (its ``answer`` and any other fields). ``align.reward`` list
   boxed            1 if the last ``\\boxed{...}`` in the completion holds the record's ``answer``, else 0
   regex:PATTERN    1 if ``re.search(PATTERN, completion)`` finds a match, else 0
   module:function  a Python callable ``function(prompt, completion, record) -> float``
+  PATH             a reward model (``train.objective=reward``'s checkpoint, same tokenizer): the scalar
+                   score of the prompt's and the completion's tokens as the policy produced them
 
 Several are summed with ``align.reward_weights`` (default 1 each), as TRL's GRPOTrainer sums its
 ``reward_funcs`` with ``reward_weights`` (trl/trainer/grpo_trainer.py). A function that raises, or
@@ -22,6 +24,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,16 +97,42 @@ def import_reward(spec: str) -> RewardFunction:
     return function
 
 
-def resolve_reward(spec: str) -> RewardFunction:
-    """One entry of ``align.reward`` → its function."""
+class RewardModel:
+    """A Bradley–Terry reward model (a classifier with one score) on the policy's own token ids."""
+
+    def __init__(self, path: str) -> None:
+        from model.io import load_pretrained
+
+        try:
+            self.model = load_pretrained(path).eval().requires_grad_(False)
+        except UserError as exc:
+            raise ConfigError(f"align.reward: {path} is not a reward model checkpoint ({exc})") from None
+        config = self.model.config
+        if getattr(self.model, "score", None) is None or config.n_labels != 1:
+            raise ConfigError(f"align.reward: {path} is not a reward model (train.objective=reward makes one: "
+                              "a classifier with n_labels=1)")
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if device != input_ids.device:
+            self.model.to(input_ids.device)
+        return self.model(input_ids, attention_mask=attention_mask)[:, 0].double().cpu()
+
+
+def resolve_reward(spec: str) -> RewardFunction | RewardModel:
+    """One entry of ``align.reward`` → its function (or reward model)."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     kind, sep, argument = spec.partition(":")
     if sep and kind in PARAMETRISED_REWARDS:
         return PARAMETRISED_REWARDS[kind](argument)
+    if Path(spec).is_dir():
+        return RewardModel(spec)
     if sep and kind and argument:
         return import_reward(spec)
-    choices = [*BUILTIN_REWARDS, *(f"{k}:PATTERN" for k in PARAMETRISED_REWARDS), "module:function"]
+    choices = [*BUILTIN_REWARDS, *(f"{k}:PATTERN" for k in PARAMETRISED_REWARDS), "module:function",
+               "a reward model directory"]
     raise ConfigError(f"align.reward: {spec!r} is not one of {', '.join(choices)}")
 
 
@@ -112,16 +141,23 @@ class Rewards:
     """The run's reward functions and their weights."""
 
     names: tuple[str, ...]
-    functions: tuple[RewardFunction, ...]
+    functions: tuple[RewardFunction | RewardModel, ...]
     weights: tuple[float, ...]
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[Mapping[str, Any]],
-              record_names: Sequence[str]) -> torch.Tensor:
-        """Per function rewards, ``[completions, functions]`` float64."""
+              record_names: Sequence[str], tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        """Per function rewards, ``[completions, functions]`` float64; reward models read ``tokens``
+        (the sequences' ids and attention mask)."""
         out = torch.zeros(len(completions), len(self.functions), dtype=torch.float64)
-        for i, (prompt, completion, record, record_name) in enumerate(
-                zip(prompts, completions, records, record_names, strict=True)):
-            for j, (name, function) in enumerate(zip(self.names, self.functions)):
+        for j, (name, function) in enumerate(zip(self.names, self.functions)):
+            if isinstance(function, RewardModel):
+                if tokens is None:
+                    raise ValueError(f"reward {name} is a reward model: it needs the token ids")
+                out[:, j] = function(*tokens)
+                continue
+            for i, (prompt, completion, record, record_name) in enumerate(
+                    zip(prompts, completions, records, record_names, strict=True)):
                 out[i, j] = self._call(name, function, prompt, completion, record, record_name)
         return out
 
@@ -148,7 +184,8 @@ class Rewards:
 def build_rewards(specs: Sequence[str], weights: Sequence[float] = ()) -> Rewards:
     """``align.reward`` and ``align.reward_weights`` → :class:`Rewards` (all imports happen here)."""
     if not specs:
-        raise ConfigError("align.reward is not set; name exact_match, boxed, regex:PATTERN or module:function")
+        raise ConfigError("align.reward is not set; name exact_match, boxed, regex:PATTERN, module:function "
+                          "or a reward model directory")
     if weights and len(weights) != len(specs):
         raise ConfigError(f"align.reward_weights has {len(weights)} weights for {len(specs)} rewards")
     functions = tuple(resolve_reward(s) for s in specs)

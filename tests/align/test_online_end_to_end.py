@@ -178,3 +178,28 @@ def test_bad_online_inputs_stop_with_one_line(additions, tmp_path):
         with pytest.raises(error, match=message) as caught:
             run(config(tmp_path / f"run{i}", data, *quick, *overrides), "align")
         assert "\n" not in str(caught.value)
+
+
+def test_grpo_against_a_reward_model_raises_its_score(additions, tmp_path):
+    """RLHF's reward: a reward-model checkpoint (here a random scalar head on a random body, sharing the
+    tokenizer) scores the policy's own tokens; a fresh tiny policy learns to please it. Measured: mean
+    score over the first → last five of 20 steps 0.010 → 0.044 (scores' std 0.1, per-step SE ~0.02)."""
+    from data.tokenizer import load_tokenizer
+    from model import build_model
+    from model.config import ModelConfig
+    from model.io import save_pretrained
+
+    torch.manual_seed(1)
+    vocab = load_tokenizer(additions.tokenizer).vocab_size
+    scorer = build_model(ModelConfig(arch="decoder", vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                                     max_seq_len=64, pos="rope", norm="rmsnorm", mlp="swiglu", n_labels=1),
+                         head="classifier")
+    save_pretrained(scorer, tmp_path / "reward_model")
+    result = run(config(tmp_path / "run", additions.prompts, *GRPO, f"align.reward={tmp_path / 'reward_model'}",
+                        "align.beta=0.0", "model.n_layers=1", "train.max_steps=20", "train.micro_batch_size=8",
+                        "train.lr=3e-3", "train.min_lr=3e-3", "train.warmup_steps=0", "align.temperature=1.0"),
+                 "align")
+    rewards = [m["reward"] for m in metrics(result)]
+    print(f"reward-model score {statistics.mean(rewards[:5]):.3f} -> {statistics.mean(rewards[-5:]):.3f}")
+    assert statistics.mean(rewards[-5:]) > statistics.mean(rewards[:5]) + 0.01
+    assert f"rewards/{tmp_path / 'reward_model'}/mean" in metrics(result)[-1]

@@ -128,3 +128,34 @@ def test_rewards_are_float64_per_function_and_finite():
     per_function, total = score(["exact_match", "boxed"], ["5"])
     assert per_function.dtype == torch.float64 and per_function.shape == (1, 2)
     assert all(math.isfinite(v) for v in total.tolist())
+
+
+@pytest.fixture
+def reward_model_dir(tmp_path):
+    from model import build_model
+    from model.config import ModelConfig
+    from model.io import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="decoder", vocab_size=40, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=32,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", n_labels=1)
+    model = build_model(cfg, head="classifier")
+    save_pretrained(model, tmp_path / "rm")
+    save_pretrained(build_model(cfg), tmp_path / "lm")  # the same body with an LM head
+    return tmp_path / "rm", tmp_path / "lm", model.eval()
+
+
+def test_a_reward_model_scores_the_policys_tokens(reward_model_dir):
+    rm_dir, lm_dir, model = reward_model_dir
+    rewards = build_rewards([str(rm_dir), "exact_match"], [0.5, 1.0])
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 9, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    per_function = rewards.score(["p", "p"], ["5", "6"], [RECORD, RECORD], ["r0", "r1"], tokens=(ids, mask))
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask)[:, 0].double()
+    assert torch.allclose(per_function[:, 0], expected)
+    assert per_function[:, 0].std() > 0
+    total = 0.5 * expected + torch.tensor([1.0, 0.0], dtype=torch.float64)
+    assert rewards.total(per_function).tolist() == pytest.approx(total.tolist())
+    with pytest.raises(ConfigError, match=r"is not a reward model \(train\.objective=reward makes one"):
+        build_rewards([str(lm_dir)])

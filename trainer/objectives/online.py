@@ -92,8 +92,10 @@ class OnlineObjective:
                    for row, m in zip(ids, mask)]
         texts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
                  for row, m in zip(completions.completion_ids, completions.completion_mask)]
+        attention = torch.cat([completions.attention_mask[:, : completions.prompt_length],
+                               completions.completion_mask], 1)  # what a reward model scores: up to the stop
         return self.rewards.score([p for p in prompts for _ in range(group)], texts, [r for _, r in records],
-                                  [name for name, _ in records])
+                                  [name for name, _ in records], tokens=(completions.input_ids, attention))
 
     @torch.no_grad()
     def attach(self, completions: Any, rewards: torch.Tensor) -> Batch:
