@@ -10,6 +10,7 @@ batch sizes and ranks do not weigh in.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -93,8 +94,8 @@ def evaluate(
         means, units = sums.reduce(count), int(count.item())
     if scorers:
         names = sorted(extra)  # the same names in the same order on every rank
-        totals = dict(zip(names, all_reduce(torch.tensor([extra[n] for n in names], dtype=torch.float64,
-                                                         device=count.device)).tolist()))
+        sums_of = all_reduce(torch.tensor([extra[n] for n in names], dtype=torch.float64, device=count.device))
+        totals = collections.defaultdict(float, zip(names, sums_of.tolist()))  # no batch: every sum is 0
         extra = {k: v for scorer in scorers for k, v in scorer.finish(totals).items()}
     return Scores(means, units, extra)
 

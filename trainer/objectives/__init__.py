@@ -73,8 +73,8 @@ class ObjectiveContext:
     name: str  # the registry name it was built for (e.g. "sft" builds the CLM loss on sft batches)
     cfg: RunConfig
     tokenizer: Any
-    strategy: Strategy
-    model: torch.nn.Module  # the trained model, already wrapped by the strategy
+    strategy: Strategy | None  # None outside a run (trainer.evaluation builds objectives for tessera eval)
+    model: torch.nn.Module  # the trained model, already wrapped by the strategy (if any)
 
 
 class ObjectiveName(enum.StrEnum):
