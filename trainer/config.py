@@ -234,12 +234,13 @@ class AlignLoss(enum.StrEnum):
     orpo = "orpo"
     grpo = "grpo"
     rloo = "rloo"
+    online_dpo = "online_dpo"
     kto = "kto"
 
     @property
     def online(self) -> bool:
         """Trained on completions sampled from the policy during the run (prompt shards, rewards)."""
-        return self in (AlignLoss.grpo, AlignLoss.rloo)
+        return self in (AlignLoss.grpo, AlignLoss.rloo, AlignLoss.online_dpo)
 
     @property
     def objective(self) -> ObjectiveName:
@@ -310,8 +311,10 @@ class AlignConfig(Config):
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise bad("epsilon", f"need 0 < epsilon < 1 and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
-        if self.beta < 0:
-            raise bad("beta", f"the KL coefficient must be >= 0, got {self.beta}")
+        if self.beta < 0 or (self.loss is AlignLoss.online_dpo and self.beta == 0):
+            raise bad("beta", f"must be >= 0 (the KL coefficient; > 0 for online_dpo), got {self.beta}")
+        if self.loss is AlignLoss.online_dpo and self.num_generations != 2:
+            raise bad("num_generations", f"online_dpo samples one pair per prompt: 2, not {self.num_generations}")
         if not self.reward:
             raise bad("reward", "name at least one reward: exact_match, boxed, regex:PATTERN or module:function")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):

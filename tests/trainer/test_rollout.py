@@ -19,6 +19,13 @@ from trainer.rollout import completion_logps, sample_completions, stop_mask
 PAD, STOP = 0, 3
 
 
+def test_online_dpo_pairs_the_better_completion_as_chosen():
+    from trainer.objectives.online import pair_by_reward
+
+    chosen, rejected = pair_by_reward(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5]))
+    assert chosen.tolist() == [0, 3, 4] and rejected.tolist() == [1, 2, 5]  # a tie keeps the first, as TRL
+
+
 def test_stop_mask_keeps_tokens_up_to_the_first_stop():
     completions = torch.tensor([[5, 3, 0, 0], [5, 6, 7, 8], [3, 9, 3, 0], [4, 2, 5, 3]])
     mask, truncated = stop_mask(completions, [STOP, 2])
@@ -96,10 +103,11 @@ def test_online_config_routes_align_to_the_online_objective():
     ("align.top_p=0", r"align\.top_p: must be in \(0, 1\]"),
     ("align.max_new_tokens=0", r"align\.max_new_tokens: must be at least 1"),
     ("align.epsilon=1.5", r"align\.epsilon: need 0 < epsilon < 1"),
-    ("align.beta=-1", r"align\.beta: the KL coefficient must be >= 0"),
+    ("align.beta=-1", r"align\.beta: must be >= 0 \(the KL coefficient"),
     ("align.reward=[]", r"align\.reward: name at least one reward"),
     ("align.reward_weights=[1,2]", r"align\.reward_weights: 2 weights for 1 rewards"),
     ("align.reference=precomputed", r"align\.reference: .* the reference must be live"),
+    ("align.loss=online_dpo", r"align\.num_generations: online_dpo samples one pair per prompt: 2, not 8"),
     ("align.loss_aggregation=bnpo", r"align\.loss_aggregation: 'bnpo' is not one of grpo, dr_grpo, dapo"),
 ])
 def test_bad_online_settings_are_one_line(override, message):

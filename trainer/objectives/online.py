@@ -1,6 +1,8 @@
-"""Online alignment (``align.loss`` grpo or rloo): each step samples ``align.num_generations``
-completions per prompt from the current policy, scores them with ``align.reward``, turns the scores
-into advantages and trains on the clipped policy-gradient loss of :mod:`policy_gradient`.
+"""Online alignment (``align.loss`` grpo, rloo or online_dpo): each step samples
+``align.num_generations`` completions per prompt from the current policy, scores them with
+``align.reward``, turns the scores into advantages and trains on the clipped policy-gradient loss of
+:mod:`policy_gradient` (online_dpo: two completions per prompt, the better one by reward chosen,
+the sigmoid DPO loss against the reference, as TRL's OnlineDPOTrainer).
 
 :meth:`OnlineObjective.rollout` runs before the loop counts units, so the loss is normalised by the
 global number of sequences (grpo, dr_grpo, rloo) or completion tokens (dapo), as TRL does. The
@@ -26,6 +28,7 @@ from model.config import SIZED_BY_MAX_SEQ_LEN
 from trainer.config import AlignLoss, ScaleRewards
 from trainer.distributed import all_gather_object
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
+from trainer.objectives.pairs import PairLogps
 from trainer.objectives.policy_gradient import (
     group_advantages,
     grpo_loss,
@@ -33,6 +36,7 @@ from trainer.objectives.policy_gradient import (
     leave_one_out_advantages,
     rloo_loss,
 )
+from trainer.objectives.preference import pair_metrics, preference_losses
 from trainer.objectives.tokens import unwrap
 from trainer.rewards import Rewards, build_rewards
 from trainer.rollout import completion_logps, sample_completions
@@ -105,6 +109,10 @@ class OnlineObjective:
                  "completion_mask": completions.completion_mask,
                  "prompt_length": torch.tensor(completions.prompt_length), "rewards": rewards.float()}
         ref_logps = self.logps(self.reference, completions) if self.reference is not None else None
+        if align.loss is AlignLoss.online_dpo:
+            batch["ref_logps"] = ref_logps
+            batch["chosen_index"], batch["rejected_index"] = pair_by_reward(rewards)
+            return batch
         if align.loss is AlignLoss.grpo:
             advantages = group_advantages(rewards, group, scale=align.scale_rewards is ScaleRewards.group)
             if ref_logps is not None:
@@ -151,12 +159,16 @@ class OnlineObjective:
 
     def count(self, batch: Batch) -> int:
         mask = batch["completion_mask"]
+        if self.align.loss is AlignLoss.online_dpo:
+            return int(batch["chosen_index"].shape[0])
         return int(mask.sum()) if self.token_units else int(mask.shape[0])
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOutput:
         align, mask = self.align, batch["completion_mask"]
         logps, entropy = completion_logps(model, batch["input_ids"], batch["attention_mask"],
                                           int(batch["prompt_length"]), align.temperature, with_entropy=True)
+        if align.loss is AlignLoss.online_dpo:
+            return self.pair_loss(logps, entropy, batch)
         if align.loss is AlignLoss.grpo:
             out = grpo_loss(logps, batch["advantages"], mask, ref_logps=batch.get("ref_logps"), beta=align.beta,
                             epsilon=align.epsilon, epsilon_high=align.epsilon_high,
@@ -171,6 +183,19 @@ class OnlineObjective:
             ratios["kl"] = (batch["kl"].sum(), tokens)
         return LossOutput(loss_sum=out.loss_sum, count=out.units, ratios=ratios)
 
+    def pair_loss(self, logps: torch.Tensor, entropy: torch.Tensor, batch: Batch) -> LossOutput:
+        """Online DPO: the sigmoid DPO loss on each prompt's (better, worse) completions, with TRL's metrics."""
+        mask = batch["completion_mask"]
+        sums, ref_sums, tokens = (logps * mask).sum(1), (batch["ref_logps"] * mask).sum(1), mask.sum(1)
+        chosen, rejected = batch["chosen_index"], batch["rejected_index"]
+        policy = PairLogps(sums[chosen], sums[rejected], tokens[chosen], tokens[rejected])
+        reference = PairLogps(ref_sums[chosen], ref_sums[rejected], tokens[chosen], tokens[rejected])
+        out = preference_losses(policy, reference, loss="dpo", beta=self.align.beta)
+        pairs = torch.tensor(float(chosen.shape[0]), device=logps.device)
+        ratios = {"entropy": ((entropy.detach() * mask).sum(), mask.sum().double()),
+                  "reward": (batch["rewards"].sum(), 2 * pairs)}
+        return LossOutput(loss_sum=out.losses.sum(), count=pairs, metrics=pair_metrics(out), ratios=ratios)
+
     # -- checkpointed state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -178,6 +203,15 @@ class OnlineObjective:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["sampler"])
+
+
+def pair_by_reward(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) row indices of each prompt's two completions (adjacent rows): the higher
+    reward is chosen, the first on a tie, as TRL's OnlineDPOTrainer (trl/experimental/online_dpo)."""
+    first, second = rewards.view(-1, 2).unbind(1)
+    base = torch.arange(first.shape[0]) * 2
+    first_wins = (first >= second).long()
+    return base + 1 - first_wins, base + first_wins
 
 
 def check_lengths(ctx: ObjectiveContext) -> None:
