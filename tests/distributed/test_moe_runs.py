@@ -90,16 +90,16 @@ def test_expert_parallel_follows_ddp_and_the_single_process_run_and_resumes_unde
 
 
 
-def test_expert_parallel_on_two_ranks_follows_the_single_process_run(corpus, tmp_path):
+def test_expert_parallel_on_two_ranks_follows_ddp(corpus, tmp_path):
     """ep=2, dp=1, with accumulation, activation checkpointing (its recomputation redoes the all-to-alls)
     and evaluation: the fast check (the 4-rank one above is marked slow)."""
     common = ("train.max_steps=4", "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_every=2",
               "train.eval_steps=2")
-    [single] = spawn(train, 1, moe_config(corpus, tmp_path / "single", *common))
+    ddp, _ = spawn(train, 2, moe_config(corpus, tmp_path / "ddp", *common, "train.strategy=ddp"))
     ep, _ = spawn(train, 2, moe_config(corpus, tmp_path / "ep", *common, "train.strategy=ddp", "parallel.ep=2",
                                        "train.activation_checkpointing=full"))
-    np.testing.assert_allclose(ep.losses, single.losses, rtol=1e-4)
-    assert ep.eval_loss == pytest.approx(single.eval_loss, rel=1e-4)
+    np.testing.assert_allclose(ep.losses, ddp.losses, rtol=1e-6)  # ddp follows one process: tests above
+    assert ep.eval_loss == pytest.approx(ddp.eval_loss, rel=1e-6)  # each rank evaluates its own batches
 
 
 def test_aux_loss_free_balancing_keeps_ranks_in_step_and_saves_the_biases(corpus, tmp_path):
