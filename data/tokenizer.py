@@ -1,7 +1,8 @@
 """Tokenizer training and loading: Hugging Face ``tokenizers`` saved in the layout transformers loads.
 
 Byte-level BPE by default (Unigram as an option, over the same byte alphabet so every string
-round-trips). The special tokens come first, so their ids are stable and small:
+round-trips), or BERT's WordPiece (its normaliser: lower case, accents stripped, Chinese characters
+apart; ``##`` marks a word's continuation; decoding gives the normalised text, not the original). The special tokens come first, so their ids are stable and small:
 ``<|pad|>=0 <|bos|>=1 <|eos|>=2 <|unk|>=3 <|mask|>=4``, then the chat roles ``<|system|> <|user|>
 <|assistant|> <|end|>``, then the T5 sentinels ``<extra_id_0>..<extra_id_{N-1}>``. Everything the
 rest of Tessera needs goes through :class:`TessTokenizer` (``load_tokenizer(dir)``).
@@ -21,7 +22,7 @@ from data.conversations import default_chat_template
 
 PAD, BOS, EOS, UNK, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|mask|>"
 ROLES = ("system", "user", "assistant", "end")
-MODELS = ("bpe", "unigram")
+MODELS = ("bpe", "unigram", "wordpiece")
 DEFAULT_SENTINELS = 32
 
 
@@ -52,6 +53,10 @@ def train_tokenizer(
     specials = special_tokens(num_sentinels)
     if model not in MODELS:
         raise UserError(f"unknown tokenizer model {model!r}; choose from {', '.join(MODELS)}")
+    if model == "wordpiece":
+        return _train_wordpiece(texts, Path(out_dir), vocab_size=vocab_size, specials=specials,
+                                min_frequency=min_frequency, model_max_length=model_max_length,
+                                num_sentinels=num_sentinels)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet) + 1:
         raise UserError(
@@ -87,7 +92,35 @@ def train_tokenizer(
         processors.ByteLevel(trim_offsets=False),
         processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
     ])
-    out = Path(out_dir)
+    return _save(tok, Path(out_dir), specials, model_max_length,
+                 {"model": model, "num_sentinels": num_sentinels, "split": split})
+
+
+def _train_wordpiece(texts: Iterable[str], out: Path, *, vocab_size: int, specials: list[str], min_frequency: int,
+                     model_max_length: int, num_sentinels: int) -> TessTokenizer:
+    """BERT's WordPiece (``bert-base-uncased``'s normaliser and pre-tokenizer), our special tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if vocab_size < len(specials) + 2:
+        raise UserError(f"--vocab-size {vocab_size} is too small for {len(specials)} special tokens and an alphabet")
+    tok = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True,
+                                                lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                        continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator(_non_empty(texts), trainer)
+    if tok.get_vocab_size() <= len(specials):
+        raise UserError("the tokenizer saw no text to train on; check the input files")
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])
+    return _save(tok, out, specials, model_max_length, {"model": "wordpiece", "num_sentinels": num_sentinels})
+
+
+def _save(tok: Any, out: Path, specials: list[str], model_max_length: int, tessera: dict[str, Any]) -> TessTokenizer:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json, as transformers reads them."""
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {
@@ -97,7 +130,7 @@ def train_tokenizer(
         "chat_template": default_chat_template(),
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
-        "tessera": {"model": model, "num_sentinels": num_sentinels, "split": split},
+        "tessera": tessera,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(

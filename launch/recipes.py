@@ -72,9 +72,10 @@ class EncoderRecipe(Recipe):
             texts[split] = out / "split" / f"{split}_text.txt"
             texts[split].write_text("".join(line.split("\t", 1)[1] + "\n" for line in path.read_text().splitlines()))
 
-        self.stage("2/6 train a byte-level BPE tokenizer on the training messages")
+        self.stage("2/6 train a WordPiece tokenizer (BERT's) on the training messages")
         tokenizer = out / "tokenizer"
-        self.tessera("tokenizer", "train", str(texts["train"]), "--vocab-size", "2048", "--out", str(tokenizer))
+        self.tessera("tokenizer", "train", str(texts["train"]), "--vocab-size", "2048", "--model", "wordpiece",
+                     "--out", str(tokenizer))
 
         self.stage("3/6 shards: plain text for MLM, label<TAB>text for classification")
         shards = out / "shards"

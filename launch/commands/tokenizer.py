@@ -1,4 +1,4 @@
-"""`tessera tokenizer train INPUT... --vocab-size N --out DIR`: train a byte-level BPE (or Unigram)."""
+"""`tessera tokenizer train INPUT... --vocab-size N --out DIR`: train a byte-level BPE (or Unigram, or WordPiece)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 
 from data.readers import TXT_MODE_HELP, TXT_MODES
+from data.tokenizer import MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl/.json files (or .gz), or directories")
     train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     train.add_argument("--out", required=True, help="output directory: tokenizer.json + tokenizer_config.json")
-    train.add_argument("--model", choices=["bpe", "unigram"], default="bpe")
+    train.add_argument("--model", choices=MODELS, default="bpe",
+                       help="bpe (byte-level, default), unigram, or wordpiece (BERT's: lower-cased, ## continuations)")
     train.add_argument("--split", choices=["gpt2", "whitespace"], default="gpt2",
                        help="cut words GPT-2 style (default) or only at spaces (keeps symbols like A_B whole)")
     train.add_argument("--sentinels", type=int, default=32, help="T5 sentinel tokens <extra_id_N> (default 32)")

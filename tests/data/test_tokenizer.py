@@ -99,3 +99,21 @@ def test_whitespace_split_keeps_symbols_whole(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path)("I_TURN_LEFT I_JUMP", add_special_tokens=False)["input_ids"] == ids
     with pytest.raises(UserError, match="unknown split 'words'"):
         train_tokenizer(lines, tmp_path / "bad", vocab_size=400, split="words")
+
+
+def test_wordpiece_is_berts_and_transformers_loads_it(tmp_path, examples):
+    from transformers import AutoTokenizer
+
+    texts = [d.text for d in iter_documents([examples / "pretrain_tinystories_valid_head.txt"])]
+    tok = train_tokenizer(texts, tmp_path / "wp", vocab_size=2000, model="wordpiece", num_sentinels=8)
+    assert tok.vocab_size == 2000 and tok.mask_id == 4 and len(tok.sentinel_ids) == 8
+    vocab = json.loads((tmp_path / "wp" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert sum(piece.startswith("##") for piece in vocab) > 100  # continuations, BERT's way
+    sample = "Lily's Café was ÜBER-busy, so Mommy smiled!"
+    pieces = [tok.id_to_token(i) for i in tok.encode(sample)]
+    assert "lily" in pieces and "!" in pieces and all(p == p.lower() for p in pieces)  # lower-cased, split off
+    assert tok.decode(tok.encode(sample)) == "lily ' s cafe was uber - busy, so mommy smiled!"  # normalised text
+    hf = AutoTokenizer.from_pretrained(tmp_path / "wp")
+    for text in texts[:50] + [sample]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+        assert hf(text)["input_ids"] == tok.encode(text, add_special_tokens=True)
