@@ -65,16 +65,11 @@ def describe_type(tp: Any) -> str:
 
 
 def describe_default(field: dataclasses.Field) -> str:
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    elif field.default_factory is not dataclasses.MISSING:
-        value = field.default_factory()
-    else:
+    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
         return "required"
-    if isinstance(value, Config):
+    value = default_value(field)
+    if value is dataclasses.MISSING:  # a section
         return ""
-    if isinstance(value, enum.Enum):
-        value = value.value
     if value is None:
         return "null"
     return '`""`' if value == "" else f"`{value}`"
@@ -144,13 +139,14 @@ def _schema_of(tp: Any, note: str, field: dataclasses.Field | None = None) -> di
     if note:
         out["description"] = note
     if field is not None:
-        default = _default(field)
+        default = default_value(field)
         if default is not dataclasses.MISSING:
             out["default"] = default
     return out
 
 
-def _default(field: dataclasses.Field) -> Any:
+def default_value(field: dataclasses.Field) -> Any:
+    """A field's default as plain data (an enum's value, a path's string); MISSING for none or a section."""
     if field.default is not dataclasses.MISSING:
         value = field.default
     elif field.default_factory is not dataclasses.MISSING:
