@@ -192,19 +192,25 @@ def prepare(name: str, work: Path, budget: Budget, limit: int | None) -> Prepare
                     np.array(sorted(tok.special_ids)), len(docs), len(kept))
 
 
-def read_tokens(shard_dir: Path) -> list[np.ndarray]:
-    """Every document's token array, in shard order, as ``tessera shard`` stored it."""
+def read_fields(shard_dir: Path) -> list[list[np.ndarray]]:
+    """Per field of the shards' kind, every sample's array in shard order, as ``tessera shard`` stored it."""
     from data.shards import ShardManifest, check_shard, open_shard
 
     manifest = ShardManifest.load(shard_dir)
-    dtype = manifest.field_dtype(manifest.fields[0])
-    docs = []
+    fields: list[list[np.ndarray]] = [[] for _ in manifest.fields]
     for info in manifest.shards:
         buf = open_shard(manifest, info)
         index = check_shard(buf, manifest, info, verify_checksum=True)
-        docs += [np.frombuffer(buf, dtype=dtype, count=int(n), offset=int(o)).astype(np.int64)
-                 for o, n in zip(index.offsets[:, 0], index.counts[:, 0])]
-    return docs
+        for f, name in enumerate(manifest.fields):
+            dtype = manifest.field_dtype(name)
+            fields[f] += [np.frombuffer(buf, dtype=dtype, count=int(n), offset=int(o)).astype(np.int64)
+                          for o, n in zip(index.offsets[:, f], index.counts[:, f])]
+    return fields
+
+
+def read_tokens(shard_dir: Path) -> list[np.ndarray]:
+    """Every document's token array of a text shard directory."""
+    return read_fields(shard_dir)[0]
 
 
 def train_tessera(data: Prepared, objective: Objective, budget: Budget, seed: int, out: Path) -> Path:
