@@ -2,7 +2,8 @@
 
 Byte-level BPE by default (Unigram as an option, over the same byte alphabet so every string
 round-trips), or BERT's WordPiece (its normaliser: lower case, accents stripped, Chinese characters
-apart; ``##`` marks a word's continuation; decoding gives the normalised text, not the original). The special tokens come first, so their ids are stable and small:
+apart; ``##`` marks a word's continuation; decoding gives the normalised text, not the original).
+The special tokens come first, so their ids are stable and small:
 ``<|pad|>=0 <|bos|>=1 <|eos|>=2 <|unk|>=3 <|mask|>=4``, then the chat roles ``<|system|> <|user|>
 <|assistant|> <|end|>``, then the T5 sentinels ``<extra_id_0>..<extra_id_{N-1}>``. Everything the
 rest of Tessera needs goes through :class:`TessTokenizer` (``load_tokenizer(dir)``).
@@ -110,9 +111,10 @@ def _train_wordpiece(texts: Iterable[str], out: Path, *, vocab_size: int, specia
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                         continuing_subword_prefix="##", show_progress=False)
-    tok.train_from_iterator(_non_empty(texts), trainer)
-    if tok.get_vocab_size() <= len(specials):
-        raise UserError("the tokenizer saw no text to train on; check the input files")
+    texts = _NonEmpty(texts)
+    tok.train_from_iterator(texts, trainer)
+    if not texts.count or tok.get_vocab_size() <= len(specials):
+        raise UserError("the tokenizer saw no text to train on: the inputs are empty (or only whitespace)")
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, bos_id)])

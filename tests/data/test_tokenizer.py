@@ -114,6 +114,6 @@ def test_wordpiece_is_berts_and_transformers_loads_it(tmp_path, examples):
     assert "lily" in pieces and "!" in pieces and all(p == p.lower() for p in pieces)  # lower-cased, split off
     assert tok.decode(tok.encode(sample)) == "lily ' s cafe was uber - busy, so mommy smiled!"  # normalised text
     hf = AutoTokenizer.from_pretrained(tmp_path / "wp")
-    for text in texts[:50] + [sample]:
+    for text in [*texts[:50], sample]:
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
         assert hf(text)["input_ids"] == tok.encode(text, add_special_tokens=True)
