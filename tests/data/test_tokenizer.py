@@ -84,7 +84,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="no tokenizer at"):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(UserError, match="unknown tokenizer model"):
-        train_tokenizer(["x"], tmp_path, vocab_size=500, model="wordpiece")
+        train_tokenizer(["x"], tmp_path, vocab_size=500, model="sentencepiece")
 
 
 def test_whitespace_split_keeps_symbols_whole(tmp_path):
