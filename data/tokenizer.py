@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +26,9 @@ PAD, BOS, EOS, UNK, MASK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|mask|>
 ROLES = ("system", "user", "assistant", "end")
 MODELS = ("bpe", "unigram", "wordpiece")
 DEFAULT_SENTINELS = 32
+LONG_TEXT_CHARS = 1 << 16  # longer texts are encoded in pieces of about this size (TessTokenizer.pieces)
+PIECES_PER_BATCH = 16
+PIECE_BOUNDARY = re.compile(r"(?<=\S) (?=\S)")
 
 
 def special_tokens(num_sentinels: int = DEFAULT_SENTINELS) -> list[str]:
@@ -169,6 +173,9 @@ class TessTokenizer:
             tok.token_to_id(t.content) for t in tok.get_added_tokens_decoder().values() if t.special
         )
         self.sha256: str = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+        # long texts may be cut into pieces only where the word split is known: Tessera's gpt2 split
+        # (the whitespace split prepends a space to every segment between special tokens)
+        self.cut_long: bool = (config.get("tessera") or {}).get("split") == "gpt2"
 
     def _require(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -185,7 +192,37 @@ class TessTokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        """Ids of every text. A text over ``LONG_TEXT_CHARS`` is encoded in pieces (Tessera's own
+        tokenizers; see :meth:`pieces`): tokenizers keeps ~300 bytes of bookkeeping per token while it
+        encodes, so one 5 MB line took 1.3 GB at once; the ids are the same as for the whole text."""
+        long = [len(t) > LONG_TEXT_CHARS and self.cut_long and not add_special_tokens for t in texts]
+        if not any(long):
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        short = iter(self.encode_batch([t for t, is_long in zip(texts, long) if not is_long], add_special_tokens))
+        out = []
+        for text, is_long in zip(texts, long):
+            if not is_long:
+                out.append(next(short))
+                continue
+            pieces, ids = self.pieces(text), []
+            for k in range(0, len(pieces), PIECES_PER_BATCH):
+                for encoding in self._tok.encode_batch(pieces[k : k + PIECES_PER_BATCH], add_special_tokens=False):
+                    ids += encoding.ids
+            out.append(ids)
+        return out
+
+    def pieces(self, text: str) -> list[str]:
+        """``text`` cut every ~``LONG_TEXT_CHARS`` before a single space between two non-space
+        characters: GPT-2's word regex never matches across one (a word takes its space in front), so
+        every piece starts a word and the words, and so the ids, are those of the whole text."""
+        out, start = [], 0
+        while len(text) - start > LONG_TEXT_CHARS:
+            match = PIECE_BOUNDARY.search(text, start + LONG_TEXT_CHARS)
+            if match is None:
+                break
+            out.append(text[start : match.start()])
+            start = match.start()
+        return [*out, text[start:]]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
