@@ -136,7 +136,7 @@ class OnlineObjective:
     def metrics(self, stats: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """TRL's rollout metrics over every rank's completions of this step."""
         merged = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
-        every = all_gather_object(merged)
+        every = all_gather_object(merged)[:: self.strategy.data_copies]  # tensor-parallel copies once
         per_function = torch.cat([g["rewards"] for g in every])
         lengths = torch.cat([g["lengths"] for g in every]).double()
         truncated = torch.cat([g["truncated"] for g in every])
