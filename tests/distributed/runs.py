@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,17 @@ def final_weights(result: RunResult) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(result.checkpoint / "model" / "model.safetensors"))
+
+
+class KillAt(Callback):
+    """SIGKILL this process after ``step`` (a real crash: no cleanup, no checkpoint)."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if trainer.step == self.step and trainer.env.rank == self.rank:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopAt(Callback):

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 import numpy as np
 import pytest
 import torch
-from runs import StopAt, final_weights, tiny_config, train
+from runs import KillAt, StopAt, final_weights, tiny_config, train
 from spawn import RanksFailed, spawn
-
-from trainer.callbacks import Callback
-
-
-class KillAt(Callback):
-    """SIGKILL this process after ``step`` (a real crash: no cleanup, no checkpoint)."""
-
-    def __init__(self, step: int, rank: int) -> None:
-        self.step, self.rank = step, rank
-
-    def on_step_end(self, trainer, metrics) -> None:
-        if trainer.step == self.step and trainer.env.rank == self.rank:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.slow
