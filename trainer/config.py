@@ -105,6 +105,7 @@ class TrainConfig(Config):
     seed: int = 0
     eval_every: int = 0  # 0: no evaluation
     eval_steps: int = 20
+    eval_tasks: list[str] = dataclasses.field(default_factory=list)  # multiple-choice jsonl files: eval/<stem>/acc
     max_bad_steps: int = 10  # stop after this many skipped (NaN/inf or spiking) steps
     spike_factor: float = 0.0  # skip a step whose loss exceeds this × the running mean; 0 disables
     offload: Offload = Offload.none
@@ -141,6 +142,12 @@ class TrainConfig(Config):
         for key in ("warmup_steps", "eval_every"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must not be negative, got {getattr(self, key)}")
+        for task in self.eval_tasks:
+            if not Path(task).is_file():
+                raise bad("eval_tasks", f"no such file: {task} (multiple-choice jsonl, as tessera eval --tasks reads)")
+        stems = [Path(task).stem for task in self.eval_tasks]
+        if len(set(stems)) < len(stems):
+            raise bad("eval_tasks", f"two files share a name, so their eval/<name>/acc would too: {self.eval_tasks}")
         if not 0 < self.decay_fraction <= 1:
             raise bad("decay_fraction", "must be in (0, 1]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
+import torch.distributed
 
 from common.errors import UserError
 from data.collate import IGNORE_INDEX
@@ -271,46 +272,70 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 @torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], *,
-                          pad_id: int, batch_size: int = 16) -> list[float]:
+                          pad_id: int, batch_size: int = 16, device: torch.device | None = None,
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                          forwards: int = 0) -> list[float]:
     """Summed log-prob of each continuation given its context, the pair cut from the left to the
-    model's max_seq_len + 1 tokens (as lm-evaluation-harness cuts to its max_length)."""
-    limit = model.config.max_seq_len + 1
+    model's max_seq_len + 1 tokens (as lm-evaluation-harness cuts to its max_length). ``forwards``:
+    run at least that many forward passes (sharded models gather weights in each, so every rank
+    must run as many), the extra ones on one pad token, discarded."""
+    from trainer.objectives.tokens import unwrap
+
+    limit = unwrap(model).config.max_seq_len + 1
     rows = [(context + continuation)[-limit:] for context, continuation in pairs]
     out = []
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for start in starts:
         chunk, sizes = rows[start : start + batch_size], [len(c) for _, c in pairs[start : start + batch_size]]
         width = max(map(len, chunk)) - 1
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # right padding: causal rows ignore it
         for i, row in enumerate(chunk):
             ids[i, : len(row) - 1] = torch.tensor(row[:-1])
-        logprobs = model(ids).float().log_softmax(-1)
+        with autocast():
+            logits = model(ids.to(device) if device is not None else ids)
+        logprobs = logits.float().log_softmax(-1).cpu()
         for i, (row, size) in enumerate(zip(chunk, sizes)):
             n = len(row)
             targets = torch.tensor(row[n - size :])
             out.append(float(logprobs[i, n - size - 1 : n - 1].gather(1, targets[:, None]).sum()))
+    for _ in range(forwards - len(starts)):
+        with autocast():
+            model(torch.full((1, 1), pad_id, dtype=torch.long, device=device))
     return out
 
 
 def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], *, delimiter: str = " ",
-                  batch_size: int = 16, where: Any = "the checkpoint") -> dict[str, Any]:
+                  batch_size: int = 16, where: Any = "the checkpoint", rank: int = 0, world_size: int = 1,
+                  device: torch.device | None = None,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  ) -> dict[str, Any]:
     """lm-evaluation-harness's multiple-choice metrics over ``items`` (data.tasks.MultipleChoice):
     ``acc`` (the choice of highest summed log-likelihood is the labelled one) and ``acc_norm`` (the
     same with each log-likelihood divided by its choice's length in characters), each continuation
-    being ``delimiter + choice``; ``chance`` is the mean of 1 / choices."""
-    what, decoder = model_kind(model)
+    being ``delimiter + choice``; ``chance`` is the mean of 1 / choices. In a run, data rank ``rank``
+    of ``world_size`` scores every world_size-th item and the counts are summed over all ranks (all
+    call it together; ranks sharing a batch under tensor parallelism count alike, so the ratios hold)."""
+    from trainer.objectives.tokens import unwrap
+
+    what, decoder = model_kind(unwrap(model))
     if not decoder:
         raise UserError(f"multiple-choice tasks need a decoder LM; {where} holds {what}")
-    pairs = [encode_pair(tokenizer, item.context, delimiter + choice) for item in items for choice in item.choices]
-    logprobs = iter(continuation_logprobs(model, pairs, pad_id=tokenizer.pad_id, batch_size=batch_size))
-    right = right_norm = 0
-    for item in items:
+    mine = items[rank::world_size]
+    pairs = [encode_pair(tokenizer, item.context, delimiter + choice) for item in mine for choice in item.choices]
+    forwards = torch.tensor([-(-len(pairs) // batch_size)], device=device)
+    forwards = int(all_reduce(forwards, op=torch.distributed.ReduceOp.MAX).item())
+    logprobs = iter(continuation_logprobs(model, pairs, pad_id=tokenizer.pad_id, batch_size=batch_size,
+                                          device=device, autocast=autocast, forwards=forwards))
+    right = right_norm = chance = 0.0
+    for item in mine:
         lls = [next(logprobs) for _ in item.choices]
         norm = [ll / len(choice) for ll, choice in zip(lls, item.choices)]
         right += lls.index(max(lls)) == item.label  # the first of equal maxima, as numpy's argmax
         right_norm += norm.index(max(norm)) == item.label
-    n = len(items)
-    return {"acc": right / n, "acc_norm": right_norm / n, "samples": n,
-            "chance": sum(1 / len(item.choices) for item in items) / n}
+        chance += 1 / len(item.choices)
+    totals = torch.tensor([right, right_norm, chance, len(mine)], dtype=torch.float64, device=device)
+    right, right_norm, chance, n = all_reduce(totals).tolist()
+    return {"acc": right / n, "acc_norm": right_norm / n, "samples": int(n), "chance": chance / n}
 
 
 # -- lm-evaluation-harness on an exported model -----------------------------------------------------

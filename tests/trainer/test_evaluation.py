@@ -3,6 +3,8 @@ objective comes from the objective tables, and a shard kind nothing scores is a 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,3 +52,18 @@ def test_objective_for_shards_comes_from_the_tables_and_unknown_kinds_are_one_li
     assert shard_objective("preference", model, None, "m") is ObjectiveName.preference
     with pytest.raises(UserError, match=r"^tessera eval does not score prompt shards; it scores text, "):
         shard_objective("prompt", model, None, "m")
+
+
+def test_eval_tasks_that_are_missing_or_share_a_name_fail_at_config_load(tmp_path):
+    from common.errors import ConfigError
+    from trainer.config import RunConfig
+
+    missing = tmp_path / "none.jsonl"
+    with pytest.raises(ConfigError, match=f"^train\\.eval_tasks: no such file: {re.escape(str(missing))} "):
+        RunConfig.from_dict({"train": {"eval_tasks": [str(missing)]}})
+    (tmp_path / "a").mkdir()
+    twins = [tmp_path / "mc.jsonl", tmp_path / "a" / "mc.jsonl"]
+    for path in twins:
+        path.write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"^train\.eval_tasks: two files share a name"):
+        RunConfig.from_dict({"train": {"eval_tasks": [str(p) for p in twins]}})

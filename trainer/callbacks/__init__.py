@@ -40,8 +40,8 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
 
     cfg = trainer.cfg
     callbacks: list[Callback] = [BlowUpCheck()]  # before anything saves the weights of a blown-up step
-    if cfg.train.eval_every and cfg.data.valid:
-        callbacks.append(Evaluation(cfg.train.eval_every, cfg.train.eval_steps))
+    if cfg.train.eval_every and (cfg.data.valid or cfg.train.eval_tasks):
+        callbacks.append(Evaluation(trainer, cfg.train.eval_every, cfg.train.eval_steps, cfg.train.eval_tasks))
     callbacks += [Checkpointing(cfg.checkpoint.every, cfg.checkpoint.save_final), Preemption()]
     if trainer.env.is_main:
         callbacks.append(SkippedShards(cfg.log.dir))  # before the callbacks that record its count
