@@ -290,6 +290,7 @@ class AlignConfig(Config):
     loss_aggregation: LossAggregation = LossAggregation.dapo  # grpo's normaliser (TRL's loss_type)
     scale_rewards: ScaleRewards = ScaleRewards.group  # grpo
     normalize_advantages: bool = False  # rloo
+    num_iterations: int = 1  # updates per rollout (TRL's μ); > 1 makes the ratio and its clip matter
 
     @classmethod
     def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -312,6 +313,8 @@ class AlignConfig(Config):
                                          f"{self.num_generations}")
         if self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be at least 1")
+        if self.num_iterations < 1:
+            raise bad("num_iterations", f"must be at least 1, got {self.num_iterations}")
         if self.temperature <= 0:
             raise bad("temperature", f"must be > 0: the completions of a prompt must differ, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -78,7 +78,7 @@ def evaluate(
         if i == max_batches:
             break
         if rollout is not None:  # online alignment: score completions sampled now
-            [batch], _ = rollout(model, [batch], train=False)
+            [batch], _ = rollout(model, lambda batch=batch: [batch], train=False)
         if device is not None:
             batch = to_device(batch, device)
         if objective is not None:

@@ -130,13 +130,17 @@ class Trainer:
     def train_step(self, batches: Iterator[Batch]) -> dict[str, Any]:
         started = time.perf_counter()
         cfg, world, device = self.cfg.train, self.env.world_size, self.env.device
-        micro_batches = [next(batches) for _ in range(self.strategy.accumulation)]
+        def draw() -> list[Batch]:
+            return [next(batches) for _ in range(self.strategy.accumulation)]
+
         timings: dict[str, float] = {}
         rollout_metrics: dict[str, float] = {}
         rollout = getattr(self.objective, "rollout", None)
-        if rollout is not None:  # online alignment: the batches are completions sampled from the policy now
-            micro_batches, rollout_metrics = rollout(self.model, micro_batches, train=True)
+        if rollout is not None:  # online alignment: completions sampled from the policy (maybe reused)
+            micro_batches, rollout_metrics = rollout(self.model, draw, train=True)
             timings["time/rollout_s"] = time.perf_counter() - started
+        else:
+            micro_batches = draw()
 
         # the global number of loss units (tokens, pairs) is known before any forward: normalise by it
         sizes = torch.tensor(

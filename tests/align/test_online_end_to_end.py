@@ -141,21 +141,27 @@ def test_grpo_raises_held_out_exact_match_with_bounded_kl(additions, sft_run, tm
     assert all(m["clip_ratio/region_mean"] == 0 for m in steps)  # one update per rollout: ratios are 1
 
 
-@pytest.mark.parametrize("loss", ["grpo", "rloo"])
-def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(additions, tmp_path, loss):
-    """From a fresh tiny model (no SFT): 4 steps straight vs 2 steps, stop, resume to 4; evaluations
-    in between (with their own sampler) leave the training samples alone."""
+@pytest.mark.parametrize(("loss", "iterations", "stop"), [("grpo", 1, 2), ("rloo", 1, 2), ("grpo", 2, 3)])
+def test_resumed_run_samples_and_trains_as_the_uninterrupted_one(additions, tmp_path, loss, iterations, stop):
+    """From a fresh tiny model (no SFT): 4 steps straight vs ``stop`` steps, stop, resume to 4;
+    evaluations in between (with their own sampler) leave the training samples alone. With two
+    updates per rollout, step 3's checkpoint holds the rollout step 4 reuses."""
     quick = (*GRPO, f"align.loss={loss}", "train.micro_batch_size=4", "checkpoint.every=2", "model.n_layers=1",
-             f"data.valid={additions.prompts}", "train.eval_every=2", "train.eval_steps=2")
+             f"data.valid={additions.prompts}", "train.eval_every=2", "train.eval_steps=2",
+             f"align.num_iterations={iterations}", "align.reward=[exact_match,regex:1]")  # a fresh model scores
     straight = run(config(tmp_path / "straight", additions.prompts, "train.max_steps=4", *quick), "align")
-    run(config(tmp_path / "resumed", additions.prompts, "train.max_steps=2", *quick), "align")
+    run(config(tmp_path / "resumed", additions.prompts, f"train.max_steps={stop}", *quick), "align")
     resumed = run(config(tmp_path / "resumed", additions.prompts, "train.max_steps=4", *quick), "align")
-    assert resumed.losses == pytest.approx(straight.losses[2:], abs=1e-6)
-    tail = metrics(straight)[2:]
+    assert resumed.losses == pytest.approx(straight.losses[stop:], abs=1e-6)
+    tail = metrics(straight)[stop:]
     evaluated = [m for m in metrics(straight) if "eval/reward" in m]
     assert [m["step"] for m in evaluated] == [2, 4] and all(0 <= m["eval/reward"] <= 1 for m in evaluated)
     for name in ("reward", "completions/mean_length", "kl"):
-        assert [m[name] for m in metrics(resumed)[2:]] == pytest.approx([m[name] for m in tail], abs=1e-6)
+        assert [m[name] for m in metrics(resumed)[stop:]] == pytest.approx([m[name] for m in tail], abs=1e-6)
+    if iterations == 2:  # the second update of a rollout: same samples, a moved policy, ratios != 1
+        rows = metrics(straight)
+        assert rows[1]["reward"] == rows[0]["reward"] and rows[3]["reward"] == rows[2]["reward"]
+        assert rows[1]["loss"] != rows[0]["loss"]
 
 
 def test_bad_online_inputs_stop_with_one_line(additions, tmp_path):

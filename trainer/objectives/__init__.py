@@ -9,9 +9,10 @@ exactly that of the mean over every unit of the global batch, however tokens fal
 micro-steps and ranks.
 
 An objective that makes its own batches from the loader's (online alignment samples completions
-from the policy) also has ``rollout(model, batches, train) -> (batches, metrics)``: the loop calls
-it on each step's micro-batches before counting units, and ``state_dict``/``load_state_dict`` for
-what it keeps across steps (its sampler's RNG), saved with every rank's checkpoint state.
+from the policy) also has ``rollout(model, draw, train) -> (batches, metrics)``: the loop calls it
+before counting units, ``draw()`` giving the step's micro-batches from the loader (a rollout reused
+for several updates draws none), and ``state_dict``/``load_state_dict`` for what it keeps across
+steps (its sampler's RNG, a rollout being reused), saved with every rank's checkpoint state.
 
 To add an objective, write a module here with a class that satisfies :class:`Objective` and a
 ``build(ctx: ObjectiveContext) -> Objective`` function, add its name to :class:`ObjectiveName` and

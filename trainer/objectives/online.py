@@ -18,6 +18,7 @@ beside the loop's ``time/rollout_s`` and ``time/training_s``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,15 +63,21 @@ class OnlineObjective:
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         self.stop_ids = sorted({tokenizer.eos_id, tokenizer.end_id})
         self.token_units = align.loss is AlignLoss.grpo and align.loss_aggregation.token_units
+        self.reused: dict[str, Any] | None = None  # a rollout serving num_iterations updates
 
     # -- rollouts -----------------------------------------------------------------------------------
 
-    def rollout(self, model: torch.nn.Module, batches: list[Batch], train: bool = True
+    def rollout(self, model: torch.nn.Module, draw: Callable[[], list[Batch]], train: bool = True
                 ) -> tuple[list[Batch], dict[str, float]]:
-        """Sample, score and attach advantages (and reference log-probs) to every micro-batch."""
+        """Sample, score and attach advantages (and reference log-probs) to every micro-batch of
+        ``draw()``; in training, a rollout serves ``align.num_iterations`` steps (TRL's μ), the later
+        ones without drawing, against the log-probs of the policy that sampled it."""
+        if train and self.reused is not None and self.reused["uses"] < self.align.num_iterations:
+            self.reused["uses"] += 1
+            return self.reused["batches"], {**self.reused["metrics"], "time/generation_s": 0.0}
         generator = self.generator if train else torch.Generator(self.device).manual_seed(self.seed + EVAL_SEED_OFFSET)
         out, stats, generation_s = [], [], 0.0
-        for batch in batches:
+        for batch in draw():
             started = time.perf_counter()
             ids, mask = batch["prompt_input_ids"].to(self.device), batch["prompt_attention_mask"].to(self.device)
             with self.strategy.autocast():
@@ -86,7 +93,15 @@ class OnlineObjective:
             out.append(rolled)
             stats.append({"rewards": per_function, "lengths": completions.completion_mask.sum(1).cpu(),
                           "truncated": completions.truncated.cpu()})
-        return out, self.metrics(stats) | {"time/generation_s": generation_s}
+        metrics = self.metrics(stats)
+        if train and self.align.num_iterations > 1:
+            for rolled in out:  # the sampling policy's log-probs, for the ratio of the later updates
+                with torch.no_grad(), self.strategy.autocast():
+                    rolled["old_logps"], _ = completion_logps(self.strategy.model, rolled["input_ids"],
+                                                              rolled["attention_mask"], int(rolled["prompt_length"]),
+                                                              self.align.temperature)
+            self.reused = {"batches": out, "metrics": metrics, "uses": 1}
+        return out, metrics | {"time/generation_s": generation_s}
 
     def score(self, batch: Batch, ids: torch.Tensor, mask: torch.Tensor, completions: Any) -> torch.Tensor:
         """Per-function rewards [N, F] of the decoded completions against their prompts' records."""
@@ -170,11 +185,13 @@ class OnlineObjective:
         if align.loss is AlignLoss.online_dpo:
             return self.pair_loss(logps, entropy, batch)
         if align.loss is AlignLoss.grpo:
-            out = grpo_loss(logps, batch["advantages"], mask, ref_logps=batch.get("ref_logps"), beta=align.beta,
+            out = grpo_loss(logps, batch["advantages"], mask, old_logps=batch.get("old_logps"),
+                            ref_logps=batch.get("ref_logps"), beta=align.beta,
                             epsilon=align.epsilon, epsilon_high=align.epsilon_high,
                             aggregation=align.loss_aggregation, max_new_tokens=align.max_new_tokens)
         else:
-            out = rloo_loss(logps, batch["advantages"], mask, epsilon=align.epsilon, epsilon_high=align.epsilon_high)
+            out = rloo_loss(logps, batch["advantages"], mask, old_logps=batch.get("old_logps"),
+                            epsilon=align.epsilon, epsilon_high=align.epsilon_high)
         tokens, sequences = mask.sum().double(), torch.tensor(float(mask.shape[0]), device=mask.device)
         ratios = dict(out.ratios)
         ratios["entropy"] = ((entropy.detach() * mask).sum(), tokens)
@@ -198,11 +215,16 @@ class OnlineObjective:
 
     # -- checkpointed state -------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"sampler": self.generator.get_state()}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"sampler": self.generator.get_state()}
+        if self.reused is not None and self.reused["uses"] < self.align.num_iterations:  # mid-reuse
+            state["reused"] = {"batches": [{k: v.cpu() for k, v in b.items()} for b in self.reused["batches"]],
+                               "metrics": self.reused["metrics"], "uses": self.reused["uses"]}
+        return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["sampler"])
+        self.reused = state.get("reused")
 
 
 def pair_by_reward(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
