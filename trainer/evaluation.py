@@ -312,9 +312,10 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     """lm-evaluation-harness's multiple-choice metrics over ``items`` (data.tasks.MultipleChoice):
     ``acc`` (the choice of highest summed log-likelihood is the labelled one) and ``acc_norm`` (the
     same with each log-likelihood divided by its choice's length in characters), each continuation
-    being ``delimiter + choice``; ``chance`` is the mean of 1 / choices. In a run, data rank ``rank``
-    of ``world_size`` scores every world_size-th item and the counts are summed over all ranks (all
-    call it together; ranks sharing a batch under tensor parallelism count alike, so the ratios hold)."""
+    being ``delimiter + choice``, each with its standard error; ``chance`` is the mean of 1 / choices.
+    In a run, data rank ``rank`` of ``world_size`` scores every world_size-th item and the counts are
+    summed over all ranks (all call it together; ranks sharing a batch under tensor parallelism count
+    alike, so the ratios hold)."""
     from trainer.objectives.tokens import unwrap
 
     what, decoder = model_kind(unwrap(model))
@@ -335,7 +336,14 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
         chance += 1 / len(item.choices)
     totals = torch.tensor([right, right_norm, chance, len(mine)], dtype=torch.float64, device=device)
     right, right_norm, chance, n = all_reduce(totals).tolist()
-    return {"acc": right / n, "acc_norm": right_norm / n, "samples": int(n), "chance": chance / n}
+    acc, acc_norm = right / n, right_norm / n
+    return {"acc": acc, "acc_stderr": mean_stderr(acc, n), "acc_norm": acc_norm,
+            "acc_norm_stderr": mean_stderr(acc_norm, n), "samples": int(n), "chance": chance / n}
+
+
+def mean_stderr(share: float, n: float) -> float:
+    """Standard error of a mean of n 0/1 scores, with the sample (n - 1) variance, as lm-eval reports it."""
+    return math.sqrt(share * (1 - share) / (n - 1)) if n > 1 else float("nan")
 
 
 # -- lm-evaluation-harness on an exported model -----------------------------------------------------

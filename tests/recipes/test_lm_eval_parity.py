@@ -79,6 +79,8 @@ def test_lm_eval_hf_model_on_the_export_matches_tessera_eval_tasks(tmp_path, tas
     theirs = peer["results"]["tessera_mc"]
     assert 0 < ours["acc"] < 1 and ours["acc"] != ours["acc_norm"]  # neither trivial nor the same argmax
     assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])
+    assert (ours["acc_stderr"], ours["acc_norm_stderr"]) == pytest.approx(
+        (theirs["acc_stderr,none"], theirs["acc_norm_stderr,none"]), rel=1e-9)
 
     samples = sorted(peer["samples"]["tessera_mc"], key=lambda s: s["doc_id"])
     peer_lls = [resp[0][0] for sample in samples for resp in sample["resps"]]
