@@ -37,13 +37,15 @@ from typing import Any
 import torch
 
 from common import manifest
-from common.errors import UserError
+from common.errors import UserError, out_of_space
 from trainer.distributed import DistEnv, all_reduce, barrier
 
 MANIFEST = manifest.MANIFEST
 LATEST = "latest"
 STATE = manifest.STEP_STATE
 STEP_DIR = re.compile(r"step_(\d{6,})")
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")  # PytorchStreamWriter's words when a write came up short
+LOW_SPACE_BYTES = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,15 @@ class CheckpointWriter:
             self.prune(step)
         barrier()
         return final
+
+    def out_of_space(self, exc: BaseException) -> bool:
+        """Whether a save failed on a full disk: said by the error itself (:func:`common.errors.out_of_space`),
+        or a short write of ``torch.save`` (DeepSpeed's files), whose error keeps no errno, on a
+        filesystem with under ``LOW_SPACE_BYTES`` left."""
+        if out_of_space(exc):
+            return True
+        short_write = any(text in str(exc) for text in TORCH_SHORT_WRITE)
+        return short_write and self.root.is_dir() and shutil.disk_usage(self.root).free < LOW_SPACE_BYTES
 
     def disk_full(self, step: int, previous: Path | None) -> UserError:
         """The full disk during the save of ``step``: its temporary directory is removed (the space it

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.config import dump_yaml, read_yaml
-from common.errors import UserError, out_of_space
+from common.errors import UserError
 from model.moe import moe_layers, pop_router_stats
 from trainer import checkpoint, evaluation
 from trainer.callbacks import Callback
@@ -106,6 +106,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_saved: Path | None = None
         self.last_saved_step = -1
+        self.warned_valid_skips = False
         self.stop_reason: str | None = None
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -232,12 +233,22 @@ class Trainer:
 
     def evaluate(self, max_batches: int) -> dict[str, float]:
         """Mean loss (and the objective's metrics) per unit over the first ``max_batches``
-        validation batches of every rank: ``{"loss": ..., "rewards/accuracies": ...}``."""
+        validation batches of every rank: ``{"loss": ..., "rewards/accuracies": ...}``; with validation
+        shards skipped as corrupt (``data.on_corrupt=skip``) their count too (``skipped_shards``), and
+        a warning line the first time."""
         self.model.eval()
-        scores = evaluation.evaluate(self.model, self.objective, self.valid_batches(), device=self.env.device,
+        batches = self.valid_batches()
+        scores = evaluation.evaluate(self.model, self.objective, batches, device=self.env.device,
                                      autocast=self.strategy.autocast, max_batches=max_batches)
         self.model.train()
-        return scores.means
+        skipped = getattr(batches, "skipped_shards", [])
+        if not skipped:
+            return scores.means
+        if self.env.is_main and not self.warned_valid_skips:
+            log.warning("data.on_corrupt=skip: %d of %d validation shards skipped as corrupt (first: %s)",
+                        len(skipped), batches.num_shards, skipped[0])
+        self.warned_valid_skips = True
+        return {**scores.means, "skipped_shards": len(skipped)}
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -250,7 +261,7 @@ class Trainer:
         try:
             self.last_saved = self._write_checkpoint(weights)
         except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
-            if not out_of_space(exc):
+            if not self.writer.out_of_space(exc):
                 raise
             raise self.writer.disk_full(self.step, self.last_saved) from None
         self.last_saved_step = self.step

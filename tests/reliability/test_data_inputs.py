@@ -129,6 +129,8 @@ def test_a_token_id_outside_the_vocabulary_names_the_shard(shards, tmp_path, cap
     line = one_error_line(capsys, "pretrain")
     assert f"shard {path}: sample 3 holds token id 999, not below the vocabulary size 320" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["pretrain", *run_overrides(root, tmp_path / "run"), "data.on_corrupt=skip"]) == 0
+    assert "sample 3 holds token id 999" in (tmp_path / "run" / "skipped_shards.txt").read_text()
 
 
 @pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/../../outside.tar"])

@@ -45,3 +45,23 @@ def test_nothing_skipped_nothing_reported(trained_run):
     assert not (trained_run / SKIPPED_SHARDS).exists()
     assert all("data/skipped_shards" not in json.loads(line)
                for line in (trained_run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_skipped_validation_shard_is_reported_too(shards, tmp_path, caplog):
+    valid = shutil.copytree(shards, tmp_path / "valid")
+    bad = sorted(valid.glob("*.tar"))[0]
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    run_dir = tmp_path / "run"
+    cfg = load(None, [*run_overrides(shards, run_dir), f"data.valid={valid}", "data.on_corrupt=skip",
+                      "train.eval_every=1", "train.eval_steps=1"])
+    with caplog.at_level(logging.WARNING, logger="tessera.trainer"):
+        result = run(cfg, "pretrain")
+    assert result.skipped_shards == []  # the training shards are whole
+    warnings = [r.getMessage() for r in caplog.records if "validation shards skipped" in r.getMessage()]
+    shard_count = len(list(valid.glob("*.tar")))
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"data.on_corrupt=skip: 1 of {shard_count} validation shards skipped as corrupt (first: shard {bad}")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["eval/skipped_shards"] for line in lines] == [1, 1] and "data/skipped_shards" not in lines[0]
