@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import sys
+from collections.abc import Callable
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
@@ -36,3 +38,21 @@ def out_of_space(exc: BaseException) -> bool:
         if isinstance(failures, dict):
             stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
     return False
+
+
+def exit_status(name: str, run: Callable[[], int | None]) -> int:
+    """``run()``'s status for a command line: a user error or a full disk is one line on stderr and
+    status 2, Ctrl-C is 130; anything else is a bug and keeps its traceback."""
+    try:
+        return int(run() or 0)
+    except UserError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk anywhere else than a checkpoint save (which says more)
+        if not out_of_space(exc):
+            raise
+        print(f"{name}: error: no space left on device writing {exc.filename or 'a file'}: free space and rerun",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from common.errors import UserError, out_of_space
+from common.errors import UserError, exit_status
 
 # name → (module under launch.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,23 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None and command not in COMMANDS:
         print(f"tessera: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> int | None:
         args = parse(argv, command)
         if args.command is None:
             build_parser().print_help()
             return 0
-        return int(_load(COMMANDS[args.command][0]).run(args) or 0)
-    except UserError as exc:
-        print(f"tessera {command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk anywhere else than a checkpoint save (which says more)
-        if not out_of_space(exc):
-            raise
-        print(f"tessera {command}: error: no space left on device writing {exc.filename or 'a file'}: free space "
-              "and rerun", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return _load(COMMANDS[args.command][0]).run(args)
+
+    return exit_status(f"tessera {command}", run)
 
 
 def _load(module: str):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from common.config import load_config
-from common.errors import UserError, out_of_space
+from common.errors import UserError, exit_status
 from launch import env, local
 
 
@@ -74,17 +74,4 @@ def main(task: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m launch.{task}", description=f"Tessera {task}, one rank.")
     add_arguments(parser, nproc=False)
     args = parser.parse_intermixed_args(argv)
-    try:
-        train(task, args.config, args.overrides)
-    except UserError as exc:
-        print(f"tessera {task}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk anywhere else than a checkpoint save (which says more)
-        if not out_of_space(exc):
-            raise
-        print(f"tessera {task}: error: no space left on device writing {exc.filename or 'a file'}: free space "
-              "and rerun", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return exit_status(f"tessera {task}", lambda: train(task, args.config, args.overrides))
