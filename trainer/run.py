@@ -56,12 +56,14 @@ def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
     return global_batch // (micro * world_size)
 
 
-def find_tokenizer_dir(cfg: RunConfig) -> Path:
-    """data.tokenizer if set, else the tokenizer saved with model.init, else the one the training
-    shards were made with (``tokenizer_path`` in their manifest.json)."""
+def run_tokenizer_dir(cfg: RunConfig) -> Path:
+    """data.tokenizer if set, else the tokenizer saved with model.init (a checkpoint, model directory or
+    Hub id), else the one the training shards were made with (``tokenizer_path`` in their manifest.json)."""
+    from model.io import find_tokenizer_dir
+
     candidates = [getattr(cfg.data, "tokenizer", None)]
     if cfg.model.init is not None:
-        candidates.append(model_dir_of(cfg.model.init))
+        candidates.append(find_tokenizer_dir(cfg.model.init))
     for spec in cfg.data.datasets():
         manifest = Path(spec.path) / "manifest.json"
         if not manifest.is_file():
@@ -171,7 +173,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
             raise ConfigError(f"data.valid: {exc}") from None
 
     accumulation = accumulation_steps(cfg, env.world_size // cfg.parallel.tp)  # tp ranks share a batch
-    tokenizer_dir = find_tokenizer_dir(cfg)
+    tokenizer_dir = run_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     name = objective_name(cfg, task)
     spec = OBJECTIVES[name]
