@@ -60,7 +60,9 @@ def test_nvme_offloaded_optimizer_state_does_not_reshard(tmp_path, where):
     # NVMe offload needs DeepSpeed's async_io op (libaio), absent on CPU machines: the check runs before any engine
     step = tmp_path / "step_000003"
     (step / TAG).mkdir(parents=True)
-    (step / "trainer_state.json").write_text(json.dumps({"world_size": 2}))
+    state = {"step": 3, "tokens_seen": 96, "world_size": 2, "strategy": "zero3", "format": "deepspeed-zero3",
+             "guard": {}}
+    (step / "trainer_state.json").write_text(json.dumps(state))
     raw = {"strategy": "zero3", "micro_batch_size": 4, "global_batch_size": 8}
     if where == "resuming run":
         (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}))
