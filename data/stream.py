@@ -241,7 +241,10 @@ class EpochPlan:
             self.num_units = max(0, int(self.token_start[-1]) - 1) // seq_len
         else:
             raise ValueError(f"unknown unit mode {mode!r}")
-        self.unit_order = None if unit_seed is None else np.random.default_rng(unit_seed).permutation(self.num_units)
+        self.unit_order = None  # 4 bytes a unit below 2**31 units (a 1T-token epoch of 2k rows: 2 GB)
+        if unit_seed is not None:
+            dtype = np.int32 if self.num_units < 2**31 else np.int64
+            self.unit_order = np.random.default_rng(unit_seed).permutation(np.arange(self.num_units, dtype=dtype))
 
     def unit(self, positions: Any) -> Any:
         """The unit (or array of units) at epoch position(s) ``positions``."""
