@@ -61,6 +61,11 @@ DATA_OBJECTIVES = {
     "unpaired": DataObjective("unpaired", "samples", token_level=False),  # KTO
 }
 
+# the collators of the ``samples`` objectives that take (arrays, pad_id, seq_len); preference also
+# takes the precomputed reference log-probs
+SAMPLE_COLLATORS = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq,
+                    "prompt": collate_prompt, "unpaired": collate_unpaired}
+
 
 def build_loader(
     cfg: DataConfig, *, objective: str, tokenizer: Any, rank: int, world_size: int, micro_batch_size: int,
@@ -154,10 +159,9 @@ class Batcher:
         samples = [stream.plan(e).sample(u) for e, u in units]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
-        if self.objective in ("sft", "classify", "seq2seq", "prompt", "unpaired"):
-            collate = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq,
-                       "prompt": collate_prompt, "unpaired": collate_unpaired}
-            return collate[self.objective](arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
+        collate = SAMPLE_COLLATORS.get(self.objective)
+        if collate is not None:
+            return collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
 
