@@ -26,7 +26,7 @@ import datetime
 import functools
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -363,30 +363,6 @@ def decode_record(data: bytes) -> tuple[str, dict[str, Any]]:
     """(name, record) back from a prompt sample's ``record`` bytes."""
     name, record = json.loads(data.decode())
     return name, record
-
-
-def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSON array file or a JSONL file (one object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such file: {path}")
-    with path.open(encoding="utf-8") as f:
-        head = f.read(1)
-        while head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            try:
-                yield from json.load(f)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-            return
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
 def _template(tokenizer: ChatTokenizer) -> str:

@@ -98,19 +98,16 @@ class Demo(Stages):
 
 def split_records(inputs: Path | list[Path], out: Path, every: int = 20) -> Path:
     """Write every ``every``-th record to valid.jsonl and the rest to train.jsonl."""
-    from data.conversations import read_records
+    from data.readers import iter_records
 
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "valid": 0}
     paths = inputs if isinstance(inputs, list) else [inputs]
     with open(out / "train.jsonl", "w") as train, open(out / "valid.jsonl", "w") as valid:
-        index = 0
-        for path in paths:
-            for record in read_records(path):
-                split = "valid" if index % every == every - 1 else "train"
-                (valid if split == "valid" else train).write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts[split] += 1
-                index += 1
+        for index, (_, record) in enumerate(iter_records(paths)):
+            split = "valid" if index % every == every - 1 else "train"
+            (valid if split == "valid" else train).write(json.dumps(record, ensure_ascii=False) + "\n")
+            counts[split] += 1
     print(f"{out.name}: {counts['train']} train, {counts['valid']} held out → {out}")
     return out
 

@@ -14,11 +14,11 @@ from data.conversations import (
     default_chat_template,
     encode_preference,
     encode_sft,
-    read_records,
     render,
     to_messages,
     to_preference,
 )
+from data.readers import iter_records
 
 # two real hh-rlhf (harmless-base test) records: a multi-turn pair, and one whose chosen reply is empty
 HH_PAIR = {
@@ -81,7 +81,7 @@ def test_sft_formats_become_the_same_messages():
 
 def test_real_sft_sets_encode_with_trained_tokens(tokenizer, shared_data):
     for path in ("sft_alpaca_en_demo.json", "sft_rasbt_instruction_data.json"):
-        for record in itertools.islice(read_records(shared_data / path), 20):
+        for _, record in itertools.islice(iter_records([shared_data / path]), 20):
             ids, mask = encode_sft(record, tokenizer)
             assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
             assert ids[len(mask) - 1 - mask[::-1].index(1)] == tokenizer.token_to_id("<|end|>")
