@@ -24,8 +24,8 @@ import yaml
 from common import manifest
 from common.config import read_json_object, read_yaml
 from common.errors import UserError
+from common.hub import hub_snapshot, looks_like_hub_id
 from model.config import ModelConfig
-from model.hub import hub_snapshot, looks_like_hub_id
 from model.lazy_weights import LazyTensor, read_lazy
 from model.transformer import HEADS, SequenceClassifier, TesseraModel, build_model
 
@@ -46,7 +46,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def resolve_checkpoint(path: str | Path) -> Path:
     """The model directory ``path`` means: itself, its ``model/`` (a trainer's step directory),
     (repeatedly) the sub-directory its ``latest`` names (a trainer's ``checkpoints/`` directory), or
-    the cached snapshot of a Hugging Face Hub id (:mod:`model.hub`)."""
+    the cached snapshot of a Hugging Face Hub id (:mod:`common.hub`)."""
     path = Path(path)
     if looks_like_hub_id(path):
         return hub_snapshot(str(path))

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.hub import hub_snapshot, looks_like_hub_id
+    from common.hub import hub_snapshot, looks_like_hub_id
     from model.io import HF_CONFIG, copy_tokenizer_files, import_peft_adapter, load_pretrained, save_pretrained
 
     source = hub_snapshot(str(args.hf)) if looks_like_hub_id(args.hf) else args.hf

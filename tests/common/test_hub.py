@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.hub import looks_like_hub_id
+from common.hub import looks_like_hub_id
 
 REPO = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
