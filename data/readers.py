@@ -20,6 +20,7 @@ a file that is mostly such bytes is not text and is refused in one line. Record 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -194,11 +195,19 @@ def resolve_txt_mode(path: Path, txt_mode: str) -> str:
     """The mode a .txt file is read in: ``txt_mode`` itself, or what ``"auto"`` picks for this file."""
     if txt_mode != "auto":
         return txt_mode
+    stat = Path(path).stat()
+    return _auto_txt_mode(Path(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_txt_mode(path: Path, size: int, mtime_ns: int) -> str:
+    """One pass over the file's blocks (remembered while the file is unchanged: reading and the report ask)."""
+    blocks = headings = 0
     with open_text(path) as f:
-        blocks = list(_blocks(f, limit=2))
-    with open_text(path) as f:
-        headings = sum(_is_heading(block) for block in _blocks(f))
-    return "chapter" if headings >= 2 else "passage" if len(blocks) > 1 else "line"
+        for block in _blocks(f):
+            blocks += 1
+            headings += _is_heading(block)
+    return "chapter" if headings >= 2 else "passage" if blocks > 1 else "line"
 
 
 def txt_modes(inputs: Iterable[str | Path], txt_mode: str) -> dict[str, str]:
@@ -210,18 +219,15 @@ def _is_heading(block: list[str]) -> bool:
     return len(block) == 1 and len(block[0].strip()) <= HEADING_CHARS and bool(HEADING.fullmatch(block[0].strip()))
 
 
-def _blocks(f: _Text, limit: int | None = None) -> Iterator[list[str]]:
-    """The file's blank-line-separated blocks, each a list of its lines (at most ``limit`` of them)."""
+def _blocks(f: _Text) -> Iterator[list[str]]:
+    """The file's blank-line-separated blocks, each a list of its lines."""
     block: list[str] = []
-    count = 0
     for line in f:
         if line.strip():
             block.append(line)
         elif block:
             yield block
-            count, block = count + 1, []
-            if limit is not None and count >= limit:
-                return
+            block = []
     if block:
         yield block
 
