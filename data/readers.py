@@ -7,7 +7,8 @@ text such as stories whose paragraphs are separated by blank lines too), ``"bloc
 blank-line block), ``"line"`` (each non-empty line) or ``"file"``. ``"auto"`` (the default) picks
 chapters when the file has at least two headings, else passages when it has a blank line, else lines
 (one article per line, as in many corpus dumps): a book is never cut into thousands of unrelated
-paragraphs that the quality filters then drop one by one and the loader masks apart. .jsonl gives one
+paragraphs that the quality filters then drop one by one and the loader masks apart. A hard-wrapped
+file (Gutenberg's fixed line width) has each paragraph read as one line, so line rules see paragraphs. .jsonl gives one
 per line and .json one per array item, with the text taken from ``text_field``. Files are read line
 by line, so memory stays flat (a .json array is the exception: it is parsed whole). Text files may be
 gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch at a time, taking the
@@ -47,6 +48,8 @@ INVALID_UTF8_FRACTION = 0.1  # more of a file's bytes than this undecodable: not
 ESCAPED_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of an undecodable byte
 PASSAGE_WORDS = 200  # "passage": a document is at least this many words (Gopher keeps 50 and more)
 HEADING_CHARS = 60
+WRAP_MAX_CHARS = 100  # a hard-wrapped file's lines are at most this long (Gutenberg wraps at about 70)
+WRAP_FILL = 0.85  # ... and the median line a paragraph continues after fills this much of the longest
 HEADING = re.compile(
     r"(?:(?:first|second|third|fourth)\s+)?(?:(?:chapter|book|part|volume|canto|capitolo|chapitre|kapitel|libro|parte)"
     r"\s+(?:[ivxlcdm]+|\d+|[a-z]+)\b|(?:epilogue|prologue)\b).*",
@@ -193,21 +196,41 @@ class _Text:
 
 def resolve_txt_mode(path: Path, txt_mode: str) -> str:
     """The mode a .txt file is read in: ``txt_mode`` itself, or what ``"auto"`` picks for this file."""
-    if txt_mode != "auto":
-        return txt_mode
-    stat = Path(path).stat()
-    return _auto_txt_mode(Path(path), stat.st_size, stat.st_mtime_ns)
+    return _txt_profile(Path(path)).mode if txt_mode == "auto" else txt_mode
+
+
+@dataclass(frozen=True)
+class TxtProfile:
+    """What one pass over a .txt file's blocks tells: the mode ``auto`` picks, and whether its paragraphs
+    are hard-wrapped (a fixed line width, as Project Gutenberg's books are)."""
+
+    mode: str
+    hard_wrapped: bool
+
+
+def _txt_profile(path: Path) -> TxtProfile:
+    stat = path.stat()
+    return _profile(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)
-def _auto_txt_mode(path: Path, size: int, mtime_ns: int) -> str:
-    """One pass over the file's blocks (remembered while the file is unchanged: reading and the report ask)."""
-    blocks = headings = 0
+def _profile(path: Path, size: int, mtime_ns: int) -> TxtProfile:
+    """One pass over the file's blocks (remembered while the file is unchanged: reading and the report ask).
+    Hard-wrapped: the longest line is at most ``WRAP_MAX_CHARS`` and the lines that a paragraph
+    continues after are, in the median, close to it (wrapped prose fills its lines; verse does not)."""
+    blocks = headings = longest = 0
+    continued: list[int] = []
     with open_text(path) as f:
         for block in _blocks(f):
             blocks += 1
             headings += _is_heading(block)
-    return "chapter" if headings >= 2 else "passage" if blocks > 1 else "line"
+            lengths = [len(line.rstrip()) for line in block]
+            longest = max(longest, *lengths)
+            continued.extend(lengths[:-1])
+    mode = "chapter" if headings >= 2 else "passage" if blocks > 1 else "line"
+    continued.sort()
+    wrapped = bool(continued) and longest <= WRAP_MAX_CHARS and continued[len(continued) // 2] >= WRAP_FILL * longest
+    return TxtProfile(mode, wrapped)
 
 
 def txt_modes(inputs: Iterable[str | Path], txt_mode: str) -> dict[str, str]:
@@ -240,9 +263,18 @@ def _txt(f: _Text, path: Path, mode: str) -> Iterator[Document]:
         lines = (line for line in f if line.strip())
         yield from (Document(f"{path.name}:{i}", line) for i, line in enumerate(lines))
         return
-    groups = {"block": _each_block, "chapter": _chapters, "passage": _passages}[mode](_blocks(f))
+    blocks = _blocks(f)
+    if _txt_profile(path).hard_wrapped:
+        blocks = (_unwrap(block) for block in blocks)
+    groups = {"block": _each_block, "chapter": _chapters, "passage": _passages}[mode](blocks)
     for index, group in enumerate(groups):
         yield Document(f"{path.name}:{index}", "\n".join("".join(block) for block in group))
+
+
+def _unwrap(block: list[str]) -> list[str]:
+    """A hard-wrapped paragraph as the one line it is: the wrap is the file's layout, not the text's (and
+    line rules such as FineWeb's line punctuation would otherwise read each 70-character piece as a line)."""
+    return [" ".join(line.strip() for line in block) + "\n"]
 
 
 def _each_block(blocks: Iterator[list[str]]) -> Iterator[list[list[str]]]:

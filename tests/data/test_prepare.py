@@ -131,6 +131,24 @@ def test_auto_txt_mode_reads_lines_passages_or_chapters_by_what_the_file_holds(e
     assert report["txt_modes"] == {str(book): "chapter", str(wiki): "line"} and report["documents_out"] == 4 + 30
 
 
+def test_hard_wrapped_paragraphs_are_read_as_the_lines_they_are(examples, tmp_path):
+    """Gutenberg wraps its books at ~70 characters; FineWeb's line-punctuation rule then read each piece as a
+    line and removed 9 of War and Peace's 84 chapters (none now). Verse, whose lines do not fill a width,
+    stays as written."""
+    book = examples / "pretrain_war_and_peace_books_1_4.txt"
+    chapters = list(iter_documents([book]))
+    raw = book.read_text()
+    assert "".join(d.text for d in chapters).split() == raw.split()  # only line breaks inside paragraphs go
+    paragraphs = [p for d in chapters for p in d.text.split("\n") if p.strip()]
+    assert len(paragraphs) == len([b for b in raw.split("\n\n") if b.strip()])  # a paragraph is one line
+    report = prepare([book], tmp_path / "out", dedup="none")
+    assert "fineweb:line_punct_ratio" not in report["removed"] and report["documents_in"] == 84
+
+    verse = examples / "pretrain_tinyshakespeare.txt"
+    as_written = [b.strip("\n") + "\n" for b in verse.read_text().split("\n\n") if b.strip()]
+    assert [d.text for d in iter_documents([verse], txt_mode="block")] == as_written
+
+
 def test_missing_input_writes_nothing(tmp_path):
     with pytest.raises(UserError, match="no such file or directory"):
         prepare([tmp_path / "missing.jsonl"], tmp_path / "out")
