@@ -12,8 +12,9 @@ file (Gutenberg's fixed line width) has each paragraph read as one line, so line
 per line and .json one per array item, with the text taken from ``text_field``. Files are read line
 by line, so memory stays flat (a .json array is the exception: it is parsed whole). Text files may be
 gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch at a time, taking the
-``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML type and extracts the
-main text with trafilatura; the other responses, and records cut short, are counted in ``skipped``.
+``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML type, decodes them in the charset they
+declare (:func:`decode_html`) and extracts the main text with trafilatura; the other responses, and
+records cut short, are counted in ``skipped``.
 Bytes that are not UTF-8 become U+FFFD and are counted per file (``invalid_utf8``: prep's report);
 a file that is mostly such bytes is not text and is refused in one line. Record errors name
 ``file:line`` (1-based) for .jsonl and ``file item N`` (1-based) for .json arrays.
@@ -21,6 +22,7 @@ a file that is mostly such bytes is not text and is refused in one line. Record 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import io
@@ -38,6 +40,9 @@ SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".warc")
 COMPRESSIONS = (".gz", ".zst")
 PARQUET_BATCH_ROWS = 1024
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+CHARSET = re.compile(r"charset\s*=\s*([^;\s]+)", re.IGNORECASE)
+META_CHARSET = re.compile(rb"<meta[^>]+charset\s*=\s*[\"']?([\w.:-]+)", re.IGNORECASE)
+META_CHARSET_BYTES = 2048  # where a page's <meta charset> must be (HTML's rule: the first 1024 bytes; some slack)
 TXT_MODES = ("auto", "chapter", "passage", "block", "line", "file")
 TXT_MODE_HELP = (
     "what a document of a .txt file is: chapter (heading to heading), passage (blank-line blocks joined to "
@@ -380,6 +385,21 @@ def _parquet(path: Path, text_field: str) -> Iterator[Document]:
             index += 1
 
 
+def decode_html(body: bytes, content_type: str = "") -> str:
+    """A page's text in the charset its HTTP header names, else its ``<meta>`` tag names, else UTF-8 (the
+    order browsers use; a name Python does not know counts as absent; Latin-1 and ASCII read as
+    windows-1252, as the WHATWG Encoding standard says). Undecodable bytes become U+FFFD."""
+    header, meta = CHARSET.search(content_type), META_CHARSET.search(body[:META_CHARSET_BYTES])
+    names = ([header.group(1)] if header else []) + ([meta.group(1).decode("ascii")] if meta else [])
+    for name in names:
+        try:
+            codec = codecs.lookup(name.strip("\"'")).name
+        except LookupError:
+            continue
+        return body.decode("cp1252" if codec in ("iso8859-1", "ascii") else codec, errors="replace")
+    return body.decode("utf-8", errors="replace")
+
+
 def _warc(path: Path, skipped: Counter[str]) -> Iterator[Document]:
     """HTML responses with status 200 → their main text, with the URL and crawl date kept as fields."""
     import trafilatura
@@ -392,7 +412,8 @@ def _warc(path: Path, skipped: Counter[str]) -> Iterator[Document]:
                 if record.rec_type != "response" or record.http_headers is None:
                     continue
                 status = record.http_headers.get_statuscode()
-                mime = (record.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
+                content_type = record.http_headers.get_header("Content-Type") or ""
+                mime = content_type.split(";")[0].strip().lower()
                 body = record.content_stream().read()
                 if record.raw_stream.limit > 0:  # fewer bytes than the record's Content-Length: cut short
                     skipped["warc_truncated"] += 1
@@ -404,7 +425,7 @@ def _warc(path: Path, skipped: Counter[str]) -> Iterator[Document]:
                     skipped["warc_not_html"] += 1
                     continue
                 url = record.rec_headers.get_header("WARC-Target-URI")
-                text = trafilatura.extract(body.decode("utf-8", errors="replace"), url=url)
+                text = trafilatura.extract(decode_html(body, content_type), url=url)
                 if not text:
                     skipped["warc_no_main_text"] += 1
                     continue

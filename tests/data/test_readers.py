@@ -80,3 +80,26 @@ def test_warc_keeps_the_main_text_of_html_200_and_counts_the_rest(tmp_path):
     assert "stone bridge" in docs[0]["text"] and "Subscribe to our newsletter" not in docs[0]["text"]
     assert report["skipped"] == {"warc_not_html": 1, "warc_status_not_200": 1, "warc_truncated": 1}
     assert report["documents_in"] == 1
+
+
+def test_warc_pages_are_decoded_in_the_charset_they_declare(tmp_path):
+    """HTTP header first, then <meta charset>, then UTF-8; Latin-1 read as windows-1252 (curly quotes)."""
+    russian = "Мост через реку отстроили весной после зимнего наводнения. " * 12
+    french = "Le pont de pierre a été reconstruit au printemps “après” les crues de l’hiver. " * 12
+    pages = [
+        ("https://a.example/ru", "text/html; charset=windows-1251", russian, "cp1251", ""),
+        ("https://a.example/fr", "text/html", french, "cp1252", '<meta charset="iso-8859-1">'),
+        ("https://a.example/utf", "text/html; charset=no-such-codec", french, "utf-8", ""),
+    ]
+    warc = tmp_path / "charsets.warc"
+    with warc.open("wb") as f:
+        writer = WARCWriter(f, gzip=False)
+        for url, mime, text, codec, meta in pages:
+            body = f"<html><head>{meta}<title>t</title></head><body><article><p>{text}</p></article></body></html>"
+            headers = StatusAndHeaders("200 OK", [("Content-Type", mime)], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body.encode(codec)),
+                                                          http_headers=headers))
+    docs = list(iter_documents([warc]))
+    assert [d.meta["url"] for d in docs] == [url for url, *_ in pages]
+    for doc, (_, _, text, _, _) in zip(docs, pages, strict=True):
+        assert text.split()[:8] == doc.text.split()[:8] and "\ufffd" not in doc.text
