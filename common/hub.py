@@ -23,6 +23,11 @@ def looks_like_hub_id(path: str | Path) -> bool:
     return not Path(path).exists() and HUB_ID.fullmatch(str(path)) is not None
 
 
+def local_or_hub(path: str | Path) -> Path:
+    """The directory ``path`` names: itself when it is local, else the cached snapshot of the Hub id it is."""
+    return hub_snapshot(str(path)) if looks_like_hub_id(path) else Path(path)
+
+
 def hub_snapshot(repo_id: str) -> Path:
     """The local directory of ``repo_id``'s files, from the cache or downloaded into it."""
     import huggingface_hub

@@ -21,10 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.hub import hub_snapshot, looks_like_hub_id
+    from common.hub import local_or_hub
     from model.io import HF_CONFIG, copy_tokenizer_files, import_peft_adapter, load_pretrained, save_pretrained
 
-    source = hub_snapshot(str(args.hf)) if looks_like_hub_id(args.hf) else args.hf
+    source = local_or_hub(args.hf)
     if not (source / HF_CONFIG).is_file():
         raise UserError(f"{args.hf}: not a Hugging Face model directory (no {HF_CONFIG})")
     if args.peft is not None:

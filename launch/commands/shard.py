@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text: .txt/.jsonl/.json (e.g. prep's documents.jsonl); sft/preference/unpaired/"
                              "prompt: .jsonl/.json; classification: label<TAB>text lines; "
                              "seq2seq: 'IN: ... OUT: ...' lines")
-    parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (tessera tokenizer train)")
+    parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (tessera tokenizer train, a model "
+                        "directory) or a Hugging Face Hub id (its tokenizer.json, from the HF cache)")
     parser.add_argument("--out", required=True, help="an empty output directory")
     parser.add_argument("--kind", choices=list(KINDS), default="text")
     parser.add_argument("--shard-size", default="64MB", help="target bytes per shard (e.g. 64MB, 512KB)")
@@ -31,10 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.hub import local_or_hub
     from data.make_shards import make_shards, parse_size
 
     manifest, skipped = make_shards(
-        args.inputs, args.tokenizer, args.out, kind=args.kind, shard_bytes=parse_size(args.shard_size),
+        args.inputs, local_or_hub(args.tokenizer), args.out, kind=args.kind, shard_bytes=parse_size(args.shard_size),
         append_eos=args.append_eos, add_bos=args.add_bos, text_field=args.text_field, txt_mode=args.txt_mode,
         max_len=args.max_len, skip_bad=args.skip_bad, metadata=args.metadata, num_workers=args.workers,
         labels=args.labels,

@@ -91,3 +91,25 @@ def test_what_reads_as_a_hub_id(tmp_path, monkeypatch):
     assert not looks_like_hub_id("runs")  # a local directory wins
     assert not looks_like_hub_id("runs/pretrain/checkpoints") and not looks_like_hub_id("/abs/model")
     assert not looks_like_hub_id("./model") and not looks_like_hub_id("../model")
+
+
+def test_shard_takes_a_cached_hub_tokenizer(hub_cache, tmp_path):
+    """`tessera shard --tokenizer ORG/NAME` reads the tokenizer from the HF cache: the same shards as its directory."""
+    import json
+
+    from data.tokenizer import train_tokenizer
+
+    cache, _ = hub_cache
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i} of the little corpus, said the {i % 7}th reader\n" for i in range(300)))
+    snapshot = cache / "models--tiny-org--tiny-tok" / "snapshots" / COMMIT
+    train_tokenizer(text.read_text().splitlines(), snapshot, vocab_size=300)
+    (cache / "models--tiny-org--tiny-tok" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-tok" / "refs" / "main").write_text(COMMIT)
+    for name, tokenizer in (("hub", "tiny-org/tiny-tok"), ("dir", str(snapshot))):
+        done = child(cache, "shard", str(text), "--tokenizer", tokenizer, "--out", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "hub" / "manifest.json").read_text())["num_tokens"] > 300 * 8
+    shards = sorted(p.name for p in (tmp_path / "dir").iterdir() if p.name != "manifest.json")
+    assert shards and sorted(p.name for p in (tmp_path / "hub").iterdir() if p.name != "manifest.json") == shards
+    assert all((tmp_path / "hub" / n).read_bytes() == (tmp_path / "dir" / n).read_bytes() for n in shards)
