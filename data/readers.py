@@ -8,13 +8,13 @@ blank-line block), ``"line"`` (each non-empty line) or ``"file"``. ``"auto"`` (t
 chapters when the file has at least two headings, else passages when it has a blank line, else lines
 (one article per line, as in many corpus dumps): a book is never cut into thousands of unrelated
 paragraphs that the quality filters then drop one by one and the loader masks apart. A hard-wrapped
-file (Gutenberg's fixed line width) has each paragraph read as one line, so line rules see paragraphs. .jsonl gives one
-per line and .json one per array item, with the text taken from ``text_field``. Files are read line
-by line, so memory stays flat (a .json array is the exception: it is parsed whole). Text files may be
-gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch at a time, taking the
-``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML type, decodes them in the charset they
-declare (:func:`decode_html`) and extracts the main text with trafilatura; the other responses, and
-records cut short, are counted in ``skipped``.
+file (Gutenberg's fixed line width) has each paragraph read as one line, so line rules see paragraphs.
+.jsonl gives one per line and .json one per array item, with the text taken from ``text_field``.
+Files are read line by line, so memory stays flat (a .json array is the exception: it is parsed
+whole). Text files may be gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch
+at a time, taking the ``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML
+type, decodes them in the charset they declare (:func:`decode_html`) and extracts the main text with
+trafilatura; the other responses, and records cut short, are counted in ``skipped``.
 Bytes that are not UTF-8 become U+FFFD and are counted per file (``invalid_utf8``: prep's report);
 a file that is mostly such bytes is not text and is refused in one line. Record errors name
 ``file:line`` (1-based) for .jsonl and ``file item N`` (1-based) for .json arrays.
