@@ -33,8 +33,7 @@ TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 class Single(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
-        self.module = prepare(self.place(model), self.cfg.activation_checkpointing, self.cfg.compile)
-        self.model = self.parallelize(self.module)
+        self.model = self.parallelize(prepare(self.place(model), self.cfg.activation_checkpointing, self.cfg.compile))
         self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
         return self.model
 
