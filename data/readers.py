@@ -224,18 +224,27 @@ def _profile(path: Path, size: int, mtime_ns: int) -> TxtProfile:
     Hard-wrapped: the longest line is at most ``WRAP_MAX_CHARS`` and the lines that a paragraph
     continues after are, in the median, close to it (wrapped prose fills its lines; verse does not)."""
     blocks = headings = longest = 0
-    continued: list[int] = []
+    continued: Counter[int] = Counter()  # line lengths, as a histogram: memory stays flat for any file
     with open_text(path) as f:
         for block in _blocks(f):
             blocks += 1
             headings += _is_heading(block)
             lengths = [len(line.rstrip()) for line in block]
             longest = max(longest, *lengths)
-            continued.extend(lengths[:-1])
+            continued.update(lengths[:-1])
     mode = "chapter" if headings >= 2 else "passage" if blocks > 1 else "line"
-    continued.sort()
-    wrapped = bool(continued) and longest <= WRAP_MAX_CHARS and continued[len(continued) // 2] >= WRAP_FILL * longest
+    wrapped = bool(continued) and longest <= WRAP_MAX_CHARS and _median(continued) >= WRAP_FILL * longest
     return TxtProfile(mode, wrapped)
+
+
+def _median(histogram: Counter[int]) -> int:
+    """The (upper) median of the values a histogram counts."""
+    middle, seen = sum(histogram.values()) // 2, 0
+    for value in sorted(histogram):
+        seen += histogram[value]
+        if seen > middle:
+            return value
+    raise ValueError("empty histogram")
 
 
 def txt_modes(inputs: Iterable[str | Path], txt_mode: str) -> dict[str, str]:
