@@ -243,16 +243,19 @@ class AlignLoss(enum.StrEnum):
     rloo = "rloo"
     online_dpo = "online_dpo"
     kto = "kto"
+    ppo = "ppo"
 
     @property
     def online(self) -> bool:
         """Trained on completions sampled from the policy during the run (prompt shards, rewards)."""
-        return self in (AlignLoss.grpo, AlignLoss.rloo, AlignLoss.online_dpo)
+        return self in (AlignLoss.grpo, AlignLoss.rloo, AlignLoss.online_dpo, AlignLoss.ppo)
 
     @property
     def objective(self) -> ObjectiveName:
         if self is AlignLoss.kto:
             return ObjectiveName.kto
+        if self is AlignLoss.ppo:
+            return ObjectiveName.ppo
         return ObjectiveName.online if self.online else ObjectiveName.preference
 
 
@@ -290,7 +293,13 @@ class AlignConfig(Config):
     loss_aggregation: LossAggregation = LossAggregation.dapo  # grpo's normaliser (TRL's loss_type)
     scale_rewards: ScaleRewards = ScaleRewards.group  # grpo
     normalize_advantages: bool = False  # rloo
-    num_iterations: int = 1  # updates per rollout (TRL's μ); > 1 makes the ratio and its clip matter
+    num_iterations: int = 1  # updates per rollout (TRL's μ; PPO's epochs); > 1 makes the ratio and its clip matter
+    # ppo: a value head on the policy's hidden states, GAE, a clipped value loss (TRL's PPOConfig names)
+    gamma: float = 1.0  # discount of the per-token rewards
+    lam: float = 0.95  # GAE's λ
+    cliprange_value: float = 0.2  # the value prediction is clipped to the rollout's value ± this
+    vf_coef: float = 0.1  # weight of the value loss in the loss
+    value_lr: float | None = None  # the value head's learning rate (on the run's schedule); None: train.lr
 
     @classmethod
     def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
@@ -308,9 +317,15 @@ class AlignConfig(Config):
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{where}.{key}: {why} (align.loss={self.loss})")
 
-        if self.num_generations < 2:
-            raise bad("num_generations", f"must be at least 2 to compare completions of a prompt, got "
-                                         f"{self.num_generations}")
+        if self.loss is AlignLoss.ppo:
+            if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+                raise bad("gamma", f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
+            if self.cliprange_value <= 0 or self.vf_coef < 0 or (self.value_lr is not None and self.value_lr <= 0):
+                raise bad("cliprange_value", f"need cliprange_value > 0, vf_coef >= 0 and value_lr > 0, got "
+                                             f"{self.cliprange_value}, {self.vf_coef} and {self.value_lr}")
+        if self.num_generations < 1 or (self.num_generations < 2 and self.loss is not AlignLoss.ppo):
+            raise bad("num_generations", f"must be at least 2 to compare completions of a prompt (1 for ppo), "
+                                         f"got {self.num_generations}")
         if self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be at least 1")
         if self.num_iterations < 1:

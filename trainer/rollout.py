@@ -65,8 +65,15 @@ def completion_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     """Per-token log-probs [N, C] of the completion tokens (and the entropy of each position's
     distribution), with the logits divided by the sampling temperature as TRL does
     (``_get_per_token_logps_and_entropies`` in trl/trainer/grpo_trainer.py)."""
-    logits = model(input_ids, attention_mask=attention_mask)[:, prompt_length - 1 : -1].float() / temperature
-    logprobs = F.log_softmax(logits, dim=-1)
-    logps = logprobs.gather(-1, input_ids[:, prompt_length:, None]).squeeze(-1)
+    logits = model(input_ids, attention_mask=attention_mask)[:, prompt_length - 1 : -1]
+    return token_logps(logits, input_ids[:, prompt_length:], temperature, with_entropy)
+
+
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N, C] of ``tokens`` under the logits [N, C, V] that predict them (divided by the
+    sampling temperature), and each position's entropy."""
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
+    logps = logprobs.gather(-1, tokens[..., None]).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None
     return logps, entropy

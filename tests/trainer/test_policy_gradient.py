@@ -1,5 +1,6 @@
-"""GRPO and RLOO losses against their closed forms (TRL's definitions: trl/trainer/grpo_trainer.py and
-rloo_trainer.py, ``_generate_and_score_completions`` and ``_compute_loss``)."""
+"""GRPO, RLOO and PPO losses against their closed forms (TRL's definitions: trl/trainer/grpo_trainer.py and
+rloo_trainer.py, ``_generate_and_score_completions`` and ``_compute_loss``; PPO's pieces against
+trl/experimental/ppo/ppo_trainer.py at f2cd577, restated below with their line numbers)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import torch
 
 from trainer.objectives.policy_gradient import (
     LossAggregation,
+    gae,
     group_advantages,
     grpo_loss,
     k3_kl,
     kl_penalised,
+    kl_shaped_rewards,
     leave_one_out_advantages,
+    masked_whiten,
+    ppo_loss,
     rloo_loss,
 )
 
@@ -172,3 +177,144 @@ def test_rloo_is_a_sequence_level_clipped_loss_with_the_kl_in_the_reward(batch):
     penalised, kl = kl_penalised(rewards, logps.detach(), ref, MASK, beta=0.1)
     assert kl.tolist() == pytest.approx((0.5 * MASK.sum(1)).tolist())
     assert penalised.tolist() == pytest.approx((rewards - 0.05 * MASK.sum(1)).tolist())
+
+
+# -- PPO -------------------------------------------------------------------------------------------------
+
+
+def test_gae_on_a_hand_example():
+    """δ = r + γ·V' - V with V after the last token 0; A_t = δ_t + γλ·A_{t+1}; R = A + V."""
+    rewards, values, mask = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]), torch.ones(1, 3)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert advantages.tolist() == [[0.5, 0.5, 0.5]] and returns.tolist() == [[1.0, 1.0, 1.0]]
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)  # δ = -0.05, -0.05, 0.5
+    assert advantages[0].tolist() == pytest.approx([-0.05 + 0.45 * 0.175, -0.05 + 0.45 * 0.5, 0.5])
+    assert returns[0].tolist() == pytest.approx([0.52875, 0.675, 1.0])
+
+
+def trl_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """ppo_trainer.py lines 786-796, as written there (values and rewards already 0 past each end)."""
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    return torch.stack(advantages_reversed[::-1], axis=1)
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.5), (0.99, 0.0), (0.0, 1.0)])
+def test_gae_equals_a_reverse_loop_over_each_rows_own_length(gamma, lam):
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 4), torch.randn(3, 4)
+    advantages, returns = gae(rewards, values, MASK, gamma, lam)
+    for row, length in enumerate(MASK.sum(1).long().tolist()):  # a plain loop over the row's tokens alone
+        expected, running = [0.0] * 4, 0.0
+        for t in reversed(range(length)):
+            next_value = values[row, t + 1].item() if t + 1 < length else 0.0
+            running = rewards[row, t].item() + gamma * next_value - values[row, t].item() + gamma * lam * running
+            expected[t] = running
+        assert advantages[row].tolist() == pytest.approx(expected, abs=1e-12)
+        assert returns[row, :length].tolist() == pytest.approx((advantages[row] + values[row])[:length].tolist())
+        assert returns[row, length:].abs().sum() == 0
+    trl = trl_gae(rewards * MASK, values * MASK, gamma, lam) * MASK
+    torch.testing.assert_close(advantages, trl, rtol=0, atol=1e-12)
+
+
+def test_kl_shaped_rewards_put_the_score_on_the_last_token():
+    logps, ref_logps = -torch.rand(3, 4), -torch.rand(3, 4)
+    scores = torch.tensor([1.0, -2.0, 0.5])
+    rewards, kl = kl_shaped_rewards(scores, logps, ref_logps, MASK, beta=0.1)
+    torch.testing.assert_close(kl, (logps - ref_logps) * MASK)  # k1, TRL's default estimator
+    expected = -0.1 * (logps - ref_logps) * MASK
+    expected[0, 2] += 1.0
+    expected[1, 1] -= 2.0
+    expected[2, 3] += 0.5
+    torch.testing.assert_close(rewards, expected)
+    no_reference, zero = kl_shaped_rewards(scores, logps, None, MASK, beta=0.1)
+    assert zero.abs().sum() == 0 and no_reference.sum().item() == pytest.approx(-0.5)
+
+
+def trl_masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ppo_trainer.py lines 237-270 (masked_mean, masked_var unbiased, masked_whiten), as written there."""
+    mean = (values * mask).sum() / mask.sum()
+    variance = ((values - mean) ** 2 * mask).sum() / mask.sum()
+    variance = variance * mask.sum() / (mask.sum() - 1)
+    return (values - mean) * torch.rsqrt(variance + 1e-8)
+
+
+def test_whitening_equals_trls_and_adds_partial_sums_like_one_batch():
+    torch.manual_seed(1)
+    values = torch.randn(3, 4) * 3 + 2
+    whitened = masked_whiten(values, MASK)
+    torch.testing.assert_close(whitened, trl_masked_whiten(values, MASK) * MASK)
+    kept = whitened[MASK.bool()]
+    assert kept.mean().item() == pytest.approx(0, abs=1e-12) and kept.std().item() == pytest.approx(1, abs=1e-7)
+    # two parts (as on two ranks) whose partial sums are added whiten as the whole
+    parts = values[MASK.bool()].split([4, 5])
+    mean = values[MASK.bool()].mean()
+    partials = [{1: torch.stack([torch.tensor(float(p.numel())), p.sum()]), 0: ((p - mean) ** 2).sum()} for p in parts]
+
+    def sums_over_both(x: torch.Tensor) -> torch.Tensor:
+        return sum(partial[x.ndim] for partial in partials)
+
+    halves = torch.cat([masked_whiten(p, torch.ones_like(p), sums_over_both) for p in parts])
+    torch.testing.assert_close(halves, kept)
+
+
+def trl_ppo_loss(new_logprobs, vpred, mb_logprobs, mb_values, mb_advantage, mb_return, mask, cliprange,
+                 cliprange_value, vf_coef):
+    """ppo_trainer.py lines 829-847 (and 857-859 for the clip fraction), as written there."""
+    def masked_mean(x, m):
+        return (x * m).sum() / m.sum()
+
+    vpredclipped = torch.clamp(vpred, mb_values - cliprange_value, mb_values + cliprange_value)
+    vf_losses1 = torch.square(vpred - mb_return)
+    vf_losses2 = torch.square(vpredclipped - mb_return)
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
+    ratio = torch.exp(new_logprobs - mb_logprobs)
+    pg_losses = -mb_advantage * ratio
+    pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    pg_clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
+    return pg_loss + vf_coef * vf_loss, pg_loss, vf_loss, pg_clipfrac, vf_clipfrac
+
+
+def test_ppo_loss_equals_trls_formulas_in_value_gradient_and_metrics():
+    torch.manual_seed(2)
+    old_logps, old_values = -torch.rand(3, 4), torch.randn(3, 4)
+    logps = (old_logps + 0.4 * torch.randn(3, 4)).requires_grad_()  # ratios both inside and outside the clip
+    values = (old_values + 0.5 * torch.randn(3, 4)).requires_grad_()
+    advantages, returns = torch.randn(3, 4), torch.randn(3, 4)
+    out = ppo_loss(logps, values, MASK, old_logps=old_logps, old_values=old_values, advantages=advantages,
+                   returns=returns, epsilon=0.2, cliprange_value=0.2, vf_coef=0.1)
+    expected, pg_loss, vf_loss, pg_clipfrac, vf_clipfrac = trl_ppo_loss(
+        logps, values, old_logps, old_values, advantages, returns, MASK, 0.2, 0.2, 0.1)
+    assert out.units.item() == 9
+    assert (out.loss_sum / out.units).item() == pytest.approx(expected.item())
+    ours = torch.autograd.grad(out.loss_sum / out.units, (logps, values))
+    theirs = torch.autograd.grad(expected, (logps, values))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    means = {k: (num / den).item() for k, (num, den) in out.ratios.items()}
+    assert means["loss/policy_avg"] == pytest.approx(pg_loss.item())
+    assert means["loss/value_avg"] == pytest.approx(vf_loss.item())
+    assert means["policy/clipfrac_avg"] == pytest.approx(pg_clipfrac.item())
+    assert means["val/clipfrac_avg"] == pytest.approx(vf_clipfrac.item())
+    assert 0 < means["policy/clipfrac_avg"] < 1 and 0 < means["val/clipfrac_avg"] < 1  # both branches taken
+    assert means["clip_ratio/region_mean"] == pytest.approx(pg_clipfrac.item())
+
+
+def test_ppo_on_policy_with_exact_values_is_minus_the_mean_advantage():
+    """ρ = 1 and V = R: the loss is -mean(A) over tokens, and its gradient in π is -A/tokens."""
+    logps, values = (-torch.rand(3, 4)).requires_grad_(), torch.randn(3, 4).requires_grad_()
+    advantages = torch.randn(3, 4)
+    out = ppo_loss(logps, values, MASK, old_logps=logps.detach(), old_values=values.detach(),
+                   advantages=advantages, returns=values.detach(), vf_coef=0.5)
+    assert out.loss_sum.item() == pytest.approx(-(advantages * MASK).sum().item())
+    grad, value_grad = torch.autograd.grad(out.loss_sum, (logps, values))
+    torch.testing.assert_close(grad, -advantages * MASK)
+    assert value_grad.abs().sum() == 0

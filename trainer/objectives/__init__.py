@@ -91,6 +91,7 @@ class ObjectiveName(enum.StrEnum):
     seq2seq = "seq2seq"
     online = "online"
     kto = "kto"
+    ppo = "ppo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,7 @@ OBJECTIVES: dict[ObjectiveName, ObjectiveSpec] = {
     ObjectiveName.seq2seq: ObjectiveSpec("seq2seq"),
     ObjectiveName.online: ObjectiveSpec("online"),
     ObjectiveName.kto: ObjectiveSpec("kto"),
+    ObjectiveName.ppo: ObjectiveSpec("ppo"),
 }
 
 # what each pretraining architecture learns when train.objective is not set

@@ -93,15 +93,21 @@ class OnlineObjective:
             out.append(rolled)
             stats.append({"rewards": per_function, "lengths": completions.completion_mask.sum(1).cpu(),
                           "truncated": completions.truncated.cpu()})
-        metrics = self.metrics(stats)
+        metrics = self.metrics(stats) | self.finish(out)
         if train and self.align.num_iterations > 1:
             for rolled in out:  # the sampling policy's log-probs, for the ratio of the later updates
+                if "old_logps" in rolled:
+                    continue
                 with torch.no_grad(), self.strategy.autocast():
                     rolled["old_logps"], _ = completion_logps(self.strategy.model, rolled["input_ids"],
                                                               rolled["attention_mask"], int(rolled["prompt_length"]),
                                                               self.align.temperature)
             self.reused = {"batches": out, "metrics": metrics, "uses": 1}
         return out, metrics | {"time/generation_s": generation_s}
+
+    def finish(self, batches: list[Batch]) -> dict[str, float]:
+        """Hook: what needs a step's whole rollout (PPO whitens its advantages over it); extra metrics."""
+        return {}
 
     def score(self, batch: Batch, ids: torch.Tensor, mask: torch.Tensor, completions: Any) -> torch.Tensor:
         """Per-function rewards [N, F] of the decoded completions against their prompts' records."""
@@ -156,15 +162,17 @@ class OnlineObjective:
         lengths = torch.cat([g["lengths"] for g in every]).double()
         truncated = torch.cat([g["truncated"] for g in every])
         total = self.rewards.total(per_function)
-        grouped_std = total.view(-1, self.align.num_generations).std(1)
         out = {
             "reward_std": total.std().item(),
-            "frac_reward_zero_std": torch.isclose(grouped_std, torch.zeros_like(grouped_std)).double().mean().item(),
             "completions/mean_length": lengths.mean().item(),
             "completions/min_length": lengths.min().item(),
             "completions/max_length": lengths.max().item(),
             "completions/clipped_ratio": truncated.double().mean().item(),
         }
+        if self.align.num_generations > 1:
+            grouped_std = total.view(-1, self.align.num_generations).std(1)
+            zero_std = torch.isclose(grouped_std, torch.zeros_like(grouped_std))
+            out["frac_reward_zero_std"] = zero_std.double().mean().item()
         for j, name in enumerate(self.rewards.names):
             out[f"rewards/{name}/mean"] = per_function[:, j].mean().item()
             out[f"rewards/{name}/std"] = per_function[:, j].std().item()
@@ -247,13 +255,18 @@ def check_lengths(ctx: ObjectiveContext) -> None:
         )
 
 
-def build(ctx: ObjectiveContext) -> OnlineObjective:
-    """Rewards resolved (and user modules imported) before any step; the reference, when β > 0, is a
-    frozen copy of the starting model held by the strategy like the policy."""
+def objective_parts(ctx: ObjectiveContext) -> dict[str, Any]:
+    """What every online objective is built from. Rewards resolved (and user modules imported) before any
+    step; the reference, when β > 0, is a frozen copy of the starting model held by the strategy like the
+    policy."""
     from trainer.reference import live_reference
 
     align = ctx.cfg.align
     check_lengths(ctx)
-    rewards = build_rewards(align.reward, align.reward_weights)
-    reference = live_reference(ctx) if align.beta else None
-    return OnlineObjective(align, rewards, ctx.tokenizer, ctx.strategy, reference, ctx.cfg.train.seed)
+    return {"align": align, "rewards": build_rewards(align.reward, align.reward_weights), "tokenizer": ctx.tokenizer,
+            "strategy": ctx.strategy, "reference": live_reference(ctx) if align.beta else None,
+            "seed": ctx.cfg.train.seed}
+
+
+def build(ctx: ObjectiveContext) -> OnlineObjective:
+    return OnlineObjective(**objective_parts(ctx))

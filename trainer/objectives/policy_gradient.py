@@ -1,5 +1,5 @@
 """The losses of online alignment on sampled completions: GRPO (with its Dr. GRPO and DAPO
-aggregations) and RLOO, as closed forms over per-token log-probs.
+aggregations), RLOO and PPO, as closed forms over per-token log-probs.
 
 The definitions follow TRL (huggingface/trl at f2cd577, July 2026): ``trl/trainer/grpo_trainer.py``
 (``_generate_and_score_completions`` for the advantages, ``_compute_loss`` for the loss) and
@@ -17,6 +17,12 @@ advantage of the completion; m the completion mask (tokens up to and including t
         A_i = R_i - mean of the other G-1 rewards of its prompt (optionally standardised over the batch)
         ℓ_i = -min(ρ_i A_i, clip(ρ_i, 1-ε, 1+ε_high) A_i), ρ_i = exp(Σ_t m (π - π_old)); mean over sequences
 
+  PPO   u_t = -β·(π_old - π_ref)_t, plus the reward on the completion's last token (KL-shaped rewards)
+        A = GAE(γ, λ) of u against the value head's V_old, whitened over the global batch; R = GAE + V_old
+        ℓ_t = -min(r_t A_t, clip(r_t, 1-ε, 1+ε_high) A_t) + vf_coef·½·max((V-R)², (clip(V, V_old±c)-R)²)
+        summed over completion tokens, divided by the global batch's completion tokens
+        (``trl/experimental/ppo/ppo_trainer.py``, the rollout and PPO-epoch loops of ``train``)
+
 Each function returns a *sum* over its units and the unit count, as the loop expects
 (:mod:`trainer.objectives`): sequences for grpo, dr_grpo and rloo, completion tokens for dapo, so
 the loop's division by the global count gives TRL's normalisation exactly, also across ranks and
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 
 import torch
 
@@ -161,3 +168,84 @@ def kl_penalised(rewards: torch.Tensor, old_logps: torch.Tensor, ref_logps: torc
     """RLOO's rewards with the sequence KL penalty R - β·Σ_t m (π_old - π_ref), and that KL per sequence."""
     kl = ((old_logps - ref_logps) * mask.to(old_logps.dtype)).sum(1)
     return rewards - beta * kl.to(rewards.dtype), kl
+
+
+# -- PPO (RLHF as InstructGPT did it): KL-shaped per-token rewards, GAE, whitening, clipped value loss --------
+
+
+def kl_shaped_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token rewards [N, C]: -β·KL_t on every completion token (k1: π_old - π_ref, TRL's default
+    ``kl_estimator``), plus the completion's score on its last token; and the KL_t itself (0 off the mask
+    and without a reference)."""
+    mask = mask.to(logps.dtype)
+    kl = (logps - ref_logps) * mask if ref_logps is not None else torch.zeros_like(logps)
+    rewards = -beta * kl
+    last = mask.sum(1).long().clamp(min=1) - 1  # the stop token, or the last one of a truncated completion
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's masked prefix (the value after the last token
+    is 0): δ_t = r_t + γ·V_{t+1} - V_t, A_t = Σ_k (γλ)^k δ_{t+k}; returns (A, A + V), 0 off the mask.
+    Written as one product with the discount matrix W[k, t] = (γλ)^(k-t) (k ≥ t), not a loop over t."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    deltas = (rewards + gamma * next_values - values) * mask
+    steps = torch.arange(values.shape[1], device=values.device)
+    lag = steps[:, None] - steps[None, :]  # k - t
+    weights = torch.where(lag >= 0, torch.tensor(gamma * lam, dtype=values.dtype, device=values.device)
+                          .pow(lag.clamp(min=0).to(values.dtype)), torch.zeros((), dtype=values.dtype))
+    advantages = (deltas @ weights) * mask
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, sums: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                  ) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries, var unbiased, 0 off the mask, as TRL's
+    ``masked_whiten``; ``sums`` adds partial sums over the other ranks (and micro-batches) so the
+    statistics are the global batch's."""
+    mask = mask.to(values.dtype)
+    count, total = sums(torch.stack([mask.sum(), (values * mask).sum()]))
+    mean = total / count
+    squares = sums(((values - mean) ** 2 * mask).sum())
+    var = squares / (count - 1) if count > 1 else torch.zeros_like(squares)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_loss(logps: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, old_logps: torch.Tensor,
+             old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, epsilon: float = 0.2,
+             epsilon_high: float | None = None, cliprange_value: float = 0.2, vf_coef: float = 0.1) -> PolicyLoss:
+    """Per completion token, summed over the mask (the loop divides by the global token count):
+
+      policy  -min(ρ_t A_t, clip(ρ_t, 1-ε, 1+ε_high) A_t),  ρ_t = exp(π - π_old)
+      value   ½·max((V - R)², (clip(V, V_old - c, V_old + c) - R)²)
+      loss    policy + vf_coef · value
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    coef = torch.exp(logps - old_logps)
+    adv = advantages.to(logps.dtype)
+    policy = clipped_surrogate(coef, adv, epsilon, epsilon_high)
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped_values - returns) ** 2
+    value = 0.5 * torch.max(unclipped_error, clipped_error)
+    tokens = mask.sum()
+
+    def mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ((x.detach().to(mask.dtype) * mask).sum(), tokens)
+
+    ratios = _clip_ratios(coef, adv, mask, epsilon, epsilon_high)
+    ratios.update({
+        "loss/policy_avg": mean(policy),
+        "loss/value_avg": mean(value),
+        "policy/clipfrac_avg": mean(policy > -coef * adv),  # TRL: pg_losses2 > pg_losses
+        "val/clipfrac_avg": mean(clipped_error > unclipped_error),
+        "policy/approxkl_avg": mean(0.5 * (logps - old_logps) ** 2),
+        "val/ratio": mean(coef),
+        "val/vpred": mean(values),
+    })
+    return PolicyLoss(((policy + vf_coef * value) * mask).sum(), tokens, ratios)
