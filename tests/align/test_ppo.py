@@ -118,3 +118,36 @@ def test_ppo_raises_the_reward_models_held_out_score_with_bounded_kl(setup, tmp_
     assert all(m["policy/clipfrac_avg"] == 0 and m["val/ratio"] == pytest.approx(1.0) for m in first_updates)
     assert sum(m["policy/clipfrac_avg"] for m in second_updates) > 0
     assert statistics.mean(m["val/vpred"] for m in rows[-10:]) > 0.1  # the value head, zero at the start, learnt
+
+
+@pytest.mark.parametrize("stop", [2, 3])
+def test_resumed_ppo_equals_the_uninterrupted_run(setup, tmp_path, stop):
+    """4 steps straight vs ``stop`` steps, stop, resume to 4, two PPO epochs per rollout: step 3's
+    checkpoint holds the rollout step 4 reuses. The value head (its weights and AdamW state live in
+    the objective's checkpointed state) must resume too: the value loss and predictions match."""
+    quick = (*PPO, f"align.reward={setup.reward_model}", "model.n_layers=1", "train.micro_batch_size=4",
+             "align.max_new_tokens=8", "checkpoint.every=1", "train.max_steps=4")
+    straight = run(config(tmp_path / "straight", setup.prompts[0], *quick), "align")
+    run(config(tmp_path / "resumed", setup.prompts[0], *quick, f"train.max_steps={stop}"), "align")
+    resumed = run(config(tmp_path / "resumed", setup.prompts[0], *quick), "align")
+    assert resumed.losses == pytest.approx(straight.losses[stop:], abs=1e-6)
+    for name in ("reward", "kl", "loss/value_avg", "val/vpred", "loss/policy_avg", "policy/clipfrac_avg"):
+        assert [m[name] for m in metrics(resumed)[stop:]] == pytest.approx(
+            [m[name] for m in metrics(straight)[stop:]], abs=1e-6), name
+    assert metrics(straight)[-1]["val/vpred"] != 0  # the head moved, so a reset would show
+
+
+def test_the_checkpointed_model_is_the_policy_alone(setup, tmp_path):
+    """model/ (what export, generate and model.init read) holds the policy's weights, no value head;
+    the value head is in the rank's state, as plain tensors."""
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import load_rank_state, rank_file
+
+    result = run(config(tmp_path, setup.prompts[0], *PPO, f"align.reward={setup.reward_model}", "model.n_layers=1",
+                        "train.micro_batch_size=4", "align.max_new_tokens=8", "train.max_steps=1"), "align")
+    names = load_file(result.checkpoint / "model" / "model.safetensors")
+    assert names and not [k for k in names if "value" in k or "score" in k]
+    value = load_rank_state(result.checkpoint / rank_file(0))["objective"]["value"]
+    assert value["head"]["score.weight"].shape == (1, MODEL["d_model"]) and value["steps"] == 1
+    assert value["head"]["score.weight"].abs().sum() > 0  # stepped before it was saved
