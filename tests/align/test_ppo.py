@@ -1,8 +1,10 @@
 """PPO end to end: a reward model trained on the shipped preference pairs (rasbt's instructions, polite
-chosen vs impolite rejected), then PPO against it from a fresh tiny policy on the same instructions
-as prompts; the reward model's mean score of the policy's completions of the held-out prompts must rise
-while the KL to the starting policy stays bounded. Resuming equals the uninterrupted run, the value
-head included; the exported policy holds no value head.
+chosen vs impolite rejected), then PPO against it from a briefly SFT'd tiny policy, with the pairs'
+instructions as prompts; the reward model's mean score of the policy's sampled completions of the 100
+held-out prompts must rise while the KL to the SFT policy stays bounded. Measured here (30 steps of
+16 prompts × 2 completions, two PPO epochs each, β 0.2): held-out score 0.562 → 0.776, median
+objective/kl over the last 10 steps 2.9 nats per completion (β 0.05: 0.562 → 0.878 with KL 5.8).
+Resuming equals the uninterrupted run, the value head included; the checkpointed model is the policy.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def held_out_score(setup: Setup, policy_dir: Path, samples: int = 4) -> float:
 
 
 PPO = ("align.loss=ppo", "align.num_generations=2", "align.max_new_tokens=16", "align.temperature=1.0",
-       "align.beta=0.05", "align.num_iterations=2", "align.vf_coef=0.1")
+       "align.beta=0.2", "align.num_iterations=2", "align.vf_coef=0.1")
 
 
 def test_ppo_raises_the_reward_models_held_out_score_with_bounded_kl(setup, tmp_path):
@@ -107,8 +109,8 @@ def test_ppo_raises_the_reward_models_held_out_score_with_bounded_kl(setup, tmp_
     rows = metrics(result)
     kl = statistics.median(m["objective/kl"] for m in rows[-10:])
     print(f"held-out reward-model score {before:.3f} -> {after:.3f}; objective/kl (last 10 steps, median) {kl:.3f}")
-    assert after >= before + 0.15
-    assert kl < 10.0
+    assert after >= before + 0.1
+    assert kl < 5.0  # nats per completion; β = 0.05 let it reach 5.8 with the score at 0.878
     for name in ("reward", "kl", "entropy", "clip_ratio/region_mean", "objective/kl", "objective/entropy",
                  "objective/non_score_reward", "objective/rlhf_reward", "objective/scores", "loss/policy_avg",
                  "loss/value_avg", "policy/clipfrac_avg", "policy/approxkl_avg", "val/clipfrac_avg", "val/ratio",
