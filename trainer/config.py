@@ -274,7 +274,7 @@ class ScaleRewards(enum.StrEnum):
 @dataclasses.dataclass
 class AlignConfig(Config):
     loss: AlignLoss = AlignLoss.dpo
-    beta: float = 0.1  # DPO's temperature; for grpo/rloo the KL coefficient (0: no reference model)
+    beta: float = 0.1  # DPO's temperature; for grpo/rloo/ppo the KL coefficient (0: no reference model)
     label_smoothing: float = 0.0  # cdpo
     simpo_gamma: float = 0.5
     orpo_alpha: float = 1.0

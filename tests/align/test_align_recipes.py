@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from trainer.config import RunConfig
+from trainer.config import AlignLoss, RunConfig
 from trainer.objectives import objective_name
 from trainer.objectives.preference import check_align
 
@@ -28,7 +28,10 @@ def test_recipe_loads(path):
         expected = "reward" if "reward" in path.name else cfg.align.loss.objective
         if expected == "preference":
             check_align(cfg.align)
-        if cfg.align.loss.online:
+        if cfg.align.loss is AlignLoss.ppo:  # its reward model is what the reward recipe beside it trains
+            reward_recipe = load_config(RunConfig, path.with_name(path.name.replace("-ppo", "-reward")))
+            assert [Path(r) for r in cfg.align.reward] == [reward_recipe.checkpoint_dir]
+        elif cfg.align.loss.online:
             from trainer.rewards import build_rewards
 
             build_rewards(cfg.align.reward, cfg.align.reward_weights)  # the rewards resolve
