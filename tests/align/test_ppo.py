@@ -153,3 +153,20 @@ def test_the_checkpointed_model_is_the_policy_alone(setup, tmp_path):
     value = load_rank_state(result.checkpoint / rank_file(0))["objective"]["value"]
     assert value["head"]["score.weight"].shape == (1, MODEL["d_model"]) and value["steps"] == 1
     assert value["head"]["score.weight"].abs().sum() > 0  # stepped before it was saved
+
+
+def test_bad_ppo_settings_stop_with_one_line(setup, tmp_path):
+    from common.errors import ConfigError
+
+    cases = [
+        (("align.lam=1.5",), r"align\.gamma: gamma and lam must lie in \[0, 1\], got 1\.0 and 1\.5"),
+        (("align.cliprange_value=0",), r"align\.cliprange_value: need cliprange_value > 0"),
+        (("align.num_generations=0",), r"align\.num_generations: must be at least 2 .*\(1 for ppo\), got 0"),
+        (("model.arch=encoder", "model.pos=learned"),
+         r"align\.loss=ppo trains a decoder policy, not model\.arch=encoder"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        with pytest.raises(ConfigError, match=message) as caught:
+            run(config(tmp_path / f"run{i}", setup.prompts[0], *PPO, f"align.reward={setup.reward_model}",
+                       "train.max_steps=1", "model.n_layers=1", *overrides), "align")
+        assert "\n" not in str(caught.value)

@@ -17,7 +17,8 @@ rather than per rank, and one update is one optimizer step over the whole rollou
 into ``num_mini_batches``). Metrics with TRL's names: ``objective/kl``, ``objective/entropy``,
 ``objective/non_score_reward``, ``objective/rlhf_reward``, ``objective/scores``, ``loss/policy_avg``,
 ``loss/value_avg``, ``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``val/clipfrac_avg``,
-``val/ratio``, ``val/vpred``; and ours: ``reward``, ``kl`` (per token), ``entropy``, ``clip_ratio/*``.
+``val/ratio``; ``val/vpred`` (the mean value prediction, legacy TRL's ``ppo/val/vpred``); and ours:
+``reward``, ``kl`` (per token), ``entropy``, ``clip_ratio/*``.
 """
 
 from __future__ import annotations

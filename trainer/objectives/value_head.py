@@ -35,7 +35,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden.float()).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # a regression target: no bf16 rounding
+            return self.score(hidden.float()).squeeze(-1)
 
 
 class ValueFunction:
