@@ -1,5 +1,5 @@
-"""Online alignment (``align.loss`` grpo, rloo or online_dpo): each step samples
-``align.num_generations`` completions per prompt from the current policy, scores them with
+"""Online alignment (``align.loss`` grpo, rloo or online_dpo; :mod:`ppo` builds on it): each step
+samples ``align.num_generations`` completions per prompt from the current policy, scores them with
 ``align.reward``, turns the scores into advantages and trains on the clipped policy-gradient loss of
 :mod:`policy_gradient` (online_dpo: two completions per prompt, the better one by reward chosen,
 the sigmoid DPO loss against the reference, as TRL's OnlineDPOTrainer).
