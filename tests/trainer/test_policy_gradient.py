@@ -193,7 +193,7 @@ def test_gae_on_a_hand_example():
 
 
 def trl_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """ppo_trainer.py lines 786-796, as written there (values and rewards already 0 past each end)."""
+    """ppo_trainer.py lines 787-795, as written there (values and rewards already 0 past each end)."""
     lastgaelam = 0
     advantages_reversed = []
     gen_length = rewards.shape[1]
@@ -224,6 +224,8 @@ def test_gae_equals_a_reverse_loop_over_each_rows_own_length(gamma, lam):
 
 
 def test_kl_shaped_rewards_put_the_score_on_the_last_token():
+    """ppo_trainer.py lines 772-779 with kl_estimator k1, except that TRL adds the score one token after
+    the stop token (``sequence_lengths + 1``); we, as OpenRLHF's ``compute_reward``, on the last one."""
     logps, ref_logps = -torch.rand(3, 4), -torch.rand(3, 4)
     scores = torch.tensor([1.0, -2.0, 0.5])
     rewards, kl = kl_shaped_rewards(scores, logps, ref_logps, MASK, beta=0.1)
@@ -266,7 +268,7 @@ def test_whitening_equals_trls_and_adds_partial_sums_like_one_batch():
 
 def trl_ppo_loss(new_logprobs, vpred, mb_logprobs, mb_values, mb_advantage, mb_return, mask, cliprange,
                  cliprange_value, vf_coef):
-    """ppo_trainer.py lines 829-847 (and 857-859 for the clip fraction), as written there."""
+    """ppo_trainer.py lines 829-847 (and 852-854 for the clip fraction), as written there."""
     def masked_mean(x, m):
         return (x * m).sum() / m.sum()
 
