@@ -140,10 +140,12 @@ def test_resumed_ppo_equals_the_uninterrupted_run(setup, tmp_path, stop):
 
 
 def test_the_checkpointed_model_is_the_policy_alone(setup, tmp_path):
-    """model/ (what export, generate and model.init read) holds the policy's weights, no value head;
-    the value head is in the rank's state, as plain tensors. One completion per prompt is enough."""
+    """model/ (what export, generate and model.init read) holds the policy's weights, no value head, and so
+    does ``tessera export``; the value head is in the rank's state, as plain tensors. One completion per
+    prompt is enough."""
     from safetensors.torch import load_file
 
+    from launch.cli import main
     from trainer.checkpoint import load_rank_state, rank_file
 
     result = run(config(tmp_path, setup.prompts[0], *PPO, f"align.reward={setup.reward_model}", "model.n_layers=1",
@@ -152,6 +154,9 @@ def test_the_checkpointed_model_is_the_policy_alone(setup, tmp_path):
     assert "frac_reward_zero_std" not in metrics(result)[0] and metrics(result)[0]["loss/value_avg"] > 0
     names = load_file(result.checkpoint / "model" / "model.safetensors")
     assert names and not [k for k in names if "value" in k or "score" in k]
+    assert main(["export", "--checkpoint", str(result.checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported and not [k for k in exported if "value" in k or "score" in k]
     value = load_rank_state(result.checkpoint / rank_file(0))["objective"]["value"]
     assert value["head"]["score.weight"].shape == (1, MODEL["d_model"]) and value["steps"] == 1
     assert value["head"]["score.weight"].abs().sum() > 0  # stepped before it was saved
