@@ -126,9 +126,11 @@ def test_ppo_raises_the_reward_models_held_out_score_with_bounded_kl(setup, tmp_
 def test_resumed_ppo_equals_the_uninterrupted_run(setup, tmp_path, stop):
     """4 steps straight vs ``stop`` steps, stop, resume to 4, two PPO epochs per rollout: step 3's
     checkpoint holds the rollout step 4 reuses. The value head (its weights and AdamW state live in
-    the objective's checkpointed state) must resume too: the value loss and predictions match."""
+    the objective's checkpointed state) must resume too: the value loss and predictions match.
+    Evaluations on the held-out prompts in between leave training alone."""
     quick = (*PPO, f"align.reward={setup.reward_model}", "model.n_layers=1", "train.micro_batch_size=4",
-             "align.max_new_tokens=8", "checkpoint.every=1", "train.max_steps=4")
+             "align.max_new_tokens=8", "checkpoint.every=1", "train.max_steps=4", f"data.valid={setup.prompts[1]}",
+             "train.eval_every=2", "train.eval_steps=1")
     straight = run(config(tmp_path / "straight", setup.prompts[0], *quick), "align")
     run(config(tmp_path / "resumed", setup.prompts[0], *quick, f"train.max_steps={stop}"), "align")
     resumed = run(config(tmp_path / "resumed", setup.prompts[0], *quick), "align")
@@ -137,6 +139,11 @@ def test_resumed_ppo_equals_the_uninterrupted_run(setup, tmp_path, stop):
         assert [m[name] for m in metrics(resumed)[stop:]] == pytest.approx(
             [m[name] for m in metrics(straight)[stop:]], abs=1e-6), name
     assert metrics(straight)[-1]["val/vpred"] != 0  # the head moved, so a reset would show
+    evaluated = [m for m in metrics(straight) if "eval/loss" in m]  # evaluations step nothing, sample apart
+    assert [m["step"] for m in evaluated] == [2, 4] and "eval/loss/value_avg" in evaluated[0]
+    if stop == 2:
+        unevaluated = run(config(tmp_path / "unevaluated", setup.prompts[0], *quick, "train.eval_every=0"), "align")
+        assert unevaluated.losses == straight.losses
 
 
 def test_the_checkpointed_model_is_the_policy_alone(setup, tmp_path):
