@@ -16,6 +16,9 @@ STEPS = 3
 SETTINGS = (f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.lr=1e-2", "checkpoint.save_final=false",
             "align.loss=grpo", "align.num_generations=4", "align.max_new_tokens=4",
             "align.beta=0.04", "align.loss_aggregation=dapo", "data.seq_len=24")
+PPO = ("align.loss=ppo", "align.num_generations=2", "align.num_iterations=2", "align.gamma=0.9",
+       "checkpoint.save_final=true")
+PPO_REWARD = ["regex:[0-9]", "regex:[aeiou]"]  # a fresh model's completions hold a vowel about half the time
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +32,16 @@ def prompts(corpus, tmp_path_factory):
     return root / "shards"
 
 
-def grpo_config(corpus, prompts, run_dir, strategy, *overrides):
+def grpo_config(corpus, prompts, run_dir, strategy, *overrides, reward=None):
     extra = (partition_everything(run_dir),) if strategy == "zero3" else ()
     raw = tiny_config(corpus, run_dir, f"train.strategy={strategy}", *extra, *SETTINGS, *overrides)
     raw["data"]["train"], raw["data"]["valid"] = str(prompts), None
-    raw["align"]["reward"] = ["exact_match", "regex:[0-9]"]  # an untrained model writes digits now and then
+    raw["align"]["reward"] = reward or ["exact_match", "regex:[0-9]"]  # an untrained model writes digits now and then
     return raw
 
 
 def grpo(corpus, prompts, run_dir, strategy, *overrides, reward=None):
-    raw = grpo_config(corpus, prompts, run_dir, strategy, *overrides)
-    raw["align"]["reward"] = reward or raw["align"]["reward"]
+    raw = grpo_config(corpus, prompts, run_dir, strategy, *overrides, reward=reward)
     rank0, rank1 = spawn(train, 2, raw, "align")
     assert rank0.losses == rank1.losses
     return rank0
@@ -63,12 +65,15 @@ def test_sharded_rollouts_follow_ddp(corpus, prompts, ddp, tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_samples_and_ends_as_uninterrupted(corpus, prompts, tmp_path):
+@pytest.mark.parametrize("loss", ["grpo", "ppo"])
+def test_sigkill_then_restart_samples_and_ends_as_uninterrupted(corpus, prompts, tmp_path, loss):
     """The sampler's state is in each rank's checkpoint file: after a crash the restarted run draws
-    the same completions and ends with bitwise the same weights."""
-    common = ("train.max_steps=4", "checkpoint.every=2", "checkpoint.save_final=true")
-    straight = spawn(train, 2, grpo_config(corpus, prompts, tmp_path / "straight", "ddp", *common), "align")[0]
-    crashed = grpo_config(corpus, prompts, tmp_path / "crashed", "ddp", *common)
+    the same completions and ends with bitwise the same weights (PPO: and the same value heads)."""
+    common = ("train.max_steps=4", "checkpoint.every=2", "checkpoint.save_final=true", *(PPO if loss == "ppo" else ()))
+    reward = PPO_REWARD if loss == "ppo" else None
+    straight = spawn(train, 2, grpo_config(corpus, prompts, tmp_path / "straight", "ddp", *common, reward=reward),
+                     "align")[0]
+    crashed = grpo_config(corpus, prompts, tmp_path / "crashed", "ddp", *common, reward=reward)
     with pytest.raises(RanksFailed) as info:
         spawn(train, 2, crashed, "align", (KillAt(step=3, rank=1),))
     assert f"rank 1 died with exit code {-signal.SIGKILL}" in str(info.value)
@@ -76,11 +81,14 @@ def test_sigkill_then_restart_samples_and_ends_as_uninterrupted(corpus, prompts,
     assert resumed.steps == 4 and resumed.losses == straight.losses[-2:]
     expected, got = final_weights(straight), final_weights(resumed)
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+    if loss == "ppo":
+        from trainer.checkpoint import load_rank_state, rank_file
 
+        for r in (0, 1):
+            heads = [load_rank_state(run.checkpoint / rank_file(r))["objective"]["value"]["head"]["score.weight"]
+                     for run in (straight, resumed)]
+            assert torch.equal(*heads)
 
-PPO = ("align.loss=ppo", "align.num_generations=2", "align.num_iterations=2", "align.gamma=0.9",
-       "checkpoint.save_final=true")
-PPO_REWARD = ["regex:[0-9]", "regex:[aeiou]"]  # a fresh model's completions hold a vowel about half the time
 
 
 @pytest.fixture(scope="module")
