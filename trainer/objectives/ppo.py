@@ -14,11 +14,15 @@ TRL's PPOTrainer (trl/experimental/ppo/ppo_trainer.py at f2cd577) is the referen
 where we differ: the score sits on the completion's last token (TRL adds it one position later,
 ``sequence_lengths + 1``), the value loss covers the completion tokens alone, whitening is global
 rather than per rank, and one update is one optimizer step over the whole rollout (TRL also splits it
-into ``num_mini_batches``). Metrics with TRL's names: ``objective/kl``, ``objective/entropy``,
-``objective/non_score_reward``, ``objective/rlhf_reward``, ``objective/scores``, ``loss/policy_avg``,
-``loss/value_avg``, ``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``val/clipfrac_avg``,
-``val/ratio``; ``val/vpred`` (the mean value prediction, legacy TRL's ``ppo/val/vpred``); and ours:
-``reward``, ``kl`` (per token), ``entropy``, ``clip_ratio/*``.
+into ``num_mini_batches``). OpenRLHF (openrlhf/models/utils.py ``compute_reward``,
+trainer/ppo_utils/experience_maker.py ``get_advantages_and_returns``, models/loss.py ``ValueLoss`` at
+3c3be62) puts the score on the last token as we do, and whitens over its rank's rollout.
+
+Metrics with TRL's names: ``objective/kl``, ``objective/entropy``, ``objective/non_score_reward``,
+``objective/rlhf_reward``, ``objective/scores``, ``loss/policy_avg``, ``loss/value_avg``,
+``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``val/clipfrac_avg``, ``val/ratio``; ``val/vpred``
+(the mean value prediction, legacy TRL's ``ppo/val/vpred``); and ours: ``reward``, ``kl`` (per token),
+``entropy``, ``clip_ratio/*``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,12 @@
 ``AutoModelForCausalLMWithValueHead`` in trl/experimental/ppo/modeling_value_head.py), with its own
 small AdamW.
 
+TRL's PPOTrainer and OpenRLHF train a separate critic, a second model initialised from the reward
+model. A head on the shared trunk costs one forward instead of two and no second model to shard,
+optimise and checkpoint through the strategy; what it gives up: the critic starts at V = 0 rather
+than from the reward model's features, and the value loss shares the trunk's gradients with the
+policy loss (``align.vf_coef`` weighs it).
+
 The head (d_model + 1 weights, zero at the start: V = 0) is replicated on every rank and lives
 outside the strategy's model, so the policy's checkpoints, ``model/`` directory and ``tessera export``
 never see it; its weights, optimizer state and step count are the objective's checkpointed state
