@@ -1,7 +1,8 @@
 """PPO end to end: a reward model trained on the shipped preference pairs (rasbt's instructions, polite
 chosen vs impolite rejected), then PPO against it from a briefly SFT'd tiny policy, with the pairs'
 instructions as prompts; the reward model's mean score of the policy's sampled completions of the 100
-held-out prompts must rise while the KL to the SFT policy stays bounded. Measured here (30 steps of
+held-out prompts must rise while the KL to the SFT policy stays bounded. The reward model (60 steps
+from scratch) prefers the chosen answer of 80 of the 100 held-out pairs. Measured here (30 steps of
 16 prompts × 2 completions, two PPO epochs each, β 0.2): held-out score 0.562 → 0.776, median
 objective/kl over the last 10 steps 2.9 nats per completion (β 0.05: 0.562 → 0.878 with KL 5.8).
 Resuming equals the uninterrupted run, the value head included; the checkpointed model is the policy.
