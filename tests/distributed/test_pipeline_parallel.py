@@ -1,0 +1,96 @@
+"""Pipeline parallel (parallel.pp) through the real trainer follows the single-process run and resumes
+across pipeline sizes (checkpoints hold the plain model's names)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from runs import final_weights, tiny_config, train
+from spawn import spawn
+
+from trainer.callbacks import Callback
+
+# 4 blocks: room for 2 stages per rank with pp=2; the embeddings and the head on different stages
+MODEL = {"preset": "tiny-llama", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 64,
+         "n_layers": 4, "tie_embeddings": False}
+
+
+class RecordStages(Callback):
+    """Keeps the names of the parameters this rank trains (its stages')."""
+
+    def on_train_start(self, trainer) -> None:
+        self.names = sorted(name for name, _ in trainer.strategy.model.named_parameters())
+
+
+def stage_names(raw):
+    """What each rank runs: the run's result and the parameter names its stages hold."""
+    callback = RecordStages()
+    return train(raw, "pretrain", (callback,)), callback.names
+
+
+def config(corpus, run_dir, *overrides):
+    raw = tiny_config(corpus, run_dir, "train.micro_batch_size=4", "train.max_steps=10", *overrides)
+    raw["model"] = dict(MODEL)
+    return raw
+
+
+def resume_from(source, run_dir, step: int) -> None:
+    """Make ``run_dir`` hold ``source``'s checkpoint of ``step`` as its latest."""
+    name = f"step_{step:06d}"
+    shutil.copytree(source / "checkpoints" / name, run_dir / "checkpoints" / name)
+    (run_dir / "checkpoints" / "latest").write_text(name)
+
+
+def test_two_stage_pipeline_follows_the_single_process_run_and_resumes_across_pp(corpus, tmp_path):
+    """pp=2 with 1F1B on 2 ranks: rank 0 holds the embeddings and blocks 0-1, rank 1 blocks 2-3 and the
+    head; 2 micro-batches per step. Its step-5 checkpoint resumes at pp=2 (equal to the uninterrupted run)
+    and at pp=1; the single run's resumes at pp=2."""
+    common = ("train.global_batch_size=8", "checkpoint.every=5")
+    pp_args = ("train.strategy=ddp", "parallel.pp=2", "parallel.pp_schedule=1F1B")
+    [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common))
+    (pp, first), (pp1, second) = spawn(stage_names, 2, config(corpus, tmp_path / "pp", *common, *pp_args))
+    assert pp.losses == pp1.losses  # every rank reports the last stage's loss
+    np.testing.assert_allclose(pp.losses, single.losses, rtol=1e-4)
+    assert pp.losses[-1] < pp.losses[0]
+    assert "embed.tokens.weight" in first and "stack.layers.1.attn.qkv.weight" in first and "head.weight" in second
+    assert not set(first) & set(second)  # the stages share no parameter
+    expected, got = final_weights(single), final_weights(pp)  # gathered whole, under the plain names
+    assert expected.keys() == got.keys() and set(first) | set(second) <= set(got)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    resume_from(tmp_path / "pp", tmp_path / "pp_again", 5)
+    again, _ = spawn(train, 2, config(corpus, tmp_path / "pp_again", *common, *pp_args))
+    assert again.losses == pp.losses[5:]
+    resume_from(tmp_path / "pp", tmp_path / "pp_to_single", 5)
+    [at_one] = spawn(train, 1, config(corpus, tmp_path / "pp_to_single", *common))
+    np.testing.assert_allclose(at_one.losses, single.losses[5:], rtol=1e-4)
+    resume_from(tmp_path / "single", tmp_path / "single_to_pp", 5)
+    at_two, _ = spawn(train, 2, config(corpus, tmp_path / "single_to_pp", *common, *pp_args))
+    np.testing.assert_allclose(at_two.losses, single.losses[5:], rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["Interleaved1F1B"])
+def test_interleaved_pipeline_with_data_parallel_follows_the_single_process_run(corpus, tmp_path, schedule):
+    """pp=2 × dp=2 on 4 ranks, 2 stages per pp rank (stage i on pp rank i % 2): each pipeline reads its own
+    2 micro-batches, the global batch is 16."""
+    common = ("train.global_batch_size=16", "checkpoint.save_final=true")
+    [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common))
+    ranks = spawn(stage_names, 4, config(corpus, tmp_path / "pp", *common, "train.strategy=ddp", "parallel.pp=2",
+                                         f"parallel.pp_schedule={schedule}"))
+    results, names = zip(*ranks)
+    assert all(r.losses == results[0].losses for r in results)
+    np.testing.assert_allclose(results[0].losses, single.losses, rtol=1e-4)
+    assert results[0].tokens_seen == single.tokens_seen  # the stages of a pipeline count its batch once
+    # stages (embeddings, block 0), (blocks 1-2), (block 3), (norm, head): 0 and 2 on pp rank 0, 1 and 3 on
+    # pp rank 1; the ranks are (dp, pp), pp inner, and the dp replicas hold the same stages
+    assert names[0] == names[2] and names[1] == names[3] and not set(names[0]) & set(names[1])
+    assert {"embed.tokens.weight", "stack.layers.0.attn.qkv.weight", "stack.layers.3.attn.qkv.weight"} <= set(names[0])
+    assert {"stack.layers.1.attn.qkv.weight", "stack.layers.2.attn.qkv.weight", "head.weight"} <= set(names[1])
+    expected, got = final_weights(single), final_weights(results[0])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,246 @@
+"""Pipeline parallel (``parallel.pp`` > 1, with train.strategy=ddp) over ``torch.distributed.pipelining``.
+
+A decoder's blocks are cut into ``pp · v`` stages (``v`` = 1 for single-stage schedules such as 1F1B,
+2 for looped ones such as Interleaved1F1B); stage ``i`` runs on pp rank ``i % pp``. As torchtitan's
+``_generate_llm_fqn_per_model_part`` (torchtitan/distributed/pipeline_parallel.py), the embeddings and
+the final norm + head each weigh one block and the blocks are spread evenly. A stage is a view of the
+unmodified ``model/`` modules under the plain model's parameter names, so checkpoints hold unsplit names:
+a pp run resumes at pp=1 (or another pp) and the other way round.
+
+The ranks of a pipeline read the same micro-batches (the mesh is (dp, pp), pp inner); the loop's
+gradient accumulation becomes the schedule's micro-batches. Every stage gets the resolved position ids
+and the document ids / padding mask as keyword inputs; the last one computes the summed loss (its head
+inside the loss, as the model's ``head_loss``) times the loop's ``world / global_count``, so gradients
+are those of the single-process run (``scale_grads=False``). Gradients are averaged over dp, their norm
+is the root of the pp-summed squares of each rank's stages, and the loss metric comes from the last stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from common.errors import ConfigError
+from model.transformer import TransformerLM, resolve_positions
+from trainer.distributed import to_device
+from trainer.metrics import MetricSums
+from trainer.objectives import Batch, LossOutput
+from trainer.objectives.cross_entropy import cross_entropy_sum, head_cross_entropy
+from trainer.strategy import materialize
+from trainer.strategy.optim import build_adamw, set_lr
+from trainer.strategy.prepare import prepare
+from trainer.strategy.single import TRAINED, Single
+
+
+def stage_blocks(n_blocks: int, n_stages: int) -> list[range]:
+    """The blocks of each stage: the embeddings and the norm + head count as one block each, the
+    ``n_blocks + 2`` units are spread evenly, earlier stages taking the remainder (torchtitan's split)."""
+    units, extra = divmod(n_blocks + 2, n_stages)
+    ranges, start = [], 0
+    for stage in range(n_stages):
+        count = units + (stage < extra) - (stage == 0) - (stage == n_stages - 1)
+        count = min(max(count, 0), n_blocks - start)
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
+class _Blocks(nn.ModuleDict):
+    """Some blocks of a stack under their indices in it (so parameter names stay the plain model's);
+    iterating yields the blocks, as the stack's ModuleList does."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+class StagePart(nn.Module):
+    """Blocks ``blocks`` of a decoder, with the embeddings when ``first`` and the final norm + head when
+    ``last``; the modules are the model's own (shared, not copied). The last part returns the head's input:
+    the schedule's loss function applies the head."""
+
+    def __init__(self, model: TransformerLM, blocks: Sequence[int], first: bool, last: bool) -> None:
+        super().__init__()
+        stack = copy.copy(model.stack)  # the stack's forward (masks, RoPE) over these blocks only
+        stack._modules = {**model.stack._modules, "final_norm": model.stack.final_norm if last else None,
+                          "layers": _Blocks({str(i): model.stack.layers[i] for i in blocks})}
+        self.embed = model.embed if first else None
+        self.stack = stack
+        self.head = model.head if last else None
+
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x, position_ids)
+        x = self.stack(x, position_ids=position_ids, key_padding=attention_mask, document_ids=document_ids)
+        return self.head(x, self.head.weight, return_hidden=True) if self.head is not None else x
+
+
+class PipelineParallel(Single):
+    mesh_dims = ("dp", "pp")
+
+    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, schedule: str = "1F1B") -> None:
+        super().__init__(cfg, env, accumulation)
+        self.size = size
+        self.schedule_class = get_schedule_class(str(schedule))
+        self.schedule_name = str(schedule)
+        self.data_copies = size  # ranks p·pp … p·pp + pp-1 form one pipeline and read batch p
+        self.loss_sums: list[torch.Tensor] = []
+        self.scale = 1.0
+
+    # -- building the stages ----------------------------------------------------------------------
+
+    def _check(self, model: nn.Module, n_stages: int) -> None:
+        pp, cfg = self.size, model.config
+        if self.env.world_size % pp:
+            raise ConfigError(f"parallel.pp={pp} must divide the {self.env.world_size} ranks")
+        if not isinstance(model, TransformerLM) or not cfg.causal:
+            raise ConfigError("parallel.pp cuts a decoder (model.arch=decoder, an LM head) into stages; "
+                              "encoders, encoder-decoders and classifiers are not supported")
+        if cfg.tie_embeddings:
+            raise ConfigError("parallel.pp puts the embeddings and the LM head on different stages: set "
+                              "model.tie_embeddings=false")
+        if cfg.n_experts:
+            raise ConfigError("parallel.pp with MoE blocks is not supported yet (their router losses)")
+        if n_stages > cfg.n_layers:
+            raise ConfigError(f"parallel.pp={pp} with {self.schedule_name} makes {n_stages} stages, more than "
+                              f"model.n_layers={cfg.n_layers}")
+        if self.accumulation < pp:
+            raise ConfigError(f"parallel.pp={pp} needs at least {pp} micro-batches per step to fill the pipeline, "
+                              f"got {self.accumulation}: raise train.global_batch_size")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        pp = self.size
+        single = issubclass(self.schedule_class, PipelineScheduleSingle)
+        n_stages = pp * (1 if single else 2)
+        self._check(model, n_stages)
+        materialize(model, self.cfg.seed)  # the whole model on the host, seeded as in every other strategy
+        prepare(model, self.cfg.activation_checkpointing, self.cfg.compile)
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size // pp, pp), mesh_dim_names=self.mesh_dims)
+        self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        self.pp_rank = dist.get_rank(self.pp_group)
+        blocks = stage_blocks(model.config.n_layers, n_stages)
+        mine = list(range(self.pp_rank, n_stages, pp))
+        parts = [StagePart(model, blocks[i], i == 0, i == n_stages - 1) for i in mine]
+        # this rank's stages in one module: the optimizer's and the checkpoints' view (unsplit names)
+        self.model = StagePart(model, [b for i in mine for b in blocks[i]], 0 in mine, n_stages - 1 in mine)
+        self.model.to(self.env.device)
+        self.head, self.liger = self.model.head, model.config.kernels == "liger"
+        stages = [PipelineStage(part, i, n_stages, self.env.device, group=self.pp_group)
+                  for part, i in zip(parts, mine)]
+        self.schedule = self.schedule_class(stages[0] if single else stages, n_microbatches=self.accumulation,
+                                            loss_fn=self._loss, scale_grads=False)
+        self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
+        return self.model
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        raise ConfigError("parallel.pp trains one model: objectives with a frozen reference are not supported")
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss: the head over its output, summed, times the loop's scale."""
+        weight, bias, chunk = self.head.weight, self.head.bias, self.cfg.loss_chunk_size
+        if chunk:
+            loss_sum = head_cross_entropy(labels, chunk, self.liger)(hidden, weight, bias)
+        else:
+            loss_sum = cross_entropy_sum(F.linear(hidden, weight, bias).float(), labels)
+        self.loss_sums.append(loss_sum.detach())
+        return loss_sum * self.scale
+
+    def forward_backward(self, micro_batches: list[Batch], scale: float, loss: Callable, objective) -> MetricSums:
+        from trainer.objectives.clm import CausalLM
+
+        if not isinstance(objective, CausalLM) or objective.data_objective != "clm":
+            raise ConfigError("parallel.pp trains the clm objective (decoder pretraining) only; "
+                              f"{type(objective).__name__} is not supported")
+        inputs, labels, kwargs = [], [], []
+        for batch in micro_batches:
+            batch = to_device(batch, self.env.device)
+            (input_ids,), extra = objective.model_inputs(batch)
+            extra["position_ids"] = resolve_positions(input_ids, extra.get("attention_mask"),
+                                                      extra.get("document_ids"), extra.get("position_ids"))
+            inputs.append(input_ids)
+            labels.append(batch["labels"])
+            kwargs.append(extra)
+        self.scale, self.loss_sums = scale, []
+        with self.autocast():
+            self.schedule.step(torch.cat(inputs), target=torch.cat(labels), return_outputs=False,
+                               **{key: torch.cat([k[key] for k in kwargs]) for key in kwargs[0]})
+        # every rank of the pipeline reports the last stage's loss sums (it is on pp rank pp-1); the first
+        # step's shape inference also ran the loss once, on meta tensors: the real ones come last
+        n = len(micro_batches)
+        sums = torch.stack(self.loss_sums[-n:]).double() if self.loss_sums else \
+            torch.zeros(n, dtype=torch.float64, device=self.env.device)
+        dist.broadcast(sums, group_src=self.size - 1, group=self.pp_group)
+        metrics = MetricSums()
+        for loss_sum in sums:
+            metrics.add(LossOutput(loss_sum=loss_sum, count=torch.zeros(())))
+        return metrics
+
+    def _trained(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _norm(self, tensors: list[torch.Tensor]) -> float:
+        squares = sum((t.double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
+        dist.all_reduce(squares, group=self.pp_group)
+        return float(squares.sqrt())
+
+    def step(self, lr: float, skip: bool = False) -> float:
+        params = self._trained()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dp = dist.get_world_size(self.dp_group)
+        if dp > 1:  # the replicas of each stage average their gradients, as DDP does
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= dp
+            pieces = flat.split([p.numel() for p in params])
+            torch._foreach_copy_([p.grad for p in params], [piece.view_as(p) for piece, p in zip(pieces, params)])
+        norm = self._norm([p.grad for p in params])
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        if math.isfinite(norm) and norm > limit:  # as clip_grad_norm_
+            torch._foreach_mul_([p.grad for p in params], limit / (norm + 1e-6))
+        if not skip and math.isfinite(norm):
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        return self._norm(self._trained())
+
+    # -- checkpoints: the plain model's names; each rank writes and reads its stages' tensors -------
+
+    def save(self, path: Path) -> None:
+        """As every torch-native strategy (DCP), but each optimizer group lists the parameters of every
+        stage: a loader takes a group's settings from the saved group naming its parameter, and DCP keeps
+        one rank's copy of the groups."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
+        stages = [None] * self.size
+        dist.all_gather_object(stages, [group["params"] for group in optim_state["param_groups"]], group=self.pp_group)
+        for index, group in enumerate(optim_state["param_groups"]):
+            group["params"] = [name for names in stages for name in names[index]]
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The stages' tensors of the first pipeline (dp rank 0), gathered on rank 0."""
+        if self.env.rank >= self.size:
+            return None
+        state = {name: t.detach().cpu().clone() for name, t in self.model.state_dict().items()}
+        parts = [None] * self.size if self.env.is_main else None
+        dist.gather_object(state, parts, group_dst=0, group=self.pp_group)
+        return {k: v for part in parts for k, v in part.items()} if self.env.is_main else None
