@@ -11,11 +11,41 @@ import torch
 from runs import final_weights, tiny_config, train
 from spawn import spawn
 
+from model import ModelConfig, build_model
+from model.transformer import resolve_positions
 from trainer.callbacks import Callback
+from trainer.strategy.pipeline_parallel import StagePart, stage_blocks
 
 # 4 blocks: room for 2 stages per rank with pp=2; the embeddings and the head on different stages
 MODEL = {"preset": "tiny-llama", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 64,
          "n_layers": 4, "tie_embeddings": False}
+
+
+def test_stages_split_like_torchtitan_and_chain_to_the_model_forward():
+    """The embeddings and the head weigh one block each; the stages, run one after the other with the
+    document ids and positions each, give the plain model's hidden states exactly."""
+    assert stage_blocks(4, 2) == [range(0, 2), range(2, 4)]
+    assert stage_blocks(4, 3) == [range(0, 1), range(1, 3), range(3, 4)]
+    assert stage_blocks(4, 4) == [range(0, 1), range(1, 3), range(3, 4), range(4, 4)]  # the head alone
+    assert stage_blocks(5, 2) == [range(0, 3), range(3, 5)]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict({**MODEL, "vocab_size": 64})).eval()
+    parts = [StagePart(model, blocks, i == 0, i == 2) for i, blocks in enumerate(stage_blocks(4, 3))]
+    names = [name for part in parts for name, _ in part.named_parameters()]
+    assert sorted(names) == sorted(name for name, _ in model.named_parameters())
+    input_ids = torch.randint(64, (2, 12))
+    document_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])
+    positions = resolve_positions(input_ids, None, document_ids, None)
+    with torch.no_grad():
+        expected = model(input_ids, document_ids=document_ids, return_hidden=True)
+        hidden = input_ids
+        for part in parts:
+            hidden = part(hidden, position_ids=positions, document_ids=document_ids)
+        assert torch.equal(hidden, expected)
+        # a later stage without the document ids lets tokens attend across documents
+        leaky = parts[2](parts[1](parts[0](input_ids, position_ids=positions, document_ids=document_ids),
+                                  position_ids=positions), position_ids=positions)
+        assert not torch.allclose(leaky, expected)
 
 
 class RecordStages(Callback):

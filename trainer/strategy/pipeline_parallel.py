@@ -45,13 +45,13 @@ from trainer.strategy.single import TRAINED, Single
 
 
 def stage_blocks(n_blocks: int, n_stages: int) -> list[range]:
-    """The blocks of each stage: the embeddings and the norm + head count as one block each, the
-    ``n_blocks + 2`` units are spread evenly, earlier stages taking the remainder (torchtitan's split)."""
+    """The blocks of each of ``n_stages`` (2 to ``n_blocks``) stages: the embeddings and the norm + head
+    count as one block each, the ``n_blocks + 2`` units are spread evenly, earlier stages taking the
+    remainder (torchtitan's split). The last stage may hold the norm + head alone."""
     units, extra = divmod(n_blocks + 2, n_stages)
     ranges, start = [], 0
     for stage in range(n_stages):
         count = units + (stage < extra) - (stage == 0) - (stage == n_stages - 1)
-        count = min(max(count, 0), n_blocks - start)
         ranges.append(range(start, start + count))
         start += count
     return ranges
