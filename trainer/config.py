@@ -368,8 +368,6 @@ class RunConfig(Config):
         pp = self.parallel.pp
         if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
             raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
-        if pp > 1 and self.train.eval_every:
-            raise ConfigError(f"parallel.pp={pp} cannot evaluate through the pipeline yet: set train.eval_every=0")
         if self.lora.quantize != "none" and self.train.strategy not in (StrategyName.single, StrategyName.ddp):
             raise ConfigError(f"lora.quantize={self.lora.quantize} runs under train.strategy single or ddp, not "
                               f"{self.train.strategy} (sharding NF4 weights is not wired)")

@@ -78,13 +78,15 @@ def test_two_stage_pipeline_follows_the_single_process_run_and_resumes_across_pp
     """pp=2 with 1F1B on 2 ranks: rank 0 holds the embeddings and blocks 0-1, rank 1 blocks 2-3 and the
     head; 2 micro-batches per step. Its step-5 checkpoint resumes at pp=2 (equal to the uninterrupted run)
     and at pp=1; the single run's resumes at pp=2."""
-    common = ("train.global_batch_size=8", "checkpoint.every=5")
+    common = ("train.global_batch_size=8", "checkpoint.every=5", "train.eval_every=5")
     pp_args = ("train.strategy=ddp", "parallel.pp=2", "parallel.pp_schedule=1F1B")
     [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common))
     (pp, first), (pp1, second) = spawn(stage_names, 2, config(corpus, tmp_path / "pp", *common, *pp_args))
     assert pp.losses == pp1.losses  # every rank reports the last stage's loss
     np.testing.assert_allclose(pp.losses, single.losses, rtol=1e-4)
     assert pp.losses[-1] < pp.losses[0]
+    assert pp.eval_loss == pp1.eval_loss  # evaluated through the pipeline (forward only)
+    np.testing.assert_allclose(pp.eval_loss, single.eval_loss, rtol=1e-5)
     assert "embed.tokens.weight" in first and "stack.layers.1.attn.qkv.weight" in first and "head.weight" in second
     assert not set(first) & set(second)  # the stages share no parameter
     expected, got = final_weights(single), final_weights(pp)  # gathered whole, under the plain names
@@ -108,14 +110,17 @@ def test_two_stage_pipeline_follows_the_single_process_run_and_resumes_across_pp
 def test_interleaved_pipeline_with_data_parallel_follows_the_single_process_run(corpus, tmp_path, schedule):
     """pp=2 × dp=2 on 4 ranks, 2 stages per pp rank (stage i on pp rank i % 2): each pipeline reads its own
     2 micro-batches, the global batch is 16."""
-    common = ("train.global_batch_size=16", "checkpoint.save_final=true")
+    common = ("train.global_batch_size=16", "checkpoint.save_final=true", "train.eval_every=5")
     [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common))
+    ddp, _ = spawn(train, 2, config(corpus, tmp_path / "ddp", *common, "train.strategy=ddp"))
     ranks = spawn(stage_names, 4, config(corpus, tmp_path / "pp", *common, "train.strategy=ddp", "parallel.pp=2",
                                          f"parallel.pp_schedule={schedule}"))
     results, names = zip(*ranks)
     assert all(r.losses == results[0].losses for r in results)
     np.testing.assert_allclose(results[0].losses, single.losses, rtol=1e-4)
     assert results[0].tokens_seen == single.tokens_seen  # the stages of a pipeline count its batch once
+    # each of the 2 pipelines evaluates its own validation batches, as each of 2 ddp ranks does
+    np.testing.assert_allclose(results[0].eval_loss, ddp.eval_loss, rtol=1e-5)
     # stages (embeddings, block 0), (blocks 1-2), (block 3), (norm, head): 0 and 2 on pp rank 0, 1 and 3 on
     # pp rank 1; the ranks are (dp, pp), pp inner, and the dp replicas hold the same stages
     assert names[0] == names[2] and names[1] == names[3] and not set(names[0]) & set(names[1])

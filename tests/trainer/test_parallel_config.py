@@ -16,7 +16,6 @@ from trainer.distributed import DistEnv
     ({"parallel": {"pp": 2}}, "parallel.pp=2 runs with train.strategy=ddp"),
     ({"parallel": {"pp": 2, "pp_schedule": "ZBVZeroBubble"}}, "parallel.pp_schedule: .*1F1B"),
     ({"parallel": {"pp": 2}, "train": {"strategy": "ddp", "objective": "mlm"}}, "trains train.objective=clm only"),
-    ({"parallel": {"pp": 2}, "train": {"strategy": "ddp", "eval_every": 5}}, "set train.eval_every=0"),
     ({"parallel": {"tp": 2}}, "parallel.tp=2 runs with train.strategy=ddp"),
     ({"parallel": {"ep": 0}}, "parallel.ep: must be at least 1"),
     ({"parallel": {"ep": 2}, "train": {"strategy": "fsdp"}}, "parallel.ep=2 runs with train.strategy=ddp"),

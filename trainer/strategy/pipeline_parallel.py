@@ -33,7 +33,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from common.errors import ConfigError
-from model.transformer import TransformerLM, resolve_positions
+from model.transformer import HeadLoss, TransformerLM, resolve_positions
 from trainer.distributed import to_device
 from trainer.metrics import MetricSums
 from trainer.objectives import Batch, LossOutput
@@ -87,6 +87,43 @@ class StagePart(nn.Module):
         return self.head(x, self.head.weight, return_hidden=True) if self.head is not None else x
 
 
+class RankStages(StagePart):
+    """This rank's stages (``blocks[i]`` for ``i`` in ``mine``) in one module: what the optimizer and the
+    checkpoints see, under the plain model's names. Called like the plain model, it runs a forward-only
+    pass through the whole pipeline (evaluation): the ranks of ``group`` call it together with the same
+    batch and all get the last stage's logits, or what ``head_loss`` makes of its output."""
+
+    def __init__(self, model: TransformerLM, blocks: list[range], mine: list[int], group: dist.ProcessGroup) -> None:
+        n = len(blocks)
+        super().__init__(model, [b for i in mine for b in blocks[i]], 0 in mine, n - 1 in mine)
+        self.parts = {i: StagePart(model, blocks[i], i == 0, i == n - 1) for i in mine}  # not submodules
+        self.config, self.n_stages, self.group = model.config, n, group
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                head_loss: HeadLoss | None = None) -> torch.Tensor:
+        pp, shape = dist.get_world_size(self.group), (*input_ids.shape, self.config.d_model)
+        inputs = {"position_ids": resolve_positions(input_ids, attention_mask, document_ids, position_ids),
+                  "attention_mask": attention_mask, "document_ids": document_ids}
+        for index, part in sorted(self.parts.items()):  # stage i waits for stage i-1, on pp rank (i-1) % pp
+            x = input_ids
+            if index > 0:
+                x = torch.empty(shape, device=input_ids.device)
+                dist.recv(x, group_src=(index - 1) % pp, group=self.group)
+            x = part(x, **inputs)
+            if index < self.n_stages - 1:
+                dist.send(x.float().contiguous(), group_dst=(index + 1) % pp, group=self.group)
+        if self.head is None:
+            out = torch.empty(() if head_loss else (*input_ids.shape, self.config.vocab_size), device=input_ids.device)
+        elif head_loss is not None:
+            out = head_loss(x, self.head.weight, self.head.bias).float()
+        else:
+            out = F.linear(x, self.head.weight, self.head.bias).float()
+        dist.broadcast(out, group_src=pp - 1, group=self.group)
+        return out
+
+
 class PipelineParallel(Single):
     mesh_dims = ("dp", "pp")
 
@@ -130,15 +167,12 @@ class PipelineParallel(Single):
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size // pp, pp), mesh_dim_names=self.mesh_dims)
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         self.pp_rank = dist.get_rank(self.pp_group)
-        blocks = stage_blocks(model.config.n_layers, n_stages)
         mine = list(range(self.pp_rank, n_stages, pp))
-        parts = [StagePart(model, blocks[i], i == 0, i == n_stages - 1) for i in mine]
-        # this rank's stages in one module: the optimizer's and the checkpoints' view (unsplit names)
-        self.model = StagePart(model, [b for i in mine for b in blocks[i]], 0 in mine, n_stages - 1 in mine)
+        self.model = RankStages(model, stage_blocks(model.config.n_layers, n_stages), mine, self.pp_group)
         self.model.to(self.env.device)
-        self.head, self.liger = self.model.head, model.config.kernels == "liger"
+        self.head, self.liger = self.model.head, self.model.config.kernels == "liger"
         stages = [PipelineStage(part, i, n_stages, self.env.device, group=self.pp_group)
-                  for part, i in zip(parts, mine)]
+                  for i, part in self.model.parts.items()]
         self.schedule = self.schedule_class(stages[0] if single else stages, n_microbatches=self.accumulation,
                                             loss_fn=self._loss, scale_grads=False)
         self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
