@@ -5,7 +5,9 @@ A decoder's blocks are cut into ``pp · v`` stages (``v`` = 1 for single-stage s
 ``_generate_llm_fqn_per_model_part`` (torchtitan/distributed/pipeline_parallel.py), the embeddings and
 the final norm + head each weigh one block and the blocks are spread evenly. A stage is a view of the
 unmodified ``model/`` modules under the plain model's parameter names, so checkpoints hold unsplit names:
-a pp run resumes at pp=1 (or another pp) and the other way round.
+a pp run resumes at pp=1 (or another pp) and the other way round. Each rank keeps only its stages'
+tensors: the model is initialised block by block as everywhere else, another rank's block dropped as
+soon as it is made.
 
 The ranks of a pipeline read the same micro-batches (the mesh is (dp, pp), pp inner); the loop's
 gradient accumulation becomes the schedule's micro-batches. Every stage gets the resolved position ids
@@ -162,13 +164,24 @@ class PipelineParallel(Single):
         single = issubclass(self.schedule_class, PipelineScheduleSingle)
         n_stages = pp * (1 if single else 2)
         self._check(model, n_stages)
-        materialize(model, self.cfg.seed)  # the whole model on the host, seeded as in every other strategy
-        prepare(model, self.cfg.activation_checkpointing, self.cfg.compile)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size // pp, pp), mesh_dim_names=self.mesh_dims)
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         self.pp_rank = dist.get_rank(self.pp_group)
         mine = list(range(self.pp_rank, n_stages, pp))
-        self.model = RankStages(model, stage_blocks(model.config.n_layers, n_stages), mine, self.pp_group)
+        blocks = stage_blocks(model.config.n_layers, n_stages)
+        kept = {id(model.stack.layers[b]) for i in mine for b in blocks[i]}
+
+        def drop_others(block: nn.Module) -> None:  # a block of another rank's stage goes as soon as it is made
+            if id(block) not in kept:
+                block.to("meta")
+
+        # initialised in the order and from the seed of every other strategy, one block at a time
+        materialize(model, self.cfg.seed, drop_others)
+        prepare(model, self.cfg.activation_checkpointing, self.cfg.compile)
+        self.model = RankStages(model, blocks, mine, self.pp_group)
+        for module, needed in ((model.embed, 0 in mine), (model.head, n_stages - 1 in mine)):
+            if not needed:  # another rank's
+                module.to("meta")
         self.model.to(self.env.device)
         self.head, self.liger = self.model.head, self.model.config.kernels == "liger"
         stages = [PipelineStage(part, i, n_stages, self.env.device, group=self.pp_group)
