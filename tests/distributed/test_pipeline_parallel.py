@@ -61,9 +61,9 @@ def stage_names(raw):
     return train(raw, "pretrain", (callback,)), callback.names
 
 
-def config(corpus, run_dir, *overrides):
+def config(corpus, run_dir, *overrides, tied: bool = False):
     raw = tiny_config(corpus, run_dir, "train.micro_batch_size=4", "train.max_steps=10", *overrides)
-    raw["model"] = dict(MODEL)
+    raw["model"] = {**MODEL, "tie_embeddings": tied}
     return raw
 
 
@@ -107,14 +107,16 @@ def test_two_stage_pipeline_follows_the_single_process_run_and_resumes_across_pp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["Interleaved1F1B"])
-def test_interleaved_pipeline_with_data_parallel_follows_the_single_process_run(corpus, tmp_path, schedule):
+def test_interleaved_pipeline_with_data_parallel_and_tied_embeddings_follows_the_single_process_run(
+        corpus, tmp_path, schedule):
     """pp=2 × dp=2 on 4 ranks, 2 stages per pp rank (stage i on pp rank i % 2): each pipeline reads its own
-    2 micro-batches, the global batch is 16."""
-    common = ("train.global_batch_size=16", "checkpoint.save_final=true", "train.eval_every=5")
-    [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common))
-    ddp, _ = spawn(train, 2, config(corpus, tmp_path / "ddp", *common, "train.strategy=ddp"))
+    2 micro-batches, the global batch is 16. The embeddings are tied to the head: the first and the last
+    stage each hold them and sum their gradients. The step-5 checkpoint resumes in one process."""
+    common = ("train.global_batch_size=16", "checkpoint.every=5", "train.eval_every=5")
+    [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common, tied=True))
+    ddp, _ = spawn(train, 2, config(corpus, tmp_path / "ddp", *common, "train.strategy=ddp", tied=True))
     ranks = spawn(stage_names, 4, config(corpus, tmp_path / "pp", *common, "train.strategy=ddp", "parallel.pp=2",
-                                         f"parallel.pp_schedule={schedule}"))
+                                         f"parallel.pp_schedule={schedule}", tied=True))
     results, names = zip(*ranks)
     assert all(r.losses == results[0].losses for r in results)
     np.testing.assert_allclose(results[0].losses, single.losses, rtol=1e-4)
@@ -123,9 +125,16 @@ def test_interleaved_pipeline_with_data_parallel_follows_the_single_process_run(
     np.testing.assert_allclose(results[0].eval_loss, ddp.eval_loss, rtol=1e-5)
     # stages (embeddings, block 0), (blocks 1-2), (block 3), (norm, head): 0 and 2 on pp rank 0, 1 and 3 on
     # pp rank 1; the ranks are (dp, pp), pp inner, and the dp replicas hold the same stages
-    assert names[0] == names[2] and names[1] == names[3] and not set(names[0]) & set(names[1])
-    assert {"embed.tokens.weight", "stack.layers.0.attn.qkv.weight", "stack.layers.3.attn.qkv.weight"} <= set(names[0])
-    assert {"stack.layers.1.attn.qkv.weight", "stack.layers.2.attn.qkv.weight", "head.weight"} <= set(names[1])
+    assert names[0] == names[2] and names[1] == names[3]
+    assert set(names[0]) & set(names[1]) == {"embed.tokens.weight"}  # the last stage's copy of the tied weight
+    assert {"stack.layers.0.attn.qkv.weight", "stack.layers.3.attn.qkv.weight"} <= set(names[0])
+    assert {"stack.layers.1.attn.qkv.weight", "stack.layers.2.attn.qkv.weight", "stack.final_norm.weight"} <= set(
+        names[1])
     expected, got = final_weights(single), final_weights(results[0])
+    assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    resume_from(tmp_path / "pp", tmp_path / "pp_to_single", 5)
+    [at_one] = spawn(train, 1, config(corpus, tmp_path / "pp_to_single", *common, tied=True))
+    np.testing.assert_allclose(at_one.losses, single.losses[5:], rtol=1e-4)

@@ -56,7 +56,6 @@ def test_tensor_parallel_refuses_what_it_cannot_split(model, world, message):
 
 
 @pytest.mark.parametrize(("model", "world", "schedule", "accumulation", "message"), [
-    ({"preset": "tiny-llama"}, 2, "1F1B", 2, "set model.tie_embeddings=false"),
     ({"preset": "tiny-bert"}, 2, "1F1B", 2, "cuts a decoder"),
     ({"preset": "tiny-moe", "tie_embeddings": False}, 2, "1F1B", 2, "MoE blocks"),
     ({"preset": "tiny-llama", "tie_embeddings": False}, 2, "Interleaved1F1B", 2,

@@ -67,26 +67,40 @@ class _Blocks(nn.ModuleDict):
         return iter(self.values())
 
 
+class _TiedTokens(nn.Module):
+    """The token embeddings alone, where the last stage of a tied model keeps its copy (``embed.tokens``)."""
+
+    def __init__(self, tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+
 class StagePart(nn.Module):
     """Blocks ``blocks`` of a decoder, with the embeddings when ``first`` and the final norm + head when
-    ``last``; the modules are the model's own (shared, not copied). The last part returns the head's input:
-    the schedule's loss function applies the head."""
+    ``last`` (and, tied to the head, the token embeddings); the modules are the model's own (shared, not
+    copied). The last part returns the head's input: the schedule's loss function applies the head."""
 
     def __init__(self, model: TransformerLM, blocks: Sequence[int], first: bool, last: bool) -> None:
         super().__init__()
         stack = copy.copy(model.stack)  # the stack's forward (masks, RoPE) over these blocks only
         stack._modules = {**model.stack._modules, "final_norm": model.stack.final_norm if last else None,
                           "layers": _Blocks({str(i): model.stack.layers[i] for i in blocks})}
+        self.first = first
         self.embed = model.embed if first else None
+        if last and not first and model.config.tie_embeddings:
+            self.embed = _TiedTokens(model.embed.tokens)
         self.stack = stack
         self.head = model.head if last else None
 
+    def output_weight(self) -> torch.Tensor:
+        return self.head.weight if self.head.weight is not None else self.embed.tokens.weight
+
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
+        if self.first:
             x = self.embed(x, position_ids)
         x = self.stack(x, position_ids=position_ids, key_padding=attention_mask, document_ids=document_ids)
-        return self.head(x, self.head.weight, return_hidden=True) if self.head is not None else x
+        return self.head(x, self.output_weight(), return_hidden=True) if self.head is not None else x
 
 
 class RankStages(StagePart):
@@ -119,9 +133,9 @@ class RankStages(StagePart):
         if self.head is None:
             out = torch.empty(() if head_loss else (*input_ids.shape, self.config.vocab_size), device=input_ids.device)
         elif head_loss is not None:
-            out = head_loss(x, self.head.weight, self.head.bias).float()
+            out = head_loss(x, self.output_weight(), self.head.bias).float()
         else:
-            out = F.linear(x, self.head.weight, self.head.bias).float()
+            out = F.linear(x, self.output_weight(), self.head.bias).float()
         dist.broadcast(out, group_src=pp - 1, group=self.group)
         return out
 
@@ -147,9 +161,6 @@ class PipelineParallel(Single):
         if not isinstance(model, TransformerLM) or not cfg.causal:
             raise ConfigError("parallel.pp cuts a decoder (model.arch=decoder, an LM head) into stages; "
                               "encoders, encoder-decoders and classifiers are not supported")
-        if cfg.tie_embeddings:
-            raise ConfigError("parallel.pp puts the embeddings and the LM head on different stages: set "
-                              "model.tie_embeddings=false")
         if cfg.n_experts:
             raise ConfigError("parallel.pp with MoE blocks is not supported yet (their router losses)")
         if n_stages > cfg.n_layers:
@@ -179,7 +190,8 @@ class PipelineParallel(Single):
         materialize(model, self.cfg.seed, drop_others)
         prepare(model, self.cfg.activation_checkpointing, self.cfg.compile)
         self.model = RankStages(model, blocks, mine, self.pp_group)
-        for module, needed in ((model.embed, 0 in mine), (model.head, n_stages - 1 in mine)):
+        self.tied = self._tied_embeddings(model.config.tie_embeddings)
+        for module, needed in ((model.embed, self.model.embed is not None), (model.head, self.model.head is not None)):
             if not needed:  # another rank's
                 module.to("meta")
         self.model.to(self.env.device)
@@ -191,6 +203,18 @@ class PipelineParallel(Single):
         self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
         return self.model
 
+    def _tied_embeddings(self, tied: bool) -> nn.Parameter | None:
+        """With tied embeddings the first stage's token embeddings and the last's copy (pp ranks 0 and
+        pp-1) sum their gradients in a group of their own (one per pipeline; Megatron's embedding group):
+        both then take the same steps. This rank's copy, or None."""
+        if not tied:
+            return None
+        for start in range(0, self.env.world_size, self.size):
+            group = dist.new_group([start, start + self.size - 1])  # every rank creates every group
+            if self.env.rank in (start, start + self.size - 1):
+                self.tied_group = group
+        return self.model.embed.tokens.weight if self.model.embed is not None else None
+
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         raise ConfigError("parallel.pp trains one model: objectives with a frozen reference are not supported")
 
@@ -198,7 +222,7 @@ class PipelineParallel(Single):
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss: the head over its output, summed, times the loop's scale."""
-        weight, bias, chunk = self.head.weight, self.head.bias, self.cfg.loss_chunk_size
+        weight, bias, chunk = self.model.output_weight(), self.head.bias, self.cfg.loss_chunk_size
         if chunk:
             loss_sum = head_cross_entropy(labels, chunk, self.liger)(hidden, weight, bias)
         else:
@@ -239,6 +263,11 @@ class PipelineParallel(Single):
     def _trained(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _counted(self) -> list[nn.Parameter]:
+        """The trained parameters that count in norms: all but the last stage's copy of tied embeddings."""
+        copy = self.tied if self.tied is not None and self.model.head is not None else None
+        return [p for p in self._trained() if p is not copy]
+
     def _norm(self, tensors: list[torch.Tensor]) -> float:
         squares = sum((t.double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
         dist.all_reduce(squares, group=self.pp_group)
@@ -256,7 +285,9 @@ class PipelineParallel(Single):
             flat /= dp
             pieces = flat.split([p.numel() for p in params])
             torch._foreach_copy_([p.grad for p in params], [piece.view_as(p) for piece, p in zip(pieces, params)])
-        norm = self._norm([p.grad for p in params])
+        if self.tied is not None:  # the embeddings' and the head's parts of the tied weight's gradient
+            dist.all_reduce(self.tied.grad, group=self.tied_group)
+        norm = self._norm([p.grad for p in self._counted()])
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         if math.isfinite(norm) and norm > limit:  # as clip_grad_norm_
             torch._foreach_mul_([p.grad for p in params], limit / (norm + 1e-6))
@@ -268,7 +299,7 @@ class PipelineParallel(Single):
 
     @torch.no_grad()
     def weight_norm(self) -> float:
-        return self._norm(self._trained())
+        return self._norm(self._counted())
 
     # -- checkpoints: the plain model's names; each rank writes and reads its stages' tensors -------
 
@@ -280,11 +311,11 @@ class PipelineParallel(Single):
         stages = [None] * self.size
         dist.all_gather_object(stages, [group["params"] for group in optim_state["param_groups"]], group=self.pp_group)
         for index, group in enumerate(optim_state["param_groups"]):
-            group["params"] = [name for names in stages for name in names[index]]
+            group["params"] = list(dict.fromkeys(name for names in stages for name in names[index]))
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The stages' tensors of the first pipeline (dp rank 0), gathered on rank 0."""
+        """The stages' tensors of the first pipeline (dp rank 0), gathered on rank 0 (a tied copy is equal)."""
         if self.env.rank >= self.size:
             return None
         state = {name: t.detach().cpu().clone() for name, t in self.model.state_dict().items()}
