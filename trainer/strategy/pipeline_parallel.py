@@ -7,7 +7,8 @@ the final norm + head each weigh one block and the blocks are spread evenly. A s
 unmodified ``model/`` modules under the plain model's parameter names, so checkpoints hold unsplit names:
 a pp run resumes at pp=1 (or another pp) and the other way round. Each rank keeps only its stages'
 tensors: the model is initialised block by block as everywhere else, another rank's block dropped as
-soon as it is made.
+soon as it is made. Tied embeddings live on the first stage and, as a copy, on the last: the two sum
+their gradients (Megatron's embedding group) and so stay equal.
 
 The ranks of a pipeline read the same micro-batches (the mesh is (dp, pp), pp inner); the loop's
 gradient accumulation becomes the schedule's micro-batches. Every stage gets the resolved position ids
@@ -15,6 +16,7 @@ and the document ids / padding mask as keyword inputs; the last one computes the
 inside the loss, as the model's ``head_loss``) times the loop's ``world / global_count``, so gradients
 are those of the single-process run (``scale_grads=False``). Gradients are averaged over dp, their norm
 is the root of the pp-summed squares of each rank's stages, and the loss metric comes from the last stage.
+Evaluation runs forward only through the stages in order (:class:`RankStages`), without a schedule.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from model.transformer import HeadLoss, TransformerLM, resolve_positions
 from trainer.distributed import to_device
 from trainer.metrics import MetricSums
 from trainer.objectives import Batch, LossOutput
-from trainer.objectives.cross_entropy import cross_entropy_sum, head_cross_entropy
+from trainer.objectives.cross_entropy import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy
 from trainer.strategy import materialize
 from trainer.strategy.optim import build_adamw, set_lr
 from trainer.strategy.prepare import prepare
@@ -195,7 +197,7 @@ class PipelineParallel(Single):
             if not needed:  # another rank's
                 module.to("meta")
         self.model.to(self.env.device)
-        self.head, self.liger = self.model.head, self.model.config.kernels == "liger"
+        self.liger = self.model.config.kernels == "liger"
         stages = [PipelineStage(part, i, n_stages, self.env.device, group=self.pp_group)
                   for i, part in self.model.parts.items()]
         self.schedule = self.schedule_class(stages[0] if single else stages, n_microbatches=self.accumulation,
@@ -222,7 +224,7 @@ class PipelineParallel(Single):
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss: the head over its output, summed, times the loop's scale."""
-        weight, bias, chunk = self.model.output_weight(), self.head.bias, self.cfg.loss_chunk_size
+        weight, bias, chunk = self.model.output_weight(), self.model.head.bias, self.cfg.loss_chunk_size
         if chunk:
             loss_sum = head_cross_entropy(labels, chunk, self.liger)(hidden, weight, bias)
         else:
@@ -250,14 +252,14 @@ class PipelineParallel(Single):
             self.schedule.step(torch.cat(inputs), target=torch.cat(labels), return_outputs=False,
                                **{key: torch.cat([k[key] for k in kwargs]) for key in kwargs[0]})
         # every rank of the pipeline reports the last stage's loss sums (it is on pp rank pp-1); the first
-        # step's shape inference also ran the loss once, on meta tensors: the real ones come last
+        # step's shape inference also ran the loss once: the micro-batches' come last
         n = len(micro_batches)
         sums = torch.stack(self.loss_sums[-n:]).double() if self.loss_sums else \
             torch.zeros(n, dtype=torch.float64, device=self.env.device)
         dist.broadcast(sums, group_src=self.size - 1, group=self.pp_group)
         metrics = MetricSums()
-        for loss_sum in sums:
-            metrics.add(LossOutput(loss_sum=loss_sum, count=torch.zeros(())))
+        for loss_sum, target in zip(sums, labels):
+            metrics.add(LossOutput(loss_sum=loss_sum, count=(target != IGNORE_INDEX).sum()))
         return metrics
 
     def _trained(self) -> list[nn.Parameter]:
