@@ -61,12 +61,16 @@ class ActivationCheckpointing(enum.StrEnum):
 
 class PipelineSchedule(enum.StrEnum):
     """torch.distributed.pipelining's schedules (``get_schedule_class`` names) that parallel.pp runs: one
-    stage per pp rank (GPipe, 1F1B) or two (looped: Interleaved1F1B, LoopedBFS)."""
+    stage per pp rank (GPipe, 1F1B) or two (looped: Interleaved1F1B, LoopedBFS, InterleavedZeroBubble;
+    V-shaped: ZBVZeroBubble, DualPipeV)."""
 
     gpipe = "GPipe"
     one_f_one_b = "1F1B"
     interleaved_1f1b = "Interleaved1F1B"
     looped_bfs = "LoopedBFS"
+    interleaved_zero_bubble = "InterleavedZeroBubble"
+    zbv_zero_bubble = "ZBVZeroBubble"
+    dual_pipe_v = "DualPipeV"
 
 
 class Offload(enum.StrEnum):
@@ -183,7 +187,7 @@ class ParallelConfig(Config):
 
     tp: int = 1  # tensor parallel: ranks each block's heads and MLP units are split over (they share a batch)
     pp: int = 1  # pipeline parallel: ranks a decoder's blocks are staged over (they share a batch)
-    pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b  # looped schedules: 2 stages per pp rank
+    pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b  # multi-stage schedules: 2 stages per pp rank
     cp: int = 1  # context parallel (not yet)
     ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
 

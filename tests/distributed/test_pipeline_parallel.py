@@ -105,13 +105,26 @@ def test_two_stage_pipeline_follows_the_single_process_run_and_resumes_across_pp
     np.testing.assert_allclose(at_two.losses, single.losses[5:], rtol=1e-4)
 
 
+def layer(i: int) -> str:
+    return f"stack.layers.{i}.attn.qkv.weight"
+
+
+# stages (embeddings, block 0), (blocks 1-2), (block 3), (norm, head): looped, stage i on pp rank i % 2; V-shaped,
+# stages 0 and 3 on pp rank 0. Per schedule: names on pp rank 0, on pp rank 1, and on both (the tied weight)
+LAYOUTS = {
+    "Interleaved1F1B": ({layer(0), layer(3)}, {layer(1), layer(2), "stack.final_norm.weight"}, {"embed.tokens.weight"}),
+    "ZBVZeroBubble": ({"embed.tokens.weight", layer(0), "stack.final_norm.weight"}, {layer(1), layer(2), layer(3)},
+                      set()),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["Interleaved1F1B"])
-def test_interleaved_pipeline_with_data_parallel_and_tied_embeddings_follows_the_single_process_run(
+@pytest.mark.parametrize("schedule", LAYOUTS)
+def test_two_stages_per_rank_with_data_parallel_and_tied_embeddings_follow_the_single_process_run(
         corpus, tmp_path, schedule):
-    """pp=2 × dp=2 on 4 ranks, 2 stages per pp rank (stage i on pp rank i % 2): each pipeline reads its own
-    2 micro-batches, the global batch is 16. The embeddings are tied to the head: the first and the last
-    stage each hold them and sum their gradients. The step-5 checkpoint resumes in one process."""
+    """pp=2 × dp=2 on 4 ranks, 2 stages per pp rank: each pipeline reads its own 2 micro-batches, the
+    global batch is 16. The embeddings are tied to the head: where the first and the last stage are on
+    two ranks, each holds them and they sum their gradients. The step-5 checkpoint resumes in one process."""
     common = ("train.global_batch_size=16", "checkpoint.every=5", "train.eval_every=5")
     [single] = spawn(train, 1, config(corpus, tmp_path / "single", *common, tied=True))
     ddp, _ = spawn(train, 2, config(corpus, tmp_path / "ddp", *common, "train.strategy=ddp", tied=True))
@@ -123,13 +136,10 @@ def test_interleaved_pipeline_with_data_parallel_and_tied_embeddings_follows_the
     assert results[0].tokens_seen == single.tokens_seen  # the stages of a pipeline count its batch once
     # each of the 2 pipelines evaluates its own validation batches, as each of 2 ddp ranks does
     np.testing.assert_allclose(results[0].eval_loss, ddp.eval_loss, rtol=1e-5)
-    # stages (embeddings, block 0), (blocks 1-2), (block 3), (norm, head): 0 and 2 on pp rank 0, 1 and 3 on
-    # pp rank 1; the ranks are (dp, pp), pp inner, and the dp replicas hold the same stages
+    # the ranks are (dp, pp), pp inner: the dp replicas hold the same stages
+    first, second, shared = LAYOUTS[schedule]
     assert names[0] == names[2] and names[1] == names[3]
-    assert set(names[0]) & set(names[1]) == {"embed.tokens.weight"}  # the last stage's copy of the tied weight
-    assert {"stack.layers.0.attn.qkv.weight", "stack.layers.3.attn.qkv.weight"} <= set(names[0])
-    assert {"stack.layers.1.attn.qkv.weight", "stack.layers.2.attn.qkv.weight", "stack.final_norm.weight"} <= set(
-        names[1])
+    assert first <= set(names[0]) and second <= set(names[1]) and set(names[0]) & set(names[1]) == shared
     expected, got = final_weights(single), final_weights(results[0])
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():

@@ -14,7 +14,7 @@ from trainer.distributed import DistEnv
     ({"parallel": {"tp": 2, "ep": 2}}, "parallel.tp and parallel.ep: one at a time"),
     ({"parallel": {"tp": 2, "pp": 2}}, "parallel.tp and parallel.pp: one at a time"),
     ({"parallel": {"pp": 2}}, "parallel.pp=2 runs with train.strategy=ddp"),
-    ({"parallel": {"pp": 2, "pp_schedule": "ZBVZeroBubble"}}, "parallel.pp_schedule: .*1F1B"),
+    ({"parallel": {"pp": 2, "pp_schedule": "Chimera"}}, "parallel.pp_schedule: .*ZBVZeroBubble"),
     ({"parallel": {"pp": 2}, "train": {"strategy": "ddp", "objective": "mlm"}}, "trains train.objective=clm only"),
     ({"parallel": {"tp": 2}}, "parallel.tp=2 runs with train.strategy=ddp"),
     ({"parallel": {"ep": 0}}, "parallel.ep: must be at least 1"),

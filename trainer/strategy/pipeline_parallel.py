@@ -1,7 +1,8 @@
 """Pipeline parallel (``parallel.pp`` > 1, with train.strategy=ddp) over ``torch.distributed.pipelining``.
 
 A decoder's blocks are cut into ``pp · v`` stages (``v`` = 1 for single-stage schedules such as 1F1B,
-2 for looped ones such as Interleaved1F1B); stage ``i`` runs on pp rank ``i % pp``. As torchtitan's
+2 for multi-stage ones such as Interleaved1F1B); stage ``i`` runs on pp rank ``i % pp``, or for the
+V-shaped schedules (ZBVZeroBubble) on rank ``i`` and ``2·pp-1-i`` (:func:`stage_ranks`). As torchtitan's
 ``_generate_llm_fqn_per_model_part`` (torchtitan/distributed/pipeline_parallel.py), the embeddings and
 the final norm + head each weigh one block and the blocks are spread evenly. A stage is a view of the
 unmodified ``model/`` modules under the plain model's parameter names, so checkpoints hold unsplit names:
@@ -34,7 +35,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleSingle,
+    ScheduleDualPipeV,
+    ScheduleZBVZeroBubble,
+    get_schedule_class,
+)
 
 from common.errors import ConfigError
 from model.transformer import HeadLoss, TransformerLM, resolve_positions
@@ -59,6 +65,14 @@ def stage_blocks(n_blocks: int, n_stages: int) -> list[range]:
         ranges.append(range(start, start + count))
         start += count
     return ranges
+
+
+def stage_ranks(pp: int, n_stages: int, v_shape: bool) -> list[int]:
+    """The pp rank of each stage: looped (stage i on rank i % pp) or V-shaped (two stages per rank, the
+    first and the last on rank 0), as torchtitan's ``_get_pp_rank_to_stage_indices_mapping``."""
+    if v_shape:
+        return [i if i < pp else n_stages - 1 - i for i in range(n_stages)]
+    return [i % pp for i in range(n_stages)]
 
 
 class _Blocks(nn.ModuleDict):
@@ -111,34 +125,35 @@ class RankStages(StagePart):
     pass through the whole pipeline (evaluation): the ranks of ``group`` call it together with the same
     batch and all get the last stage's logits, or what ``head_loss`` makes of its output."""
 
-    def __init__(self, model: TransformerLM, blocks: list[range], mine: list[int], group: dist.ProcessGroup) -> None:
-        n = len(blocks)
+    def __init__(self, model: TransformerLM, blocks: list[range], ranks: list[int], group: dist.ProcessGroup) -> None:
+        n, rank = len(blocks), dist.get_rank(group)
+        mine = [i for i in range(n) if ranks[i] == rank]
         super().__init__(model, [b for i in mine for b in blocks[i]], 0 in mine, n - 1 in mine)
         self.parts = {i: StagePart(model, blocks[i], i == 0, i == n - 1) for i in mine}  # not submodules
-        self.config, self.n_stages, self.group = model.config, n, group
+        self.config, self.ranks, self.group = model.config, ranks, group
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 head_loss: HeadLoss | None = None) -> torch.Tensor:
-        pp, shape = dist.get_world_size(self.group), (*input_ids.shape, self.config.d_model)
+        ranks, me, shape = self.ranks, dist.get_rank(self.group), (*input_ids.shape, self.config.d_model)
         inputs = {"position_ids": resolve_positions(input_ids, attention_mask, document_ids, position_ids),
                   "attention_mask": attention_mask, "document_ids": document_ids}
-        for index, part in sorted(self.parts.items()):  # stage i waits for stage i-1, on pp rank (i-1) % pp
-            x = input_ids
-            if index > 0:
+        x = input_ids
+        for index, part in sorted(self.parts.items()):  # stage i waits for stage i-1 (here or on another rank)
+            if index > 0 and ranks[index - 1] != me:
                 x = torch.empty(shape, device=input_ids.device)
-                dist.recv(x, group_src=(index - 1) % pp, group=self.group)
+                dist.recv(x, group_src=ranks[index - 1], group=self.group)
             x = part(x, **inputs)
-            if index < self.n_stages - 1:
-                dist.send(x.float().contiguous(), group_dst=(index + 1) % pp, group=self.group)
+            if index < len(ranks) - 1 and ranks[index + 1] != me:
+                dist.send(x.float().contiguous(), group_dst=ranks[index + 1], group=self.group)
         if self.head is None:
             out = torch.empty(() if head_loss else (*input_ids.shape, self.config.vocab_size), device=input_ids.device)
         elif head_loss is not None:
             out = head_loss(x, self.output_weight(), self.head.bias).float()
         else:
             out = F.linear(x, self.output_weight(), self.head.bias).float()
-        dist.broadcast(out, group_src=pp - 1, group=self.group)
+        dist.broadcast(out, group_src=ranks[-1], group=self.group)
         return out
 
 
@@ -179,8 +194,8 @@ class PipelineParallel(Single):
         self._check(model, n_stages)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size // pp, pp), mesh_dim_names=self.mesh_dims)
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
-        self.pp_rank = dist.get_rank(self.pp_group)
-        mine = list(range(self.pp_rank, n_stages, pp))
+        self.ranks = stage_ranks(pp, n_stages, self.schedule_class in (ScheduleZBVZeroBubble, ScheduleDualPipeV))
+        mine = [i for i, rank in enumerate(self.ranks) if rank == dist.get_rank(self.pp_group)]
         blocks = stage_blocks(model.config.n_layers, n_stages)
         kept = {id(model.stack.layers[b]) for i in mine for b in blocks[i]}
 
@@ -191,7 +206,7 @@ class PipelineParallel(Single):
         # initialised in the order and from the seed of every other strategy, one block at a time
         materialize(model, self.cfg.seed, drop_others)
         prepare(model, self.cfg.activation_checkpointing, self.cfg.compile)
-        self.model = RankStages(model, blocks, mine, self.pp_group)
+        self.model = RankStages(model, blocks, self.ranks, self.pp_group)
         self.tied = self._tied_embeddings(model.config.tie_embeddings)
         for module, needed in ((model.embed, self.model.embed is not None), (model.head, self.model.head is not None)):
             if not needed:  # another rank's
@@ -200,20 +215,24 @@ class PipelineParallel(Single):
         self.liger = self.model.config.kernels == "liger"
         stages = [PipelineStage(part, i, n_stages, self.env.device, group=self.pp_group)
                   for i, part in self.model.parts.items()]
-        self.schedule = self.schedule_class(stages[0] if single else stages, n_microbatches=self.accumulation,
-                                            loss_fn=self._loss, scale_grads=False)
+        try:
+            self.schedule = self.schedule_class(stages[0] if single else stages, n_microbatches=self.accumulation,
+                                                loss_fn=self._loss, scale_grads=False)
+        except ValueError as e:  # the schedule's own limits (micro-batches against stages)
+            raise ConfigError(f"parallel.pp_schedule={self.schedule_name}: {e}") from None
         self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
         return self.model
 
     def _tied_embeddings(self, tied: bool) -> nn.Parameter | None:
-        """With tied embeddings the first stage's token embeddings and the last's copy (pp ranks 0 and
-        pp-1) sum their gradients in a group of their own (one per pipeline; Megatron's embedding group):
-        both then take the same steps. This rank's copy, or None."""
-        if not tied:
+        """With tied embeddings the first stage's token embeddings and the last's copy, on two pp ranks,
+        sum their gradients in a group of their own (one per pipeline; Megatron's embedding group): both
+        then take the same steps. This rank's copy, or None (also where one rank holds both stages)."""
+        first, last = self.ranks[0], self.ranks[-1]
+        if not tied or first == last:
             return None
         for start in range(0, self.env.world_size, self.size):
-            group = dist.new_group([start, start + self.size - 1])  # every rank creates every group
-            if self.env.rank in (start, start + self.size - 1):
+            group = dist.new_group([start + first, start + last])  # every rank creates every group
+            if self.env.rank in (start + first, start + last):
                 self.tied_group = group
         return self.model.embed.tokens.weight if self.model.embed is not None else None
 
@@ -251,12 +270,12 @@ class PipelineParallel(Single):
         with self.autocast():
             self.schedule.step(torch.cat(inputs), target=torch.cat(labels), return_outputs=False,
                                **{key: torch.cat([k[key] for k in kwargs]) for key in kwargs[0]})
-        # every rank of the pipeline reports the last stage's loss sums (it is on pp rank pp-1); the first
+        # every rank of the pipeline reports the last stage's loss sums; the first
         # step's shape inference also ran the loss once: the micro-batches' come last
         n = len(micro_batches)
         sums = torch.stack(self.loss_sums[-n:]).double() if self.loss_sums else \
             torch.zeros(n, dtype=torch.float64, device=self.env.device)
-        dist.broadcast(sums, group_src=self.size - 1, group=self.pp_group)
+        dist.broadcast(sums, group_src=self.ranks[-1], group=self.pp_group)
         metrics = MetricSums()
         for loss_sum, target in zip(sums, labels):
             metrics.add(LossOutput(loss_sum=loss_sum, count=(target != IGNORE_INDEX).sum()))
