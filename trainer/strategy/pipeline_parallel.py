@@ -120,8 +120,8 @@ class StagePart(nn.Module):
 
 
 class RankStages(StagePart):
-    """This rank's stages (``blocks[i]`` for ``i`` in ``mine``) in one module: what the optimizer and the
-    checkpoints see, under the plain model's names. Called like the plain model, it runs a forward-only
+    """This rank's stages (those ``ranks`` puts on this rank of ``group``) in one module: what the optimizer
+    and the checkpoints see, under the plain model's names. Called like the plain model, it runs a forward-only
     pass through the whole pipeline (evaluation): the ranks of ``group`` call it together with the same
     batch and all get the last stage's logits, or what ``head_loss`` makes of its output."""
 
