@@ -59,6 +59,20 @@ class ActivationCheckpointing(enum.StrEnum):
     selective = "selective"
 
 
+class PipelineSchedule(enum.StrEnum):
+    """torch.distributed.pipelining's schedules (``get_schedule_class`` names) that parallel.pp runs: one
+    stage per pp rank (GPipe, 1F1B) or two (looped: Interleaved1F1B, LoopedBFS, InterleavedZeroBubble;
+    V-shaped: ZBVZeroBubble, DualPipeV)."""
+
+    gpipe = "GPipe"
+    one_f_one_b = "1F1B"
+    interleaved_1f1b = "Interleaved1F1B"
+    looped_bfs = "LoopedBFS"
+    interleaved_zero_bubble = "InterleavedZeroBubble"
+    zbv_zero_bubble = "ZBVZeroBubble"
+    dual_pipe_v = "DualPipeV"
+
+
 class Offload(enum.StrEnum):
     none = "none"
     optimizer = "optimizer"
@@ -168,10 +182,12 @@ class TrainConfig(Config):
 class ParallelConfig(Config):
     """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now,
     one at a time and with train.strategy=ddp: ``tp`` (Megatron-style tensor parallel of dense
-    blocks) and ``ep`` (MoE experts split over ranks); pp and cp are refused."""
+    blocks), ``ep`` (MoE experts split over ranks) and ``pp`` (a decoder's blocks in pipeline
+    stages, trainer/strategy/pipeline_parallel.py); cp is refused."""
 
     tp: int = 1  # tensor parallel: ranks each block's heads and MLP units are split over (they share a batch)
-    pp: int = 1  # pipeline parallel (not yet)
+    pp: int = 1  # pipeline parallel: ranks a decoder's blocks are staged over (they share a batch)
+    pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b  # multi-stage schedules: 2 stages per pp rank
     cp: int = 1  # context parallel (not yet)
     ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
 
@@ -179,13 +195,13 @@ class ParallelConfig(Config):
         for key in ("tp", "pp", "cp", "ep"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(self, key)}")
-        if self.tp > 1 and self.ep > 1:
-            raise ConfigError(f"{where}.tp and {where}.ep: one at a time for now (tp splits dense blocks, "
-                              "ep the experts of MoE ones)")
-        for key in ("pp", "cp"):
-            if getattr(self, key) > 1:
-                raise ConfigError(f"{where}.{key}={getattr(self, key)}: not supported yet; {where}.tp and "
-                                  f"{where}.ep go beyond data parallelism")
+        beyond = [f"{where}.{key}" for key in ("tp", "pp", "ep") if getattr(self, key) > 1]
+        if len(beyond) > 1:
+            raise ConfigError(f"{' and '.join(beyond)}: one at a time for now (tp splits dense blocks, pp stages "
+                              "them, ep splits the experts of MoE ones)")
+        if self.cp > 1:
+            raise ConfigError(f"{where}.cp={self.cp}: not supported yet; {where}.tp, {where}.pp and "
+                              f"{where}.ep go beyond data parallelism")
 
 
 @dataclasses.dataclass
@@ -361,13 +377,16 @@ class RunConfig(Config):
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def validate(self, where: str) -> None:
-        for key in ("ep", "tp"):
+        for key in ("ep", "tp", "pp"):
             size = getattr(self.parallel, key)
             if size > 1 and self.train.strategy is not StrategyName.ddp:
                 raise ConfigError(f"parallel.{key}={size} runs with train.strategy=ddp (its split tensors, "
                                   f"the rest replicated), not {self.train.strategy}")
             if size > 1 and self.lora.enabled:
                 raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
+        pp = self.parallel.pp
+        if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
+            raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
         if self.lora.quantize != "none" and self.train.strategy not in (StrategyName.single, StrategyName.ddp):
             raise ConfigError(f"lora.quantize={self.lora.quantize} runs under train.strategy single or ddp, not "
                               f"{self.train.strategy} (sharding NF4 weights is not wired)")

@@ -25,9 +25,9 @@ from model.moe import moe_layers, pop_router_stats
 from trainer import checkpoint, evaluation
 from trainer.callbacks import Callback
 from trainer.config import RunConfig
-from trainer.distributed import DistEnv, all_reduce, to_device
+from trainer.distributed import DistEnv, all_reduce
 from trainer.guard import LossGuard, TrainingDiverged
-from trainer.metrics import MetricSums, memory_gb, mfu, peak_flops
+from trainer.metrics import memory_gb, mfu, peak_flops
 from trainer.objectives import Batch, LossOutput, Objective
 from trainer.schedule import lr_at
 from trainer.strategy import Strategy
@@ -152,15 +152,7 @@ class Trainer:
         global_tokens //= self.strategy.data_copies  # tensor-parallel ranks read the same tokens
         scale = world / max(global_count, 1)
 
-        sums = MetricSums()
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, device)
-            with self.strategy.accumulate(last=i == len(micro_batches) - 1):
-                with self.strategy.autocast():
-                    out, router_loss = self.loss(batch)
-                self.strategy.backward((out.loss_sum + router_loss) * scale)
-            sums.add(out)
-
+        sums = self.strategy.forward_backward(micro_batches, scale, self.loss, self.objective)
         values = sums.reduce(torch.tensor(float(global_count), dtype=torch.float64, device=device))
         loss = values.pop("loss")
 

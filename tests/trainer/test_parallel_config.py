@@ -10,8 +10,12 @@ from trainer.distributed import DistEnv
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"parallel": {"pp": 2}}, "parallel.pp=2: not supported yet"),
+    ({"parallel": {"cp": 2}}, "parallel.cp=2: not supported yet"),
     ({"parallel": {"tp": 2, "ep": 2}}, "parallel.tp and parallel.ep: one at a time"),
+    ({"parallel": {"tp": 2, "pp": 2}}, "parallel.tp and parallel.pp: one at a time"),
+    ({"parallel": {"pp": 2}}, "parallel.pp=2 runs with train.strategy=ddp"),
+    ({"parallel": {"pp": 2, "pp_schedule": "Chimera"}}, "parallel.pp_schedule: .*ZBVZeroBubble"),
+    ({"parallel": {"pp": 2}, "train": {"strategy": "ddp", "objective": "mlm"}}, "trains train.objective=clm only"),
     ({"parallel": {"tp": 2}}, "parallel.tp=2 runs with train.strategy=ddp"),
     ({"parallel": {"ep": 0}}, "parallel.ep: must be at least 1"),
     ({"parallel": {"ep": 2}, "train": {"strategy": "fsdp"}}, "parallel.ep=2 runs with train.strategy=ddp"),
@@ -49,3 +53,21 @@ def test_tensor_parallel_refuses_what_it_cannot_split(model, world, message):
     strategy = TensorParallel(RunConfig.from_dict({}).train, env, size=2)
     with pytest.raises(ConfigError, match=message):
         strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
+
+
+@pytest.mark.parametrize(("model", "world", "schedule", "accumulation", "message"), [
+    ({"preset": "tiny-bert"}, 2, "1F1B", 2, "cuts a decoder"),
+    ({"preset": "tiny-moe", "tie_embeddings": False}, 2, "1F1B", 2, "MoE blocks"),
+    ({"preset": "tiny-llama", "tie_embeddings": False}, 2, "Interleaved1F1B", 2,
+     "makes 4 stages, more than model.n_layers=2"),
+    ({"preset": "tiny-llama", "tie_embeddings": False}, 2, "1F1B", 1, "at least 2 micro-batches per step"),
+    ({"preset": "tiny-llama", "tie_embeddings": False}, 3, "1F1B", 2, "parallel.pp=2 must divide the 3 ranks"),
+])
+def test_pipeline_parallel_refuses_what_it_cannot_stage(model, world, schedule, accumulation, message):
+    from trainer.strategy.pipeline_parallel import PipelineParallel
+
+    env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
+    strategy = PipelineParallel(RunConfig.from_dict({}).train, env, accumulation, size=2, schedule=schedule)
+    with pytest.raises(ConfigError, match=message) as error:
+        strategy.wrap(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
+    assert "\n" not in str(error.value)

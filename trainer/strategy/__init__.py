@@ -1,7 +1,8 @@
 """Strategies hide the parallelism: each wraps a plain ``nn.Module`` and owns its optimizer.
 
-The loop only talks to this interface: ``wrap`` once, then per step ``accumulate(last)`` around
-each micro-batch's forward and ``backward``, then ``step(lr, skip)``; ``save``/``load`` for
+The loop only talks to this interface: ``wrap`` once, then per step ``forward_backward`` over the
+step's micro-batches (by default ``accumulate(last)`` around each one's forward and ``backward``;
+a pipeline runs them through its schedule), then ``step(lr, skip)``; ``save``/``load`` for
 checkpoints in the strategy's own sharded format, and ``full_state_dict`` for export.
 
 | name   | module            | what it is                                                      |
@@ -12,6 +13,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
 | ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated (partitioned.py) |
 | ddp + parallel.tp > 1 | tensor_parallel.py | attention heads and MLP units split over tp ranks (partitioned.py) |
+| ddp + parallel.pp > 1 | pipeline_parallel.py | a decoder's blocks cut into stages over pp ranks (torch pipelining) |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,8 @@ from torch import nn
 if TYPE_CHECKING:
     from trainer.config import ParallelConfig, TrainConfig
     from trainer.distributed import DistEnv
+    from trainer.metrics import MetricSums
+    from trainer.objectives import Batch, LossOutput, Objective
 
 
 class Strategy(abc.ABC):
@@ -75,6 +79,25 @@ class Strategy(abc.ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's trained weights on CPU on rank 0 (None elsewhere): all of them, but the frozen
         base of a LoRA run (its adapters alone); every rank calls it."""
+
+    def forward_backward(self, micro_batches: Sequence[Batch], scale: float,
+                         loss: Callable[[Batch], tuple[LossOutput, torch.Tensor | float]],
+                         objective: Objective) -> MetricSums:
+        """Forward and backward every micro-batch of a step, back-propagating ``loss``'s (objective,
+        extra) sums times ``scale``; the loss outputs summed (the objective is for strategies that
+        run its pieces themselves)."""
+        from trainer.distributed import to_device
+        from trainer.metrics import MetricSums
+
+        sums = MetricSums()
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.env.device)
+            with self.accumulate(last=i == len(micro_batches) - 1):
+                with self.autocast():
+                    out, extra = loss(batch)
+                self.backward((out.loss_sum + extra) * scale)
+            sums.add(out)
+        return sums
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:
@@ -131,8 +154,8 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
-    """The strategy of ``cfg.strategy``; with ``parallel.ep`` or ``parallel.tp`` > 1 (config-checked:
-    with ddp, one of them), expert or tensor parallel."""
+    """The strategy of ``cfg.strategy``; with ``parallel.ep``, ``parallel.tp`` or ``parallel.pp`` > 1
+    (config-checked: with ddp, one of them), expert, tensor or pipeline parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
 
@@ -141,6 +164,10 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
         from trainer.strategy.tensor_parallel import TensorParallel
 
         return TensorParallel(cfg, env, accumulation, size=parallel.tp)
+    if parallel is not None and parallel.pp > 1:
+        from trainer.strategy.pipeline_parallel import PipelineParallel
+
+        return PipelineParallel(cfg, env, accumulation, size=parallel.pp, schedule=parallel.pp_schedule)
     module, name = STRATEGIES[str(cfg.strategy)]
     return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 
