@@ -32,7 +32,7 @@ def test_explicit_vocab_size_is_kept():
         ("train.warmup_steps=-1", "warmup_steps"),
         ("align.loss=ppo", "align.loss"),
         ("train.deepspeed_config=/any/ds_config.json", "deepspeed_config: only used by zero1/zero2/zero3"),
-        ("train.objective=ppo", "train.objective: 'ppo' is not one of clm, mlm, span, sft, preference, reward"),
+        ("train.objective=dpo", "train.objective: 'dpo' is not one of clm, mlm, span, sft, preference, reward"),
     ],
 )
 def test_bad_values_are_one_line(override, message):
