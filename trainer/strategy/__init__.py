@@ -12,6 +12,8 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | zero*  | deepspeed.py      | DeepSpeed ZeRO stage 1/2/3 (+ CPU offload, user ds_config)      |
 | ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated (partitioned.py) |
 | ddp + parallel.tp > 1 | tensor_parallel.py | attention heads and MLP units split over tp ranks (partitioned.py) |
+| fsdp + parallel.tp > 1 | tensor_parallel.py, fsdp.py | the same, the tp-split blocks sharded by FSDP2 over dp |
+| + parallel.sequence_parallel | tensor_parallel.py | tp's norms, residuals, dropout on sequence slices (Megatron-SP) |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -132,7 +134,7 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
     """The strategy of ``cfg.strategy``; with ``parallel.ep`` or ``parallel.tp`` > 1 (config-checked:
-    with ddp, one of them), expert or tensor parallel."""
+    one of them; ep with ddp, tp with ddp or fsdp), expert or tensor parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
 
@@ -140,7 +142,7 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
     if parallel is not None and parallel.tp > 1:
         from trainer.strategy.tensor_parallel import TensorParallel
 
-        return TensorParallel(cfg, env, accumulation, size=parallel.tp)
+        return TensorParallel(cfg, env, accumulation, size=parallel.tp, sequence_parallel=parallel.sequence_parallel)
     module, name = STRATEGIES[str(cfg.strategy)]
     return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 

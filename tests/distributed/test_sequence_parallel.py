@@ -1,0 +1,86 @@
+"""Sequence parallel (parallel.sequence_parallel) and tensor parallel with FSDP2 through the real trainer
+follow the single-process run; their checkpoints resume on other meshes (dp only, another tp)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from runs import final_weights, tiny_config, train
+from spawn import spawn
+
+MODELS = {
+    # GQA, q/k norms (shared by the heads, so partial gradients on each tp rank even without sp)
+    "llama": {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64,
+              "qk_norm": True},
+    "gpt2": {"preset": "tiny-gpt2", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},  # biases, LayerNorm
+    "encoder_decoder": {"preset": "tiny-t5", "pos": "sinusoidal", "d_model": 32, "n_heads": 2, "d_ff": 64,
+                        "max_seq_len": 64},  # two stacks, cross-attention
+}
+
+
+def _grad_norms(result) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _config(corpus, run_dir, model, *overrides):
+    raw = tiny_config(corpus, run_dir, *overrides)
+    raw["model"] = dict(model)
+    return raw
+
+
+@pytest.mark.parametrize(("arch", "sequence_parallel"),
+                         [("llama", True), ("llama", False), ("gpt2", True), ("encoder_decoder", True)])
+def test_tensor_and_sequence_parallel_follow_one_process(corpus, tmp_path, arch, sequence_parallel):
+    """tp=2 on 2 ranks (dp=1): each rank's norms, residuals and row-parallel biases see half of
+    each sequence; their gradients are summed over the tp pair."""
+    common = ("train.max_steps=4", "checkpoint.save_final=true")
+    [single] = spawn(train, 1, _config(corpus, tmp_path / "single", MODELS[arch], *common))
+    tp, _ = spawn(train, 2, _config(corpus, tmp_path / "tp", MODELS[arch], *common, "train.strategy=ddp",
+                                    "parallel.tp=2", f"parallel.sequence_parallel={sequence_parallel}"))
+    np.testing.assert_allclose(tp.losses, single.losses, rtol=1e-5)
+    np.testing.assert_allclose(_grad_norms(tp), _grad_norms(single), rtol=1e-5)
+    tp_weights = final_weights(tp)
+    for name, tensor in final_weights(single).items():  # the norms' too: their gradients summed right
+        torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(corpus, tmp_path):
+    """tp=2 × dp=2 with sequence parallel on 4 ranks (2 "nodes"), dp as ddp and as FSDP2: 10 steps
+    within 1e-4 of one process. The fsdp run's step-5 checkpoint resumes at dp=4 (ddp, no tp) and at
+    tp=4 (sequence parallel, fsdp over dp=1) with the uninterrupted run's losses."""
+    model = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 4, "d_ff": 64, "max_seq_len": 64}
+    common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
+              "checkpoint.save_final=true")
+    tp_sp = ("parallel.tp=2", "parallel.sequence_parallel=true", "checkpoint.every=5")
+
+    [single] = spawn(train, 1, _config(corpus, tmp_path / "single", model, *common))
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        raw = _config(corpus, tmp_path / strategy, model, *common, f"train.strategy={strategy}", *tp_sp)
+        runs[strategy] = spawn(train, 4, raw, env={"LOCAL_WORLD_SIZE": "2"})
+        assert all(r.losses == runs[strategy][0].losses for r in runs[strategy])
+        np.testing.assert_allclose(runs[strategy][0].losses, single.losses, rtol=1e-4)
+        assert runs[strategy][0].tokens_seen == single.tokens_seen
+    single_weights = final_weights(single)
+    for strategy, ranks in runs.items():  # whole tensors, plain layout
+        weights = final_weights(ranks[0])
+        assert weights.keys() == single_weights.keys()
+        for name, tensor in single_weights.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{strategy}: {name}")
+
+    uninterrupted = runs["fsdp"][0].losses
+    for name, overrides in (("dp4", ("train.strategy=ddp", "train.micro_batch_size=2")),
+                            ("tp4", ("train.strategy=fsdp", "parallel.tp=4", "parallel.sequence_parallel=true",
+                                     "train.micro_batch_size=8"))):
+        resumed = tmp_path / name
+        shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+        (resumed / "checkpoints" / "latest").write_text("step_000005")
+        raw = _config(corpus, resumed, model, *common, *overrides)
+        again = spawn(train, 4, raw)
+        np.testing.assert_allclose(again[0].losses, uninterrupted[5:], rtol=1e-4, err_msg=name)
