@@ -41,7 +41,7 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _tensor_parallel_gradients(model: dict, strategy: str, sequence_parallel: bool) -> dict[str, np.ndarray]:
+def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool) -> dict[str, np.ndarray]:
     """One backward on 2 ranks (tp=2, dp=1, the same batch): every gradient, synced and gathered whole."""
     from model import ModelConfig, build_model
     from trainer.config import RunConfig
@@ -51,7 +51,7 @@ def _tensor_parallel_gradients(model: dict, strategy: str, sequence_parallel: bo
     env = init_distributed(need_group=True)
     net = build_model(ModelConfig.from_dict({**model, "vocab_size": 64}))
     net.init_weights(0)
-    tp = TensorParallel(RunConfig.from_dict({"train": {"strategy": strategy}}).train, env, size=2,
+    tp = TensorParallel(RunConfig.from_dict({"train": train}).train, env, size=2,
                         sequence_parallel=sequence_parallel)
     wrapped = tp.wrap(net)
     with tp.accumulate(last=True):
@@ -61,9 +61,10 @@ def _tensor_parallel_gradients(model: dict, strategy: str, sequence_parallel: bo
     return {name: tp._gather(name, p.grad).numpy() for name, p in wrapped.named_parameters()}
 
 
-@pytest.mark.parametrize(("arch", "strategy", "sequence_parallel"), [
-    ("llama", "ddp", False), ("llama", "ddp", True), ("llama", "fsdp", True), ("gpt2", "ddp", True)])
-def test_tensor_parallel_gradients_equal_one_process(arch, strategy, sequence_parallel):
+@pytest.mark.parametrize(("arch", "train", "sequence_parallel"), [
+    ("llama", {"strategy": "ddp"}, False), ("llama", {"strategy": "ddp"}, True), ("gpt2", {"strategy": "ddp"}, True),
+    ("llama", {"strategy": "fsdp"}, True), ("llama", {"strategy": "ddp", "activation_checkpointing": "full"}, True)])
+def test_tensor_parallel_gradients_equal_one_process(arch, train, sequence_parallel):
     """The sharpest check of which gradients are split, whole or partial (sequence-parallel norms,
     row-parallel biases, q/k norms shared by split heads): Adam hides a gradient off by a factor."""
     from model import ModelConfig, build_model
@@ -71,7 +72,7 @@ def test_tensor_parallel_gradients_equal_one_process(arch, strategy, sequence_pa
     reference = build_model(ModelConfig.from_dict({**MODELS[arch], "vocab_size": 64}))
     reference.init_weights(0)
     _loss(reference, _batch()).backward()
-    grads, _ = spawn(_tensor_parallel_gradients, 2, MODELS[arch], strategy, sequence_parallel)
+    grads, _ = spawn(_tensor_parallel_gradients, 2, MODELS[arch], train, sequence_parallel)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(torch.from_numpy(grads[name]), param.grad, rtol=1e-4, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")

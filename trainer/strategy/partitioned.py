@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from trainer.strategy import materialize
 from trainer.strategy.optim import set_lr
 from trainer.strategy.single import TRAINED, Single
 
@@ -78,6 +79,17 @@ class Partitioned(Single):
         """Check the model and the mesh, make the mesh, split the model's tensors (:meth:`split`)."""
         raise NotImplementedError
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """On the host: :meth:`parallelize` moves only this rank's parts to the device (FSDP2 its
+        dp shards of them), so the whole model never sits on the device."""
+        materialize(model, self.cfg.seed)
+        return model
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """Whole on every rank's device (a reference model is not split)."""
+        model.requires_grad_(False)
+        return Single.place(self, model).eval()
+
     def parallelize(self, model: nn.Module) -> nn.Module:
         self.partition(model)
         for name, param in model.named_parameters():
@@ -86,7 +98,7 @@ class Partitioned(Single):
             self.layouts[name] = (Layout.split if id(param) in self._split_ids else
                                   Layout.partial if id(param) in self._partial_ids else Layout.replicated)
         if not self.sharded:
-            return model
+            return model.to(self.env.device)
         from trainer.strategy.fsdp import shard_model
 
         return shard_model(model, self.mesh[self.mesh_dims[0]], self.cfg, self.env.device)
