@@ -98,13 +98,14 @@ def test_sequence_parallel_follows_one_process(corpus, tmp_path, arch):
 def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(corpus, tmp_path):
     """tp=2 × dp=2 with sequence parallel on 4 ranks (2 "nodes"), dp as ddp and as FSDP2: 10 steps
     within 1e-4 of one process. The fsdp run's step-5 checkpoint resumes at dp=4 (ddp, no tp) and at
-    tp=4 (sequence parallel, fsdp over dp=1) with the uninterrupted run's losses."""
+    tp=4 (sequence parallel, fsdp over dp=1) with the uninterrupted run's losses; the single-process
+    run's resumes at tp=2 × dp=2 (fsdp) with its own."""
     model = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 4, "d_ff": 64, "max_seq_len": 64}
     common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
               "checkpoint.save_final=true")
     tp_sp = ("parallel.tp=2", "parallel.sequence_parallel=true", "checkpoint.every=5")
 
-    [single] = spawn(train, 1, _config(corpus, tmp_path / "single", model, *common))
+    [single] = spawn(train, 1, _config(corpus, tmp_path / "single", model, *common, "checkpoint.every=5"))
     runs = {}
     for strategy in ("ddp", "fsdp"):
         raw = _config(corpus, tmp_path / strategy, model, *common, f"train.strategy={strategy}", *tp_sp)
@@ -119,13 +120,14 @@ def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(co
         for name, tensor in single_weights.items():
             torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{strategy}: {name}")
 
-    uninterrupted = runs["fsdp"][0].losses
-    for name, overrides in (("dp4", ("train.strategy=ddp", "train.micro_batch_size=2")),
-                            ("tp4", ("train.strategy=fsdp", "parallel.tp=4", "parallel.sequence_parallel=true",
-                                     "train.micro_batch_size=8"))):
+    resumes = (("dp4", runs["fsdp"][0], ("train.strategy=ddp", "train.micro_batch_size=2")),
+               ("tp4", runs["fsdp"][0], ("train.strategy=fsdp", "parallel.tp=4", "parallel.sequence_parallel=true",
+                                         "train.micro_batch_size=8")),
+               ("from_single", single, ("train.strategy=fsdp", *tp_sp)))
+    for name, uninterrupted, overrides in resumes:
         resumed = tmp_path / name
-        shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+        shutil.copytree(uninterrupted.run_dir / "checkpoints" / "step_000005",
+                        resumed / "checkpoints" / "step_000005")
         (resumed / "checkpoints" / "latest").write_text("step_000005")
-        raw = _config(corpus, resumed, model, *common, *overrides)
-        again = spawn(train, 4, raw)
-        np.testing.assert_allclose(again[0].losses, uninterrupted[5:], rtol=1e-4, err_msg=name)
+        again = spawn(train, 4, _config(corpus, resumed, model, *common, *overrides))
+        np.testing.assert_allclose(again[0].losses, uninterrupted.losses[5:], rtol=1e-4, err_msg=name)
