@@ -41,8 +41,9 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool) -> dict[str, np.ndarray]:
-    """One backward on 2 ranks (tp=2, dp=1, the same batch): every gradient, synced and gathered whole."""
+def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool) -> tuple[dict, np.ndarray]:
+    """One backward on 2 ranks (tp=2, dp=1, the same batch): every gradient, synced and gathered
+    whole; and logits without gradients for an odd length (sequence parallel steps aside)."""
     from model import ModelConfig, build_model
     from trainer.config import RunConfig
     from trainer.distributed import init_distributed
@@ -58,7 +59,9 @@ def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool
         _loss(wrapped, _batch()).backward()
     tp._reduce_gradients()
     # numpy: a tensor would travel to the parent as shared memory that dies with this process
-    return {name: tp._gather(name, p.grad).numpy() for name, p in wrapped.named_parameters()}
+    grads = {name: tp._gather(name, p.grad).numpy() for name, p in wrapped.named_parameters()}
+    with torch.no_grad():
+        return grads, wrapped(_batch()[:, :15]).numpy()
 
 
 @pytest.mark.parametrize(("arch", "train", "sequence_parallel"), [
@@ -66,16 +69,19 @@ def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool
     ("llama", {"strategy": "fsdp"}, True), ("llama", {"strategy": "ddp", "activation_checkpointing": "full"}, True)])
 def test_tensor_parallel_gradients_equal_one_process(arch, train, sequence_parallel):
     """The sharpest check of which gradients are split, whole or partial (sequence-parallel norms,
-    row-parallel biases, q/k norms shared by split heads): Adam hides a gradient off by a factor."""
+    row-parallel biases, q/k norms shared by split heads): Adam hides a gradient off by a factor.
+    Without gradients (evaluation, generation) sequence parallel steps aside: any length runs."""
     from model import ModelConfig, build_model
 
     reference = build_model(ModelConfig.from_dict({**MODELS[arch], "vocab_size": 64}))
     reference.init_weights(0)
     _loss(reference, _batch()).backward()
-    grads, _ = spawn(_tensor_parallel_gradients, 2, MODELS[arch], train, sequence_parallel)
+    (grads, logits), _ = spawn(_tensor_parallel_gradients, 2, MODELS[arch], train, sequence_parallel)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(torch.from_numpy(grads[name]), param.grad, rtol=1e-4, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), reference(_batch()[:, :15]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "encoder_decoder"])

@@ -13,6 +13,8 @@ its slice, attention and MLP all-gather the sequence on the way in and reduce-sc
 out (in place of the all-reduce), and each stack's last block gathers it back, so the final norm,
 head and loss see whole sequences. Norm weights then get part of their gradient on each tp rank
 (:class:`~trainer.strategy.partitioned.Layout` ``partial``), as q/k norms always do (they see some heads).
+Forwards without gradients (evaluation, generation, which decodes one token at a time) save no
+activations and run as plain tp.
 
 The model's fused q/k/v and gate/up projections are why this is not DTensor's ``ColwiseParallel``:
 that shards rows contiguously, handing rank 0 all of q, and a layout that shards well (torchtitan's
@@ -118,6 +120,11 @@ def unscatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     return _Exchange.apply(x, group, _all_gather, _slice)
 
 
+def _sequence_split(sequence: bool) -> bool:
+    """Whether this forward runs sequence parallel: only with gradients (see the module's docstring)."""
+    return sequence and torch.is_grad_enabled()
+
+
 class ColumnParallel(nn.Module):
     """Some output rows of a linear layer; its input's gradient is summed over the tp group (here,
     or with ``gathered``, by the sequence all-gather in front of the layer)."""
@@ -130,7 +137,8 @@ class ColumnParallel(nn.Module):
         self.bias = strategy.split(linear.bias, 0, rows) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x if self.gathered else copy_to_tp(x, self.group), self.weight, self.bias)
+        x = x if _sequence_split(self.gathered) else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallel(nn.Module):
@@ -140,15 +148,15 @@ class RowParallel(nn.Module):
     def __init__(self, linear: nn.Linear, cols: list[torch.Tensor], strategy: Partitioned,
                  sequence: bool = False) -> None:
         super().__init__()
-        self.group = strategy.shard_group
-        self.reduce = reduce_scatter_sequence if sequence else reduce_from_tp
+        self.group, self.sequence = strategy.shard_group, sequence
         self.weight = strategy.split(linear.weight, 1, cols)
         self.bias = linear.bias
         if sequence and self.bias is not None:
             strategy.mark_partial(self.bias)  # added to a slice of the sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.reduce(F.linear(x, self.weight), self.group)
+        reduce = reduce_scatter_sequence if _sequence_split(self.sequence) else reduce_from_tp
+        out = reduce(F.linear(x, self.weight), self.group)
         return out + self.bias if self.bias is not None else out
 
 
@@ -220,11 +228,12 @@ class TensorParallel(Partitioned):
         group = self.shard_group
 
         def first_arg(exchange: Callable) -> Callable:
-            return lambda module, args: (exchange(args[0], group), *args[1:])
+            return lambda module, args: (exchange(args[0], group), *args[1:]) if _sequence_split(True) else None
 
         for stack in [m for m in model.modules() if isinstance(m, Stack)]:
             stack.layers[0].register_forward_pre_hook(first_arg(scatter_sequence))
-            stack.layers[-1].register_forward_hook(lambda module, args, out: unscatter_sequence(out, group))
+            stack.layers[-1].register_forward_hook(
+                lambda module, args, out: unscatter_sequence(out, group) if _sequence_split(True) else None)
         for block in [m for m in model.modules() if isinstance(m, Block)]:
             for inner in (block.attn, block.cross_attn, block.mlp):
                 if inner is not None:
