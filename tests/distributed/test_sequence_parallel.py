@@ -41,9 +41,9 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool) -> tuple[dict, np.ndarray]:
+def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool) -> tuple[dict, float, np.ndarray]:
     """One backward on 2 ranks (tp=2, dp=1, the same batch): every gradient, synced and gathered
-    whole; and logits without gradients for an odd length (sequence parallel steps aside)."""
+    whole; the weight norm; logits without gradients for an odd length (sequence parallel steps aside)."""
     from model import ModelConfig, build_model
     from trainer.config import RunConfig
     from trainer.distributed import init_distributed
@@ -61,7 +61,7 @@ def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool
     # numpy: a tensor would travel to the parent as shared memory that dies with this process
     grads = {name: tp._gather(name, p.grad).numpy() for name, p in wrapped.named_parameters()}
     with torch.no_grad():
-        return grads, wrapped(_batch()[:, :15]).numpy()
+        return grads, tp.weight_norm(), wrapped(_batch()[:, :15]).numpy()
 
 
 @pytest.mark.parametrize(("arch", "train", "sequence_parallel"), [
@@ -76,12 +76,14 @@ def test_tensor_parallel_gradients_equal_one_process(arch, train, sequence_paral
     reference = build_model(ModelConfig.from_dict({**MODELS[arch], "vocab_size": 64}))
     reference.init_weights(0)
     _loss(reference, _batch()).backward()
-    (grads, logits), _ = spawn(_tensor_parallel_gradients, 2, MODELS[arch], train, sequence_parallel)
+    (grads, weight_norm, logits), _ = spawn(_tensor_parallel_gradients, 2, MODELS[arch], train, sequence_parallel)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(torch.from_numpy(grads[name]), param.grad, rtol=1e-4, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), reference(_batch()[:, :15]), rtol=1e-4, atol=1e-5)
+    whole = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    assert weight_norm == pytest.approx(float(whole.norm()), rel=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "encoder_decoder"])
@@ -118,6 +120,7 @@ def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(co
         runs[strategy] = spawn(train, 4, raw, env={"LOCAL_WORLD_SIZE": "2"})
         assert all(r.losses == runs[strategy][0].losses for r in runs[strategy])
         np.testing.assert_allclose(runs[strategy][0].losses, single.losses, rtol=1e-4)
+        np.testing.assert_allclose(_grad_norms(runs[strategy][0]), _grad_norms(single), rtol=1e-4)
         assert runs[strategy][0].tokens_seen == single.tokens_seen
     single_weights = final_weights(single)
     for strategy, ranks in runs.items():  # whole tensors, plain layout
