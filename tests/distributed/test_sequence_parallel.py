@@ -67,7 +67,8 @@ def _tensor_parallel_gradients(model: dict, train: dict, sequence_parallel: bool
 @pytest.mark.parametrize(("arch", "train", "sequence_parallel"), [
     ("llama", {"strategy": "ddp"}, False), ("llama", {"strategy": "ddp"}, True), ("gpt2", {"strategy": "ddp"}, True),
     ("llama", {"strategy": "fsdp"}, True), ("llama", {"strategy": "ddp", "activation_checkpointing": "full"}, True),
-    ("llama", {"strategy": "fsdp", "activation_checkpointing": "selective"}, True)])
+    ("llama", {"strategy": "fsdp", "activation_checkpointing": "selective"}, True)],
+    ids=["qk-norm-tp", "sp", "gpt2-sp", "fsdp-sp", "sp-full-ac", "fsdp-sp-selective-ac"])
 def test_tensor_parallel_gradients_equal_one_process(arch, train, sequence_parallel):
     """The sharpest check of which gradients are split, whole or partial (sequence-parallel norms,
     row-parallel biases, q/k norms shared by split heads): Adam hides a gradient off by a factor.
