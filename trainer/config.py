@@ -181,20 +181,24 @@ class TrainConfig(Config):
 @dataclasses.dataclass
 class ParallelConfig(Config):
     """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now,
-    one at a time and with train.strategy=ddp: ``tp`` (Megatron-style tensor parallel of dense
-    blocks), ``ep`` (MoE experts split over ranks) and ``pp`` (a decoder's blocks in pipeline
-    stages, trainer/strategy/pipeline_parallel.py); cp is refused."""
+    one at a time: ``tp`` (Megatron-style tensor parallel of dense blocks, optionally sequence
+    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp) and ``pp`` (a
+    decoder's blocks in pipeline stages, trainer/strategy/pipeline_parallel.py; dp as ddp); cp is
+    refused."""
 
     tp: int = 1  # tensor parallel: ranks each block's heads and MLP units are split over (they share a batch)
     pp: int = 1  # pipeline parallel: ranks a decoder's blocks are staged over (they share a batch)
     pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b  # multi-stage schedules: 2 stages per pp rank
     cp: int = 1  # context parallel (not yet)
     ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
+    sequence_parallel: bool = False  # with tp: norms and residuals on 1/tp of the sequence (Megatron-SP)
 
     def validate(self, where: str) -> None:
         for key in ("tp", "pp", "cp", "ep"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError(f"{where}.sequence_parallel splits tensor parallel's activations: set {where}.tp > 1")
         beyond = [f"{where}.{key}" for key in ("tp", "pp", "ep") if getattr(self, key) > 1]
         if len(beyond) > 1:
             raise ConfigError(f"{' and '.join(beyond)}: one at a time for now (tp splits dense blocks, pp stages "
@@ -377,16 +381,24 @@ class RunConfig(Config):
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def validate(self, where: str) -> None:
-        for key in ("ep", "tp", "pp"):
+        for key, strategies in (("ep", (StrategyName.ddp,)), ("tp", (StrategyName.ddp, StrategyName.fsdp)),
+                                ("pp", (StrategyName.ddp,))):
             size = getattr(self.parallel, key)
-            if size > 1 and self.train.strategy is not StrategyName.ddp:
-                raise ConfigError(f"parallel.{key}={size} runs with train.strategy=ddp (its split tensors, "
-                                  f"the rest replicated), not {self.train.strategy}")
+            if size > 1 and self.train.strategy not in strategies:
+                raise ConfigError(f"parallel.{key}={size} runs with train.strategy={' or '.join(strategies)} "
+                                  f"over the data-parallel ranks, not {self.train.strategy}")
             if size > 1 and self.lora.enabled:
                 raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
         pp = self.parallel.pp
         if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
             raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
+        tp = self.parallel.tp
+        if tp > 1 and self.train.hsdp:
+            raise ConfigError(f"parallel.tp={tp} with train.hsdp is not supported: fsdp shards over the "
+                              "data-parallel ranks of the (dp, tp) mesh; drop train.hsdp")
+        if self.parallel.sequence_parallel and self.data.seq_len % tp:
+            raise ConfigError(f"parallel.sequence_parallel splits each sequence over parallel.tp={tp} ranks: "
+                              f"data.seq_len={self.data.seq_len} must be a multiple of it")
         if self.lora.quantize != "none" and self.train.strategy not in (StrategyName.single, StrategyName.ddp):
             raise ConfigError(f"lora.quantize={self.lora.quantize} runs under train.strategy single or ddp, not "
                               f"{self.train.strategy} (sharding NF4 weights is not wired)")

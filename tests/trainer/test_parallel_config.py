@@ -19,6 +19,11 @@ from trainer.distributed import DistEnv
     ({"parallel": {"tp": 2}}, "parallel.tp=2 runs with train.strategy=ddp"),
     ({"parallel": {"ep": 0}}, "parallel.ep: must be at least 1"),
     ({"parallel": {"ep": 2}, "train": {"strategy": "fsdp"}}, "parallel.ep=2 runs with train.strategy=ddp"),
+    ({"parallel": {"tp": 2}, "train": {"strategy": "zero3"}}, "parallel.tp=2 runs with train.strategy=ddp or fsdp"),
+    ({"parallel": {"tp": 2}, "train": {"strategy": "fsdp", "hsdp": True}}, "parallel.tp=2 with train.hsdp"),
+    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel splits .* set parallel.tp > 1"),
+    ({"parallel": {"tp": 4, "sequence_parallel": True}, "train": {"strategy": "ddp"}, "data": {"seq_len": 30}},
+     "data.seq_len=30 must be a multiple of it"),
 ])
 def test_parallel_settings_are_checked_at_config_load(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:

@@ -14,6 +14,8 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp + parallel.ep > 1 | expert_parallel.py | MoE experts sharded over ep ranks, the rest replicated (partitioned.py) |
 | ddp + parallel.tp > 1 | tensor_parallel.py | attention heads and MLP units split over tp ranks (partitioned.py) |
 | ddp + parallel.pp > 1 | pipeline_parallel.py | a decoder's blocks cut into stages over pp ranks (torch pipelining) |
+| fsdp + parallel.tp > 1 | tensor_parallel.py, fsdp.py | the same, the tp-split blocks sharded by FSDP2 over dp |
+| + parallel.sequence_parallel | tensor_parallel.py | tp's norms, residuals, dropout on sequence slices (Megatron-SP) |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -155,7 +157,8 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
     """The strategy of ``cfg.strategy``; with ``parallel.ep``, ``parallel.tp`` or ``parallel.pp`` > 1
-    (config-checked: with ddp, one of them), expert, tensor or pipeline parallel."""
+    (config-checked: one of them; ep and pp with ddp, tp with ddp or fsdp), expert, tensor or pipeline
+    parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
 
@@ -163,7 +166,7 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
     if parallel is not None and parallel.tp > 1:
         from trainer.strategy.tensor_parallel import TensorParallel
 
-        return TensorParallel(cfg, env, accumulation, size=parallel.tp)
+        return TensorParallel(cfg, env, accumulation, size=parallel.tp, sequence_parallel=parallel.sequence_parallel)
     if parallel is not None and parallel.pp > 1:
         from trainer.strategy.pipeline_parallel import PipelineParallel
 

@@ -56,7 +56,7 @@ class ExpertParallel(Partitioned):
     def shard_divisor(self) -> int:
         return self.env.world_size
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
+    def partition(self, model: nn.Module) -> None:
         layers = moe_layers(model)
         if self.env.world_size % self.size:
             raise ConfigError(f"parallel.ep={self.size} does not divide the {self.env.world_size} ranks")
@@ -67,4 +67,3 @@ class ExpertParallel(Partitioned):
         self.make_mesh()
         for layer in layers:
             layer.experts = ShardedExperts(layer.experts, self)
-        return model

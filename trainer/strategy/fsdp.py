@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,13 +20,30 @@ from common.errors import ConfigError
 from trainer.strategy import materialize
 from trainer.strategy.single import Single
 
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """``fully_shard`` every block, then the root, over ``mesh`` (a fresh meta-device model is
+    materialised block by block on the host, each block sharded as soon as it is ready). Tensor
+    parallel calls it with its dp sub-mesh, after splitting the blocks over tp. CPU offload applies
+    on accelerators; on a CPU-only host the shards already live in memory."""
+    offload = cfg.offload != "none" and device.type != "cpu"
+    options = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if cfg.precision == "bf16"
+        else MixedPrecisionPolicy(),
+        "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+    }
+    if not materialize(model, cfg.seed, on_block=lambda block: fully_shard(block, **options)):
+        for block in model.blocks():
+            fully_shard(block, **options)
+    return fully_shard(model, **options)
+
 
 class FSDP(Single):
-    @property
-    def offloads(self) -> bool:
-        """CPU offload applies on accelerators; on a CPU-only host the shards already live in memory."""
-        return self.cfg.offload != "none" and self.env.device.type != "cpu"
-
     def mesh(self) -> DeviceMesh:
         env = self.env
         if not self.cfg.hsdp:
@@ -37,18 +55,7 @@ class FSDP(Single):
         )
 
     def shard(self, model: nn.Module) -> nn.Module:
-        bf16 = self.cfg.precision == "bf16"
-        options = {
-            "mesh": self.mesh(),
-            "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if bf16
-            else MixedPrecisionPolicy(),
-            "offload_policy": CPUOffloadPolicy() if self.offloads else OffloadPolicy(),
-        }
-        if not materialize(model, self.cfg.seed, on_block=lambda block: fully_shard(block, **options)):
-            for block in model.blocks():
-                fully_shard(block, **options)
-        return fully_shard(model, **options)
+        return shard_model(model, self.mesh(), self.cfg, self.env.device)
 
     def place(self, model: nn.Module) -> nn.Module:
         """Left where it is: :meth:`shard` materialises a fresh model block by block on the host and

@@ -1,16 +1,22 @@
 """The shared part of expert and tensor parallel: some parameters split over a group of ranks (the
-"shard group"), the rest replicated, on a 2-D (dp, shard) mesh of plain tensors (no DTensor).
+"shard group"), the rest whole on every rank, on a 2-D (dp, shard) mesh; the model's own tensors
+stay plain (tensor parallel may then shard them over dp with FSDP2: :attr:`Partitioned.sharded`).
 
-Gradients are summed after the last micro-batch: replicated ones over the world, divided by the
-world size (what DDP's average gives); split ones over their dp replicas, divided by
-:attr:`shard_divisor`. The gradient norm counts each tensor once. Checkpoints and
-``full_state_dict`` hold whole tensors, gathered over the shard group, under the plain model's
-names and layout, so a checkpoint resumes under ddp, fsdp or another mesh.
+Gradients are summed after the last micro-batch (FSDP2 averages them over dp itself): replicated ones
+over the world, divided by the world size (what DDP's average gives); split ones over their dp
+replicas, divided by :attr:`shard_divisor`; partial ones (whole tensors whose gradient each rank of a
+shard group holds a part of: sequence-parallel norms, per-head q/k norms) over the world, divided by
+dp. The gradient norm counts each tensor once. Checkpoints and ``full_state_dict`` hold whole
+tensors, gathered over dp and the shard group, under the plain model's names and layout, so a
+checkpoint resumes under ddp, fsdp or another mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,31 +25,83 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from trainer.strategy import materialize
 from trainer.strategy.optim import set_lr
 from trainer.strategy.single import TRAINED, Single
 
 
+class Layout(enum.Enum):
+    """How a trainable parameter lies on the ranks of a shard group."""
+
+    replicated = "replicated"  # whole on each, the same gradient on each
+    partial = "partial"  # whole on each, each holding a part of the gradient's sum
+    split = "split"  # a different part on each
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor FSDP2 shards over dp (a DTensor); a plain tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class Partitioned(Single):
     mesh_dims = ("dp", "shard")
+    sharded = False  # whether FSDP2 shards the (tp-split) model over dp
 
     def __init__(self, cfg, env, accumulation: int = 1, size: int = 2) -> None:
         super().__init__(cfg, env, accumulation)
         self.size = size  # ranks in one shard group
-        self.parts: dict[int, tuple[int, list[torch.Tensor]]] = {}  # id(param) -> (dim, each rank's indices)
+        self._split_ids: dict[int, tuple[int, list[torch.Tensor]]] = {}  # id(param) -> (dim, each rank's indices)
+        self._partial_ids: set[int] = set()
+        # by parameter name once partitioned (FSDP2 replaces the tensors, not the names)
+        self.splits: dict[str, tuple[int, list[torch.Tensor]]] = {}
+        self.layouts: dict[str, Layout] = {}
 
     def make_mesh(self) -> None:
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size // self.size, self.size),
-                                mesh_dim_names=self.mesh_dims)
-        self.shard_group, self.dp_group = mesh.get_group(self.mesh_dims[1]), mesh.get_group(self.mesh_dims[0])
+        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size // self.size, self.size),
+                                     mesh_dim_names=self.mesh_dims)
+        self.shard_group, self.dp_group = self.mesh.get_group(self.mesh_dims[1]), self.mesh.get_group(self.mesh_dims[0])
         self.shard_rank = dist.get_rank(self.shard_group)
 
     def split(self, tensor: torch.Tensor, dim: int, indices: list[torch.Tensor]) -> nn.Parameter:
         """This rank's part of ``tensor`` (``indices[shard_rank]`` along ``dim``) as a parameter that
         gathers back to ``tensor``'s layout."""
         param = nn.Parameter(tensor.detach().index_select(dim, indices[self.shard_rank]).clone())
-        self.parts[id(param)] = (dim, indices)
+        self._split_ids[id(param)] = (dim, indices)
         return param
+
+    def mark_partial(self, param: nn.Parameter) -> None:
+        """``param`` stays whole, but each rank of the shard group computes a part of its gradient."""
+        self._partial_ids.add(id(param))
+
+    def partition(self, model: nn.Module) -> None:
+        """Check the model and the mesh, make the mesh, split the model's tensors (:meth:`split`)."""
+        raise NotImplementedError
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """On the host: :meth:`parallelize` moves only this rank's parts to the device (FSDP2 its
+        dp shards of them), so the whole model never sits on the device."""
+        materialize(model, self.cfg.seed)
+        return model
+
+    def wrap_frozen(self, model: nn.Module) -> nn.Module:
+        """Whole on every rank's device (a reference model is not split)."""
+        model.requires_grad_(False)
+        return Single.place(self, model).eval()
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        self.partition(model)
+        for name, param in model.named_parameters():
+            if id(param) in self._split_ids:
+                self.splits[name] = self._split_ids[id(param)]
+            self.layouts[name] = (Layout.split if id(param) in self._split_ids else
+                                  Layout.partial if id(param) in self._partial_ids else Layout.replicated)
+        if not self.sharded:
+            return model.to(self.env.device)
+        from trainer.strategy.fsdp import shard_model
+
+        return shard_model(model, self.mesh[self.mesh_dims[0]], self.cfg, self.env.device)
 
     @property
     def shard_divisor(self) -> int:
@@ -52,37 +110,52 @@ class Partitioned(Single):
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def _trained(self, split: bool) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad and (id(p) in self.parts) == split]
+    def _trained(self, *layouts: Layout) -> list[nn.Parameter]:
+        return [p for name, p in self.model.named_parameters() if p.requires_grad and self.layouts[name] in layouts]
 
     def _reduce_gradients(self) -> None:
-        for split, group, divisor in ((False, None, self.env.world_size), (True, self.dp_group, self.shard_divisor)):
-            params = self._trained(split)
+        dp = self.env.world_size // self.size
+        if self.sharded:  # FSDP2 averaged every gradient over dp in backward
+            buckets = [(Layout.partial, self.shard_group, 1)]
+        else:
+            buckets = [(Layout.replicated, None, self.env.world_size),
+                       (Layout.split, self.dp_group, self.shard_divisor), (Layout.partial, None, dp)]
+        for layout, group, divisor in buckets:
+            params = self._trained(layout)
             if not params:
                 continue
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            flat = torch.cat([p.grad.flatten() for p in params])
+            grads = [_local(p.grad) for p in params]
+            flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat, group=group)
             flat /= divisor
             offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
-    def _norm(self, tensors: list[torch.Tensor], split: list[torch.Tensor]) -> float:
-        replicated = sum((t.double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
-        parts = sum((t.double().pow(2).sum() for t in split), torch.zeros((), dtype=torch.float64))
-        dist.all_reduce(parts, group=self.shard_group)
+    def _norm(self, whole: list[torch.Tensor], split: list[torch.Tensor]) -> float:
+        """The L2 norm of tensors each rank holds whole (or its dp shard of) and of split ones."""
+        def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return sum((_local(t).double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
+
+        replicated, parts = squares(whole), squares(split)
+        if self.sharded:
+            dist.all_reduce(replicated, group=self.dp_group)
+            dist.all_reduce(parts)
+        else:
+            dist.all_reduce(parts, group=self.shard_group)
         return float((replicated + parts).sqrt())
 
     def step(self, lr: float, skip: bool = False) -> float:
         self._reduce_gradients()
-        norm = self._norm([p.grad for p in self._trained(False)], [p.grad for p in self._trained(True)])
+        whole, split = self._trained(Layout.replicated, Layout.partial), self._trained(Layout.split)
+        norm = self._norm([p.grad for p in whole], [p.grad for p in split])
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         if math.isfinite(norm) and norm > limit:  # as clip_grad_norm_
-            torch._foreach_mul_([p.grad for p in self._trained(False) + self._trained(True)], limit / (norm + 1e-6))
+            torch._foreach_mul_([_local(p.grad) for p in whole + split], limit / (norm + 1e-6))
         if not skip and math.isfinite(norm):
             set_lr(self.optimizer, lr)
             self.optimizer.step()
@@ -92,15 +165,25 @@ class Partitioned(Single):
     @torch.no_grad()
     def weight_norm(self) -> float:
         """The whole model's weight norm (each tensor once)."""
-        return self._norm(self._trained(False), self._trained(True))
+        return self._norm(self._trained(Layout.replicated, Layout.partial), self._trained(Layout.split))
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool) -> Iterator[None]:
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        yield
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.sharded else super().autocast()  # FSDP2's policy casts
 
     # -- checkpoints: whole tensors, named and laid out as in the plain model ---------------------
 
-    def _split_names(self) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in self.model.named_parameters() if id(p) in self.parts}
-
-    def _gather(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
-        dim, indices = self.parts[id(param)]
+    def _gather(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor ``name`` from this rank's piece of it (every rank calls it)."""
+        local = local.full_tensor() if isinstance(local, DTensor) else local
+        if name not in self.splits:
+            return local
+        dim, indices = self.splits[name]
         pieces = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(pieces, local.contiguous(), group=self.shard_group)
         shape = list(local.shape)
@@ -110,39 +193,53 @@ class Partitioned(Single):
             whole.index_copy_(dim, index.to(whole.device), piece)
         return whole
 
-    def _local(self, param: nn.Parameter, whole: torch.Tensor) -> torch.Tensor:
-        dim, indices = self.parts[id(param)]
-        return whole.index_select(dim, indices[self.shard_rank].to(whole.device))
+    def _piece(self, name: str, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the whole tensor ``name``, laid out as ``like`` (a DTensor under FSDP2)."""
+        if name in self.splits:
+            dim, indices = self.splits[name]
+            whole = whole.index_select(dim, indices[self.shard_rank].to(whole.device))
+        if isinstance(like, DTensor):
+            return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+        return whole
+
+    def _state(self) -> dict:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
+        # new per-parameter dicts: those of ``get_state_dict`` are the optimizer's own
+        optim_state = {**optim_state, "state": {name: dict(entry) for name, entry in optim_state["state"].items()}}
+        return {"model": model_state, "optim": optim_state}
+
+    @staticmethod
+    def _tensors(state: dict) -> Iterator[tuple[str, dict, str]]:
+        """(parameter name, holder, key) of every per-parameter tensor of :meth:`_state`'s dict."""
+        for name in state["model"]:
+            yield name, state["model"], name
+        for name, entry in state["optim"]["state"].items():
+            for key, value in entry.items():
+                if value.ndim:  # not the scalar step
+                    yield name, entry, key
 
     def _whole_state(self) -> dict:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
-        for name, param in self._split_names().items():  # new dicts: the per-parameter ones are the optimizer's
-            model_state[name] = self._gather(param, model_state[name])
-            optim_state["state"][name] = {key: self._gather(param, value) if value.ndim else value  # step: scalar
-                                          for key, value in optim_state["state"][name].items()}
-        return {"model": model_state, "optim": optim_state}
+        state = self._state()
+        for name, holder, key in self._tensors(state):
+            holder[key] = self._gather(name, holder[key])
+        return state
 
     def save(self, path: Path) -> None:
         dcp.save(self._whole_state(), checkpoint_id=path / "dcp")
 
     def load(self, path: Path) -> None:
-        state = self._whole_state()  # the shapes to read into
+        state, pieces = self._whole_state(), self._state()  # the whole shapes to read into; this rank's layout
         dcp.load(state, checkpoint_id=path / "dcp")
-        for name, param in self._split_names().items():
-            state["model"][name] = self._local(param, state["model"][name])
-            state["optim"]["state"][name] = {key: self._local(param, value) if value.ndim else value
-                                             for key, value in state["optim"]["state"][name].items()}
+        for (name, holder, key), (_, like, _) in zip(self._tensors(state), self._tensors(pieces)):
+            holder[key] = self._piece(name, holder[key], like[key])
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=TRAINED)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        split = {name: p for name, p in self.model.named_parameters() if id(p) in self.parts}
         frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         state = {}
         for name, tensor in self.model.state_dict().items():
             if name in frozen:  # a LoRA run's base, as ignore_frozen_params leaves it out
                 continue
-            if name in split:
-                tensor = self._gather(split[name], tensor.detach())
-            state[name] = tensor.detach().cpu().clone()
+            state[name] = self._gather(name, tensor.detach()).cpu().clone()
         return state if self.env.is_main else None

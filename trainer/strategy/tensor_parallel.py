@@ -1,79 +1,162 @@
-"""Tensor parallel (``parallel.tp`` > 1, with train.strategy=ddp), Megatron-style, on a (dp, tp) mesh.
+"""Tensor parallel (``parallel.tp`` > 1, with train.strategy ddp or fsdp), Megatron-style, on a (dp, tp) mesh.
 
 The ``tp`` ranks of a group read the same batch. Each holds its share of every block's attention
 heads (its rows of the fused q/k/v projection, its columns of the output projection) and of the
 MLP's hidden units (its rows of gate/up, its columns of down); embeddings, norms and the LM head are
 replicated. Around each split pair, ``copy_to_tp`` (identity forward, all-reduce backward) and
 ``reduce_from_tp`` (all-reduce forward, identity backward) keep the replicated activations and
-their gradients whole on every rank. A split tensor's gradient comes from its group's one batch:
-summed over its dp replicas it is divided by dp. Gradient sync, norms and whole-tensor checkpoints:
-:mod:`trainer.strategy.partitioned`.
+their gradients whole on every rank.
+
+With ``parallel.sequence_parallel`` (Megatron-SP), the activations between the split pairs (norms,
+residual adds, dropout) hold only this rank's slice of the sequence: each stack's first block takes
+its slice, attention and MLP all-gather the sequence on the way in and reduce-scatter it on the way
+out (in place of the all-reduce), and each stack's last block gathers it back, so the final norm,
+head and loss see whole sequences. Norm weights then get part of their gradient on each tp rank
+(:class:`~trainer.strategy.partitioned.Layout` ``partial``), as q/k norms always do (they see some heads).
+Forwards without gradients (evaluation, generation, which decodes one token at a time) save no
+activations and run as plain tp.
+
+The model's fused q/k/v and gate/up projections are why this is not DTensor's ``ColwiseParallel``:
+that shards rows contiguously, handing rank 0 all of q, and a layout that shards well (torchtitan's
+``FusedQKVLinear``, head-major per kv group) would change model/ and its checkpoints. With
+``train.strategy=fsdp`` FSDP2 shards the tp-split blocks over the dp sub-mesh. Gradient sync, norms
+and whole-tensor checkpoints (which reshard across meshes): :mod:`trainer.strategy.partitioned`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 from model.attention import Attention
+from model.blocks import Block, Stack
 from model.config import Pos
 from model.mlp import MLP
 from trainer.strategy.partitioned import Partitioned
 
+Collective = Callable[[torch.Tensor, dist.ProcessGroup], torch.Tensor]
 
-class _CopyToTP(torch.autograd.Function):
+
+def _identity(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return x.view_as(x)
+
+
+def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The whole sequence (dim 1) from each rank's slice, in rank order."""
+    local = x.transpose(0, 1).contiguous()
+    out = local.new_empty(local.shape[0] * dist.get_world_size(group), *local.shape[1:])
+    dist.all_gather_into_tensor(out, local, group=group)
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's slice of the sequence (dim 1), summed over the group."""
+    whole = x.transpose(0, 1).contiguous()
+    out = whole.new_empty(whole.shape[0] // dist.get_world_size(group), *whole.shape[1:])
+    dist.reduce_scatter_tensor(out, whole, group=group)
+    return out.transpose(0, 1)
+
+
+def _slice(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's slice of the sequence (dim 1)."""
+    size, length = dist.get_world_size(group), x.shape[1]
+    if length % size:
+        raise UserError(f"parallel.sequence_parallel splits each sequence over parallel.tp={size} ranks: a length "
+                        f"of {length} does not divide; use a data.seq_len that parallel.tp divides")
+    return x.chunk(size, dim=1)[dist.get_rank(group)]
+
+
+class _Exchange(torch.autograd.Function):
+    """A collective over the tp group in forward and its adjoint in backward."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, op: Collective, adjoint: Collective):
+        ctx.group, ctx.adjoint = group, adjoint
+        return op(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return ctx.adjoint(grad, ctx.group), None, None, None
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
+def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Replicated in, replicated out; the input's gradient summed over the group."""
+    return _Exchange.apply(x, group, _identity, _all_reduce)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+
+def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Partial sums in, their (replicated) sum out."""
+    return _Exchange.apply(x, group, _all_reduce, _identity)
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sequence slices in, the whole sequence out, into split layers (their input gradients are partial)."""
+    return _Exchange.apply(x, group, _all_gather, _reduce_scatter)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Partial sums over the whole sequence in, this rank's slice of their sum out."""
+    return _Exchange.apply(x, group, _reduce_scatter, _all_gather)
+
+
+def scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Replicated in, this rank's sequence slice out."""
+    return _Exchange.apply(x, group, _slice, _all_gather)
+
+
+def unscatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sequence slices in, the whole (replicated) sequence out, into replicated layers."""
+    return _Exchange.apply(x, group, _all_gather, _slice)
+
+
+def _sequence_split(sequence: bool) -> bool:
+    """Whether this forward runs sequence parallel: only with gradients (see the module's docstring)."""
+    return sequence and torch.is_grad_enabled()
 
 
 class ColumnParallel(nn.Module):
-    """Some output rows of a linear layer; its input's gradient is summed over the tp group."""
+    """Some output rows of a linear layer; its input's gradient is summed over the tp group (here,
+    or with ``gathered``, by the sequence all-gather in front of the layer)."""
 
-    def __init__(self, linear: nn.Linear, rows: list[torch.Tensor], strategy: Partitioned) -> None:
+    def __init__(self, linear: nn.Linear, rows: list[torch.Tensor], strategy: Partitioned,
+                 gathered: bool = False) -> None:
         super().__init__()
-        self.group = strategy.shard_group
+        self.group, self.gathered = strategy.shard_group, gathered
         self.weight = strategy.split(linear.weight, 0, rows)
         self.bias = strategy.split(linear.bias, 0, rows) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)
+        x = x if _sequence_split(self.gathered) else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallel(nn.Module):
-    """Some input columns of a linear layer; the partial outputs are summed over the tp group, then
-    the (replicated) bias is added once."""
+    """Some input columns of a linear layer; the partial outputs are summed over the tp group (with
+    ``sequence``, into each rank's sequence slice), then the (replicated) bias is added once."""
 
-    def __init__(self, linear: nn.Linear, cols: list[torch.Tensor], strategy: Partitioned) -> None:
+    def __init__(self, linear: nn.Linear, cols: list[torch.Tensor], strategy: Partitioned,
+                 sequence: bool = False) -> None:
         super().__init__()
-        self.group = strategy.shard_group
+        self.group, self.sequence = strategy.shard_group, sequence
         self.weight = strategy.split(linear.weight, 1, cols)
         self.bias = linear.bias
+        if sequence and self.bias is not None:
+            strategy.mark_partial(self.bias)  # added to a slice of the sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+        reduce = reduce_scatter_sequence if _sequence_split(self.sequence) else reduce_from_tp
+        out = reduce(F.linear(x, self.weight), self.group)
         return out + self.bias if self.bias is not None else out
 
 
@@ -92,11 +175,13 @@ class TensorParallel(Partitioned):
     def shard_divisor(self) -> int:
         return self.env.world_size // self.size
 
-    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2) -> None:
+    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, sequence_parallel: bool = False) -> None:
         super().__init__(cfg, env, accumulation, size)
         self.data_copies = size  # the mesh is (dp, tp), row-major: ranks d·tp … d·tp + tp-1 read batch d
+        self.sequence = sequence_parallel
+        self.sharded = str(cfg.strategy) == "fsdp"
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
+    def partition(self, model: nn.Module) -> None:
         cfg, tp = model.config, self.size
         if self.env.world_size % tp or self.env.local_world_size % tp:
             raise ConfigError(f"parallel.tp={tp} must divide the {self.env.world_size} ranks and the "
@@ -113,22 +198,46 @@ class TensorParallel(Partitioned):
                 self._split_attention(module)
             elif isinstance(module, MLP):
                 self._split_mlp(module)
-        return model
+        if self.sequence:
+            self._split_sequence(model)
 
     def _split_attention(self, attn: Attention) -> None:
-        tp, hd = self.size, attn.head_dim
+        tp, hd, sp = self.size, attn.head_dim, self.sequence
         q_dim, kv_dim = attn.n_heads * hd, attn.n_kv_heads * hd
         q, k, v = _ranges(q_dim, tp), _ranges(kv_dim, tp, q_dim), _ranges(kv_dim, tp, q_dim + kv_dim)
         if attn.cross:
-            attn.q = ColumnParallel(attn.q, q, self)
+            attn.q = ColumnParallel(attn.q, q, self, gathered=sp)
             attn.kv = ColumnParallel(attn.kv, _cat(_ranges(kv_dim, tp), _ranges(kv_dim, tp, kv_dim)), self)
         else:
-            attn.qkv = ColumnParallel(attn.qkv, _cat(q, k, v), self)
-        attn.out = RowParallel(attn.out, q, self)
+            attn.qkv = ColumnParallel(attn.qkv, _cat(q, k, v), self, gathered=sp)
+        attn.out = RowParallel(attn.out, q, self, sequence=sp)
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
+        for norm in (attn.q_norm, attn.k_norm):  # shared by the heads, which are split
+            for param in norm.parameters() if norm is not None else ():
+                self.mark_partial(param)
 
     def _split_mlp(self, mlp: MLP) -> None:
         tp, d_ff = self.size, mlp.down.in_features
         rows = _cat(_ranges(d_ff, tp), _ranges(d_ff, tp, d_ff)) if mlp.gated else _ranges(d_ff, tp)
-        mlp.up = ColumnParallel(mlp.up, rows, self)
-        mlp.down = RowParallel(mlp.down, _ranges(d_ff, tp), self)
+        mlp.up = ColumnParallel(mlp.up, rows, self, gathered=self.sequence)
+        mlp.down = RowParallel(mlp.down, _ranges(d_ff, tp), self, sequence=self.sequence)
+
+    def _split_sequence(self, model: nn.Module) -> None:
+        """Hooks (the model is left as written): each stack's blocks run on sequence slices, their
+        attention and MLP on whole sequences; the blocks' norms see slices."""
+        group = self.shard_group
+
+        def first_arg(exchange: Callable) -> Callable:
+            return lambda module, args: (exchange(args[0], group), *args[1:]) if _sequence_split(True) else None
+
+        for stack in [m for m in model.modules() if isinstance(m, Stack)]:
+            stack.layers[0].register_forward_pre_hook(first_arg(scatter_sequence))
+            stack.layers[-1].register_forward_hook(
+                lambda module, args, out: unscatter_sequence(out, group) if _sequence_split(True) else None)
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            for inner in (block.attn, block.cross_attn, block.mlp):
+                if inner is not None:
+                    inner.register_forward_pre_hook(first_arg(gather_sequence))
+            for norm in (block.attn_norm, block.cross_norm, block.mlp_norm):
+                for param in norm.parameters() if norm is not None else ():
+                    self.mark_partial(param)
