@@ -1,0 +1,99 @@
+"""`tessera prep --executor local|ray|slurm --tasks 3` gives the single-process run's documents.jsonl byte
+for byte and its report's counts and examples, with duplicates planted across the tasks' files; a
+failed task is the only one a rerun runs."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launching import child_env
+
+from common.errors import UserError
+from data.prepare import prepare
+from launch.prep_executors import prep_with_tasks
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "data"
+TESSERA = str(Path(sys.executable).parent / "tessera")
+RUN_ONLY = ("seconds", "mb_per_s", "executor")  # what a run's report says about itself, not its documents
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Seven files (three tasks: files 0-1, 2-3, 4-6) of real text, with exact copies (case and spacing
+    changed) and near copies (a few words changed) of documents from other tasks' files, some before
+    their original in document order and some after."""
+    root = tmp_path_factory.mktemp("prep-corpus") / "in"
+    root.mkdir()
+    c4 = (EXAMPLES / "pretrain_c4_demo.jsonl").read_text().splitlines()
+    for part in range(3):
+        (root / f"c4_{part}.jsonl").write_text("\n".join(c4[part * 100 : (part + 1) * 100]) + "\n")
+    (root / "stories.txt").write_text("\n\n".join((EXAMPLES / "pretrain_tinystories_valid_head.txt").read_text()
+                                                  .split("\n\n")[:300]))
+    (root / "wiki.txt").write_text("\n".join((EXAMPLES / "pretrain_wikipedia_demo.txt").read_text()
+                                             .splitlines()[:8]) + "\n")
+    rng = random.Random(0)
+    early = [_copy(json.loads(line)["text"], rng, f"early{i}") for i, line in enumerate(c4[200:260])]
+    late = [_copy(json.loads(line)["text"], rng, f"late{i}") for i, line in enumerate(c4[:60])]
+    (root / "a_copies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in early))
+    (root / "z_copies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in late))
+    return root
+
+
+def _copy(text: str, rng: random.Random, name: str) -> dict[str, str]:
+    """Every other one an exact copy up to spacing and punctuation, the rest with three words changed."""
+    if rng.random() < 0.5:
+        return {"id": name, "text": text.replace(" ", "  ", 3).replace(",", " ,", 2)}
+    words = text.split(" ")
+    for _ in range(3):
+        words[rng.randrange(len(words))] = rng.choice(["river", "stone", "lamp"])
+    return {"id": name, "text": " ".join(words)}
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory) -> tuple[bytes, dict]:
+    out = tmp_path_factory.mktemp("single")
+    report = prepare([corpus], out)
+    assert report["removed"]["exact_duplicate"] >= 15 and report["removed"]["near_duplicate"] >= 10, report["removed"]
+    return (out / "documents.jsonl").read_bytes(), report
+
+
+def assert_same_run(out: Path, report: dict, single: tuple[bytes, dict]) -> None:
+    documents, expected = single
+    assert (out / "documents.jsonl").read_bytes() == documents
+    assert json.loads((out / "report.json").read_text()) == report
+    assert {k: v for k, v in report.items() if k not in RUN_ONLY} == {
+        k: v for k, v in expected.items() if k not in RUN_ONLY}
+    assert not (out / "tasks").exists()
+
+
+def test_local_tasks_equal_the_single_process_run(corpus, single, tmp_path):
+    report = prep_with_tasks([corpus], tmp_path, executor="local", tasks=3, workers=2)
+    assert report["executor"] == {"name": "local", "tasks": 3, "ran": [0, 1, 2], "reused": 0}
+    assert_same_run(tmp_path, report, single)
+
+
+def test_a_failed_task_is_the_only_one_a_rerun_runs(corpus, single, tmp_path):
+    broken = tmp_path / "in"
+    shutil.copytree(corpus, broken)
+    middle = broken / "c4_2.jsonl"  # task 1's second file
+    original = middle.read_text()
+    middle.write_text(original + "{not json\n")
+    with pytest.raises(UserError, match=r"1 of 3 prep tasks failed \(task 1: .*c4_2.jsonl:101"):
+        prep_with_tasks([broken], tmp_path / "out", executor="local", tasks=3, workers=2)
+    work = tmp_path / "out" / "tasks"
+    assert [(work / f"task-{t:05d}" / ".done").is_file() for t in range(3)] == [True, False, True]
+    middle.write_text(original)
+    done = subprocess.run([TESSERA, "prep", str(broken), "--out", str(tmp_path / "out"), "--executor", "local",
+                           "--tasks", "3"], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3 tasks on local: 1 ran, 2 were done" in done.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["executor"] == {"name": "local", "tasks": 3, "ran": [1], "reused": 2}
+    same_paths = json.loads(json.dumps(single[1]).replace(str(corpus), str(broken)))
+    assert_same_run(tmp_path / "out", report, (single[0], same_paths))
