@@ -21,6 +21,8 @@ from common.errors import UserError
 from data.prep_tasks import finish, plan_run, run_task, work_dir
 from data.prepare import PrepSettings
 
+RAY_LOCAL_STORE_BYTES = 128 << 20
+
 
 class Executor(enum.StrEnum):
     local = "local"
@@ -67,13 +69,17 @@ def _run_local(work: Path, pending: list[int], workers: int) -> dict[int, BaseEx
 
 def _run_ray(work: Path, pending: list[int]) -> dict[int, BaseException]:
     """Each task as a Ray task on the cluster at RAY_ADDRESS, or on a local one this call starts."""
-    import ray
-
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise UserError("--executor ray needs ray: pip install 'tessera[ray]'") from None
     if not pending:
         return {}
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": min(len(pending), os.cpu_count() or 1)}))
+        local = {} if os.environ.get("RAY_ADDRESS") else {  # "local": never join a cluster found by chance
+            "address": "local", "num_cpus": min(len(pending), os.cpu_count() or 1),
+            "object_store_memory": RAY_LOCAL_STORE_BYTES}  # the tasks pass paths, not data: a small store
+        ray.init(include_dashboard=False, log_to_driver=False, **local)
     remote = ray.remote(num_cpus=1, max_retries=0)(run_task)
     refs = {task: remote.remote(work, task) for task in pending}
     failures: dict[int, BaseException] = {}

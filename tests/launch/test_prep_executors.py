@@ -97,3 +97,18 @@ def test_a_failed_task_is_the_only_one_a_rerun_runs(corpus, single, tmp_path):
     assert report["executor"] == {"name": "local", "tasks": 3, "ran": [1], "reused": 2}
     same_paths = json.loads(json.dumps(single[1]).replace(str(corpus), str(broken)))
     assert_same_run(tmp_path / "out", report, (single[0], same_paths))
+
+
+def run_prep(corpus: Path, out: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([TESSERA, "prep", str(corpus), "--out", str(out), "--tasks", "3", *flags],
+                          env=child_env(**env), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.slow
+def test_ray_tasks_on_a_local_ray_cluster_equal_the_single_process_run(corpus, single, tmp_path):
+    done = run_prep(corpus, tmp_path, "--executor", "ray")
+    assert "3 tasks on ray: 3 ran, 0 were done" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert_same_run(tmp_path, report, single)
