@@ -162,7 +162,7 @@ def finish(work: Path, out_dir: str | Path) -> dict[str, Any]:
     plan = load_plan(work)
     unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
     if unfinished:
-        raise UserError(f"{len(unfinished)} of {plan.tasks} prep tasks are not done (tasks {_span(unfinished)}): "
+        raise UserError(f"{len(unfinished)} of {plan.tasks} prep tasks are not done (tasks {span(unfinished)}): "
                         "rerun the same command to run them")
     settings = PrepSettings(**plan.settings)
     summaries = [json.loads((task_dir(work, t) / "report.json").read_text()) for t in range(plan.tasks)]
@@ -254,5 +254,5 @@ def _fingerprint(files: list[str]) -> list[list[Any]]:
     return [[f, (s := os.stat(f)).st_size, s.st_mtime_ns] for f in files]
 
 
-def _span(tasks: list[int]) -> str:
+def span(tasks: list[int]) -> str:
     return ", ".join(map(str, tasks[:10])) + (f" and {len(tasks) - 10} more" if len(tasks) > 10 else "")

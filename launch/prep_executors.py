@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from data.prep_tasks import finish, plan_run, run_task, work_dir
+from data.prep_tasks import finish, is_done, load_plan, plan_run, run_task, work_dir
+from data.prep_tasks import span as _span
 from data.prepare import PrepSettings
+from launch.slurm import BatchJob, array_spec, render_batch, submit, wait_for
 
 RAY_LOCAL_STORE_BYTES = 128 << 20
 
@@ -55,6 +58,8 @@ def prep_with_tasks(inputs: list[str], out_dir: str | Path, *, executor: Executo
         _raise_failures(_run_local(work, pending, workers or os.cpu_count() or 1), plan.tasks, out)
     elif executor is Executor.ray:
         _raise_failures(_run_ray(work, pending), plan.tasks, out)
+    else:
+        return _run_slurm(out, pending, plan.tasks, slurm or SlurmOptions())
     return finish(work, out)
 
 
@@ -89,6 +94,46 @@ def _run_ray(work: Path, pending: list[int]) -> dict[int, BaseException]:
         except ray.exceptions.RayTaskError as error:
             failures[task] = error.cause if isinstance(error.cause, BaseException) else error
     return failures
+
+
+def _run_slurm(out: Path, pending: list[int], tasks: int, options: SlurmOptions) -> dict[str, Any] | None:
+    """The unfinished tasks as a job array, then the stages across tasks as a job that starts when every
+    task ended well (``afterok``; cancelled otherwise). The merge runs on the cluster, not on the
+    submitting (login) node, and without it waiting: ``--no-wait`` returns after submitting."""
+    out = out.resolve()
+    logs = out / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    common = dict(log_dir=logs, workdir=Path.cwd(), partition=options.partition, account=options.account,
+                  qos=options.qos, time=options.time, mem=options.mem, cpus_per_task=1)
+    stage = [sys.executable, "-m", "launch.prep_executors"]
+    jobs = []
+    if pending:
+        array = BatchJob(command=[*stage, "task", str(out)], job_name="tessera-prep-task", array=pending, **common)
+        jobs.append(submit(_write_script(logs / "prep-task.sbatch", render_batch(array))))
+        print(f"submitted task array {jobs[0]} (--array={array_spec(pending)})")
+    merge = BatchJob(command=[*stage, "finish", str(out)], job_name="tessera-prep-merge", **common)
+    merge_script = _write_script(logs / "prep-merge.sbatch", render_batch(merge))
+    jobs.append(submit(merge_script, after=jobs[0] if pending else None))
+    print(f"submitted merge job {jobs[-1]}; logs in {logs}")
+    if not options.wait:
+        return None
+    wait_for(jobs)
+    work = work_dir(out)
+    if not work.exists() and (out / "report.json").is_file():  # the merge removes the work folder last
+        return json.loads((out / "report.json").read_text())
+    plan = load_plan(work)
+    unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
+    if unfinished:
+        raise UserError(f"{len(unfinished)} of {tasks} prep tasks failed (tasks {_span(unfinished)}; logs: "
+                        f"{logs}/tessera-prep-task-{jobs[0]}_*.out): fix the cause and rerun the same command to run "
+                        "only those")
+    raise UserError(f"the merge job {jobs[-1]} failed: see {logs}/tessera-prep-merge-{jobs[-1]}.out")
+
+
+def _write_script(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
 
 
 def _raise_failures(failures: dict[int, BaseException], tasks: int, out: Path) -> None:

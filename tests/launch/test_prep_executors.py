@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -111,4 +112,51 @@ def test_ray_tasks_on_a_local_ray_cluster_equal_the_single_process_run(corpus, s
     done = run_prep(corpus, tmp_path, "--executor", "ray")
     assert "3 tasks on ray: 3 ran, 0 were done" in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
+    assert_same_run(tmp_path, report, single)
+
+
+@pytest.mark.slow
+def test_slurm_job_array_equals_the_single_process_run_also_after_a_failed_task(slurm_cluster, corpus, single,
+                                                                                 tmp_path):
+    """On the local 2-node SLURM: tasks as `--array`, the merge as an `afterok` job; a task that fails
+    cancels the merge, and the rerun submits only that task."""
+    broken = tmp_path / "in"
+    shutil.copytree(corpus, broken)
+    middle = broken / "c4_2.jsonl"
+    original = middle.read_text()
+    middle.write_text(original + "{not json\n")
+    out = tmp_path / "out"
+    command = [TESSERA, "prep", str(broken), "--out", str(out), "--executor", "slurm", "--tasks", "3", "--time", "5"]
+    failed = subprocess.run(command, env=child_env(**slurm_cluster), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "submitted task array" in failed.stdout and "(--array=0-2)" in failed.stdout
+    assert "1 of 3 prep tasks failed (tasks 1;" in failed.stderr, failed.stderr
+    logs = sorted((out / "slurm").glob("tessera-prep-task-*_1.out"))
+    assert len(logs) == 1 and "c4_2.jsonl:101" in logs[0].read_text()
+    assert not (out / "report.json").exists()
+
+    middle.write_text(original)
+    done = subprocess.run(command, env=child_env(**slurm_cluster), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(--array=1)" in done.stdout and "3 tasks on slurm: 1 ran, 2 were done" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["executor"] == {"name": "slurm", "tasks": 3, "ran": [1], "reused": 2}
+    same_paths = json.loads(json.dumps(single[1]).replace(str(corpus), str(broken)))
+    assert_same_run(out, report, (single[0], same_paths))
+    nodes = {line.split(" on ")[1].split()[0] for log in (out / "slurm").glob("*.out")
+             for line in log.read_text().splitlines() if line.startswith("tessera: job")}
+    assert nodes <= {"n1", "n2"} and nodes, nodes
+
+
+@pytest.mark.slow
+def test_slurm_no_wait_submits_and_the_jobs_finish_the_run(slurm_cluster, corpus, single, tmp_path, monkeypatch):
+    from launch.slurm import wait_for
+
+    done = run_prep(corpus, tmp_path, "--executor", "slurm", "--no-wait", **slurm_cluster)
+    jobs = re.findall(r"submitted (?:task array|merge job) (\d+)", done.stdout)
+    assert len(jobs) == 2 and not (tmp_path / "report.json").exists(), done.stdout  # it did not wait
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    wait_for(jobs, every_s=0.5)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["executor"] == {"name": "slurm", "tasks": 3, "ran": [0, 1, 2], "reused": 0}
     assert_same_run(tmp_path, report, single)
