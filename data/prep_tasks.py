@@ -2,9 +2,10 @@
 
 The inputs (in the single run's order) are dealt to N tasks in contiguous runs of files, so task
 order is document order. Each task screens its files (read, normalise, filter: the stages that
-look at one document) and writes, atomically, ``task-NNNNN/`` with ``kept.jsonl`` (the survivors),
-``exact.u64`` (their exact-dedup keys), ``signatures.u32`` (their MinHash signatures) and
-``report.json`` (its tally), then a ``.done`` marker naming its input files' sizes and times: a
+look at one document) and writes, atomically, ``task-NNNNN/`` with ``kept.jsonl`` (the survivors'
+output lines, PII already redacted), ``notes.jsonl`` (per survivor: id, the head an example shows,
+text size, redactions), ``exact.u64`` (exact-dedup keys), ``signatures.u32`` (MinHash signatures)
+and ``report.json`` (its tally), then a ``.done`` marker naming its input files' sizes and times: a
 finished task is not run again (unless its inputs changed), so a rerun after a failure runs only
 the unfinished ones. Dedup then runs as stages across tasks, as datatrove's MinHash does
 (signatures → band buckets → duplicate clusters → filter): exact keys merged (first copy kept);
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from data.prepare import (
     Screen,
     Tally,
     build_report,
+    document_line,
     no_documents,
     write_atomic,
 )
@@ -125,13 +128,17 @@ def run_task(work: Path, task: int) -> None:
     out.mkdir(parents=True)
     tally = Tally(settings.examples_per_rule)
     batch: list[str] = []
-    with (open(out / "kept.jsonl.tmp", "w", encoding="utf-8") as kept, open(out / "exact.u64.tmp", "wb") as keys,
-          open(out / "signatures.u32.tmp", "wb") as signatures):
+    batch_chars = 0
+    with (open(out / "kept.jsonl.tmp", "w", encoding="utf-8") as kept,
+          open(out / "notes.jsonl.tmp", "w", encoding="utf-8") as notes,
+          open(out / "exact.u64.tmp", "wb") as keys, open(out / "signatures.u32.tmp", "wb") as signatures):
 
         def flush() -> None:
+            nonlocal batch_chars
             if near is not None and batch:
                 signatures.write(near.signatures(batch).astype("<u4").tobytes())
             batch.clear()
+            batch_chars = 0
 
         for doc in iter_documents(files, text_field=settings.text_field, txt_mode=settings.txt_mode,
                                   skipped=tally.skipped, invalid_utf8=tally.invalid_utf8):
@@ -141,14 +148,17 @@ def run_task(work: Path, task: int) -> None:
             if isinstance(verdict, str):
                 tally.note(verdict, doc.id, doc.text)
                 continue
-            record = {"id": doc.id, "text": verdict.text, "meta": doc.meta, "head": doc.text[:EXAMPLE_CHARS]}
-            kept.write(json.dumps(record, ensure_ascii=False) + "\n")
+            redacted: Counter[str] = Counter()
+            line, size = document_line(doc.id, verdict.text, doc.meta, redacted if settings.pii else None)
+            kept.write(line)
+            notes.write(json.dumps([doc.id, doc.text[:EXAMPLE_CHARS], size, redacted], ensure_ascii=False) + "\n")
             keys.write(exact_key(verdict.text))
             batch.append(verdict.text)
-            if sum(map(len, batch)) >= DEDUP_BATCH_CHARS:
+            batch_chars += len(verdict.text)
+            if batch_chars >= DEDUP_BATCH_CHARS:
                 flush()
         flush()
-    for name in ("kept.jsonl", "exact.u64", "signatures.u32"):
+    for name in ("kept.jsonl", "notes.jsonl", "exact.u64", "signatures.u32"):
         (out / f"{name}.tmp").replace(out / name)
     summary = {"tally": tally.to_json(), "txt_modes": txt_modes(files, settings.txt_mode),
                "filters": [f.name for f in screen.filters]}
@@ -199,11 +209,13 @@ def _merge(work: Path, plan: PrepPlan, settings: PrepSettings, summaries: list[d
         raise no_documents(inputs, tally)
     partial = out / "documents.jsonl.partial"
     with partial.open("w", encoding="utf-8") as sink:
-        for position, record in enumerate(_kept_records(work, plan)):
-            if verdicts[position] != KEPT:
-                tally.note(REASONS[verdicts[position]], record["id"], record["head"])
+        for position, (line, note) in enumerate(_kept_lines(work, plan)):
+            doc_id, head, size, redacted = json.loads(note)
+            if verdicts[position] == KEPT:
+                sink.write(line)
+                tally.count_kept(size, redacted)
             else:
-                sink.write(tally.keep(record["id"], record["text"], record["meta"], settings.pii))
+                tally.note(REASONS[verdicts[position]], doc_id, head)
     partial.replace(out / "documents.jsonl")
     report = build_report(inputs, settings, summaries[0]["filters"], tally, modes,
                           time.time() - plan.attempt["started"])
@@ -215,11 +227,13 @@ def _merge(work: Path, plan: PrepPlan, settings: PrepSettings, summaries: list[d
     return report
 
 
-def _kept_records(work: Path, plan: PrepPlan) -> Iterator[dict[str, Any]]:
+def _kept_lines(work: Path, plan: PrepPlan) -> Iterator[tuple[str, str]]:
+    """Every task's screened documents in order: (output line, [id, head, text bytes, redactions])."""
     for task in range(plan.tasks):
-        with open(task_dir(work, task) / "kept.jsonl", encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+        folder = task_dir(work, task)
+        with (open(folder / "kept.jsonl", encoding="utf-8") as kept,
+              open(folder / "notes.jsonl", encoding="utf-8") as notes):
+            yield from zip(kept, notes, strict=True)
 
 
 def _kept_count(work: Path, task: int) -> int:

@@ -132,11 +132,16 @@ class Tally:
             mine.extend(found[: self.examples_per_rule - len(mine)])
 
     def keep(self, doc_id: str, text: str, meta: dict[str, Any], pii: bool) -> str:
-        """The output line of a kept document (redacted with ``pii``)."""
+        """The output line of a kept document (redacted with ``pii``), counted."""
+        redacted: Counter[str] = Counter()
+        line, size = document_line(doc_id, text, meta, redacted if pii else None)
+        self.count_kept(size, redacted)
+        return line
+
+    def count_kept(self, size: int, redacted: dict[str, int]) -> None:
         self.kept += 1
-        text = redact(text, self.redacted) if pii else text
-        self.bytes_out += len(text.encode("utf-8"))
-        return json.dumps({"id": doc_id, "text": text, **meta}, ensure_ascii=False) + "\n"
+        self.bytes_out += size
+        self.redacted.update(redacted)
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v
@@ -146,6 +151,13 @@ class Tally:
     def from_json(cls, data: dict[str, Any]) -> Tally:
         counters = {k: Counter(data[k]) for k in ("removed", "redacted", "skipped", "invalid_utf8")}
         return cls(**{**data, **counters})
+
+
+def document_line(doc_id: str, text: str, meta: dict[str, Any], redacted: Counter[str] | None) -> tuple[str, int]:
+    """A kept document's line in ``documents.jsonl`` and its text's UTF-8 size; with ``redacted``, emails
+    and IP addresses replaced (and counted there)."""
+    text = text if redacted is None else redact(text, redacted)
+    return json.dumps({"id": doc_id, "text": text, **meta}, ensure_ascii=False) + "\n", len(text.encode("utf-8"))
 
 
 def prepare(inputs: Iterable[str | Path], out_dir: str | Path, **options: Any) -> dict[str, Any]:

@@ -42,6 +42,8 @@ def corpus(tmp_path_factory) -> Path:
     early = [_copy(json.loads(line)["text"], rng, f"early{i}") for i, line in enumerate(c4[200:260])]
     late = [_copy(json.loads(line)["text"], rng, f"late{i}") for i, line in enumerate(c4[:60])]
     (root / "a_copies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in early))
+    late += [{"id": f"contact{i}", "text": f"Write to jane{i}@example.com or call 93.184.216.{i}. " + c4[i][10:]}
+             for i in range(3)]
     (root / "z_copies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in late))
     return root
 
@@ -77,6 +79,15 @@ def test_local_tasks_equal_the_single_process_run(corpus, single, tmp_path):
     report = prep_with_tasks([corpus], tmp_path, executor="local", tasks=3, workers=2)
     assert report["executor"] == {"name": "local", "tasks": 3, "ran": [0, 1, 2], "reused": 0}
     assert_same_run(tmp_path, report, single)
+
+
+@pytest.mark.parametrize("options", [{"pii": True, "filters": "none"}, {"dedup": "minhash"}, {"dedup": "exact"}])
+def test_local_tasks_equal_the_single_process_run_with_other_stages(corpus, tmp_path, options):
+    expected = prepare([corpus], tmp_path / "single", **options)
+    report = prep_with_tasks([corpus], tmp_path / "tasks", executor="local", tasks=4, workers=2, **options)
+    assert_same_run(tmp_path / "tasks", report, ((tmp_path / "single" / "documents.jsonl").read_bytes(), expected))
+    if options.get("pii"):
+        assert report["pii_redacted"]["email"] >= 3
 
 
 def test_a_failed_task_is_the_only_one_a_rerun_runs(corpus, single, tmp_path):
