@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
 
 
@@ -56,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         language_threshold=args.language_threshold, decontaminate=args.decontaminate,
         decontaminate_ngram=args.decontaminate_ngram, url_blocklist=args.url_blocklist,
     )
+    slurm_only = [flag for flag in ("no_wait", "partition", "account", "qos", "time", "mem") if getattr(args, flag)]
+    if slurm_only and args.executor != "slurm":
+        raise UserError(f"--{slurm_only[0].replace('_', '-')} is for --executor slurm")
     if args.executor is None and args.tasks is None:
         from data.prepare import prepare
 
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
         slurm = SlurmOptions(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                              mem=args.mem, wait=not args.no_wait)
-        report = prep_with_tasks(args.inputs, args.out, executor=args.executor or "local", tasks=args.tasks or 1,
+        report = prep_with_tasks(args.inputs, args.out, executor=args.executor or "local",
+                                 tasks=1 if args.tasks is None else args.tasks,
                                  slurm=slurm, **options)
         if report is None:
             return 0

@@ -1,9 +1,12 @@
 """The dedup stages across tasks give the streaming dedups' verdicts exactly."""
 
+import json
 import random
 
 import numpy as np
+import pytest
 
+from common.errors import UserError
 from data.dedup import ExactDedup, MinHashDedup, exact_key, first_copies, greedy_near_duplicates, shared_buckets
 from data.prep_tasks import PrepPlan
 
@@ -71,3 +74,24 @@ def _union_find_clusters(bands: list[np.ndarray]) -> list[set[int]]:
     for x in parent:
         groups.setdefault(root(x), set()).add(x)
     return list(groups.values())
+
+
+def test_a_rerun_keeps_finished_tasks_only_for_the_same_plan(tmp_path):
+    from data.prep_tasks import plan_run, run_task, work_dir
+    from data.prepare import PrepSettings
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"f{i}.jsonl")
+        files[-1].write_text(json.dumps({"text": f"document {i} " * 20}) + "\n")
+    out = tmp_path / "out"
+    assert plan_run(files, out, 3, PrepSettings(), "local")[1] == [0, 1, 2]
+    run_task(work_dir(out), 0)
+    run_task(work_dir(out), 2)
+    assert plan_run(files, out, 3, PrepSettings(), "local")[1] == [1]
+    files[2].write_text(json.dumps({"text": "changed " * 20}) + "\n")  # its task's input changed: redo it
+    assert plan_run(files, out, 3, PrepSettings(), "local")[1] == [1, 2]
+    assert plan_run(files, out, 3, PrepSettings(dedup="exact"), "local")[1] == [0, 1, 2]  # other settings
+    assert not (work_dir(out) / "task-00000").exists()
+    with pytest.raises(UserError, match="--tasks must be at least 1"):
+        plan_run(files, out, 0, PrepSettings(), "local")

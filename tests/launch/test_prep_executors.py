@@ -210,3 +210,17 @@ def test_slurm_no_wait_submits_and_the_jobs_finish_the_run(slurm_cluster, corpus
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["executor"] == {"name": "slurm", "tasks": 3, "ran": [0, 1, 2], "reused": 0}
     assert_same_run(tmp_path, report, single)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--no-wait"], "--no-wait is for --executor slurm"),
+    (["--executor", "local", "--partition", "cpu"], "--partition is for --executor slurm"),
+    (["--executor", "local", "--tasks", "0"], "--tasks must be at least 1"),
+])
+def test_bad_executor_flags_are_one_line(corpus, tmp_path, capsys, flags, message):
+    from launch import cli
+
+    assert cli.main(["prep", str(corpus), "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "tasks").exists()
