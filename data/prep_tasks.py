@@ -11,7 +11,8 @@ the unfinished ones. Dedup then runs as stages across tasks, as datatrove's MinH
 (signatures → band buckets → duplicate clusters → filter): exact keys merged (first copy kept);
 per band, the documents whose band values are shared (``dedup/band-BB.npy``); over all bands,
 the streaming rule (a document goes when a bucket of it holds an earlier kept one: see
-:func:`data.dedup.greedy_near_duplicates`); then the merge writes ``documents.jsonl`` and one
+:func:`data.dedup.greedy_near_duplicates`). Tasks, then bands, run side by side on the executor;
+the rest runs in one process: the merge writes ``documents.jsonl`` and one
 ``report.json`` whose counts and examples are the single run's. Everything lives under
 ``OUT/tasks/`` (``plan.json`` says what the run is), which the merge removes once it is done.
 """
@@ -48,6 +49,7 @@ from data.readers import expand_inputs, iter_documents, txt_modes
 WORK = "tasks"
 PLAN = "plan.json"
 DONE = ".done"
+DEDUP = "dedup"  # the bucket stage's files
 KEPT, EXACT, NEAR = 0, 1, 2  # a screened document's dedup verdict
 REASONS = {EXACT: ExactDedup.name, NEAR: MinHashDedup.name}
 
@@ -99,6 +101,7 @@ def plan_run(inputs: list[str | Path], out_dir: str | Path, tasks: int, settings
     if (work / PLAN).is_file() and not load_plan(work).same_run(plan):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / DEDUP, ignore_errors=True)  # buckets of an earlier attempt: tasks may change
     pending = [t for t in range(tasks) if not is_done(work, plan, t)]
     plan.attempt = {"executor": executor, "ran": pending, "started": time.time()}
     write_atomic(work / PLAN, json.dumps(asdict(plan), indent=1) + "\n")
@@ -166,9 +169,32 @@ def run_task(work: Path, task: int) -> None:
     write_atomic(out / DONE, json.dumps(_fingerprint(files)) + "\n")
 
 
+def bucket_band(work: Path, band: int) -> None:
+    """The bucket stage of one MinHash band, over every task's documents: ``dedup/band-BB.npy``, the
+    (position, bucket) of each document whose band values another one shares. Bands are independent:
+    an executor runs them side by side."""
+    plan = load_plan(work)
+    settings = PrepSettings(**plan.settings)
+    if not 0 <= band < settings.minhash_bands:
+        raise UserError(f"band {band} is not in this run's 0..{settings.minhash_bands - 1}")
+    values = _band(work, plan, settings, band)
+    (work / DEDUP).mkdir(exist_ok=True)
+    _save(_band_file(work, band), shared_buckets(values, np.arange(len(values))))
+
+
+def bands_of(work: Path) -> list[int]:
+    """The MinHash bands whose bucket stage is still to run (none without MinHash)."""
+    settings = PrepSettings(**load_plan(work).settings)
+    if "minhash" not in settings.dedup:
+        return []
+    return [b for b in range(settings.minhash_bands) if not _band_file(work, b).is_file()]
+
+
 def finish(work: Path, out_dir: str | Path) -> dict[str, Any]:
-    """The stages across tasks (exact, MinHash bands, clusters) and the merge, once every task is done:
-    writes ``OUT/documents.jsonl`` and ``OUT/report.json``, removes ``OUT/tasks``; returns the report."""
+    """Once every task is done: the bucket stage of any band not run yet, exact dedup (first copies of
+    the keys), the clusters (:func:`data.dedup.greedy_near_duplicates` over the exact survivors), and
+    the merge: writes ``OUT/documents.jsonl`` and ``OUT/report.json``, removes ``OUT/tasks``; returns
+    the report."""
     plan = load_plan(work)
     unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
     if unfinished:
@@ -176,22 +202,16 @@ def finish(work: Path, out_dir: str | Path) -> dict[str, Any]:
                         "rerun the same command to run them")
     settings = PrepSettings(**plan.settings)
     summaries = [json.loads((task_dir(work, t) / "report.json").read_text()) for t in range(plan.tasks)]
-    counts = [_kept_count(work, t) for t in range(plan.tasks)]
-    dedup = work / "dedup"
-    shutil.rmtree(dedup, ignore_errors=True)
-    dedup.mkdir()
-    survivors = np.ones(sum(counts), bool)
+    survivors = np.ones(sum(_kept_count(work, t) for t in range(plan.tasks)), bool)
     if "exact" in settings.dedup:
         survivors = first_copies(np.concatenate([_keys(work, t) for t in range(plan.tasks)]))
     near_dropped = np.zeros(0, np.int64)
     if "minhash" in settings.dedup:
-        positions = np.flatnonzero(survivors)
-        for band in range(settings.minhash_bands):
-            _save(dedup / f"band-{band:02d}.npy", shared_buckets(_band(work, plan, settings, band)[survivors],
-                                                                 positions))
-        near_dropped = greedy_near_duplicates(
-            [np.load(dedup / f"band-{b:02d}.npy", allow_pickle=False) for b in range(settings.minhash_bands)])
-        _save(dedup / "near.npy", near_dropped)
+        for band in bands_of(work):
+            bucket_band(work, band)
+        # an exact duplicate leaves its buckets: MinHash sees only what exact dedup kept, as in one process
+        members = [np.load(_band_file(work, b), allow_pickle=False) for b in range(settings.minhash_bands)]
+        near_dropped = greedy_near_duplicates([m[survivors[m[:, 0]]] for m in members])
     verdicts = np.where(survivors, KEPT, EXACT).astype(np.int8)
     verdicts[near_dropped] = NEAR
     return _merge(work, plan, settings, summaries, verdicts, Path(out_dir))
@@ -242,6 +262,10 @@ def _kept_count(work: Path, task: int) -> int:
 
 def _keys(work: Path, task: int) -> np.ndarray:
     return np.fromfile(task_dir(work, task) / "exact.u64", dtype="<u8")
+
+
+def _band_file(work: Path, band: int) -> Path:
+    return work / DEDUP / f"band-{band:02d}.npy"
 
 
 def _band(work: Path, plan: PrepPlan, settings: PrepSettings, band: int) -> np.ndarray:

@@ -180,7 +180,7 @@ def test_slurm_job_array_equals_the_single_process_run_also_after_a_failed_task(
     command = [TESSERA, "prep", str(broken), "--out", str(out), "--executor", "slurm", "--tasks", "3", "--time", "5"]
     failed = subprocess.run(command, env=child_env(**slurm_cluster), capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2, failed.stdout + failed.stderr
-    assert "submitted task array" in failed.stdout and "(--array=0-2)" in failed.stdout
+    assert "submitted task job" in failed.stdout and "(--array=0-2)" in failed.stdout
     assert "1 of 3 prep tasks failed (tasks 1;" in failed.stderr, failed.stderr
     logs = sorted((out / "slurm").glob("tessera-prep-task-*_1.out"))
     assert len(logs) == 1 and "c4_2.jsonl:101" in logs[0].read_text()
@@ -203,8 +203,9 @@ def test_slurm_no_wait_submits_and_the_jobs_finish_the_run(slurm_cluster, corpus
     from launch.slurm import wait_for
 
     done = run_prep(corpus, tmp_path, "--executor", "slurm", "--no-wait", **slurm_cluster)
-    jobs = re.findall(r"submitted (?:task array|merge job) (\d+)", done.stdout)
-    assert len(jobs) == 2 and not (tmp_path / "report.json").exists(), done.stdout  # it did not wait
+    jobs = re.findall(r"submitted (?:task|band|merge) job (\d+)", done.stdout)
+    assert len(jobs) == 3 and not (tmp_path / "report.json").exists(), done.stdout  # it did not wait
+    assert "(--array=0-2)" in done.stdout and "(--array=0-13)" in done.stdout  # tasks, then bands
     monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
     wait_for(jobs, every_s=0.5)
     report = json.loads((tmp_path / "report.json").read_text())
