@@ -19,9 +19,13 @@ def test_only_a_kept_document_makes_a_duplicate():
     assert band0.tolist() == [[10, 0], [11, 0]] and band1[:, 0].tolist() == [11, 12]
     assert greedy_near_duplicates([band0, band1]).tolist() == [11]
     assert greedy_near_duplicates([np.zeros((0, 2), np.int64)]).tolist() == []
+    assert shared_buckets(np.zeros((0, 3), np.uint32), np.zeros(0, np.int64)).shape == (0, 2)
+    odd = shared_buckets(np.array([[1, 2, 3], [1, 2, 4], [1, 2, 3]], np.uint32), np.array([4, 5, 6]))
+    assert odd.tolist() == [[4, 0], [6, 0]]
 
 
-def test_band_stages_equal_the_streaming_minhash_on_chains_of_near_copies():
+@pytest.mark.parametrize("rows", [2, 3])
+def test_band_stages_equal_the_streaming_minhash_on_chains_of_near_copies(rows):
     rng = random.Random(1)
     vocab = [f"w{i}" for i in range(60)]
     texts = []
@@ -32,11 +36,11 @@ def test_band_stages_equal_the_streaming_minhash_on_chains_of_near_copies():
             for _ in range(rng.randint(1, 6)):
                 words[rng.randrange(len(words))] = rng.choice(vocab)
     rng.shuffle(texts)
-    streaming = MinHashDedup(bands=6, rows=2)
+    streaming = MinHashDedup(bands=6, rows=rows)
     expected = np.flatnonzero(streaming.duplicates(texts))
-    signatures = MinHashDedup(bands=6, rows=2).signatures(texts)
+    signatures = MinHashDedup(bands=6, rows=rows).signatures(texts)
     positions = np.arange(len(texts)) * 3 + 5  # any increasing positions
-    bands = [shared_buckets(signatures[:, b * 2 : (b + 1) * 2], positions) for b in range(6)]
+    bands = [shared_buckets(signatures[:, b * rows : (b + 1) * rows], positions) for b in range(6)]
     dropped = greedy_near_duplicates(bands)
     assert 20 < len(expected) < len(texts) - 20
     assert dropped.tolist() == positions[expected].tolist()
