@@ -37,11 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
     parser.add_argument("--executor", choices=["local", "ray", "slurm"],
                         help="run as --tasks tasks: local processes, Ray tasks (the cluster at RAY_ADDRESS, else a "
-                             "local one), or a SLURM job array; a rerun runs only the unfinished tasks "
+                             "local one), or SLURM job arrays; a rerun runs only the unfinished tasks "
                              "(default: one process, no tasks)")
     parser.add_argument("--tasks", type=int, help="how many tasks the inputs are dealt to (default 1)")
     parser.add_argument("--no-wait", action="store_true",
-                        help="slurm: submit the task array and the dependent merge job, print their ids and return")
+                        help="slurm: submit the task, band and merge jobs (each after the one before), print "
+                             "their ids and return")
     for flag in ("--partition", "--account", "--qos"):
         parser.add_argument(flag, help="slurm: the jobs' " + flag[2:])
     parser.add_argument("--time", help="slurm: time limit per task (MM, HH:MM:SS or D-HH:MM:SS)")

@@ -132,6 +132,7 @@ def run_prep(corpus: Path, out: Path, *flags: str, **env: str) -> subprocess.Com
 def test_ray_tasks_equal_the_single_process_run_also_after_a_failed_task(corpus, single, tmp_path):
     """On a local Ray cluster (one per command): a task that raises is reported in one line, and the
     rerun runs only it."""
+    pytest.importorskip("ray")
     broken, restore = break_middle_file(corpus, tmp_path)
     out = tmp_path / "out"
     failed = subprocess.run([TESSERA, "prep", str(broken), "--out", str(out), "--tasks", "3", "--executor", "ray"],
