@@ -92,7 +92,11 @@ def _run_ray(stage: Stage, work: Path, items: list[int]) -> dict[int, BaseExcept
         local = {} if os.environ.get("RAY_ADDRESS") else {  # "local": never join a cluster found by chance
             "address": "local", "num_cpus": min(len(items), os.cpu_count() or 1),
             "object_store_memory": RAY_LOCAL_STORE_BYTES}  # the stages pass paths, not data: a small store
-        ray.init(include_dashboard=False, log_to_driver=False, **local)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, **local)
+        except (ConnectionError, RuntimeError) as error:
+            where = f"at RAY_ADDRESS={os.environ['RAY_ADDRESS']}" if not local else "on this machine"
+            raise UserError(f"could not start or reach a Ray cluster {where}: {str(error).splitlines()[0]}") from None
     remote = ray.remote(num_cpus=1, max_retries=0)(stage)
     refs = {item: remote.remote(work, item) for item in items}
     failures: dict[int, BaseException] = {}
