@@ -1,9 +1,11 @@
-"""`tessera prep INPUT... --out DIR`: clean, filter and deduplicate raw text."""
+"""`tessera prep INPUT... --out DIR [--executor local|ray|slurm --tasks N]`: clean, filter and deduplicate
+raw text, in this process or as N tasks on a cluster engine (:mod:`launch.prep_executors`)."""
 
 from __future__ import annotations
 
 import argparse
 
+from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
 
 
@@ -33,21 +35,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minhash-bands", type=int, default=14)
     parser.add_argument("--minhash-rows", type=int, default=8)
     parser.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
+    parser.add_argument("--executor", choices=["local", "ray", "slurm"],
+                        help="run as --tasks tasks: local processes, Ray tasks (the cluster at RAY_ADDRESS, else a "
+                             "local one), or SLURM job arrays; a rerun runs only the unfinished tasks "
+                             "(default: one process, no tasks)")
+    parser.add_argument("--tasks", type=int, help="how many tasks the inputs are dealt to (default 1)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="slurm: submit the task, band and merge jobs (each after the one before), print "
+                             "their ids and return")
+    for flag in ("--partition", "--account", "--qos"):
+        parser.add_argument(flag, help="slurm: the jobs' " + flag[2:])
+    parser.add_argument("--time", help="slurm: time limit per task (MM, HH:MM:SS or D-HH:MM:SS)")
+    parser.add_argument("--mem", help="slurm: memory per task (e.g. 8G)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.prepare import prepare
-
-    report = prepare(
-        args.inputs, args.out, text_field=args.text_field, txt_mode=args.txt_mode, filters=args.filters,
+    options = dict(
+        text_field=args.text_field, txt_mode=args.txt_mode, filters=args.filters,
         dedup=args.dedup, unicode_form="" if args.unicode == "none" else args.unicode,
         minhash_bands=args.minhash_bands, minhash_rows=args.minhash_rows, minhash_ngram=args.minhash_ngram,
         pii=args.pii, languages=args.languages.split(",") if args.languages else None,
         language_threshold=args.language_threshold, decontaminate=args.decontaminate,
         decontaminate_ngram=args.decontaminate_ngram, url_blocklist=args.url_blocklist,
     )
+    slurm_only = [flag for flag in ("no_wait", "partition", "account", "qos", "time", "mem") if getattr(args, flag)]
+    if slurm_only and args.executor != "slurm":
+        raise UserError(f"--{slurm_only[0].replace('_', '-')} is for --executor slurm")
+    if args.executor is None and args.tasks is None:
+        from data.prepare import prepare
+
+        report = prepare(args.inputs, args.out, **options)
+    else:
+        from launch.prep_executors import SlurmOptions, prep_with_tasks
+
+        slurm = SlurmOptions(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+                             mem=args.mem, wait=not args.no_wait)
+        report = prep_with_tasks(args.inputs, args.out, executor=args.executor or "local",
+                                 tasks=1 if args.tasks is None else args.tasks,
+                                 slurm=slurm, **options)
+        if report is None:
+            return 0
     print(f"kept {report['documents_out']} of {report['documents_in']} documents "
           f"({report['bytes_in'] / 1e6:.2f} MB in {report['seconds']:.1f} s, {report['mb_per_s']} MB/s) → {args.out}")
+    if "executor" in report:
+        tasks = report["executor"]
+        print(f"  {tasks['tasks']} tasks on {tasks['name']}: {len(tasks['ran'])} ran, {tasks['reused']} were done")
     for path, mode in report["txt_modes"].items():
         print(f"  {path}: one document per {mode}")
     for reason, count in report["skipped"].items():

@@ -140,3 +140,22 @@ def test_command_keeps_tensor_parallel_groups_inside_a_node(tmp_path, capsys, mo
     assert cli.main(["slurm", "--config", str(cfg), "--nodes", "8", "--gpus-per-node", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "parallel.tp=4 must divide the 2 processes per node" in err
+
+
+def test_batch_job_array_script(tmp_path):
+    from launch.slurm import BatchJob, array_spec, render_batch
+
+    assert array_spec([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8" and array_spec([3]) == "3"
+    array = BatchJob(command=["python", "-m", "x", "a b"], job_name="prep", log_dir=tmp_path / "logs",
+                     workdir=tmp_path, array=[0, 1, 2, 4], time="10", cpus_per_task=1)
+    script = render_batch(array)
+    bash_parses(script)
+    options = sbatch_options(script)
+    assert options["array"] == "0-2,4" and options["time"] == "10" and options["output"].endswith("/%x-%A_%a.out")
+    assert script.rstrip().endswith("exec python -m x 'a b'")
+    single = sbatch_options(render_batch(BatchJob(command=["true"], job_name="m", log_dir=tmp_path, workdir=tmp_path)))
+    assert "array" not in single and single["output"].endswith("/%x-%j.out")
+    with pytest.raises(UserError, match="task numbers"):
+        render_batch(BatchJob(command=["true"], job_name="m", log_dir=tmp_path, workdir=tmp_path, array=[]))
+    with pytest.raises(UserError, match="not a SLURM time"):
+        render_batch(BatchJob(command=["true"], job_name="m", log_dir=tmp_path, workdir=tmp_path, time="soon"))
