@@ -182,14 +182,15 @@ class TrainConfig(Config):
 class ParallelConfig(Config):
     """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now,
     one at a time: ``tp`` (Megatron-style tensor parallel of dense blocks, optionally sequence
-    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp) and ``pp`` (a
-    decoder's blocks in pipeline stages, trainer/strategy/pipeline_parallel.py; dp as ddp); cp is
-    refused."""
+    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp), ``pp`` (a
+    decoder's blocks in pipeline stages, trainer/strategy/pipeline_parallel.py; dp as ddp) and ``cp``
+    (each sequence split over ranks, attention over all-gathered keys and values,
+    trainer/strategy/context_parallel.py; dp as ddp)."""
 
     tp: int = 1  # tensor parallel: ranks each block's heads and MLP units are split over (they share a batch)
     pp: int = 1  # pipeline parallel: ranks a decoder's blocks are staged over (they share a batch)
     pp_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b  # multi-stage schedules: 2 stages per pp rank
-    cp: int = 1  # context parallel (not yet)
+    cp: int = 1  # context parallel: ranks each sequence is split over (they share a batch)
     ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
     sequence_parallel: bool = False  # with tp: norms and residuals on 1/tp of the sequence (Megatron-SP)
 
@@ -199,13 +200,10 @@ class ParallelConfig(Config):
                 raise ConfigError(f"{where}.{key}: must be at least 1, got {getattr(self, key)}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(f"{where}.sequence_parallel splits tensor parallel's activations: set {where}.tp > 1")
-        beyond = [f"{where}.{key}" for key in ("tp", "pp", "ep") if getattr(self, key) > 1]
+        beyond = [f"{where}.{key}" for key in ("tp", "pp", "cp", "ep") if getattr(self, key) > 1]
         if len(beyond) > 1:
             raise ConfigError(f"{' and '.join(beyond)}: one at a time for now (tp splits dense blocks, pp stages "
-                              "them, ep splits the experts of MoE ones)")
-        if self.cp > 1:
-            raise ConfigError(f"{where}.cp={self.cp}: not supported yet; {where}.tp, {where}.pp and "
-                              f"{where}.ep go beyond data parallelism")
+                              "them, cp splits sequences, ep splits the experts of MoE ones)")
 
 
 @dataclasses.dataclass
@@ -382,7 +380,7 @@ class RunConfig(Config):
 
     def validate(self, where: str) -> None:
         for key, strategies in (("ep", (StrategyName.ddp,)), ("tp", (StrategyName.ddp, StrategyName.fsdp)),
-                                ("pp", (StrategyName.ddp,))):
+                                ("pp", (StrategyName.ddp,)), ("cp", (StrategyName.ddp,))):
             size = getattr(self.parallel, key)
             if size > 1 and self.train.strategy not in strategies:
                 raise ConfigError(f"parallel.{key}={size} runs with train.strategy={' or '.join(strategies)} "
@@ -392,6 +390,14 @@ class RunConfig(Config):
         pp = self.parallel.pp
         if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
             raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
+        cp = self.parallel.cp
+        if cp > 1 and self.train.objective not in (None, ObjectiveName.clm):
+            raise ConfigError(f"parallel.cp={cp} trains train.objective=clm only, not {self.train.objective}")
+        if cp > 1 and self.data.seq_len % (2 * cp):
+            raise ConfigError(f"parallel.cp={cp} cuts each sequence into {2 * cp} chunks: data.seq_len="
+                              f"{self.data.seq_len} must be a multiple of {2 * cp}")
+        if cp > 1 and self.train.compile:
+            raise ConfigError(f"parallel.cp={cp} with train.compile is not supported yet; drop one of them")
         tp = self.parallel.tp
         if tp > 1 and self.train.hsdp:
             raise ConfigError(f"parallel.tp={tp} with train.hsdp is not supported: fsdp shards over the "

@@ -172,7 +172,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
         except UserError as exc:
             raise ConfigError(f"data.valid: {exc}") from None
 
-    accumulation = accumulation_steps(cfg, env.world_size // (cfg.parallel.tp * cfg.parallel.pp))  # they share a batch
+    accumulation = accumulation_steps(cfg, env.world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp))
     tokenizer_dir = run_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     name = objective_name(cfg, task)

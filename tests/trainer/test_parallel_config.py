@@ -10,7 +10,15 @@ from trainer.distributed import DistEnv
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"parallel": {"cp": 2}}, "parallel.cp=2: not supported yet"),
+    ({"parallel": {"cp": 2}}, "parallel.cp=2 runs with train.strategy=ddp"),
+    ({"parallel": {"cp": 2, "tp": 2}}, "parallel.tp and parallel.cp: one at a time"),
+    ({"parallel": {"cp": 2, "pp": 2}}, "parallel.pp and parallel.cp: one at a time"),
+    ({"parallel": {"cp": 2, "ep": 2}}, "parallel.cp and parallel.ep: one at a time"),
+    ({"parallel": {"cp": 2}, "train": {"strategy": "ddp", "objective": "mlm"}},
+     "parallel.cp=2 trains train.objective=clm only"),
+    ({"parallel": {"cp": 2}, "train": {"strategy": "ddp"}, "data": {"seq_len": 30}},
+     "parallel.cp=2 cuts each sequence into 4 chunks: data.seq_len=30 must be a multiple of 4"),
+    ({"parallel": {"cp": 2}, "train": {"strategy": "ddp", "compile": True}}, "parallel.cp=2 with train.compile"),
     ({"parallel": {"tp": 2, "ep": 2}}, "parallel.tp and parallel.ep: one at a time"),
     ({"parallel": {"tp": 2, "pp": 2}}, "parallel.tp and parallel.pp: one at a time"),
     ({"parallel": {"pp": 2}}, "parallel.pp=2 runs with train.strategy=ddp"),
@@ -75,4 +83,22 @@ def test_pipeline_parallel_refuses_what_it_cannot_stage(model, world, schedule, 
     strategy = PipelineParallel(RunConfig.from_dict({}).train, env, accumulation, size=2, schedule=schedule)
     with pytest.raises(ConfigError, match=message) as error:
         strategy.wrap(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("model", "world", "message"), [
+    ({"preset": "tiny-bert"}, 2, "dense decoder, not model.arch=encoder"),
+    ({"preset": "tiny-t5"}, 2, "dense decoder, not model.arch=encoder_decoder"),
+    ({"preset": "tiny-moe"}, 2, "dense decoder, not model.arch=decoder with experts"),
+    ({"preset": "tiny-llama", "attn": "flex"}, 2, "not model.attn=flex"),
+    ({"preset": "tiny-llama", "pos": "alibi"}, 2, "model.pos=alibi"),
+    ({"preset": "tiny-llama"}, 3, "parallel.cp=2 must divide the 3 ranks"),
+])
+def test_context_parallel_refuses_what_it_cannot_split(model, world, message):
+    from trainer.strategy.context_parallel import ContextParallel
+
+    env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
+    strategy = ContextParallel(RunConfig.from_dict({}).train, env, size=2)
+    with pytest.raises(ConfigError, match=message) as error:
+        strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
     assert "\n" not in str(error.value)

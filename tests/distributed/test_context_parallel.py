@@ -1,0 +1,121 @@
+"""Context parallel (parallel.cp): each sequence split over ranks (head-tail chunks), keys and values
+all-gathered for attention. Gradients and the loss equal the single-process ones on packed documents;
+runs through the trainer follow one process and their checkpoints resume without cp."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from runs import final_weights, tiny_config, train
+from spawn import spawn
+
+LLAMA = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64}
+GPT2 = {"preset": "tiny-gpt2", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 64}  # learned positions
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    """Two packed rows of 16 tokens: documents of uneven length, some crossing the cp chunk edges."""
+    from data.collate import collate_rows
+
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0)).numpy()
+    starts = np.zeros((2, 17), dtype=bool)
+    starts[0, [5, 6, 13]] = True
+    starts[1, [9]] = True
+    return collate_rows(tokens, starts)
+
+
+def _model(model: dict):
+    from model import ModelConfig, build_model
+
+    net = build_model(ModelConfig.from_dict({**model, "vocab_size": 64}))
+    net.init_weights(0)
+    return net
+
+
+def _context_parallel_step(model: dict, train: dict) -> tuple[dict, float]:
+    """One micro-batch on 2 ranks (cp=2) through the strategy, scaled as the loop scales it: the
+    synced gradients and the loss the loop would log."""
+    from trainer.config import RunConfig
+    from trainer.distributed import init_distributed
+    from trainer.objectives.clm import CausalLM
+    from trainer.strategy.context_parallel import ContextParallel
+
+    env = init_distributed(need_group=True)
+    cp = ContextParallel(RunConfig.from_dict({"train": train}).train, env, size=2)
+    wrapped = cp.wrap(_model(model))
+    objective, batch = CausalLM("clm", 0), _batch()
+    count = env.world_size * objective.count(batch)  # the loop's global count: every cp rank reads the batch
+    sums = cp.forward_backward([batch], env.world_size / count, lambda b: (objective.loss(wrapped, b), 0.0),
+                               objective)
+    loss = sums.reduce(torch.tensor(float(count), dtype=torch.float64))["loss"]
+    assert cp.mask is None  # outside a step, forwards run whole sequences
+    return {name: p.grad.numpy() for name, p in wrapped.module.named_parameters()}, loss
+
+
+@pytest.mark.parametrize(("model", "train"), [
+    ({**LLAMA, "attn": "sdpa"}, {"strategy": "ddp"}),
+    ({**LLAMA, "attn": "eager", "sliding_window": 5}, {"strategy": "ddp", "activation_checkpointing": "full"}),
+    ({**GPT2, "attn": "auto"}, {"strategy": "ddp"}),
+], ids=["rope-gqa-sdpa", "eager-window-full-ac", "gpt2-learned-auto"])
+def test_context_parallel_gradients_equal_one_process(model, train):
+    """Document masking, causal order across the head-tail chunks, global positions, the loss sum and
+    DDP's average over the cp ranks: any one wrong moves the gradients."""
+    from trainer.objectives.clm import CausalLM
+
+    reference, objective, batch = _model(model), CausalLM("clm", 0), _batch()
+    out = objective.loss(reference, batch)
+    (out.loss_sum / out.count).backward()
+    (grads, loss), _ = spawn(_context_parallel_step, 2, model, train)
+    assert loss == pytest.approx(float(out.loss_sum.detach() / out.count), rel=1e-6)
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(torch.from_numpy(grads[name]), param.grad, rtol=1e-4, atol=1e-7,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_slices_are_head_and_tail_chunks():
+    from trainer.strategy.context_parallel import slice_indices
+
+    assert slice_indices(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert slice_indices(8, 2, 1).tolist() == [2, 3, 4, 5]
+    assert sorted(torch.cat([slice_indices(24, 3, r) for r in range(3)]).tolist()) == list(range(24))
+
+
+def _config(corpus, run_dir, *overrides):
+    raw = tiny_config(corpus, run_dir, "data.seq_len=64", *overrides)
+    raw["model"] = dict(LLAMA)
+    return raw
+
+
+def test_context_parallel_follows_one_process_and_resumes_without_cp(corpus, tmp_path):
+    """cp=2 on 2 ranks through the trainer (rope, packed documents): 10 steps within 1e-4 of one
+    process; its step-5 checkpoint resumes at cp=1 (one process) with the uninterrupted run's losses."""
+    common = ("train.max_steps=10", "checkpoint.every=5", "checkpoint.save_final=true")
+    [single] = spawn(train, 1, _config(corpus, tmp_path / "single", *common))
+    cp = spawn(train, 2, _config(corpus, tmp_path / "cp", *common, "train.strategy=ddp", "parallel.cp=2"))
+    assert cp[0].losses == cp[1].losses
+    np.testing.assert_allclose(cp[0].losses, single.losses, rtol=1e-4)
+    assert cp[0].tokens_seen == single.tokens_seen
+    weights = final_weights(cp[0])
+    for name, tensor in final_weights(single).items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(cp[0].run_dir / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+    (resumed / "checkpoints" / "latest").write_text("step_000005")
+    [again] = spawn(train, 1, _config(corpus, resumed, *common))
+    np.testing.assert_allclose(again.losses, cp[0].losses[5:], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_context_parallel_with_data_parallel_follows_one_process(corpus, tmp_path):
+    """cp=2 × dp=2 on 4 ranks: 10 steps within 1e-4 of one process, tokens counted once."""
+    common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10")
+    [single] = spawn(train, 1, _config(corpus, tmp_path / "single", *common))
+    ranks = spawn(train, 4, _config(corpus, tmp_path / "cp", *common, "train.strategy=ddp", "parallel.cp=2",
+                                    "train.micro_batch_size=4"))
+    assert all(r.losses == ranks[0].losses for r in ranks)
+    np.testing.assert_allclose(ranks[0].losses, single.losses, rtol=1e-4)
+    assert ranks[0].tokens_seen == single.tokens_seen
