@@ -91,7 +91,8 @@ def _config(corpus, run_dir, *overrides):
 
 def test_context_parallel_follows_one_process_and_resumes_without_cp(corpus, tmp_path):
     """cp=2 on 2 ranks through the trainer (rope, packed documents): 10 steps within 1e-4 of one
-    process; its step-5 checkpoint resumes at cp=1 (one process) with the uninterrupted run's losses."""
+    process; its step-5 checkpoint resumes at cp=1 (one process) with the uninterrupted run's losses,
+    and the single-process run's at cp=2 with its own."""
     common = ("train.max_steps=10", "checkpoint.every=5", "checkpoint.save_final=true")
     [single] = spawn(train, 1, _config(corpus, tmp_path / "single", *common))
     cp = spawn(train, 2, _config(corpus, tmp_path / "cp", *common, "train.strategy=ddp", "parallel.cp=2"))
@@ -102,11 +103,14 @@ def test_context_parallel_follows_one_process_and_resumes_without_cp(corpus, tmp
     for name, tensor in final_weights(single).items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(cp[0].run_dir / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
-    (resumed / "checkpoints" / "latest").write_text("step_000005")
-    [again] = spawn(train, 1, _config(corpus, resumed, *common))
-    np.testing.assert_allclose(again.losses, cp[0].losses[5:], rtol=1e-4)
+    for name, uninterrupted, world, overrides in (("cp2_to_cp1", cp[0], 1, ()),
+                                                  ("cp1_to_cp2", single, 2, ("train.strategy=ddp", "parallel.cp=2"))):
+        resumed = tmp_path / name
+        shutil.copytree(uninterrupted.run_dir / "checkpoints" / "step_000005",
+                        resumed / "checkpoints" / "step_000005")
+        (resumed / "checkpoints" / "latest").write_text("step_000005")
+        again = spawn(train, world, _config(corpus, resumed, *common, *overrides))
+        np.testing.assert_allclose(again[0].losses, uninterrupted.losses[5:], rtol=1e-4, err_msg=name)
 
 
 @pytest.mark.slow
