@@ -391,8 +391,8 @@ class RunConfig(Config):
         if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
             raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
         cp = self.parallel.cp
-        if cp > 1 and self.train.objective not in (None, ObjectiveName.clm):
-            raise ConfigError(f"parallel.cp={cp} trains train.objective=clm only, not {self.train.objective}")
+        if cp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
+            raise ConfigError(f"parallel.cp={cp} trains train.objective=clm or sft, not {self.train.objective}")
         if cp > 1 and self.data.seq_len % (2 * cp):
             raise ConfigError(f"parallel.cp={cp} cuts each sequence into {2 * cp} chunks: data.seq_len="
                               f"{self.data.seq_len} must be a multiple of {2 * cp}")

@@ -16,7 +16,7 @@ LLAMA = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "
 GPT2 = {"preset": "tiny-gpt2", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 64}  # learned positions
 
 
-def _batch() -> dict[str, torch.Tensor]:
+def _packed() -> dict[str, torch.Tensor]:
     """Two packed rows of 16 tokens: documents of uneven length, some crossing the cp chunk edges."""
     from data.collate import collate_rows
 
@@ -27,6 +27,23 @@ def _batch() -> dict[str, torch.Tensor]:
     return collate_rows(tokens, starts)
 
 
+def _padded() -> dict[str, torch.Tensor]:
+    """Two unpacked SFT rows of 13 tokens (not a multiple of 2·cp), targets on a part; the second
+    padded on the left (under a causal mask only left padding hides keys a query would see)."""
+    from data.collate import collate_sft
+
+    generator = torch.Generator().manual_seed(1)
+    samples = [(torch.randint(0, 64, (n,), generator=generator).numpy(), (np.arange(n) >= n // 2).astype(np.int64))
+               for n in (14, 9)]
+    batch = collate_sft(samples, pad_id=0, seq_len=16)
+    for value in batch.values():
+        value[1] = value[1].roll(13 - 8)
+    return batch
+
+
+BATCHES = {"clm": _packed, "sft": _padded}
+
+
 def _model(model: dict):
     from model import ModelConfig, build_model
 
@@ -35,7 +52,7 @@ def _model(model: dict):
     return net
 
 
-def _context_parallel_step(model: dict, train: dict) -> tuple[dict, float]:
+def _context_parallel_step(model: dict, train: dict, kind: str) -> tuple[dict, float]:
     """One micro-batch on 2 ranks (cp=2) through the strategy, scaled as the loop scales it: the
     synced gradients and the loss the loop would log."""
     from trainer.config import RunConfig
@@ -46,7 +63,7 @@ def _context_parallel_step(model: dict, train: dict) -> tuple[dict, float]:
     env = init_distributed(need_group=True)
     cp = ContextParallel(RunConfig.from_dict({"train": train}).train, env, size=2)
     wrapped = cp.wrap(_model(model))
-    objective, batch = CausalLM("clm", 0), _batch()
+    objective, batch = CausalLM(kind, 0), BATCHES[kind]()
     count = env.world_size * objective.count(batch)  # the loop's global count: every cp rank reads the batch
     sums = cp.forward_backward([batch], env.world_size / count, lambda b: (objective.loss(wrapped, b), 0.0),
                                objective)
@@ -55,20 +72,21 @@ def _context_parallel_step(model: dict, train: dict) -> tuple[dict, float]:
     return {name: p.grad.numpy() for name, p in wrapped.module.named_parameters()}, loss
 
 
-@pytest.mark.parametrize(("model", "train"), [
-    ({**LLAMA, "attn": "sdpa"}, {"strategy": "ddp"}),
-    ({**LLAMA, "attn": "eager", "sliding_window": 5}, {"strategy": "ddp", "activation_checkpointing": "full"}),
-    ({**GPT2, "attn": "auto"}, {"strategy": "ddp"}),
-], ids=["rope-gqa-sdpa", "eager-window-full-ac", "gpt2-learned-auto"])
-def test_context_parallel_gradients_equal_one_process(model, train):
-    """Document masking, causal order across the head-tail chunks, global positions, the loss sum and
-    DDP's average over the cp ranks: any one wrong moves the gradients."""
+@pytest.mark.parametrize(("model", "train", "kind"), [
+    ({**LLAMA, "attn": "sdpa"}, {"strategy": "ddp"}, "clm"),
+    ({**LLAMA, "attn": "eager", "sliding_window": 5}, {"strategy": "ddp", "activation_checkpointing": "full"}, "clm"),
+    ({**GPT2, "attn": "auto"}, {"strategy": "ddp", "activation_checkpointing": "selective"}, "clm"),
+    ({**LLAMA, "attn": "sdpa"}, {"strategy": "ddp"}, "sft"),
+], ids=["rope-gqa-sdpa", "eager-window-full-ac", "gpt2-learned-selective-ac", "sft-padded"])
+def test_context_parallel_gradients_equal_one_process(model, train, kind):
+    """Document masking, causal order across the head-tail chunks, global positions, padding, the loss
+    sum and DDP's average over the cp ranks: any one wrong moves the gradients."""
     from trainer.objectives.clm import CausalLM
 
-    reference, objective, batch = _model(model), CausalLM("clm", 0), _batch()
+    reference, objective, batch = _model(model), CausalLM(kind, 0), BATCHES[kind]()
     out = objective.loss(reference, batch)
     (out.loss_sum / out.count).backward()
-    (grads, loss), _ = spawn(_context_parallel_step, 2, model, train)
+    (grads, loss), _ = spawn(_context_parallel_step, 2, model, train, kind)
     assert loss == pytest.approx(float(out.loss_sum.detach() / out.count), rel=1e-6)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(torch.from_numpy(grads[name]), param.grad, rtol=1e-4, atol=1e-7,

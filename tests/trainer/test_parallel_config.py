@@ -15,7 +15,7 @@ from trainer.distributed import DistEnv
     ({"parallel": {"cp": 2, "pp": 2}}, "parallel.pp and parallel.cp: one at a time"),
     ({"parallel": {"cp": 2, "ep": 2}}, "parallel.cp and parallel.ep: one at a time"),
     ({"parallel": {"cp": 2}, "train": {"strategy": "ddp", "objective": "mlm"}},
-     "parallel.cp=2 trains train.objective=clm only"),
+     "parallel.cp=2 trains train.objective=clm or sft, not mlm"),
     ({"parallel": {"cp": 2}, "train": {"strategy": "ddp"}, "data": {"seq_len": 30}},
      "parallel.cp=2 cuts each sequence into 4 chunks: data.seq_len=30 must be a multiple of 4"),
     ({"parallel": {"cp": 2}, "train": {"strategy": "ddp", "compile": True}}, "parallel.cp=2 with train.compile"),

@@ -1,4 +1,4 @@
-"""Context parallel (``parallel.cp`` > 1, with train.strategy ddp): each sequence split over cp ranks.
+"""Context parallel (``parallel.cp`` > 1, with train.strategy ddp; clm and sft): each sequence split over cp ranks.
 
 The ``cp`` ranks of a group read the same batch; each keeps a load-balanced slice of every row
 (Megatron-CP's and torchtitan's head-tail split: the row cut into 2·cp chunks, rank r keeps chunks
@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from common.errors import ConfigError, UserError
+from common.errors import ConfigError
 from model.attention import Attention, AttentionMask
 from model.config import Arch, Attn, Pos
 from model.transformer import resolve_positions
+from trainer.objectives.cross_entropy import IGNORE_INDEX
 from trainer.strategy.ddp import DDP
 from trainer.strategy.tensor_parallel import gather_sequence
 
@@ -42,13 +44,15 @@ _MASK_KEYS = ("document_ids", "attention_mask")
 
 
 def slice_indices(length: int, size: int, rank: int) -> torch.Tensor:
-    """The positions of a row of ``length`` that cp rank ``rank`` of ``size`` keeps: chunks ``rank``
-    and ``2·size-1-rank`` of 2·size."""
-    if length % (2 * size):
-        raise UserError(f"parallel.cp={size} cuts each sequence into {2 * size} chunks: a length of {length} "
-                        f"does not divide; use a data.seq_len that is a multiple of {2 * size}")
+    """The positions of a row of ``length`` (a multiple of 2·size) that cp rank ``rank`` of ``size``
+    keeps: chunks ``rank`` and ``2·size-1-rank`` of 2·size."""
     chunks = torch.arange(length).chunk(2 * size)
     return torch.cat([chunks[rank], chunks[2 * size - 1 - rank]])
+
+
+def _whole_row(value: object, ids: torch.Tensor) -> bool:
+    """Whether a batch entry has a value per token of ``ids`` (input ids, labels, masks, positions)."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == ids.shape
 
 
 @dataclasses.dataclass(eq=False)
@@ -128,27 +132,33 @@ class ContextParallel(DDP):
         return super().parallelize(model)
 
     def _slice(self, batch: Batch) -> Batch:
-        """This rank's slice of every row, with global positions; its slice mask put up."""
+        """This rank's slice of every row, with global positions; its slice mask put up. Rows of a
+        length 2·cp does not divide (unpacked SFT) are right-padded: masked keys, no targets."""
         ids = batch["input_ids"]
+        positions = resolve_positions(ids, batch.get("attention_mask"), batch.get("document_ids"),
+                                      batch.get("position_ids"))
+        batch = {**batch, "position_ids": positions}
+        pad = -ids.shape[1] % (2 * self.size)
+        if pad:
+            batch = {"attention_mask": torch.ones_like(ids), **batch}
+            batch = {key: F.pad(value, (0, pad), value=IGNORE_INDEX if key == "labels" else 0)
+                     if _whole_row(value, ids) else value for key, value in batch.items()}
+            ids = batch["input_ids"]
         length = ids.shape[1]
         keys = torch.cat([slice_indices(length, self.size, r) for r in range(self.size)]).to(ids.device)
         mine = keys.view(self.size, -1)[self.cp_rank]
-        positions = resolve_positions(ids, batch.get("attention_mask"), batch.get("document_ids"),
-                                      batch.get("position_ids"))
         self.mask = slice_mask(mine, keys, batch.get("document_ids"), batch.get("attention_mask"),
                                self.sliding_window)
-        local = {"position_ids": positions[:, mine]}
-        for key, value in batch.items():
-            if key in _MASK_KEYS or key == "position_ids":
-                continue
-            whole_row = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == ids.shape
-            local[key] = value[:, mine] if whole_row else value
-        return local
+        return {key: value[:, mine] if _whole_row(value, ids) else value
+                for key, value in batch.items() if key not in _MASK_KEYS}
 
     def forward_backward(self, micro_batches: Sequence[Batch], scale: float,
                          loss: Callable[[Batch], tuple[LossOutput, torch.Tensor | float]],
                          objective: Objective) -> MetricSums:
         cp = self.size
+        if objective.data_objective not in ("clm", "sft"):
+            raise ConfigError(f"parallel.cp={cp} trains token-level causal objectives (clm, sft), not "
+                              f"{objective.data_objective}")
 
         def slice_loss(batch: Batch) -> tuple[LossOutput, torch.Tensor | float]:
             out, extra = loss(self._slice(batch))  # the mask stays up through this micro-batch's backward
