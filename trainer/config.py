@@ -185,7 +185,7 @@ class ParallelConfig(Config):
     parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp), ``pp`` (a
     decoder's blocks in pipeline stages, trainer/strategy/pipeline_parallel.py; dp as ddp) and ``cp``
     (each sequence split over ranks, attention over all-gathered keys and values,
-    trainer/strategy/context_parallel.py; dp as ddp)."""
+    trainer/strategy/context_parallel.py; dp as ddp or FSDP2)."""
 
     tp: int = 1  # tensor parallel: ranks each block's heads and MLP units are split over (they share a batch)
     pp: int = 1  # pipeline parallel: ranks a decoder's blocks are staged over (they share a batch)
@@ -380,7 +380,8 @@ class RunConfig(Config):
 
     def validate(self, where: str) -> None:
         for key, strategies in (("ep", (StrategyName.ddp,)), ("tp", (StrategyName.ddp, StrategyName.fsdp)),
-                                ("pp", (StrategyName.ddp,)), ("cp", (StrategyName.ddp,))):
+                                ("pp", (StrategyName.ddp,)),
+                                ("cp", (StrategyName.ddp, StrategyName.fsdp))):
             size = getattr(self.parallel, key)
             if size > 1 and self.train.strategy not in strategies:
                 raise ConfigError(f"parallel.{key}={size} runs with train.strategy={' or '.join(strategies)} "
@@ -396,6 +397,9 @@ class RunConfig(Config):
         if cp > 1 and self.data.seq_len % (2 * cp):
             raise ConfigError(f"parallel.cp={cp} cuts each sequence into {2 * cp} chunks: data.seq_len="
                               f"{self.data.seq_len} must be a multiple of {2 * cp}")
+        if cp > 1 and self.train.hsdp:
+            raise ConfigError(f"parallel.cp={cp} with train.hsdp is not supported: fsdp shards over all dp × cp "
+                              "ranks; drop train.hsdp")
         if cp > 1 and self.train.compile:
             raise ConfigError(f"parallel.cp={cp} with train.compile is not supported yet; drop one of them")
         tp = self.parallel.tp

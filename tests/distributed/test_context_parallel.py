@@ -58,10 +58,10 @@ def _context_parallel_step(model: dict, train: dict, kind: str) -> tuple[dict, f
     from trainer.config import RunConfig
     from trainer.distributed import init_distributed
     from trainer.objectives.clm import CausalLM
-    from trainer.strategy.context_parallel import ContextParallel
+    from trainer.strategy import context_parallel
 
     env = init_distributed(need_group=True)
-    cp = ContextParallel(RunConfig.from_dict({"train": train}).train, env, size=2)
+    cp = context_parallel.build(RunConfig.from_dict({"train": train}).train, env, 1, size=2)
     wrapped = cp.wrap(_model(model))
     objective, batch = CausalLM(kind, 0), BATCHES[kind]()
     count = env.world_size * objective.count(batch)  # the loop's global count: every cp rank reads the batch
@@ -69,7 +69,9 @@ def _context_parallel_step(model: dict, train: dict, kind: str) -> tuple[dict, f
                                objective)
     loss = sums.reduce(torch.tensor(float(count), dtype=torch.float64))["loss"]
     assert cp.mask is None  # outside a step, forwards run whole sequences
-    return {name: p.grad.numpy() for name, p in wrapped.module.named_parameters()}, loss
+    grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for name, p in getattr(wrapped, "module", wrapped).named_parameters()}
+    return {name: grad.numpy() for name, grad in grads.items()}, loss
 
 
 @pytest.mark.parametrize(("model", "train", "kind"), [
@@ -77,7 +79,8 @@ def _context_parallel_step(model: dict, train: dict, kind: str) -> tuple[dict, f
     ({**LLAMA, "attn": "eager", "sliding_window": 5}, {"strategy": "ddp", "activation_checkpointing": "full"}, "clm"),
     ({**GPT2, "attn": "auto"}, {"strategy": "ddp", "activation_checkpointing": "selective"}, "clm"),
     ({**LLAMA, "attn": "sdpa"}, {"strategy": "ddp"}, "sft"),
-], ids=["rope-gqa-sdpa", "eager-window-full-ac", "gpt2-learned-selective-ac", "sft-padded"])
+    ({**LLAMA, "attn": "sdpa"}, {"strategy": "fsdp"}, "clm"),
+], ids=["rope-gqa-sdpa", "eager-window-full-ac", "gpt2-learned-selective-ac", "sft-padded", "fsdp"])
 def test_context_parallel_gradients_equal_one_process(model, train, kind):
     """Document masking, causal order across the head-tail chunks, global positions, padding, the loss
     sum and DDP's average over the cp ranks: any one wrong moves the gradients."""
@@ -132,12 +135,13 @@ def test_context_parallel_follows_one_process_and_resumes_without_cp(corpus, tmp
 
 
 @pytest.mark.slow
-def test_context_parallel_with_data_parallel_follows_one_process(corpus, tmp_path):
-    """cp=2 × dp=2 on 4 ranks: 10 steps within 1e-4 of one process, tokens counted once."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_context_parallel_with_data_parallel_follows_one_process(corpus, tmp_path, strategy):
+    """cp=2 × dp=2 on 4 ranks, dp as ddp and as FSDP2 (sharded over all 4): 10 steps within 1e-4 of
+    one process, tokens counted once."""
     common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10")
     [single] = spawn(train, 1, _config(corpus, tmp_path / "single", *common))
-    ranks = spawn(train, 4, _config(corpus, tmp_path / "cp", *common, "train.strategy=ddp", "parallel.cp=2",
-                                    "train.micro_batch_size=4"))
+    ranks = spawn(train, 4, _config(corpus, tmp_path / "cp", *common, f"train.strategy={strategy}", "parallel.cp=2"))
     assert all(r.losses == ranks[0].losses for r in ranks)
     np.testing.assert_allclose(ranks[0].losses, single.losses, rtol=1e-4)
     assert ranks[0].tokens_seen == single.tokens_seen

@@ -10,7 +10,8 @@ from trainer.distributed import DistEnv
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"parallel": {"cp": 2}}, "parallel.cp=2 runs with train.strategy=ddp"),
+    ({"parallel": {"cp": 2}}, "parallel.cp=2 runs with train.strategy=ddp or fsdp"),
+    ({"parallel": {"cp": 2}, "train": {"strategy": "fsdp", "hsdp": True}}, "parallel.cp=2 with train.hsdp"),
     ({"parallel": {"cp": 2, "tp": 2}}, "parallel.tp and parallel.cp: one at a time"),
     ({"parallel": {"cp": 2, "pp": 2}}, "parallel.pp and parallel.cp: one at a time"),
     ({"parallel": {"cp": 2, "ep": 2}}, "parallel.cp and parallel.ep: one at a time"),
@@ -95,10 +96,10 @@ def test_pipeline_parallel_refuses_what_it_cannot_stage(model, world, schedule, 
     ({"preset": "tiny-llama"}, 3, "parallel.cp=2 must divide the 3 ranks"),
 ])
 def test_context_parallel_refuses_what_it_cannot_split(model, world, message):
-    from trainer.strategy.context_parallel import ContextParallel
+    from trainer.strategy.context_parallel import ContextParallelDDP
 
     env = DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device("cpu"))
-    strategy = ContextParallel(RunConfig.from_dict({}).train, env, size=2)
+    strategy = ContextParallelDDP(RunConfig.from_dict({}).train, env, size=2)
     with pytest.raises(ConfigError, match=message) as error:
         strategy.parallelize(build_model(ModelConfig.from_dict({**model, "vocab_size": 32})))
     assert "\n" not in str(error.value)

@@ -16,7 +16,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp + parallel.pp > 1 | pipeline_parallel.py | a decoder's blocks cut into stages over pp ranks (torch pipelining) |
 | fsdp + parallel.tp > 1 | tensor_parallel.py, fsdp.py | the same, the tp-split blocks sharded by FSDP2 over dp |
 | + parallel.sequence_parallel | tensor_parallel.py | tp's norms, residuals, dropout on sequence slices (Megatron-SP) |
-| ddp + parallel.cp > 1 | context_parallel.py | each sequence split over cp ranks, k/v all-gathered for attention |
+| ddp/fsdp + parallel.cp > 1 | context_parallel.py | each sequence split over cp ranks, k/v all-gathered for attention |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
 torch.compile per block), ds_config.py (the DeepSpeed config, generated or the user's, checked).
@@ -158,7 +158,7 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
     """The strategy of ``cfg.strategy``; with ``parallel.ep``, ``parallel.tp``, ``parallel.pp`` or
-    ``parallel.cp`` > 1 (config-checked: one of them; ep, pp and cp with ddp, tp with ddp or fsdp),
+    ``parallel.cp`` > 1 (config-checked: one of them; ep and pp with ddp, tp and cp with ddp or fsdp),
     expert, tensor, pipeline or context parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
@@ -173,9 +173,9 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
 
         return PipelineParallel(cfg, env, accumulation, size=parallel.pp, schedule=parallel.pp_schedule)
     if parallel is not None and parallel.cp > 1:
-        from trainer.strategy.context_parallel import ContextParallel
+        from trainer.strategy import context_parallel
 
-        return ContextParallel(cfg, env, accumulation, size=parallel.cp)
+        return context_parallel.build(cfg, env, accumulation, size=parallel.cp)
     module, name = STRATEGIES[str(cfg.strategy)]
     return getattr(importlib.import_module(f"trainer.strategy.{module}"), name)(cfg, env, accumulation)
 

@@ -1,4 +1,4 @@
-"""Context parallel (``parallel.cp`` > 1, with train.strategy ddp; clm and sft): each sequence split over cp ranks.
+"""Context parallel (``parallel.cp`` > 1; clm and sft; dp as ddp or FSDP2): each sequence split over cp ranks.
 
 The ``cp`` ranks of a group read the same batch; each keeps a load-balanced slice of every row
 (Megatron-CP's and torchtitan's head-tail split: the row cut into 2·cp chunks, rank r keeps chunks
@@ -11,8 +11,9 @@ window, same document, non-padding keys. The model is left as written: each self
 training step (evaluation, generation), which run whole sequences.
 
 Each rank's loss covers its slice; the loop counts the batch once per cp rank (the ranks read the
-same rows), so the sums are multiplied by cp and DDP's average over the dp × cp ranks gives the
-whole-batch gradient. Weights stay replicated: checkpoints are plain DDP ones.
+same rows), so the sums are multiplied by cp and DDP's (or FSDP2's) average over the dp × cp ranks
+gives the whole-batch gradient. The weights are those of plain ddp (replicated) or fsdp (sharded over
+all dp × cp ranks, as torchtitan's dp_shard_cp): checkpoints are theirs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from model.config import Arch, Attn, Pos
 from model.transformer import resolve_positions
 from trainer.objectives.cross_entropy import IGNORE_INDEX
 from trainer.strategy.ddp import DDP
+from trainer.strategy.fsdp import FSDP
 from trainer.strategy.tensor_parallel import gather_sequence
 
 if TYPE_CHECKING:
@@ -103,8 +105,9 @@ class _GatheredAttention:
         return self.backend(q, kv[:, :heads], kv[:, heads:], sliced, scale, dropout_p)
 
 
-class ContextParallel(DDP):
-    """DDP over every rank, each sequence split over the cp ranks of a (dp, cp) mesh."""
+class ContextParallel:
+    """Each sequence split over the cp ranks of a (dp, cp) mesh; mixed into the data-parallel strategy
+    (:class:`ContextParallelDDP`, :class:`ContextParallelFSDP`) that runs over every rank."""
 
     def __init__(self, cfg, env, accumulation: int = 1, size: int = 2) -> None:
         super().__init__(cfg, env, accumulation)
@@ -169,3 +172,16 @@ class ContextParallel(DDP):
             return super().forward_backward(micro_batches, scale, slice_loss, objective)
         finally:
             self.mask = None
+
+
+class ContextParallelDDP(ContextParallel, DDP):
+    pass
+
+
+class ContextParallelFSDP(ContextParallel, FSDP):
+    pass
+
+
+def build(cfg, env, accumulation: int, size: int) -> ContextParallel:
+    """Context parallel over ``size`` ranks, data parallel as ``cfg.strategy`` (ddp or fsdp)."""
+    return (ContextParallelFSDP if str(cfg.strategy) == "fsdp" else ContextParallelDDP)(cfg, env, accumulation, size)
