@@ -111,15 +111,17 @@ def _config(corpus, run_dir, *overrides):
 
 
 def test_context_parallel_follows_one_process_and_resumes_without_cp(corpus, tmp_path):
-    """cp=2 on 2 ranks through the trainer (rope, packed documents): 10 steps within 1e-4 of one
-    process; its step-5 checkpoint resumes at cp=1 (one process) with the uninterrupted run's losses,
+    """cp=2 on 2 ranks through the trainer (rope, packed documents): 10 steps and the evaluations within
+    1e-4 of one process; its step-5 checkpoint resumes at cp=1 (one process) with the uninterrupted run's losses,
     and the single-process run's at cp=2 with its own."""
-    common = ("train.max_steps=10", "checkpoint.every=5", "checkpoint.save_final=true")
+    common = ("train.max_steps=10", "checkpoint.every=5", "checkpoint.save_final=true", "train.eval_every=5")
     [single] = spawn(train, 1, _config(corpus, tmp_path / "single", *common))
     cp = spawn(train, 2, _config(corpus, tmp_path / "cp", *common, "train.strategy=ddp", "parallel.cp=2"))
     assert cp[0].losses == cp[1].losses
     np.testing.assert_allclose(cp[0].losses, single.losses, rtol=1e-4)
     assert cp[0].tokens_seen == single.tokens_seen
+    assert single.eval_loss is not None
+    assert cp[0].eval_loss == pytest.approx(single.eval_loss, rel=1e-4)  # evaluation runs whole sequences
     weights = final_weights(cp[0])
     for name, tensor in final_weights(single).items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
