@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 from bench import html_extraction
 from bench.web_pages import build_pages, score
+
+pytest.importorskip("resiliparse")  # the dev extra's peer
 
 
 def test_smoke_scores_every_extractor_and_the_cli(tmp_path):
