@@ -11,11 +11,11 @@ FineWebQualityFilter → MinhashDedupSignature``, chained in this process as its
 extractor runs pages in a sandbox process, as it always does; per-page timeout raised from 1 s to 10 s so
 that load on a shared machine cannot drop a page). Speed: MB of HTML per CPU-second of all the side's
 processes (= per core), the sides alternating repetition by repetition, medians; ratios are what to read on
-a shared machine. A third row swaps Tessera's extraction for resiliparse's (a what-if: not an option of
-``tessera prep``). Agreement (untimed): per page, kept or removed by the filters; after near dedup (datatrove's
-buckets and clustering stages run on its signatures); the kept text where both keep. ``--profile``: where
-Tessera's time goes (cProfile). Run from the repository root (needs datatrove 0.10, spaCy, faust-cchardet,
-python-magic)::
+a shared machine. Two more rows swap Tessera's extraction for trafilatura's ``fast`` mode or for
+resiliparse (what-ifs: not options of ``tessera prep``). Agreement (untimed): per page, kept or removed by
+the filters; after near dedup (datatrove's buckets and clustering stages run on its signatures); the kept
+text where both keep. ``--profile``: where Tessera's time goes (cProfile). Run from the repository root
+(the dev extra has datatrove 0.10, spaCy, faust-cchardet, python-magic)::
 
     PYTHONPATH=. python bench/prep_vs_datatrove.py [--reps 3] [--json PATH] [--profile] [--smoke]
 """
@@ -65,8 +65,19 @@ def resiliparse_text(page: str, url: str | None = None) -> str:
     return extract_plain_text(page, main_content=True, alt_texts=False, list_bullets=False, comments=False)
 
 
+def trafilatura_fast_text(page: str, url: str | None = None) -> str | None:
+    import trafilatura
+
+    return trafilatura.extract(page, url=url, favor_precision=True, include_comments=False, fast=True)
+
+
 def tessera_resiliparse(warc: Path, out: Path, dedup: str = "minhash") -> dict[str, str]:
     with mock.patch("data.readers.extract_main_text", resiliparse_text):
+        return tessera(warc, out, dedup)
+
+
+def tessera_fast(warc: Path, out: Path, dedup: str = "minhash") -> dict[str, str]:
+    with mock.patch("data.readers.extract_main_text", trafilatura_fast_text):
         return tessera(warc, out, dedup)
 
 
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(pages)} pages, {megabytes:.2f} MB of HTML")
     sides: dict[str, Callable[[Path, Path], dict[str, str]]] = {
         "tessera prep": tessera, "datatrove 0.10": datatrove,
+        "tessera prep, trafilatura fast (what-if)": tessera_fast,
         "tessera prep, resiliparse (what-if)": tessera_resiliparse}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
     wall: dict[str, list[float]] = {name: [] for name in sides}
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 side(tmp / "warm-up.warc.gz", tmp / f"warm-up-{names.index(name)}")
         for rep in range(args.reps):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
-                out = tmp / f"{name.split()[0]}-{name.count(',')}-{rep}"
+                out = tmp / f"{name.split()[0]}-{names.index(name)}-{rep}"
                 with contextlib.redirect_stderr(io.StringIO()):  # datatrove logs every step
                     start_cpu, start = cpu_now(), time.perf_counter()
                     kept[name] = sides[name](warc, out)
@@ -174,8 +186,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     wall[name].append(time.perf_counter() - start)
         with contextlib.redirect_stderr(io.StringIO()):
             filtered = tessera(warc, tmp / "filters-only", dedup="none")
+            filtered_fast = tessera_fast(warc, tmp / "filters-only-fast", dedup="none")
             filtered_resiliparse = tessera_resiliparse(warc, tmp / "filters-only-resiliparse", dedup="none")
-            removed = datatrove_near_duplicates(tmp / f"datatrove-0-{args.reps - 1}", list(kept["datatrove 0.10"]))
+            last = tmp / f"datatrove-{names.index('datatrove 0.10')}-{args.reps - 1}"
+            removed = datatrove_near_duplicates(last, list(kept["datatrove 0.10"]))
         lines = profile(warc, tmp, 25) if args.profile else []
     theirs_filtered = set(kept["datatrove 0.10"])
     theirs_final = theirs_filtered - removed
@@ -193,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["agreement"] = {
         "filters": agreement(urls, set(filtered), theirs_filtered),
         "after near dedup": agreement(urls, set(kept["tessera prep"]), theirs_final),
+        "filters, trafilatura fast what-if": agreement(urls, set(filtered_fast), theirs_filtered),
         "filters, resiliparse what-if": agreement(urls, set(filtered_resiliparse), theirs_filtered),
         "near duplicates removed": {"tessera": len(filtered) - len(kept["tessera prep"]), "datatrove": len(removed)},
         "same kept words": len(same_text) / len(both_final) if both_final else None,
