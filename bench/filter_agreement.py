@@ -6,11 +6,10 @@ the two agree on keep/remove, which (our rule, their rule) pairs the disagreemen
 example of each, and for C4 how often the lines both keep are the same. C4 is compared twice: as we
 run it (``filter_no_terminal_punct=False``, the FineWeb recipe) and with datatrove's own default.
 
-datatrove is not a Tessera dependency: run this with a separate environment that has it (English
-word splitting needs spaCy; no model download), from the repository root::
+datatrove 0.10 and spaCy (its English word splitter; no model download) come with the dev extra
+(``pip install -e '.[dev]'``). From the repository root::
 
-    python3 -m venv /tmp/dt && /tmp/dt/bin/pip install datatrove spacy regex
-    PYTHONPATH=. /tmp/dt/bin/python bench/filter_agreement.py [--max-docs N] [--json PATH]
+    PYTHONPATH=. python bench/filter_agreement.py [--max-docs N] [--json PATH]
 """
 
 from __future__ import annotations

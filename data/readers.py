@@ -14,7 +14,7 @@ Files are read line by line, so memory stays flat (a .json array is the exceptio
 whole). Text files may be gzip (.gz) or zstandard (.zst) compressed. .parquet is read a record batch
 at a time, taking the ``text_field`` column. .warc/.warc.gz keeps HTTP 200 responses with an HTML
 type, decodes them in the charset they declare (:func:`decode_html`) and extracts the main text with
-trafilatura; the other responses, and records cut short, are counted in ``skipped``.
+trafilatura (:func:`extract_main_text`); the other responses, and records cut short, are counted in ``skipped``.
 Bytes that are not UTF-8 become U+FFFD and are counted per file (``invalid_utf8``: prep's report);
 a file that is mostly such bytes is not text and is refused in one line. Record errors name
 ``file:line`` (1-based) for .jsonl and ``file item N`` (1-based) for .json arrays.
@@ -409,9 +409,18 @@ def decode_html(body: bytes, content_type: str = "") -> str:
     return body.decode("utf-8", errors="replace")
 
 
+def extract_main_text(page: str, url: str | None = None) -> str | None:
+    """A page's main text with trafilatura as FineWeb runs it (datatrove's extractor: precision favoured,
+    comments left out), but without trafilatura's cross-document deduplication, whose output depends on
+    the pages extracted before (a page's text must not depend on how the corpus is split into tasks).
+    bench/html_extraction.py measures it against resiliparse and trafilatura's defaults."""
+    import trafilatura
+
+    return trafilatura.extract(page, url=url, favor_precision=True, include_comments=False)
+
+
 def _warc(path: Path, skipped: Counter[str]) -> Iterator[Document]:
     """HTML responses with status 200 → their main text, with the URL and crawl date kept as fields."""
-    import trafilatura
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
 
@@ -434,7 +443,7 @@ def _warc(path: Path, skipped: Counter[str]) -> Iterator[Document]:
                     skipped["warc_not_html"] += 1
                     continue
                 url = record.rec_headers.get_header("WARC-Target-URI")
-                text = trafilatura.extract(decode_html(body, content_type), url=url)
+                text = extract_main_text(decode_html(body, content_type), url)
                 if not text:
                     skipped["warc_no_main_text"] += 1
                     continue

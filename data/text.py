@@ -4,8 +4,9 @@ words are split once).
 The splitter follows the spaCy English tokenizer that datatrove's filters use (``spacy.blank("en")``):
 punctuation marks are tokens of their own (runs of dots or hyphens stay whole), numbers such as 3.14
 and 1,000, URLs, initialisms (U.S.A., e.g.), single-capital initials and spaCy's abbreviations (Mr.,
-Jan.) stay whole, and contractions split as spaCy splits them (do|n't, Peter|'s, I|'ll, can|not, but
-flay'd and on't whole). It is one regular expression plus a look at words holding an apostrophe, not spaCy:
+Jan.) stay whole, and so do words where spaCy's infix rules find no cut (COVID-19, 9/11, Amazon.co.uk);
+contractions split as spaCy splits them (do|n't, Peter|'s, I|'ll, can|not, but flay'd and on't whole).
+It is one regular expression plus a look at words holding an apostrophe, not spaCy:
 bench/filter_agreement.py measures how often the filters decide alike.
 """
 
@@ -48,11 +49,23 @@ _ABBREVIATIONS = (
     "Ind|Jan|Jr|Jul|Jun|Kan|Kans|Ky|La|Ltd|Mar|Mass|Md|Messrs|Mich|Minn|Miss|Mo|Mont|Mr|Mrs|Ms|Mt|Neb|Nebr|"
     "Nev|Nov|Oct|Okla|Ore|Pa|Ph\\.D|Prof|Rep|Rev|Sen|Sep|Sept|St|Tenn|Va|Wash|Wis|co|vs|v\\.s|[a-z]"
 )
+# spaCy's units (``spacy.lang.char_classes._units``): cut off a chunk that ends in digits and one of them.
+_UNITS = "|".join(map(re.escape, [
+    "km", "km²", "km³", "m", "m²", "m³", "dm", "dm²", "dm³", "cm", "cm²", "cm³", "mm", "mm²", "mm³", "ha", "µm",
+    "nm", "yd", "in", "ft", "kg", "g", "mg", "µg", "t", "lb", "oz", "m/s", "km/h", "kmh", "mph", "hPa", "Pa",
+    "mbar", "mb", "MB", "kb", "KB", "gb", "GB", "tb", "TB", "T", "G", "M", "K", "км", "км²", "км³", "м", "м²", "м³",
+    "дм", "дм²", "дм³", "см", "см²", "см³", "мм", "мм²", "мм³", "нм", "кг", "г", "мг", "м/с", "км/ч", "кПа", "Па",
+    "мбар", "Кб", "КБ", "кб", "Мб", "МБ", "мб", "Гб", "ГБ", "гб", "Тб", "ТБ"
+]))
+_UNIT = re.compile(rf"\d(?=(?:{_UNITS})(?![\w\-/]))")  # 30|mph, 100|m, B2|G: where spaCy cuts a unit off
 _TOKEN = re.compile(
     r"(?:https?://|www\.)[^\s<>\"]*[^\s<>\"'.,;:!?)\]]"  # a URL, without the punctuation after it
     rf"|(?<!\w)(?=\w{{1,7}}\.)(?:(?:{_ABBREVIATIONS})\.|(?:[^\W\d_]\.){{2,}}|[A-Z]\.)(?![\w.])"  # Mr. U.S.A. J.
     r"|\d+(?:[.,:]\d+)+"  # 3.14, 1,000, 10:30
-    r"|\w+(?:['’]\w+)*"  # a word
+    # A word, going on where spaCy's infix rules find no cut: o'er, COVID-19, IL-3 (a hyphen is cut before a
+    # letter or between digits), 84/100 (a slash before a letter), Amazon.co.uk (a dot before a capital), US$
+    # (a currency sign after digits only), an@email. Possessive, so a word is scanned once.
+    r"|\w++(?:['’]\w++|(?<=[^\W\d_])-\d\w*+|/\d\w*+|\.(?=[a-z])\w++|(?<=[^\W\d_])\$\w*+|@\w++)*+"
     r"|['’](?:[sS]|d|ll|re|ve|m|em|nuff|bout|[Cc](?:ause|os|oz|uz))\b"  # a contraction's end; 'em 'cause
     r"|\.{2,}|-{2,}"  # ellipses and dashes stay whole
     r"|[^\w\s]"  # any other mark on its own
@@ -99,6 +112,7 @@ def is_punctuation(token: str) -> bool:
 
 def split_words(text: str) -> list[str]:
     """Every token of ``text``, punctuation included, as spaCy's English tokenizer would cut it."""
+    text = _UNIT.sub(r"\g<0> ", text)
     if "'" in text or "’" in text:
         text = _CONTRACTION.sub(_cut, text)
     if "annot" in text:

@@ -48,7 +48,7 @@ class GopherQualityFilter:
             return "gopher_too_many_bullets"
         if sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > self.max_ellipsis_lines_ratio:
             return "gopher_too_many_end_ellipsis"
-        if sum(1 for w in words if w.isalpha() or LETTER.search(w)) / len(words) < self.max_non_alpha_words_ratio:
+        if sum(map(bool, map(LETTER.search, words))) / len(words) < self.max_non_alpha_words_ratio:  # has a letter
             return "gopher_below_alpha_threshold"
         if len(STOP_WORDS.intersection(words)) < self.min_stop_words:  # distinct stop words
             return "gopher_enough_stop_words"

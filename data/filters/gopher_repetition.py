@@ -1,14 +1,16 @@
 """Gopher repetition rules (Rae et al. 2021, table A1), datatrove's defaults.
 
-The n-gram rules count tuples of words instead of joining a string for every n-gram; the outcome is
-datatrove's (same counts, same tie-breaking, same greedy skipping).
+The n-gram rules give every n-gram an exact integer id (numpy) instead of joining a string for every
+n-gram; the outcome is datatrove's (same counts, same tie-breaking, same greedy skipping).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
-from collections import Counter
+
+import numpy as np
 
 from data.text import TextView
 
@@ -60,40 +62,54 @@ class GopherRepetitionFilter:
         return self._ngram_rules(words, size)
 
     def _ngram_rules(self, words: list[str], size: int) -> str | None:
-        """The n-gram rules over tuples of words (hashing a tuple reuses its strings' cached hashes,
-        so no joined string is built). A repeated (n+1)-gram implies a repeated n-gram, so once an n
+        """The n-gram rules over exact integer ids of the n-grams (numpy: each n's ids come from the
+        (n-1)-grams' and the next word's). A repeated (n+1)-gram implies a repeated n-gram, so once an n
         has no repeat the larger ones are skipped."""
         top, dup = dict(self.top_n_grams), dict(self.dup_n_grams)
+        vocabulary = {w: i for i, w in enumerate(dict.fromkeys(words))}
+        word_ids = np.fromiter(map(vocabulary.__getitem__, words), np.int64, len(words))
+        chars = np.zeros(len(words) + 1, np.int64)  # the words' characters, prefix sums
+        np.cumsum(np.fromiter(map(len, words), np.int64, len(words)), out=chars[1:])
+        grams = word_ids
         repeats_possible = True
         for n in range(2, max([*top, *dup]) + 1):
             if len(words) < n or not (n in top or repeats_possible):
                 break
-            grams = list(zip(*(words[i:] for i in range(n))))
+            keys = grams[:-1] * len(vocabulary) + word_ids[n - 1:]  # exact: ids are below len(words)
+            _, first, grams = np.unique(keys, return_index=True, return_inverse=True)
             if n in top:
-                gram, count = Counter(grams).most_common(1)[0]
-                if (sum(map(len, gram)) + n - 1) * count / size > top[n]:
+                counts = np.bincount(grams)
+                most = counts.max()
+                at = first[counts == most].min()  # Counter.most_common's pick: the first seen of the most frequent
+                if (chars[at + n] - chars[at] + n - 1) * most / size > top[n]:
                     return f"top_{n}_gram"
             if n in dup and repeats_possible:
-                total = repeated_chars(grams, n)
+                total = repeated_chars(grams, first, chars, n)
                 repeats_possible = total > 0
                 if total / size > dup[n]:
                     return f"duplicated_{n}_n_grams"
         return None
 
 
-def repeated_chars(grams: list[tuple[str, ...]], n: int) -> int:
-    """datatrove's greedy count: walking the n-grams, a repeat adds its characters (words joined
-    without spaces, as datatrove joins them) and skips n."""
-    if len(set(grams)) == len(grams):
-        return 0
-    seen: set[tuple[str, ...]] = set()
-    total = i = 0
-    while i < len(grams):
-        gram = grams[i]
-        if gram in seen:
-            total += sum(map(len, gram))
-            i += n
+def repeated_chars(grams: np.ndarray, first: np.ndarray, chars: np.ndarray, n: int) -> int:
+    """datatrove's greedy count: walking the n-grams (ids ``grams``, each first seen at ``first[id]``), a
+    repeat adds its characters (words joined without spaces, as datatrove joins them) and skips n.
+
+    Only the positions whose n-gram occurred before can be repeats, so only they are walked: one is a
+    repeat unless skipped itself, when an earlier occurrence was walked (the first occurrence, unless a
+    repeat skipped it, or an earlier walked one of these positions)."""
+    candidates = np.flatnonzero(first[grams] < np.arange(len(grams)))
+    repeats: list[int] = []  # walked positions that were repeats; each skips the n - 1 after it
+    walked: set[int] = set()  # n-grams of walked candidate positions that were not repeats
+    total, skipped_to = 0, -1
+    for at, gram, first_at in zip(candidates.tolist(), grams[candidates].tolist(), first[grams[candidates]].tolist()):
+        if at <= skipped_to:
+            continue
+        before = bisect.bisect_left(repeats, first_at) - 1  # the last repeat before the first occurrence
+        if gram in walked or before < 0 or first_at > repeats[before] + n - 1:
+            total += int(chars[at + n] - chars[at])
+            repeats.append(at)
+            skipped_to = at + n - 1
         else:
-            seen.add(gram)
-            i += 1
+            walked.add(gram)
     return total

@@ -120,6 +120,52 @@ def test_repetition_counts_match_a_plain_reading_of_datatrove():
     assert verdict(f, text) is None
 
 
+def plain_ngram_verdict(f: GopherRepetitionFilter, words: list[str], size: int) -> str | None:
+    """The n-gram rules read plainly (tuples of words, Counter, the greedy walk), as datatrove writes them."""
+    from collections import Counter
+
+    for n, limit in f.top_n_grams:
+        if len(words) < n:
+            return None
+        grams = list(zip(*(words[i:] for i in range(n))))
+        gram, count = Counter(grams).most_common(1)[0]
+        if (sum(map(len, gram)) + n - 1) * count / size > limit:
+            return f"top_{n}_gram"
+    for n, limit in f.dup_n_grams:
+        if len(words) < n:
+            return None
+        grams, seen, total, i = list(zip(*(words[i:] for i in range(n)))), set(), 0, 0
+        while i < len(grams):
+            if grams[i] in seen:
+                total, i = total + sum(map(len, grams[i])), i + n
+            else:
+                seen.add(grams[i])
+                i += 1
+        if total / size > limit:
+            return f"duplicated_{n}_n_grams"
+    return None
+
+
+def test_ngram_rules_decide_as_the_plain_reading_on_repetitive_text():
+    """Many repeats and count ties (a 6-word vocabulary of unequal lengths), thresholds swept so every
+    rule decides somewhere: the numpy path gives the plain reading's verdict every time."""
+    rng = random.Random(0)
+    vocabulary = ["a", "bb", "ccc", "dddd", "the", "x"]
+    decided = set()
+    for trial in range(400):
+        words = [rng.choice(vocabulary[: rng.randint(2, 6)]) for _ in range(rng.randint(2, 80))]
+        scales = [0.2, 0.5, 1.0, 2.0, 100.0]  # each rule's default threshold times one of these (100: off)
+        f = GopherRepetitionFilter(
+            top_n_grams=tuple((n, t * rng.choice(scales[-1:] if trial % 2 else scales))  # odd trials: top rules off
+                              for n, t in GopherRepetitionFilter.top_n_grams),
+            dup_n_grams=tuple((n, t * rng.choice(scales)) for n, t in GopherRepetitionFilter.dup_n_grams))
+        size = len(" ".join(words))
+        expected = plain_ngram_verdict(f, words, size)
+        assert f._ngram_rules(words, size) == expected, (trial, words)
+        decided.add(expected)
+    assert len(decided) >= 6  # both rule families and keeps were exercised
+
+
 def c4_doc(n_sentences: int, extra: str = "") -> str:
     return "\n".join(sentence(8, i) for i in range(n_sentences)) + extra
 

@@ -103,3 +103,27 @@ def test_warc_pages_are_decoded_in_the_charset_they_declare(tmp_path):
     assert [d.meta["url"] for d in docs] == [url for url, *_ in pages]
     for doc, (_, _, text, _, _) in zip(docs, pages, strict=True):
         assert text.split()[:8] == doc.text.split()[:8] and "\ufffd" not in doc.text
+
+
+def test_warc_main_text_leaves_out_comments_and_page_furniture(tmp_path):
+    """A blog page: the article's words all come through; the comment section (trafilatura keeps it by
+    default), menu, share bar and footer do not (FineWeb's extraction settings)."""
+    comments = "".join(f"<li class='comment'><div class='comment-author'>reader{i}</div><div class='comment-body'>"
+                       f"<p>Totally agree, my cousin Wilbur saw the very same barges in {1990 + i}.</p></div></li>"
+                       for i in range(4))
+    paragraphs = [ARTICLE, "Traffic returned to the bridge in June, and the market moved back to the square."]
+    page = ("<html><body><div class='site'><header class='site-header'><nav><ul><li>Home</li><li>News</li></ul></nav>"
+            "</header><article class='post'><h1>Bridge</h1><div class='entry-content'>"
+            + "".join(f"<p>{p}</p>" for p in paragraphs)
+            + "</div><div class='sharedaddy'><a>Share on Facebook</a></div></article>"
+            f"<section id='comments' class='comments-area'><h3>Join the discussion</h3><ol class='comment-list'>"
+            f"{comments}</ol></section><footer>{BOILERPLATE}</footer></div></body></html>")
+    warc = tmp_path / "blog.warc.gz"
+    with warc.open("wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record("https://blog.example/bridge", "response",
+                                                      payload=io.BytesIO(page.encode()), http_headers=headers))
+    [doc] = iter_documents([warc])
+    assert doc.text.split() == ["Bridge", *" ".join(paragraphs).split()]  # the heading, then the article
+    assert "Wilbur" not in doc.text and "Share on Facebook" not in doc.text and "Subscribe" not in doc.text

@@ -27,6 +27,12 @@ SPACY_SPLITS = [
     ("“quote” ‘single’ …and… the end. CAPS. OK. word.Word",
      ["“", "quote", "”", "‘", "single", "’", "…", "and", "…", "the", "end", ".", "CAPS", ".", "OK", ".", "word", ".",
       "Word"]),
+    ("COVID-19-related IL-3 mid-1990s B2-3 1-2 84/100 9/11 1/2-inch Amazon.co.uk index.html end.the",
+     ["COVID-19", "-", "related", "IL-3", "mid-1990s", "B2", "-", "3", "1", "-", "2", "84/100", "9/11", "1/2", "-",
+      "inch", "Amazon.co.uk", "index.html", "end.the"]),
+    ("US$ 5 or 5$ to CSRInfo@CalRetirees.org.", ["US$", "5", "or", "5", "$", "to", "CSRInfo@CalRetirees.org", "."]),
+    ("30mph 1.5km B2G 4K 12kg, 5th H2O 1990s", ["30", "mph", "1.5", "km", "B2", "G", "4", "K", "12", "kg", ",", "5th",
+                                               "H2O", "1990s"]),
 ]
 
 
