@@ -182,7 +182,7 @@ class TrainConfig(Config):
 class ParallelConfig(Config):
     """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now,
     one at a time: ``tp`` (Megatron-style tensor parallel of dense blocks, optionally sequence
-    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp) and ``pp`` (a
+    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp or FSDP2) and ``pp`` (a
     decoder's blocks in pipeline stages, trainer/strategy/pipeline_parallel.py; dp as ddp); cp is
     refused."""
 
@@ -381,8 +381,8 @@ class RunConfig(Config):
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def validate(self, where: str) -> None:
-        for key, strategies in (("ep", (StrategyName.ddp,)), ("tp", (StrategyName.ddp, StrategyName.fsdp)),
-                                ("pp", (StrategyName.ddp,))):
+        native = (StrategyName.ddp, StrategyName.fsdp)
+        for key, strategies in (("ep", native), ("tp", native), ("pp", (StrategyName.ddp,))):
             size = getattr(self.parallel, key)
             if size > 1 and self.train.strategy not in strategies:
                 raise ConfigError(f"parallel.{key}={size} runs with train.strategy={' or '.join(strategies)} "
@@ -393,9 +393,10 @@ class RunConfig(Config):
         if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
             raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
         tp = self.parallel.tp
-        if tp > 1 and self.train.hsdp:
-            raise ConfigError(f"parallel.tp={tp} with train.hsdp is not supported: fsdp shards over the "
-                              "data-parallel ranks of the (dp, tp) mesh; drop train.hsdp")
+        for key in ("tp", "ep"):
+            if getattr(self.parallel, key) > 1 and self.train.hsdp:
+                raise ConfigError(f"parallel.{key}={getattr(self.parallel, key)} with train.hsdp is not supported: "
+                                  f"fsdp shards over the data-parallel ranks of the (dp, {key}) mesh; drop train.hsdp")
         if self.parallel.sequence_parallel and self.data.seq_len % tp:
             raise ConfigError(f"parallel.sequence_parallel splits each sequence over parallel.tp={tp} ranks: "
                               f"data.seq_len={self.data.seq_len} must be a multiple of it")

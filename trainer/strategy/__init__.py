@@ -15,6 +15,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp + parallel.tp > 1 | tensor_parallel.py | attention heads and MLP units split over tp ranks (partitioned.py) |
 | ddp + parallel.pp > 1 | pipeline_parallel.py | a decoder's blocks cut into stages over pp ranks (torch pipelining) |
 | fsdp + parallel.tp > 1 | tensor_parallel.py, fsdp.py | the same, the tp-split blocks sharded by FSDP2 over dp |
+| fsdp + parallel.ep > 1 | expert_parallel.py, fsdp.py | experts sharded by FSDP2 over dp, the rest over every rank |
 | + parallel.sequence_parallel | tensor_parallel.py | tp's norms, residuals, dropout on sequence slices (Megatron-SP) |
 
 Shared pieces: optim.py (AdamW, decay groups), prepare.py (activation checkpointing and
@@ -157,7 +158,7 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
     """The strategy of ``cfg.strategy``; with ``parallel.ep``, ``parallel.tp`` or ``parallel.pp`` > 1
-    (config-checked: one of them; ep and pp with ddp, tp with ddp or fsdp), expert, tensor or pipeline
+    (config-checked: one of them; ep and tp with ddp or fsdp, pp with ddp), expert, tensor or pipeline
     parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
