@@ -1,6 +1,6 @@
 """Expert parallel composed with FSDP2 (train.strategy=fsdp + parallel.ep): experts sharded over the dp
 ranks of the (dp, ep) mesh, everything else over every rank; follows ddp and one process, and its
-checkpoints resume under plain fsdp and ddp."""
+checkpoints resume under plain fsdp and ddp, and the other way round."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_expert_parallel_with_fsdp_on_two_ranks_follows_ddp(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_parallel_with_fsdp_follows_ddp_and_one_process_and_resumes_under_fsdp_and_ddp(corpus, tmp_path):
+def test_expert_parallel_with_fsdp_follows_ddp_and_one_process_and_reshards_its_checkpoints(corpus, tmp_path):
     """ep=2 × dp=2 on 4 ranks: each rank holds one of its ep group's two experts' dp shards."""
     common = ("train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=10", "checkpoint.every=5")
     [single] = spawn(train, 1, moe_config(corpus, tmp_path / "single", *common))
@@ -61,3 +61,8 @@ def test_expert_parallel_with_fsdp_follows_ddp_and_one_process_and_resumes_under
         _resume(tmp_path / "ep", resumed, "step_000005")
         again = spawn(train, 4, moe_config(corpus, resumed, *common, f"train.strategy={strategy}"))
         np.testing.assert_allclose(again[0].losses, ep[0].losses[5:], rtol=1e-5, err_msg=strategy)
+    # and the ddp checkpoint of step 5 resumes under ep × fsdp (each rank takes its dp shard of its experts)
+    resumed = tmp_path / "resumed_ep"
+    _resume(tmp_path / "ddp", resumed, "step_000005")
+    again = spawn(train, 4, moe_config(corpus, resumed, *common, "train.strategy=fsdp", "parallel.ep=2"))
+    np.testing.assert_allclose(again[0].losses, ddp[0].losses[5:], rtol=1e-5)

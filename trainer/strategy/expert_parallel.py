@@ -86,6 +86,6 @@ class ExpertParallel(Partitioned):
         options = fsdp_options(self.cfg, self.env.device)
         for layer in moe_layers(model):
             fully_shard(layer.experts, mesh=self.mesh["dp"], **options)
-        self.whole_group = None
+        self.whole_group = None  # the world
         return shard_model(model, init_device_mesh(self.env.device.type, (self.env.world_size,)), self.cfg,
                            self.env.device)
