@@ -22,6 +22,14 @@ if [ "${ZERO3:-0}" = 1 ]; then
     | tee "$out/zero3_offload.log"
   exit
 fi
+# PARALLEL=1 runs only the multi-GPU rows: tessera-tp (llama-1b, tensor parallel) and tessera-ep (moe-1b,
+# expert parallel), one process per GPU over up to 8 GPUs. They are in the default run too; on a machine
+# with fewer than 2 GPUs they are reported as skipped, saying so.
+if [ "${PARALLEL:-0}" = 1 ]; then
+  timeout 540 python3 bench/gpu_train.py --modes tessera-tp,tessera-ep --workloads llama-1b,moe-1b \
+    --budget-s "${BENCH_BUDGET_S:-420}" --json "$out/gpu_train_parallel.json" "$@" 2>&1 | tee "$out/gpu_train_parallel.log"
+  exit
+fi
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log"
 # The trainer tests start their ranks with multiprocessing "spawn" (CUDA cannot be used in a child forked
 # after its parent initialised it) and run in a process of their own, apart from the kernel tests.

@@ -9,6 +9,11 @@ each row as it finishes, then a table, and rewrites the JSON after every row (a 
 keeps what finished): tokens/s, MFU (PaLM formula with attention) against 989 TFLOP/s and against
 the bf16 matmul rate measured first, peak memory, and each Tessera row's speed and memory against
 the fastest transformers row of its workload. ``--budget-s`` skips what would start after it.
+Two multi-GPU rows run the real strategies, one process per GPU (NCCL), bf16: ``tessera-tp``
+(tensor parallel of a dense decoder) and ``tessera-ep`` (expert parallel of the MoE one), each over
+the most GPUs (up to 8) that divide what it splits; on fewer than 2 GPUs (or CPU) they are skipped,
+saying why. Their tokens/s count every GPU's tokens (an ep rank reads its own batch, a tp group one);
+their TFLOP/s and MFU are per GPU.
 
     PYTHONPATH=. python bench/gpu_train.py [--workloads llama-125m,bert-base] [--modes ...] [--json F]
     PYTHONPATH=. python bench/gpu_train.py --smoke      # tiny shapes on CPU (what CI runs)
@@ -22,6 +27,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -29,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 from model import build_model
 from model.config import Arch, ModelConfig
@@ -68,8 +75,9 @@ SMOKE_WORKLOADS = {
 }
 # Run mode by mode (every workload's eager rows first, the slow-to-start compiled ones last), so a
 # run cut short by --budget-s still compares each workload on something.
-MODES = ("tessera", "hf", "tessera-liger", "hf-liger", "tessera-compiled", "hf-compiled")
+MODES = ("tessera", "hf", "tessera-liger", "hf-liger", "tessera-tp", "tessera-ep", "tessera-compiled", "hf-compiled")
 LIGER_MODES = ("tessera-liger", "hf-liger")
+PARALLEL_MODES = {"tessera-tp": "tp", "tessera-ep": "ep"}  # mode → the parallel.* key it sets
 
 
 def model_config(workload: Workload, mode: str = "tessera") -> ModelConfig:
@@ -241,10 +249,116 @@ def time_mode(workload: Workload, mode: str, device: torch.device, steps: int, w
     }
 
 
+def parallel_size(cfg: ModelConfig, mode: str, gpus: int) -> int:
+    """The GPUs a tp/ep row splits over: the most (up to 8) that divide what it splits."""
+    key = PARALLEL_MODES[mode]
+    if cfg.arch != Arch.decoder or (key == "tp") == bool(cfg.n_experts):
+        raise Unsupported("tp splits dense decoder blocks" if key == "tp" else "ep splits an MoE decoder's experts")
+    splits = (cfg.n_heads, cfg.kv_heads, cfg.d_ff) if key == "tp" else (cfg.n_experts,)
+    size = max((n for n in (8, 4, 2) if n <= gpus and all(s % n == 0 for s in splits)), default=0)
+    if size < 2:
+        raise Unsupported(f"parallel.{key} needs 2+ CUDA GPUs (one process each); this machine has {gpus}")
+    return size
+
+
+def time_parallel(workload: Workload, mode: str, size: int, steps: int, warmup: int, timeout_s: float = 600) -> dict:
+    """Rank 0's row of a ``size``-process tp/ep run (started with "spawn": CUDA cannot fork)."""
+    from common.net import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_parallel_rank, args=(rank, size, port, workload, mode, steps, warmup, queue))
+             for rank in range(size)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [queue.get(timeout=timeout_s) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    if errors := [r["error"] for r in results if "error" in r]:
+        raise RuntimeError(errors[0])
+    return next(r for r in results if r)
+
+
+def _parallel_rank(rank: int, size: int, port: int, workload: Workload, mode: str, steps: int, warmup: int,
+                   queue: mp.Queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        queue.put(_parallel_steps(workload, mode, size, steps, warmup))
+    except Exception as exc:
+        queue.put({"error": f"rank {rank}: {type(exc).__name__}: {exc}"[:300]})
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _parallel_steps(workload: Workload, mode: str, size: int, steps: int, warmup: int) -> dict:
+    """Time ``steps`` steps of the real strategy on this rank; rank 0's row, ``{}`` on the others."""
+    from model.moe import moe_layers, pop_router_stats
+    from trainer.config import ParallelConfig, TrainConfig
+    from trainer.distributed import init_distributed
+    from trainer.strategy import build_strategy
+
+    began = time.perf_counter()
+    env = init_distributed(need_group=True)
+    cuda = env.device.type == "cuda"
+    key = PARALLEL_MODES[mode]
+    train = TrainConfig.from_dict({"strategy": "ddp", "precision": "bf16" if cuda else "fp32"})
+    strategy = build_strategy(train, env, parallel=ParallelConfig.from_dict({key: size}))
+    cfg = model_config(workload)
+    with torch.device("meta"):  # materialised on the host; only this rank's part goes to the GPU
+        model = build_model(cfg)
+    model = strategy.wrap(model)
+    objective = CausalLM("clm", 4096 if cuda else 64)
+    batch = make_batch(cfg, workload, env.device)  # the same tokens on every rank (an ep rank's own batch)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> torch.Tensor:
+        with strategy.autocast():
+            out = objective.loss(model, batch)
+        loss = out.loss_sum / out.count
+        strategy.backward(loss)
+        strategy.step(lr=1e-4)
+        pop_router_stats(moe_layers(model))  # what the loop logs; dropped here
+        return loss.detach()
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    setup_s = time.perf_counter() - began
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    final_loss = float(loss)
+    seconds = (time.perf_counter() - start) / steps
+    if env.rank:
+        return {}
+    batches = size if key == "ep" else 1  # ep ranks each read a batch; a tp group shares one
+    return {
+        "workload": workload.name, "mode": mode, "gpus": size, "batch": workload.batch, "seq_len": workload.seq_len,
+        "decoder_len": workload.decoder_len, "step_s": seconds,
+        "tokens_per_s": batches * tokens_per_step(workload) / seconds,
+        "tflops": batches * step_flops(cfg, workload) / seconds / 1e12 / size, "loss": final_loss,
+        "setup_s": setup_s, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
+
+
 def run_row(workload: Workload, mode: str, device: torch.device, steps: int, warmup: int) -> dict:
     """One (workload, mode) row; what cannot run is reported in the row, and the GPU is freed after."""
     patched = liger_patch_undone() if mode == "hf-liger" else contextlib.nullcontext()
     try:
+        if mode in PARALLEL_MODES:
+            gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+            return time_parallel(workload, mode, parallel_size(model_config(workload), mode, gpus), steps, warmup)
         with patched:
             return time_mode(workload, mode, device, steps, warmup)
     except Unsupported as exc:
@@ -315,7 +429,8 @@ def add_ratios(rows: list[dict], matmul: float | None) -> None:
         row["mfu_measured_peak"] = row["tflops"] / matmul if matmul else None
         peers = [r for r in rows if r["workload"] == row["workload"] and r["mode"].startswith("hf")
                  and "tokens_per_s" in r]
-        best = max(peers, key=lambda r: r["tokens_per_s"]) if peers and row["mode"].startswith("tessera") else None
+        single = row["mode"].startswith("tessera") and "gpus" not in row  # HF rows run on one GPU
+        best = max(peers, key=lambda r: r["tokens_per_s"]) if peers and single else None
         row["vs_best_hf"] = row["tokens_per_s"] / best["tokens_per_s"] if best else None
         row["best_hf_mode"] = best["mode"] if best else None
         row["mem_vs_best_hf"] = (row["peak_mem_gib"] / best["peak_mem_gib"]
@@ -337,7 +452,8 @@ def print_header(report: dict) -> None:
 def format_row(r: dict) -> str:
     if "tokens_per_s" not in r:
         return f"{r['workload']:<12}{r['mode']:<18}  {r.get('error') or 'skipped: ' + r['skipped']}"
-    return (f"{r['workload']:<12}{r['mode']:<18}{r['tokens_per_s']:>12,.0f}{_fmt(r.get('mfu'), '.1%'):>8}"
+    mode = f"{r['mode']} ×{r['gpus']}" if "gpus" in r else r["mode"]
+    return (f"{r['workload']:<12}{mode:<18}{r['tokens_per_s']:>12,.0f}{_fmt(r.get('mfu'), '.1%'):>8}"
             f"{_fmt(r.get('mfu_measured_peak'), '.1%'):>10}{_fmt(r['peak_mem_gib'], '.1f'):>9}"
             f"{_fmt(r.get('vs_best_hf'), '.2f'):>8}{_fmt(r.get('mem_vs_best_hf'), '.2f'):>8}{r['setup_s']:>9.0f}")
 

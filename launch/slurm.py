@@ -2,7 +2,8 @@
 DeepSpeed launcher per node with a generated hostfile, logs per job, and preemption handling
 (``--signal=B:USR1@120`` → the trainer checkpoints → the job requeues itself and resumes); and for
 one command per task of a job array (:class:`BatchJob`: prep's tasks), submitted after another job
-(``--dependency=afterok:JOB``) and waited for.
+(``--dependency=afterok:JOB``) and waited for. A run's parallel mesh (:class:`MeshLayout`) is checked
+against the nodes and written into the script.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.errors import ConfigError, UserError
 from launch.env import RDZV_TIMEOUT_VAR, SLURM_PORT_BASE
 
 SIGNAL_LEAD_S = 120  # USR1 this long before the time limit: enough to write a checkpoint
@@ -33,6 +34,53 @@ _NAME = re.compile(r"[\w.,-]+")
 class Launcher(enum.StrEnum):
     torchrun = "torchrun"
     deepspeed = "deepspeed"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+    """How a run's ranks split over ``parallel.*``. The trainer's meshes are row-major with data parallel
+    outermost ((dp, tp), (dp, ep), (dp, pp); here, combined, (dp, pp, ep, cp, tp)) and torchrun numbers a
+    node's ranks consecutively, so a dimension's groups are consecutive local ranks of one node when it
+    and the dimensions inside it divide the processes per node (tests/distributed/test_mesh_layout.py).
+    tp (× cp) must stay inside a node (NVLink); pp, ep and dp may cross nodes."""
+
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    ORDER = ("pp", "ep", "cp", "tp")  # outer to inner, after dp
+
+    @property
+    def model_ranks(self) -> int:
+        return self.tp * self.cp * self.pp * self.ep
+
+    def readers(self, world: int) -> int:
+        """Ranks reading a batch of their own (those of a tp, cp or pp group share one; ep ranks do not)."""
+        return world // (self.tp * self.cp * self.pp)
+
+    def check(self, world: int, per_node: int) -> None:
+        inner = self.tp * self.cp
+        if per_node % inner:
+            what = f"parallel.tp={self.tp}" + (f" × parallel.cp={self.cp}" if self.cp > 1 else "")
+            raise ConfigError(f"{what} must divide the {per_node} processes per node: a tensor-parallel group "
+                              "stays inside a node (data parallel goes across nodes)")
+        if world % self.model_ranks:
+            sizes = " × ".join(f"{k}={getattr(self, k)}" for k in self.ORDER if getattr(self, k) > 1)
+            raise ConfigError(f"the world size {world} is not divisible by {sizes} = {self.model_ranks}; "
+                              "change --nodes or --gpus-per-node")
+
+    def describe(self, world: int, per_node: int) -> str:
+        """E.g. ``mesh: dp=4 × tp=8 (tp within a node)``."""
+        dims, places, inner = [], [], 1
+        for key in reversed(self.ORDER):
+            size = getattr(self, key)
+            if size > 1:
+                inner *= size
+                dims.insert(0, f"{key}={size}")
+                places.insert(0, f"{key} {'within a node' if per_node % inner == 0 else 'across nodes'}")
+        text = " × ".join([f"dp={world // self.model_ranks}", *dims])
+        return f"mesh: {text} ({', '.join(places)})" if places else f"mesh: {text}"
 
 
 @dataclasses.dataclass
@@ -55,6 +103,7 @@ class SlurmJob:
     mem: str | None = None
     master_port: int | None = None  # default: derived from the job id, so jobs sharing a node differ
     python: str = sys.executable
+    mesh: MeshLayout = dataclasses.field(default_factory=MeshLayout)
 
     @property
     def procs_per_node(self) -> int:
@@ -72,6 +121,7 @@ class SlurmJob:
         _check_options(self)
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise UserError(f"--master-port {self.master_port} is not a TCP port")
+        self.mesh.check(self.world_size, self.procs_per_node)
 
 
 @dataclasses.dataclass
@@ -160,6 +210,7 @@ def render(job: SlurmJob) -> str:
         nodes=job.nodes,
         gpus_per_node=job.gpus_per_node,
         procs_per_node=job.procs_per_node,
+        mesh=job.mesh.describe(job.world_size, job.procs_per_node),
         options=_options(job),
         workdir=job.workdir,
         log_dir=job.log_dir,

@@ -182,7 +182,7 @@ class TrainConfig(Config):
 class ParallelConfig(Config):
     """Dimensions beyond data parallelism; data parallel takes the rest of the world. Supported now,
     one at a time: ``tp`` (Megatron-style tensor parallel of dense blocks, optionally sequence
-    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp), ``pp`` (a
+    parallel; dp as ddp or FSDP2), ``ep`` (MoE experts split over ranks; dp as ddp or FSDP2), ``pp`` (a
     decoder's blocks in pipeline stages, trainer/strategy/pipeline_parallel.py; dp as ddp) and ``cp``
     (each sequence split over ranks, attention over all-gathered keys and values,
     trainer/strategy/context_parallel.py; dp as ddp or FSDP2)."""
@@ -379,9 +379,8 @@ class RunConfig(Config):
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def validate(self, where: str) -> None:
-        for key, strategies in (("ep", (StrategyName.ddp,)), ("tp", (StrategyName.ddp, StrategyName.fsdp)),
-                                ("pp", (StrategyName.ddp,)),
-                                ("cp", (StrategyName.ddp, StrategyName.fsdp))):
+        native = (StrategyName.ddp, StrategyName.fsdp)
+        for key, strategies in (("ep", native), ("tp", native), ("pp", (StrategyName.ddp,)), ("cp", native)):
             size = getattr(self.parallel, key)
             if size > 1 and self.train.strategy not in strategies:
                 raise ConfigError(f"parallel.{key}={size} runs with train.strategy={' or '.join(strategies)} "
@@ -403,9 +402,10 @@ class RunConfig(Config):
         if cp > 1 and self.train.compile:
             raise ConfigError(f"parallel.cp={cp} with train.compile is not supported yet; drop one of them")
         tp = self.parallel.tp
-        if tp > 1 and self.train.hsdp:
-            raise ConfigError(f"parallel.tp={tp} with train.hsdp is not supported: fsdp shards over the "
-                              "data-parallel ranks of the (dp, tp) mesh; drop train.hsdp")
+        for key in ("tp", "ep"):
+            if getattr(self.parallel, key) > 1 and self.train.hsdp:
+                raise ConfigError(f"parallel.{key}={getattr(self.parallel, key)} with train.hsdp is not supported: "
+                                  f"fsdp shards over the data-parallel ranks of the (dp, {key}) mesh; drop train.hsdp")
         if self.parallel.sequence_parallel and self.data.seq_len % tp:
             raise ConfigError(f"parallel.sequence_parallel splits each sequence over parallel.tp={tp} ranks: "
                               f"data.seq_len={self.data.seq_len} must be a multiple of it")

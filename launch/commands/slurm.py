@@ -1,8 +1,9 @@
 """`tessera slurm --config FILE --nodes N --gpus-per-node G [...] [--out FILE] [--submit]`.
 
 Renders the sbatch script of a run (see :mod:`launch.slurm`); prints it, writes it (--out), or
-submits it and prints the job id (--submit). The node and GPU counts are checked against
-train.global_batch_size / micro_batch_size before anything is written.
+submits it and prints the job id (--submit). The node and GPU counts are checked against the
+parallel mesh (tp inside a node) and train.global_batch_size / micro_batch_size before anything is
+written; the script names the mesh layout.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from common.errors import ConfigError
 from launch import entry
-from launch.slurm import Launcher, SlurmJob, render, submit
+from launch.slurm import Launcher, MeshLayout, SlurmJob, render, submit
 
 TASKS = ("pretrain", "sft", "align")
 
@@ -50,14 +51,11 @@ def run(args: argparse.Namespace) -> int:
         log_dir=(args.log_dir or cfg.log.dir / "slurm").resolve(), workdir=Path.cwd(), job_name=job_name,
         partition=args.partition, account=args.account, qos=args.qos, time=args.time,
         cpus_per_task=args.cpus_per_task, mem=args.mem, master_port=args.master_port,
+        mesh=MeshLayout(**{key: getattr(cfg.parallel, key) for key in ("tp", "cp", "pp", "ep")}),
     )
-    job.validate()
-    tp = cfg.parallel.tp
-    if job.procs_per_node % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide the {job.procs_per_node} processes per node: a tensor-"
-                          "parallel group stays inside a node (data parallel goes across nodes)")
+    job.validate()  # the mesh too: tp (× cp) inside a node, the world a multiple of tp·cp·pp·ep
     try:
-        accumulation_steps(cfg, job.world_size // tp)  # a tp group reads one batch
+        accumulation_steps(cfg, job.mesh.readers(job.world_size))
     except ConfigError as exc:
         raise ConfigError(f"--nodes {job.nodes} × {job.procs_per_node} processes per node: {exc}") from None
     script = render(job)

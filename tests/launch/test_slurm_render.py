@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import UserError
+from common.errors import ConfigError, UserError
 from launch import cli, hostfile
-from launch.slurm import Launcher, SlurmJob, render
+from launch.slurm import Launcher, MeshLayout, SlurmJob, render
 
 
 def job(tmp_path: Path, **kw) -> SlurmJob:
@@ -136,10 +136,40 @@ def test_command_keeps_tensor_parallel_groups_inside_a_node(tmp_path, capsys, mo
                    "parallel:\n  tp: 4\nlog:\n  dir: runs/x\n")
     # 4 nodes × 4 GPUs, tp=4 inside each node: 4 data-parallel groups of micro-batch 2
     assert cli.main(["slurm", "--config", str(cfg), "--nodes", "4", "--gpus-per-node", "4"]) == 0
-    capsys.readouterr()
+    assert "\n# mesh: dp=4 × tp=4 (tp within a node)\n" in capsys.readouterr().out
     assert cli.main(["slurm", "--config", str(cfg), "--nodes", "8", "--gpus-per-node", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "parallel.tp=4 must divide the 2 processes per node" in err
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "mesh", "layout"), [
+    (4, 8, MeshLayout(), "dp=32"),
+    (4, 8, MeshLayout(tp=8), "dp=4 × tp=8 (tp within a node)"),
+    (2, 8, MeshLayout(tp=2, cp=4), "dp=2 × cp=4 × tp=2 (cp within a node, tp within a node)"),
+    (4, 2, MeshLayout(pp=4), "dp=2 × pp=4 (pp across nodes)"),
+    (2, 4, MeshLayout(ep=8), "dp=1 × ep=8 (ep across nodes)"),
+    (2, 4, MeshLayout(tp=2, pp=2), "dp=2 × pp=2 × tp=2 (pp within a node, tp within a node)"),
+    (1, 0, MeshLayout(ep=1), "dp=1"),
+])
+def test_the_script_names_the_mesh_layout(tmp_path, nodes, gpus, mesh, layout):
+    script = render(job(tmp_path, nodes=nodes, gpus_per_node=gpus, mesh=mesh))
+    assert f"\n# mesh: {layout}\n" in script and f'echo "tessera: mesh: {layout} over' in script
+    bash_parses(script)
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "mesh", "match"), [
+    (8, 2, MeshLayout(tp=4), "parallel.tp=4 must divide the 2 processes per node"),
+    (2, 8, MeshLayout(tp=3), "parallel.tp=3 must divide the 8 processes per node"),
+    (2, 8, MeshLayout(tp=4, cp=4), r"parallel.tp=4 × parallel.cp=4 must divide the 8 processes per node"),
+    (4, 0, MeshLayout(tp=2), "parallel.tp=2 must divide the 1 processes per node"),
+    (3, 2, MeshLayout(pp=4), r"world size 6 is not divisible by pp=4 = 4"),
+    (3, 4, MeshLayout(ep=8), r"world size 12 is not divisible by ep=8 = 8"),
+    (3, 4, MeshLayout(tp=4, pp=2), r"world size 12 is not divisible by pp=2 × tp=4 = 8"),
+])
+def test_impossible_meshes_are_refused_in_one_line(tmp_path, nodes, gpus, mesh, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        render(job(tmp_path, nodes=nodes, gpus_per_node=gpus, mesh=mesh))
+    assert "\n" not in str(error.value)
 
 
 def test_batch_job_array_script(tmp_path):

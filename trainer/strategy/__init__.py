@@ -15,6 +15,7 @@ checkpoints in the strategy's own sharded format, and ``full_state_dict`` for ex
 | ddp + parallel.tp > 1 | tensor_parallel.py | attention heads and MLP units split over tp ranks (partitioned.py) |
 | ddp + parallel.pp > 1 | pipeline_parallel.py | a decoder's blocks cut into stages over pp ranks (torch pipelining) |
 | fsdp + parallel.tp > 1 | tensor_parallel.py, fsdp.py | the same, the tp-split blocks sharded by FSDP2 over dp |
+| fsdp + parallel.ep > 1 | expert_parallel.py, fsdp.py | experts sharded by FSDP2 over dp, the rest over every rank |
 | + parallel.sequence_parallel | tensor_parallel.py | tp's norms, residuals, dropout on sequence slices (Megatron-SP) |
 | ddp/fsdp + parallel.cp > 1 | context_parallel.py | each sequence split over cp ranks, k/v all-gathered for attention |
 
@@ -158,7 +159,7 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
                    parallel: ParallelConfig | None = None) -> Strategy:
     """The strategy of ``cfg.strategy``; with ``parallel.ep``, ``parallel.tp``, ``parallel.pp`` or
-    ``parallel.cp`` > 1 (config-checked: one of them; ep and pp with ddp, tp and cp with ddp or fsdp),
+    ``parallel.cp`` > 1 (config-checked: one of them; pp with ddp, the others with ddp or fsdp),
     expert, tensor, pipeline or context parallel."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel

@@ -1,5 +1,5 @@
-"""Expert parallel (``parallel.ep`` > 1, with train.strategy=ddp): each MoE layer's experts are split
-over the ``ep`` ranks of a (dp, ep) mesh; everything else is replicated on every rank.
+"""Expert parallel (``parallel.ep`` > 1, with train.strategy ddp or fsdp): each MoE layer's experts are
+split over the ``ep`` ranks of a (dp, ep) mesh; everything else is replicated on every rank.
 
 Every rank reads its own data, as under DDP. In an MoE layer a rank sends each token assignment
 to the rank holding its expert (an all-to-all within the ep group), runs its own experts on what it
@@ -7,6 +7,12 @@ receives, and sends the outputs back (all-to-all; both differentiable). An exper
 already holds the contributions of every token of its ep group: summed over its dp replicas, it is
 divided by the world size like a replicated tensor's. Gradient sync, norms and whole-tensor
 checkpoints: :mod:`trainer.strategy.partitioned`.
+
+With ``train.strategy=fsdp`` (torchtitan's dp2ep ``apply_fsdp``, models/llama4/infra/parallelize.py
+at 1e8f9acd1): each layer's experts are sharded by FSDP2 over the dp ranks holding the same experts,
+every other tensor over all ranks. An expert's gradient is then divided by the world size, not by dp:
+torchtitan sets FSDP2's gradient divide factor, which needs PREMUL_SUM (gloo has none), so
+:meth:`~trainer.strategy.partitioned.Partitioned.step` divides by the remaining ep instead.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from common.errors import ConfigError
 from model.moe import Experts, moe_layers, run_experts
+from trainer.strategy.fsdp import fsdp_options, shard_model
 from trainer.strategy.partitioned import Partitioned
 
 
@@ -52,6 +61,10 @@ class ShardedExperts(nn.Module):
 class ExpertParallel(Partitioned):
     mesh_dims = ("dp", "ep")
 
+    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2) -> None:
+        super().__init__(cfg, env, accumulation, size)
+        self.sharded = str(cfg.strategy) == "fsdp"
+
     @property
     def shard_divisor(self) -> int:
         return self.env.world_size
@@ -67,3 +80,12 @@ class ExpertParallel(Partitioned):
         self.make_mesh()
         for layer in layers:
             layer.experts = ShardedExperts(layer.experts, self)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Experts over the dp sub-mesh (nested first), then the blocks and the root over every rank."""
+        options = fsdp_options(self.cfg, self.env.device)
+        for layer in moe_layers(model):
+            fully_shard(layer.experts, mesh=self.mesh["dp"], **options)
+        self.whole_group = None  # the world
+        return shard_model(model, init_device_mesh(self.env.device.type, (self.env.world_size,)), self.cfg,
+                           self.env.device)

@@ -24,19 +24,24 @@ if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """``fully_shard`` every block, then the root, over ``mesh`` (a fresh meta-device model is
-    materialised block by block on the host, each block sharded as soon as it is ready). Tensor
-    parallel calls it with its dp sub-mesh, after splitting the blocks over tp. CPU offload applies
-    on accelerators; on a CPU-only host the shards already live in memory."""
+def fsdp_options(cfg: TrainConfig, device: torch.device) -> dict:
+    """``fully_shard``'s keywords but the mesh: the bf16 policy and CPU offload (on accelerators; on a
+    CPU-only host the shards already live in memory)."""
     offload = cfg.offload != "none" and device.type != "cpu"
-    options = {
-        "mesh": mesh,
+    return {
         "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if cfg.precision == "bf16"
         else MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
     }
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """``fully_shard`` every block, then the root, over ``mesh`` (a fresh meta-device model is
+    materialised block by block on the host, each block sharded as soon as it is ready). Tensor
+    and expert parallel call it after splitting the model (tp: over its dp sub-mesh; ep: over every
+    rank, the experts already sharded over dp)."""
+    options = {"mesh": mesh, **fsdp_options(cfg, device)}
     if not materialize(model, cfg.seed, on_block=lambda block: fully_shard(block, **options)):
         for block in model.blocks():
             fully_shard(block, **options)

@@ -1,8 +1,9 @@
 """The shared part of expert and tensor parallel: some parameters split over a group of ranks (the
 "shard group"), the rest whole on every rank, on a 2-D (dp, shard) mesh; the model's own tensors
-stay plain (tensor parallel may then shard them over dp with FSDP2: :attr:`Partitioned.sharded`).
+stay plain (with train.strategy=fsdp, FSDP2 then shards them: :attr:`Partitioned.sharded`, :meth:`Partitioned.shard`).
 
-Gradients are summed after the last micro-batch (FSDP2 averages them over dp itself): replicated ones
+Gradients are summed after the last micro-batch (under FSDP2, which averages them itself, only the
+partial ones): replicated ones
 over the world, divided by the world size (what DDP's average gives); split ones over their dp
 replicas, divided by :attr:`shard_divisor`; partial ones (whole tensors whose gradient each rank of a
 shard group holds a part of: sequence-parallel norms, per-head q/k norms) over the world, divided by
@@ -47,7 +48,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 class Partitioned(Single):
     mesh_dims = ("dp", "shard")
-    sharded = False  # whether FSDP2 shards the (tp-split) model over dp
+    sharded = False  # whether FSDP2 shards the split model (:meth:`shard`)
 
     def __init__(self, cfg, env, accumulation: int = 1, size: int = 2) -> None:
         super().__init__(cfg, env, accumulation)
@@ -97,10 +98,14 @@ class Partitioned(Single):
                 self.splits[name] = self._split_ids[id(param)]
             self.layouts[name] = (Layout.split if id(param) in self._split_ids else
                                   Layout.partial if id(param) in self._partial_ids else Layout.replicated)
-        if not self.sharded:
-            return model.to(self.env.device)
+        return self.shard(model) if self.sharded else model.to(self.env.device)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2 over the dp sub-mesh (tensor parallel); sets :attr:`whole_group`, the ranks a whole
+        tensor is sharded over."""
         from trainer.strategy.fsdp import shard_model
 
+        self.whole_group = self.dp_group
         return shard_model(model, self.mesh[self.mesh_dims[0]], self.cfg, self.env.device)
 
     @property
@@ -115,7 +120,11 @@ class Partitioned(Single):
 
     def _reduce_gradients(self) -> None:
         dp = self.env.world_size // self.size
-        if self.sharded:  # FSDP2 averaged every gradient over dp in backward
+        if self.sharded:  # FSDP2 averaged every gradient over the ranks it shards it over in backward
+            rescale = self.shard_divisor // dp  # split ones were averaged over dp (ep: the world's share remains)
+            if rescale > 1:
+                torch._foreach_div_([_local(p.grad) for p in self._trained(Layout.split) if p.grad is not None],
+                                    rescale)
             buckets = [(Layout.partial, self.shard_group, 1)]
         else:
             buckets = [(Layout.replicated, None, self.env.world_size),
@@ -143,7 +152,7 @@ class Partitioned(Single):
 
         replicated, parts = squares(whole), squares(split)
         if self.sharded:
-            dist.all_reduce(replicated, group=self.dp_group)
+            dist.all_reduce(replicated, group=self.whole_group)
             dist.all_reduce(parts)
         else:
             dist.all_reduce(parts, group=self.shard_group)
