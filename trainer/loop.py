@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class Trainer:
         model_spec: ModelSpec,
         valid_batches: Callable[[], Iterable[Batch]] | None = None,
         flops_per_token: float = 0.0,
-        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.cfg = cfg
         self.env = env
@@ -60,7 +59,7 @@ class Trainer:
         self.model_spec = model_spec
         self.valid_batches = valid_batches
         self.flops_per_token = flops_per_token
-        self.callbacks = list(callbacks)
+        self.callbacks: list[Callback] = []  # set by the run (default_callbacks needs the trainer)
         self.checkpointer = Checkpointer(cfg, env, strategy, model_spec)
         self.guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_factor)
         self.peak_flops = peak_flops(env.device, cfg.log.peak_tflops)
