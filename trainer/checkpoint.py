@@ -104,7 +104,7 @@ def latest(root: Path, env: DistEnv | None = None) -> Path | None:
     pointer = root / LATEST
     try:
         named = named_by_latest(root)
-    except UserError:  # an empty pointer names no step
+    except UserError:  # an empty pointer: reported below as naming a step that cannot be used
         named = root
     candidates = [p for p in step_dirs(root) if p != named]
     if named is None and not candidates:

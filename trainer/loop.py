@@ -1,7 +1,8 @@
 """The training loop: one optimizer step = accumulation micro-batches on every rank, then a step.
 
 Read :meth:`Trainer.train_step` top to bottom; side jobs (evaluation, checkpoints, preemption,
-logging) are callbacks called after each step.
+logging) are callbacks called after each step. Saving and resuming are the
+:class:`~trainer.checkpoint.Checkpointer`'s: :meth:`Trainer.fit` restores through it first.
 """
 
 from __future__ import annotations
