@@ -18,9 +18,6 @@ from typing import Any
 from common.errors import UserError
 
 MANIFEST = "manifest.json"
-STEP_STATE = "trainer_state.json"
-# files only a trainer's step directory holds (trainer/checkpoint.py writes them; rank 0's state comes first)
-STEP_MARKERS = (STEP_STATE, "rank_00000.pt")
 HASH_THREADS = 4
 
 

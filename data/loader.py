@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,24 +47,24 @@ class DataObjective:
     shard_kind: str  # what `tessera shard --kind` made the shards it reads
     unit: str  # the stream's unit: rows (packed), chunks (fixed windows) or samples (one per record)
     token_level: bool  # its loss is a mean token cross-entropy, so exp(loss) is a perplexity
+    # samples: collate(arrays, pad_id=, seq_len=) -> Batch (+ reference_logps=, the precomputed ones)
+    collate: Callable[..., Batch] | None = None
+    reference_logps: bool = False
 
 
 DATA_OBJECTIVES = {
     "clm": DataObjective("text", "rows", token_level=True),
     "mlm": DataObjective("text", "chunks", token_level=True),
     "span": DataObjective("text", "chunks", token_level=True),
-    "sft": DataObjective("sft", "samples", token_level=True),  # rows under data.packing
-    "preference": DataObjective("preference", "samples", token_level=False),
-    "classify": DataObjective("classification", "samples", token_level=False),
-    "seq2seq": DataObjective("seq2seq", "samples", token_level=True),
-    "prompt": DataObjective("prompt", "samples", token_level=False),  # online alignment: rollouts come later
-    "unpaired": DataObjective("unpaired", "samples", token_level=False),  # KTO
+    "sft": DataObjective("sft", "samples", token_level=True, collate=collate_sft),  # rows under data.packing
+    "preference": DataObjective("preference", "samples", token_level=False, collate=collate_preference,
+                                reference_logps=True),
+    "classify": DataObjective("classification", "samples", token_level=False, collate=collate_classification),
+    "seq2seq": DataObjective("seq2seq", "samples", token_level=True, collate=collate_seq2seq),
+    # online alignment: rollouts come later
+    "prompt": DataObjective("prompt", "samples", token_level=False, collate=collate_prompt),
+    "unpaired": DataObjective("unpaired", "samples", token_level=False, collate=collate_unpaired),  # KTO
 }
-
-# the collators of the ``samples`` objectives that take (arrays, pad_id, seq_len); preference also
-# takes the precomputed reference log-probs
-SAMPLE_COLLATORS = {"sft": collate_sft, "classify": collate_classification, "seq2seq": collate_seq2seq,
-                    "prompt": collate_prompt, "unpaired": collate_unpaired}
 
 
 def build_loader(
@@ -138,6 +138,7 @@ class Batcher:
 
     def __init__(self, objective: str, cfg: DataConfig, ids: _TokenIds) -> None:
         self.objective, self.cfg, self.ids = objective, cfg, ids
+        self.spec = DATA_OBJECTIVES[objective]
         if objective == "span" and not ids.sentinels:
             raise UserError("span corruption needs sentinel tokens; train the tokenizer with them")
 
@@ -159,11 +160,10 @@ class Batcher:
         samples = [stream.plan(e).sample(u) for e, u in units]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
-        collate = SAMPLE_COLLATORS.get(self.objective)
-        if collate is not None:
-            return collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
+        if not self.spec.reference_logps:
+            return self.spec.collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
-        return collate_preference(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
+        return self.spec.collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
 
     def _rows(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> PackedRows:
         fields = (0, 1) if self.objective == "sft" else (0,)

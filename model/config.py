@@ -29,7 +29,7 @@ class Pos(enum.StrEnum):
     none = "none"
 
 
-# encodings whose tables (or rotation caches) are sized by max_seq_len: longer sequences are refused
+# encodings whose tables (or rotation caches) are sized by max_seq_len: see ModelConfig.covers
 SIZED_BY_MAX_SEQ_LEN = frozenset({Pos.learned, Pos.sinusoidal, Pos.rope})
 
 
@@ -140,6 +140,11 @@ class ModelConfig(Config):
     @property
     def decoder_layers(self) -> int:
         return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    def covers(self, length: int) -> bool:
+        """Whether the positions reach a sequence of ``length`` tokens: the tables (learned, sinusoidal)
+        and RoPE caches stop at max_seq_len; ALiBi, T5 bias and none have no limit."""
+        return length <= self.max_seq_len or self.pos not in SIZED_BY_MAX_SEQ_LEN
 
     @property
     def causal(self) -> bool:

@@ -14,7 +14,6 @@ import torch
 
 from common.errors import UserError
 from model.attention import KVCache
-from model.config import SIZED_BY_MAX_SEQ_LEN
 from model.transformer import Seq2SeqLM, TesseraModel, TransformerLM
 
 
@@ -187,5 +186,5 @@ def _check_arguments(model: TesseraModel, input_ids: torch.Tensor, max_new_token
         raise UserError("beam search is deterministic: use num_beams > 1 with temperature 0")
     cfg = model.config
     decoder_len = (1 if isinstance(model, Seq2SeqLM) else input_ids.shape[1]) + max_new_tokens
-    if cfg.pos in SIZED_BY_MAX_SEQ_LEN and max(decoder_len, input_ids.shape[1]) > cfg.max_seq_len:
+    if not cfg.covers(max(decoder_len, input_ids.shape[1])):
         raise UserError(f"prompt + max_new_tokens = {decoder_len} tokens exceeds max_seq_len={cfg.max_seq_len}")

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from common import manifest
+from common.checkpoint_layout import STEP_MODEL_DIR, is_step, named_by_latest
 from common.config import read_json_object, read_yaml
 from common.errors import UserError
 from common.hub import hub_snapshot, looks_like_hub_id
@@ -38,15 +39,14 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.yaml"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-LATEST = "latest"
-STEP_MODEL_DIR = "model"  # the consolidated weights inside a trainer's step directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The model directory ``path`` means: itself, its ``model/`` (a trainer's step directory),
     (repeatedly) the sub-directory its ``latest`` names (a trainer's ``checkpoints/`` directory), or
-    the cached snapshot of a Hugging Face Hub id (:mod:`common.hub`)."""
+    the cached snapshot of a Hugging Face Hub id (:mod:`common.hub`). The one resolver of checkpoint
+    paths; the layout it walks is :mod:`common.checkpoint_layout`'s."""
     path = Path(path)
     if looks_like_hub_id(path):
         return hub_snapshot(str(path))
@@ -55,27 +55,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise UserError(f"checkpoint not found: {path} is not a directory")
         if any((path / name).is_file() for name in (CONFIG, HF_CONFIG, ADAPTER_CONFIG)):
             return path
-        if any((path / STEP_MODEL_DIR / name).is_file() for name in (CONFIG, ADAPTER_CONFIG)):
-            return path / STEP_MODEL_DIR
-        latest = path / LATEST
-        if not latest.is_file():
-            raise UserError(f"{path}: not a model directory (no {CONFIG}, {HF_CONFIG} or {LATEST} file)")
-        name = latest.read_text().strip()
-        if not name:
-            raise UserError(f"{latest}: empty; it should hold the name of a checkpoint sub-directory")
-        path = path / name
-    raise UserError(f"{path}: too many nested '{LATEST}' files")
+        if is_step(path) or any((path / STEP_MODEL_DIR / name).is_file() for name in (CONFIG, ADAPTER_CONFIG)):
+            return path / STEP_MODEL_DIR  # a step's own files are checked when they are read
+        named = named_by_latest(path)
+        if named is None:
+            raise UserError(f"{path}: not a model directory (no {CONFIG}, {HF_CONFIG} or latest file)")
+        path = named
+    raise UserError(f"{path}: too many nested 'latest' files")
 
 
 def check_saved_hashes(directory: Path) -> None:
     """A trainer step's ``model/`` (its parent holds the step's manifest): every file of it listed there
     must have its size and sha256, or the load fails with one line naming the file. A step directory
     without its manifest (a save that never finished, e.g. a ``.tmp_step_N``) is refused."""
-    if directory.name != STEP_MODEL_DIR:
-        return
-    step = directory.parent
-    if (step / manifest.MANIFEST).is_file() or any((step / name).is_file() for name in manifest.STEP_MARKERS):
-        manifest.verify(step, under=STEP_MODEL_DIR)  # no manifest beside the state: one line, "incomplete"
+    if directory.name == STEP_MODEL_DIR and is_step(directory.parent):
+        manifest.verify(directory.parent, under=STEP_MODEL_DIR)  # no manifest beside the state: "incomplete"
 
 
 def head_of(model: TesseraModel) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 from common.errors import UserError
 from model.attention import Attention, KVCache
 from model.blocks import Block, Stack
-from model.config import SIZED_BY_MAX_SEQ_LEN, Arch, ModelConfig, NormPosition, Pos
+from model.config import Arch, ModelConfig, NormPosition, Pos
 from model.lazy_weights import LazyTensor
 from model.mlp import MLP
 from model.moe import Experts
@@ -191,7 +191,7 @@ class TesseraModel(nn.Module):
     def check_length(self, length: int) -> None:
         """Refuse sequences longer than the position tables (learned, sinusoidal, RoPE) cover."""
         cfg = self.config
-        if length > cfg.max_seq_len and cfg.pos in SIZED_BY_MAX_SEQ_LEN:
+        if not cfg.covers(length):
             raise UserError(f"a sequence of {length} tokens is longer than model.max_seq_len={cfg.max_seq_len}")
 
     def output_weight(self) -> torch.Tensor:

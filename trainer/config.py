@@ -1,4 +1,4 @@
-"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/sft/align/lora/parallel.
+"""RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/align/lora/parallel.
 
 Load it with ``common.config.load_config(RunConfig, path, overrides)``. Checks that need the
 world size (global batch divisibility) happen in :func:`trainer.run.run`, once it is known.
@@ -14,7 +14,7 @@ from typing import Any
 from common.config import Config
 from common.errors import ConfigError
 from data.config import DataConfig
-from model.config import SIZED_BY_MAX_SEQ_LEN, ModelConfig
+from model.config import ModelConfig
 from model.lora import LoraConfig
 from trainer.objectives import ObjectiveName
 from trainer.objectives.policy_gradient import LossAggregation
@@ -246,11 +246,6 @@ def check_directory(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} exists and is not a directory; name a directory")
 
 
-@dataclasses.dataclass
-class SFTConfig(Config):
-    """Instruction tuning (the chat data itself is configured under data)."""
-
-
 class AlignLoss(enum.StrEnum):
     dpo = "dpo"
     ipo = "ipo"
@@ -373,10 +368,15 @@ class RunConfig(Config):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
-    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # model/lora.py
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+    @classmethod
+    def preprocess(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        if "sft" in raw and not raw["sft"]:  # an empty section that resolved configs of earlier versions hold
+            del raw["sft"]
+        return super().preprocess(raw, where)
 
     def validate(self, where: str) -> None:
         native = (StrategyName.ddp, StrategyName.fsdp)
@@ -415,8 +415,7 @@ class RunConfig(Config):
         if self.lora.enabled and self.model.init is None:
             raise ConfigError("lora.rank > 0 adapts a pretrained model: set model.init to its checkpoint "
                               "or Hugging Face directory")
-        too_long = self.data.seq_len > self.model.max_seq_len
-        if self.model.init is None and self.model.pos in SIZED_BY_MAX_SEQ_LEN and too_long:
+        if self.model.init is None and not self.model.covers(self.data.seq_len):
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"

@@ -25,20 +25,13 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from trainer.build import starting_model
 from trainer.distributed import all_gather_object, barrier
 from trainer.objectives import ObjectiveContext
 from trainer.objectives.pairs import pair_logps
 
 log = logging.getLogger("tessera.trainer")
 SIDECAR = "reference_logps.json"
-
-
-def starting_model(ctx: ObjectiveContext) -> torch.nn.Module:
-    """A fresh copy of the policy as it starts training: same weights, same seed."""
-    from trainer.run import build_model
-
-    net, _ = build_model(ctx.cfg, "lm", ctx.tokenizer.vocab_size)
-    return net
 
 
 class AdaptersOff:
@@ -76,7 +69,7 @@ def live_reference(ctx: ObjectiveContext) -> torch.nn.Module | AdaptersOff:
     model placed and sharded by the run's strategy."""
     if reference_is_the_base(ctx):
         return AdaptersOff(ctx.model)
-    return ctx.strategy.wrap_frozen(starting_model(ctx))
+    return ctx.strategy.wrap_frozen(starting_model(ctx.cfg, ctx.tokenizer.vocab_size))
 
 
 def reference_identity(ctx: ObjectiveContext) -> dict[str, Any]:

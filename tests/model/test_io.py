@@ -80,3 +80,16 @@ def test_a_lazy_load_reads_each_block_when_it_is_materialised(tmp_path):
         assert not any(n.startswith(f"stack.layers.{i + 1}.") for n in seen)
     assert sorted(reads) == sorted(model.state_dict())  # each tensor read once
     assert all(torch.equal(a, b) for a, b in zip(lazy.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_step_whose_model_files_are_gone_is_reported_truncated_not_unknown(tmp_path):
+    from common.manifest import write_manifest
+
+    step = tmp_path / "step_000003"
+    save_pretrained(build_model(tiny()), step / "model")
+    (step / "trainer_state.json").write_text("{}")
+    write_manifest(step)
+    (step / "model" / "model.yaml").unlink()
+    assert resolve_checkpoint(step) == step / "model"
+    with pytest.raises(UserError, match=r"truncated: model/model\.yaml is missing"):
+        load_pretrained(step)

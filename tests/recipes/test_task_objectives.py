@@ -82,8 +82,8 @@ def test_seq2seq_loss_equals_torch_cross_entropy_over_target_tokens(chunk_size):
 def test_classifier_from_an_mlm_checkpoint_keeps_the_encoder_and_sizes_the_head(tmp_path):
     from common.config import load_config
     from model.io import save_pretrained
+    from trainer.build import build_run_model
     from trainer.config import RunConfig
-    from trainer.run import build_model as build_run_model
     from trainer.strategy import materialize
 
     torch.manual_seed(0)

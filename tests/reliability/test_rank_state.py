@@ -7,7 +7,7 @@ import torch
 
 from common.errors import UserError
 from trainer import checkpoint
-from trainer.loop import rng_state, set_rng_state
+from trainer.checkpoint import rng_state, set_rng_state
 
 
 class Payload:

@@ -48,3 +48,16 @@ def test_defaults_are_consistent_and_seq_len_is_checked():
         load_config(RunConfig, None, ["model.max_seq_len=128", "data.seq_len=256"])
     assert "\n" not in str(info.value)
     load_config(RunConfig, None, ["model.max_seq_len=128", "data.seq_len=256", "model.pos=alibi"])  # no table
+
+
+def test_a_resolved_config_of_an_earlier_version_with_an_empty_sft_section_still_loads(tmp_path):
+    import yaml
+
+    from common.config import dump_yaml
+
+    path = tmp_path / "config.yaml"
+    dump_yaml(load_config(RunConfig, None, ["train.lr=0.002"]), path)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "sft": {}}))
+    assert load_config(RunConfig, path, []).train.lr == 0.002
+    with pytest.raises(ConfigError, match="unknown config key 'sft'"):
+        load_config(RunConfig, path, ["sft.epochs=2"])

@@ -4,30 +4,61 @@ skipped-shard reports, metrics file, W&B, TensorBoard, progress.
 The loop calls, on every rank, ``on_train_start(trainer)``, ``on_step_end(trainer, metrics)`` after
 each optimizer step (``metrics`` is a dict a callback may add to; later callbacks see the
 additions) and ``on_train_end(trainer)``. Callbacks run in list order: the ones that compute
-(evaluation) come before the ones that record (files, W&B, progress bar).
+(evaluation) come before the ones that record (files, W&B, progress bar). A callback sees the
+trainer through :class:`TrainerView`, not the whole Trainer.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from trainer.loop import Trainer
+    import torch
+
+    from trainer.checkpoint import ModelSpec
+    from trainer.config import RunConfig
+    from trainer.distributed import DistEnv
+    from trainer.objectives import Batch, Objective
+    from trainer.strategy import Strategy
+
+
+class TrainerView(Protocol):
+    """What a callback may see and do of the trainer: read the run's parts and the step, evaluate,
+    save a checkpoint (the Checkpointer's), ask the loop to stop."""
+
+    cfg: RunConfig
+    env: DistEnv
+    strategy: Strategy
+    model: torch.nn.Module  # the wrapped model
+    objective: Objective
+    loader: Any
+    valid_batches: Callable[[], Iterable[Batch]] | None
+    model_spec: ModelSpec
+    step: int
+    stop_reason: str | None
+
+    def evaluate(self, max_batches: int) -> dict[str, float]: ...
+
+    def save_checkpoint(self) -> Path: ...
+
+    def stop(self, message: str, reason: str) -> None: ...
 
 
 class Callback:
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         pass
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         pass
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         pass
 
 
-def default_callbacks(trainer: Trainer) -> list[Callback]:
+def default_callbacks(trainer: TrainerView) -> list[Callback]:
     """The callbacks a run gets from its config."""
     from trainer.callbacks.blowup import BlowUpCheck
     from trainer.callbacks.checkpointing import Checkpointing

@@ -10,13 +10,10 @@ the weights, once per run.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
+from trainer.callbacks import Callback, TrainerView
 from trainer.guard import TrainingDiverged
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
 
 FACTOR = 100.0
 
@@ -25,10 +22,10 @@ class BlowUpCheck(Callback):
     def __init__(self) -> None:
         self.before: float | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.before = trainer.strategy.weight_norm()
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.before is None or metrics["skipped"]:
             return
         before, self.before = self.before, None  # the first applied step only

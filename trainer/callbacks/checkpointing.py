@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.callbacks import Callback, TrainerView
 
 
 class Checkpointing(Callback):
@@ -15,10 +12,10 @@ class Checkpointing(Callback):
         self.every = every
         self.save_final = save_final
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.every and trainer.step % self.every == 0:
             trainer.save_checkpoint()
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if self.save_final and trainer.stop_reason != "error":
             trainer.save_checkpoint()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.callbacks import Callback, TrainerView
 
 log = logging.getLogger("tessera.trainer")
 
@@ -17,7 +14,7 @@ class ConsoleLog(Callback):
     def __init__(self, every: int) -> None:
         self.every = every
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if trainer.step % self.every and "eval/loss" not in metrics:
             return
         evaluation = f" | eval loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else ""

@@ -6,18 +6,15 @@ and on each ``train.eval_tasks`` file its multiple-choice ``eval/<name>/acc`` an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.errors import ConfigError
-from trainer.callbacks import Callback
+from trainer.callbacks import Callback, TrainerView
 from trainer.evaluation import model_kind, perplexity, score_choices, token_level
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
 
 
 class Evaluation(Callback):
-    def __init__(self, trainer: Trainer, every: int, steps: int, tasks: list[str]) -> None:
+    def __init__(self, trainer: TrainerView, every: int, steps: int, tasks: list[str]) -> None:
         self.every = every
         self.steps = steps
         self.tasks: dict[str, list] = {}
@@ -33,7 +30,7 @@ class Evaluation(Callback):
             self.tasks = {Path(task).stem: read_multiple_choice(task) for task in tasks}
             self.tokenizer = load_tokenizer(trainer.model_spec.tokenizer_dir)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if trainer.step % self.every and trainer.step != trainer.cfg.train.max_steps:
             return
         if trainer.valid_batches is not None:

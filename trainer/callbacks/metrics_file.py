@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.callbacks import Callback, TrainerView
 
 
 def _plain(value: Any) -> Any:
@@ -22,7 +19,7 @@ class MetricsFile(Callback):
         self.path = path
         self.every = every
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         """Keep lines up to the step we (re)start from, so a resumed run's file has no repeats."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -30,7 +27,7 @@ class MetricsFile(Callback):
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= trainer.step]
         self.path.write_text("".join(f"{line}\n" for line in kept))
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps or "eval/loss" in metrics:
             with self.path.open("a") as f:
                 f.write(json.dumps({k: _plain(v) for k, v in metrics.items()}) + "\n")

@@ -9,15 +9,12 @@ requeued job resumes from it.
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from trainer.callbacks import Callback
+from trainer.callbacks import Callback, TrainerView
 from trainer.distributed import all_reduce
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -30,16 +27,16 @@ class Preemption(Callback):
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         for sig in SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handler)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         flag = all_reduce(torch.tensor([float(self.requested)], device=trainer.env.device))
         if flag.item() > 0:
             trainer.save_checkpoint()
             trainer.stop(f"preempted at step {trainer.step}, checkpoint saved", reason="preempted")
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

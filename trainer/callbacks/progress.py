@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.callbacks import Callback, TrainerView
 
 
 class ProgressBar(Callback):
@@ -15,14 +12,14 @@ class ProgressBar(Callback):
         self.total = total
         self.bar = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=self.total, initial=trainer.step, unit="step", dynamic_ncols=True)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         self.bar.update(trainer.step - self.bar.n)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self.bar.close()

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.callbacks import Callback, TrainerView
 
 log = logging.getLogger("tessera.trainer")
 SKIPPED_SHARDS = "skipped_shards.txt"
@@ -25,7 +22,7 @@ class SkippedShards(Callback):
         self.path = run_dir / SKIPPED_SHARDS
         self.count = 0
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         skipped = trainer.loader.skipped_shards
         self.count = len(skipped)
         if not skipped:
@@ -36,6 +33,6 @@ class SkippedShards(Callback):
         log.warning("data.on_corrupt=skip: %d of %d training shards skipped as corrupt (first: %s); list in %s",
                     self.count, trainer.loader.num_shards, skipped[0], self.path)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         if self.count:
             metrics["data/skipped_shards"] = self.count

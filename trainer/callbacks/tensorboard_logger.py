@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trainer.callbacks import Callback
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from trainer.callbacks import Callback, TrainerView
 
 EVENTS_DIR = "tensorboard"
 
@@ -23,15 +20,15 @@ class TensorBoardLogger(Callback):
         self.dir = run_dir / EVENTS_DIR
         self.writer = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.dir))
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         for name, value in metrics.items():
             if isinstance(value, numbers.Real) and not isinstance(value, bool) and name != "step":
                 self.writer.add_scalar(name, value, trainer.step)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self.writer.close()

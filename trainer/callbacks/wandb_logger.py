@@ -10,11 +10,10 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from trainer.callbacks import Callback
+from trainer.callbacks import Callback, TrainerView
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
-    from trainer.loop import Trainer
 
 
 def wandb_mode() -> str:
@@ -26,7 +25,7 @@ class WandbLogger(Callback):
         self.cfg = cfg
         self.run = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         import wandb
 
         log = self.cfg.log
@@ -43,10 +42,10 @@ class WandbLogger(Callback):
             id=_run_id(log.dir),
         )
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in metrics.items() if v is not None}, step=trainer.step)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         self.run.finish()
 
 

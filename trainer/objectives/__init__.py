@@ -14,9 +14,10 @@ before counting units, ``draw()`` giving the step's micro-batches from the loade
 for several updates draws none), and ``state_dict``/``load_state_dict`` for what it keeps across
 steps (its sampler's RNG, a rollout being reused), saved with every rank's checkpoint state.
 
-To add an objective, write a module here with a class that satisfies :class:`Objective` and a
-``build(ctx: ObjectiveContext) -> Objective`` function, add its name to :class:`ObjectiveName` and
-its row to :data:`OBJECTIVES`.
+To add an objective, write a module here named after it, with a class that satisfies
+:class:`Objective` and a ``build(ctx: ObjectiveContext) -> Objective`` function, and add its row to
+:data:`ROWS` (:class:`ObjectiveName` and :data:`OBJECTIVES` are made from that table). Its class
+names the batches it reads (``data_objective``, a row of ``data.loader.DATA_OBJECTIVES``).
 ``ctx`` carries the run config, tokenizer and strategy (``ctx.strategy.wrap_frozen(model)``
 shards a frozen reference model the same way as the trained one).
 """
@@ -78,44 +79,32 @@ class ObjectiveContext:
     model: torch.nn.Module  # the trained model, already wrapped by the strategy (if any)
 
 
-class ObjectiveName(enum.StrEnum):
-    """What ``train.objective`` may name (a typo fails at config load)."""
-
-    clm = "clm"
-    mlm = "mlm"
-    span = "span"
-    sft = "sft"
-    preference = "preference"
-    reward = "reward"
-    classify = "classify"
-    seq2seq = "seq2seq"
-    online = "online"
-    kto = "kto"
-    ppo = "ppo"
-
-
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
-    """One row of :data:`OBJECTIVES`: where the objective's ``build`` lives and what the run builds for it."""
+    """One row of :data:`OBJECTIVES`: what the run builds for the objective (its ``build`` is in
+    ``trainer/objectives/<name>.py``)."""
 
-    module: str  # under trainer.objectives, holding ``build(ctx)``
     head: str = "lm"  # "lm" or "classifier" (a scalar or per-class head over the final hidden state)
     class_labels: bool = False  # the classifier's classes come from the shards' labels
 
 
-OBJECTIVES: dict[ObjectiveName, ObjectiveSpec] = {
-    ObjectiveName.clm: ObjectiveSpec("clm"),
-    ObjectiveName.mlm: ObjectiveSpec("mlm"),
-    ObjectiveName.span: ObjectiveSpec("span"),
-    ObjectiveName.sft: ObjectiveSpec("sft"),
-    ObjectiveName.preference: ObjectiveSpec("preference"),
-    ObjectiveName.reward: ObjectiveSpec("reward", head="classifier"),
-    ObjectiveName.classify: ObjectiveSpec("classify", head="classifier", class_labels=True),
-    ObjectiveName.seq2seq: ObjectiveSpec("seq2seq"),
-    ObjectiveName.online: ObjectiveSpec("online"),
-    ObjectiveName.kto: ObjectiveSpec("kto"),
-    ObjectiveName.ppo: ObjectiveSpec("ppo"),
+ROWS: dict[str, ObjectiveSpec] = {  # the one table to edit: its names make ObjectiveName
+    "clm": ObjectiveSpec(),
+    "mlm": ObjectiveSpec(),
+    "span": ObjectiveSpec(),
+    "sft": ObjectiveSpec(),
+    "preference": ObjectiveSpec(),
+    "reward": ObjectiveSpec(head="classifier"),
+    "classify": ObjectiveSpec(head="classifier", class_labels=True),
+    "seq2seq": ObjectiveSpec(),
+    "online": ObjectiveSpec(),
+    "kto": ObjectiveSpec(),
+    "ppo": ObjectiveSpec(),
 }
+
+ObjectiveName = enum.StrEnum("ObjectiveName", {name: name for name in ROWS}, module=__name__)
+ObjectiveName.__doc__ = "What ``train.objective`` may name (a typo fails at config load): the rows of OBJECTIVES."
+OBJECTIVES: dict[ObjectiveName, ObjectiveSpec] = {ObjectiveName(name): spec for name, spec in ROWS.items()}
 
 # what each pretraining architecture learns when train.objective is not set
 PRETRAIN_OBJECTIVE = {"decoder": ObjectiveName.clm, "encoder": ObjectiveName.mlm,
@@ -132,8 +121,6 @@ def objective_name(cfg: RunConfig, task: str) -> ObjectiveName:
 
 
 def build_objective(name: str, ctx: ObjectiveContext) -> Objective:
-    try:
-        spec = OBJECTIVES[ObjectiveName(name)]
-    except ValueError:
-        raise ConfigError(f"train.objective: {name!r} is not one of {', '.join(OBJECTIVES)}") from None
-    return importlib.import_module(f"trainer.objectives.{spec.module}").build(ctx)
+    if name not in OBJECTIVES:
+        raise ConfigError(f"train.objective: {name!r} is not one of {', '.join(OBJECTIVES)}")
+    return importlib.import_module(f"trainer.objectives.{name}").build(ctx)

@@ -2,7 +2,7 @@
 
 Rows are the units; ``accuracy`` (argmax equals the label) is summed like the loss, so evaluation
 logs ``eval/accuracy``. The model is built with ``head="classifier"`` and ``n_labels`` from the
-training shards' manifest (see :func:`trainer.run.build_model`).
+training shards' manifest (see :func:`trainer.build.build_run_model`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ import torch
 
 from common.errors import ConfigError
 from data.collate import prompt_records
-from model.config import SIZED_BY_MAX_SEQ_LEN
 from trainer.config import AlignLoss, ScaleRewards
 from trainer.distributed import all_gather_object
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
@@ -248,7 +247,7 @@ def check_lengths(ctx: ObjectiveContext) -> None:
     """The longest prompt (data.seq_len tokens) plus max_new_tokens must fit the model's positions."""
     config = unwrap(ctx.model).config
     longest = ctx.cfg.data.seq_len + ctx.cfg.align.max_new_tokens
-    if config.pos in SIZED_BY_MAX_SEQ_LEN and longest > config.max_seq_len:
+    if not config.covers(longest):
         raise ConfigError(
             f"align.max_new_tokens={ctx.cfg.align.max_new_tokens} after prompts of up to data.seq_len="
             f"{ctx.cfg.data.seq_len} tokens exceeds model.max_seq_len={config.max_seq_len}; lower one of them"
