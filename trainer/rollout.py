@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from model.generate import generate
-from trainer.objectives.tokens import unwrap
+from trainer.strategy import unwrap
 
 
 @dataclasses.dataclass(frozen=True)

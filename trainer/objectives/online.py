@@ -37,9 +37,9 @@ from trainer.objectives.policy_gradient import (
     rloo_loss,
 )
 from trainer.objectives.preference import pair_metrics, preference_losses
-from trainer.objectives.tokens import unwrap
 from trainer.rewards import Rewards, build_rewards
 from trainer.rollout import completion_logps, sample_completions
+from trainer.strategy import unwrap
 
 if TYPE_CHECKING:
     from trainer.config import AlignConfig

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from data.collate import IGNORE_INDEX
 from trainer.objectives import Batch
 from trainer.objectives.cross_entropy import head_cross_entropy
-from trainer.objectives.tokens import unwrap
+from trainer.strategy import unwrap
 
 
 @dataclasses.dataclass(frozen=True)

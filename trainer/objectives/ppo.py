@@ -38,9 +38,9 @@ from trainer.distributed import all_reduce
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
 from trainer.objectives.online import OnlineObjective, objective_parts
 from trainer.objectives.policy_gradient import gae, kl_shaped_rewards, masked_whiten, ppo_loss
-from trainer.objectives.tokens import unwrap
 from trainer.objectives.value_head import ValueFunction, ValueHead
 from trainer.rollout import Completions, token_logps
+from trainer.strategy import unwrap
 
 
 def policy_and_values(model: torch.nn.Module, value_head: ValueHead, input_ids: torch.Tensor,

@@ -15,11 +15,7 @@ import torch
 
 from trainer.objectives import Batch, LossOutput
 from trainer.objectives.cross_entropy import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside a DDP or DeepSpeed wrapper (FSDP2 wraps in place)."""
-    return getattr(model, "module", model)
+from trainer.strategy import unwrap
 
 
 class TokenObjective:
