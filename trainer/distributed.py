@@ -104,3 +104,9 @@ def barrier() -> None:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch's tensors on ``device`` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a strategy's wrapper: DDP's and DeepSpeed's ``module`` (FSDP2 and the
+    parallel strategies wrap in place)."""
+    return getattr(model, "module", model)

@@ -279,7 +279,7 @@ def continuation_logprobs(model: torch.nn.Module, pairs: Sequence[tuple[list[int
     model's max_seq_len + 1 tokens (as lm-evaluation-harness cuts to its max_length). ``forwards``:
     run at least that many forward passes (sharded models gather weights in each, so every rank
     must run as many), the extra ones on one pad token, discarded."""
-    from trainer.strategy import unwrap
+    from trainer.distributed import unwrap
 
     limit = unwrap(model).config.max_seq_len + 1
     rows = [(context + continuation)[-limit:] for context, continuation in pairs]
@@ -316,7 +316,7 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], 
     In a run, data rank ``rank`` of ``world_size`` scores every world_size-th item and the counts are
     summed over all ranks (all call it together; ranks sharing a batch under tensor parallelism count
     alike, so the ratios hold)."""
-    from trainer.strategy import unwrap
+    from trainer.distributed import unwrap
 
     what, decoder = model_kind(unwrap(model))
     if not decoder:

@@ -39,7 +39,7 @@ class AdaptersOff:
     (the inner module is called, so DDP does not sync; FSDP2 and ZeRO-3 gather as for the policy)."""
 
     def __init__(self, policy: torch.nn.Module) -> None:
-        from trainer.strategy import unwrap
+        from trainer.distributed import unwrap
 
         self.module = unwrap(policy)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from model.generate import generate
-from trainer.strategy import unwrap
+from trainer.distributed import unwrap
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,7 +204,7 @@ def test_model_init_may_name_an_adapter_to_continue(align_corpus, base, lora_sft
 
 class Reference(Callback):
     def on_train_start(self, trainer) -> None:
-        from trainer.strategy import unwrap
+        from trainer.distributed import unwrap
 
         reference = trainer.objective.reference_model
         self.is_the_policy = getattr(reference, "module", None) is unwrap(trainer.strategy.model)

@@ -22,7 +22,7 @@ class Evaluation(Callback):
         if tasks:
             from data.tasks import read_multiple_choice
             from data.tokenizer import load_tokenizer
-            from trainer.strategy import unwrap
+            from trainer.distributed import unwrap
 
             what, decoder = model_kind(unwrap(trainer.model))
             if not decoder:

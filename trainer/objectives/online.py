@@ -26,7 +26,7 @@ import torch
 from common.errors import ConfigError
 from data.collate import prompt_records
 from trainer.config import AlignLoss, ScaleRewards
-from trainer.distributed import all_gather_object
+from trainer.distributed import all_gather_object, unwrap
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
 from trainer.objectives.pairs import PairLogps
 from trainer.objectives.policy_gradient import (
@@ -39,7 +39,6 @@ from trainer.objectives.policy_gradient import (
 from trainer.objectives.preference import pair_metrics, preference_losses
 from trainer.rewards import Rewards, build_rewards
 from trainer.rollout import completion_logps, sample_completions
-from trainer.strategy import unwrap
 
 if TYPE_CHECKING:
     from trainer.config import AlignConfig

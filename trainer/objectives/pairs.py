@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from data.collate import IGNORE_INDEX
+from trainer.distributed import unwrap
 from trainer.objectives import Batch
 from trainer.objectives.cross_entropy import head_cross_entropy
-from trainer.strategy import unwrap
 
 
 @dataclasses.dataclass(frozen=True)

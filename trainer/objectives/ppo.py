@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
-from trainer.distributed import all_reduce
+from trainer.distributed import all_reduce, unwrap
 from trainer.objectives import Batch, LossOutput, ObjectiveContext
 from trainer.objectives.online import OnlineObjective, objective_parts
 from trainer.objectives.policy_gradient import gae, kl_shaped_rewards, masked_whiten, ppo_loss
 from trainer.objectives.value_head import ValueFunction, ValueHead
 from trainer.rollout import Completions, token_logps
-from trainer.strategy import unwrap
 
 
 def policy_and_values(model: torch.nn.Module, value_head: ValueHead, input_ids: torch.Tensor,

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from trainer.distributed import unwrap
 from trainer.objectives import Batch, LossOutput
 from trainer.objectives.cross_entropy import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy
-from trainer.strategy import unwrap
 
 
 class TokenObjective:

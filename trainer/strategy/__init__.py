@@ -141,12 +141,6 @@ class Strategy(abc.ABC):
         return float(all_reduce(squares).sqrt())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a strategy's wrapper: DDP's and DeepSpeed's ``module`` (FSDP2 and the
-    parallel strategies wrap in place)."""
-    return getattr(model, "module", model)
-
-
 def materialize(model: nn.Module, seed: int, on_block: Callable[[nn.Module], None] | None = None) -> bool:
     """Give a model built on the meta device (a fresh run's) its weights on the host, initialised from
     ``seed``, calling ``on_block`` as each block is ready; whether it was on the meta device."""
