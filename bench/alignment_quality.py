@@ -100,12 +100,18 @@ def prepare(work: Path, budget: Budget) -> Prepared:
         tessera("shard", str(work / f"pairs_{part}.json"), "--tokenizer", str(tokenizer), "--kind", "preference",
                 "--out", str(work / "shards" / part), "--max-len", str(budget.seq_len), "--skip-bad",
                 "--workers", "1")
-    start_run = work / "start"
-    tessera("pretrain", *budget.common(budget.pretrain_steps, max(1, budget.pretrain_steps // 10), 0),
-            f"data.train={work / 'shards' / 'text'}", "train.lr=3e-3", "train.min_lr=3e-4", f"log.dir={start_run}")
-    tessera("export", "--checkpoint", str(start_run / "checkpoints"), "--out", str(work / "start_hf"))
+    start, start_hf = start_model(work, budget, work / "shards" / "text")
     valid = list(zip(*read_fields(work / "shards" / "valid")))
-    return Prepared(tokenizer, work / "shards", split["train"], start_run / "checkpoints", work / "start_hf", valid)
+    return Prepared(tokenizer, work / "shards", split["train"], start, start_hf, valid)
+
+
+def start_model(work: Path, budget: Budget, text_shards: Path) -> tuple[Path, Path]:
+    """A short ``tessera pretrain`` on ``text_shards`` (seed 0), exported: (its checkpoints, its HF directory)."""
+    run = work / "start"
+    tessera("pretrain", *budget.common(budget.pretrain_steps, max(1, budget.pretrain_steps // 10), 0),
+            f"data.train={text_shards}", "train.lr=3e-3", "train.min_lr=3e-4", f"log.dir={run}")
+    tessera("export", "--checkpoint", str(run / "checkpoints"), "--out", str(work / "start_hf"))
+    return run / "checkpoints", work / "start_hf"
 
 
 def train_tessera(data: Prepared, budget: Budget, seed: int, out: Path) -> Path:

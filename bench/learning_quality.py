@@ -10,7 +10,10 @@ shard --append-eos``). Then, per seed, the same budget of steps on the same trai
   same shape and its own init, fed ``group_texts``-style rows (every training document's tokens
   concatenated in order, cut into ``seq_len`` blocks) drawn at random, one pass over a permutation
   per epoch; AdamW with the same hyper-parameters (decay on matrices only) under transformers'
-  cosine-with-min-lr schedule.
+  cosine-with-min-lr schedule. For MLM the peer is ``BertForMaskedLM`` with transformers'
+  ``DataCollatorForLanguageModeling``; for span corruption ``T5ForConditionalGeneration`` with the span
+  corruption of transformers' T5 pretraining example (``run_t5_mlm_flax.py``'s ``DataCollatorForT5MLM``:
+  15% noise in spans of mean 3, each span one sentinel) on the same ``group_texts`` rows.
 
 Both models are loaded with ``AutoModelForCausalLM.from_pretrained`` and scored by the same code:
 held-out documents one at a time, in windows of ``seq_len`` that continue where the previous one
@@ -134,6 +137,10 @@ OBJECTIVES = {
     # post-norm BERT at the decoder's 3e-3 diverges on both sides; 1e-3 is the usual BERT-small rate
     "mlm": Objective("tiny-bert", {**SHAPE, "d_ff": 512}, 1e-3, 1e-4, "BertForMaskedLM",
                      "15% of tokens masked, the same positions on both sides"),
+    # the shipped recipe's rate (configs/pretrain/tiny-t5-span.yaml); pre-norm T5 v1.1 shape
+    "span": Objective("tiny-t5", {**SHAPE, "n_decoder_layers": 4, "d_ff": 352}, 1e-3, 1e-4,
+                      "T5ForConditionalGeneration",
+                      "the corrupted-out tokens of 15% noise spans (mean 3), the same spans on both sides"),
 }
 FULL = Budget(steps=100, warmup=10, vocab=4096)
 SMOKE = Budget(steps=50, warmup=5, vocab=1024)
@@ -161,6 +168,8 @@ class Prepared:
     vocab_size: int
     mask_id: int
     special_ids: np.ndarray
+    sentinel_ids: list[int]
+    eos_id: int
     documents_in: int
     documents_kept: int
 
@@ -190,7 +199,7 @@ def prepare(name: str, work: Path, budget: Budget, limit: int | None) -> Prepare
     tok = load_tokenizer(root / "tokenizer")
     return Prepared(name, root / "tokenizer", root / "shards", read_tokens(root / "shards" / "train"),
                     read_tokens(root / "shards" / "valid"), tok.vocab_size, tok.mask_id,
-                    np.array(sorted(tok.special_ids)), len(docs), len(kept))
+                    np.array(sorted(tok.special_ids)), tok.sentinel_ids, tok.eos_id, len(docs), len(kept))
 
 
 def read_fields(shard_dir: Path) -> list[list[np.ndarray]]:
@@ -254,9 +263,12 @@ def group_texts(docs: list[np.ndarray], seq_len: int) -> torch.Tensor:
 
 def peer_batches(data: Prepared, objective: Objective) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """Rows → model inputs: labels = inputs for CLM (the model shifts them); transformers'
-    ``DataCollatorForLanguageModeling`` (15%, 80/10/10 over non-special tokens) for MLM."""
+    ``DataCollatorForLanguageModeling`` (15%, 80/10/10 over non-special tokens) for MLM; the T5
+    example's span corruption for span."""
     if objective.peer_class == "LlamaForCausalLM":
         return lambda rows: {"input_ids": rows, "labels": rows}
+    if objective.peer_class == "T5ForConditionalGeneration":
+        return T5SpanCorruption(data.sentinel_ids, data.eos_id)
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
     collator = DataCollatorForLanguageModeling(AutoTokenizer.from_pretrained(data.tokenizer), mlm_probability=0.15)
@@ -302,6 +314,8 @@ def perplexity(model_dir: Path, docs: list[np.ndarray], seq_len: int, objective:
     model = getattr(transformers, objective.peer_class).from_pretrained(model_dir).eval()
     if objective.peer_class == "LlamaForCausalLM":
         return causal_perplexity(model, docs, seq_len)
+    if objective.peer_class == "T5ForConditionalGeneration":
+        return span_perplexity(model, docs, seq_len, sentinel_ids=data.sentinel_ids, eos_id=data.eos_id)
     return masked_perplexity(model, docs, seq_len, mask_id=data.mask_id, special=data.special_ids)
 
 
@@ -343,6 +357,70 @@ def masked_perplexity(model, docs: list[np.ndarray], seq_len: int, *, mask_id: i
             nll += float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(window[picked]), reduction="sum"))
             count += len(picked)
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def span_perplexity(model, docs: list[np.ndarray], seq_len: int, *, sentinel_ids: list[int], eos_id: int,
+                    density: float = 0.15, mean_span: float = 3.0) -> float:
+    """One document at a time, in consecutive windows of ``seq_len``: each window span-corrupted (one
+    draw, the same for every model scored; Tessera's ``corrupt_spans``), perplexity of the decoder at the
+    corrupted-out tokens (sentinels and EOS in the target are fed, not scored)."""
+    from data.collate import corrupt_spans
+
+    rng = np.random.default_rng(MASK_SEED)
+    nll, count = 0.0, 0
+    for doc in docs:
+        for start in range(0, len(doc), seq_len):
+            window = doc[start : start + seq_len]
+            if len(window) < 2:
+                continue
+            inputs, target = corrupt_spans(window, rng, sentinel_ids=sentinel_ids, eos_id=eos_id, density=density,
+                                           mean_span=mean_span)
+            labels = torch.from_numpy(target)[None]
+            logits = model(input_ids=torch.from_numpy(inputs)[None], labels=labels).logits[0]
+            scored = torch.from_numpy(~np.isin(target, [*sentinel_ids, eos_id]))
+            nll += float(torch.nn.functional.cross_entropy(logits[scored], labels[0][scored], reduction="sum"))
+            count += int(scored.sum())
+    return math.exp(nll / count)
+
+
+class T5SpanCorruption:
+    """The span corruption of transformers' T5 pretraining example (``DataCollatorForT5MLM`` in
+    examples/flax/language-modeling/run_t5_mlm_flax.py) on rows of token ids: per row, noise and kept
+    lengths by random segmentation, each noise span replaced by the next sentinel in the input and
+    kept runs by sentinels in the labels; EOS closes both (T5's preprocessors append it). Its random
+    draws are seeded from torch's global generator, as the other peers' collators are."""
+
+    def __init__(self, sentinel_ids: list[int], eos_id: int, density: float = 0.15, mean_span: float = 3.0) -> None:
+        self.sentinels, self.eos_id, self.density, self.mean_span = np.array(sentinel_ids), eos_id, density, mean_span
+        self.rng = np.random.default_rng(int(torch.randint(2**31, ())))
+
+    def noise_mask(self, length: int) -> np.ndarray:
+        noise = int(np.round(length * self.density))
+        spans = max(int(np.round(min(noise, length - noise) / self.mean_span)), 1)
+
+        def segments(items: int) -> np.ndarray:  # ``items`` split into ``spans`` positive lengths
+            first = np.arange(items - 1) < spans - 1
+            self.rng.shuffle(first)
+            return np.unique(np.cumsum(np.pad(first, [[1, 0]])), return_counts=True)[1]
+
+        lengths = np.stack([segments(length - noise), segments(noise)], axis=1).reshape(-1)
+        starts = np.zeros(length, dtype=np.int8)
+        starts[np.cumsum(lengths)[:-1]] = 1
+        return np.cumsum(starts) % 2 == 1
+
+    def filter(self, row: np.ndarray, runs: np.ndarray) -> np.ndarray:
+        first = runs & ~np.pad(runs[:-1], [[1, 0]])
+        sentinel = self.sentinels[np.cumsum(first) - 1]
+        return np.append(np.where(first, sentinel, row)[~runs | first], self.eos_id)
+
+    def __call__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs, labels = [], []
+        for row in rows.numpy():
+            noise = self.noise_mask(len(row))
+            inputs.append(self.filter(row, noise))
+            labels.append(self.filter(row, ~noise))
+        return {"input_ids": torch.from_numpy(np.stack(inputs)), "labels": torch.from_numpy(np.stack(labels))}
 
 
 def unigram_perplexity(data: Prepared) -> float:

@@ -104,10 +104,11 @@ class TesseraModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Initialise: N(0, init_std), residual output projections scaled by 1/sqrt(2·blocks), zero
-        biases, unit norms; recompute fixed buffers (RoPE, sinusoidal, ALiBi). Random numbers come
-        from ``seed`` when given, else from torch's global RNG (so ``torch.manual_seed`` governs
-        :func:`build_model`'s init). Meta tensors are left alone."""
+        """Initialise: N(0, init_std) (token embeddings N(0, 1) under a tied head scaled by d_model**-0.5,
+        as T5), residual output projections scaled by 1/sqrt(2·blocks), zero biases, unit norms;
+        recompute fixed buffers (RoPE, sinusoidal, ALiBi). Random numbers come from ``seed`` when given,
+        else from torch's global RNG (so ``torch.manual_seed`` governs :func:`build_model`'s init).
+        Meta tensors are left alone."""
         device = next(self.parameters()).device
         generator = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
         init = self._initializer(generator)
@@ -159,6 +160,10 @@ class TesseraModel(nn.Module):
         residual_std = std / math.sqrt(2 * len(self.blocks()))
         residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}
         residual |= {id(m.down) for m in self.modules() if isinstance(m, MLP)}
+        # A tied head whose input is scaled by d_model**-0.5 (original T5) expects N(0, 1) embeddings, as
+        # T5 and transformers initialise them: at init_std its logits would start ~50x too flat.
+        tokens = self.embeddings()
+        tokens_std = 1.0 if self.config.scale_output and self.config.tie_embeddings else std
 
         def normal(t: torch.Tensor, s: float) -> None:
             if not t.is_meta:
@@ -170,7 +175,7 @@ class TesseraModel(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                normal(module.weight, std)
+                normal(module.weight, tokens_std if module is tokens else std)
             elif isinstance(module, Experts):  # as the dense MLP: down is a residual output projection
                 normal(module.up, std)
                 normal(module.down, residual_std)

@@ -94,3 +94,40 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         lq.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_t5_span_corruption_is_the_examples_and_undoes_to_the_row():
+    import torch
+
+    torch.manual_seed(0)
+    corrupt = lq.T5SpanCorruption(sentinel_ids=[100, 101, 102, 103, 104, 105], eos_id=2)
+    rows = torch.arange(10, 10 + 2 * 40).reshape(2, 40)
+    batch = corrupt(rows)
+    assert batch["input_ids"].shape[0] == batch["labels"].shape[0] == 2
+    for row, inputs, labels in zip(rows.tolist(), batch["input_ids"].tolist(), batch["labels"].tolist()):
+        assert inputs[-1] == labels[-1] == 2
+        noise = [t for t in labels[:-1] if t < 100]
+        assert len(noise) == round(0.15 * 40) and labels[0] == 100  # 6 noise tokens; labels open with a sentinel
+        spans: dict[int, list[int]] = {}
+        for t in labels[:-1]:
+            spans.setdefault(t, []) if t >= 100 else spans[max(spans)].append(t)
+        assert len(spans) == 2  # round(6 / 3) spans, each one sentinel, in order
+        restored = [t for s in inputs[:-1] for t in (spans[s] if s >= 100 else [s])]
+        assert restored == row
+
+
+def test_span_perplexity_scores_only_the_corrupted_out_tokens():
+    import torch
+
+    seen = []
+
+    class Uniform(torch.nn.Module):  # uniform logits over 200 ids; records the targets it was given
+        def forward(self, input_ids, labels):
+            seen.append(labels[0].clone())
+            return type("Out", (), {"logits": torch.zeros(1, labels.shape[1], 200)})()
+
+    docs = [np.arange(10, 50), np.arange(10, 11)]  # one 40-token window; a 1-token document is skipped
+    ppl = lq.span_perplexity(Uniform(), docs, 64, sentinel_ids=list(range(100, 132)), eos_id=2)
+    assert ppl == pytest.approx(200.0)
+    (target,) = seen
+    assert int(target[-1]) == 2 and int((target < 100).sum()) - 1 == 6  # 6 noise tokens scored, EOS fed

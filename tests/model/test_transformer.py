@@ -274,3 +274,18 @@ def test_a_padding_mask_without_padding_is_dropped_so_sdpa_keeps_its_unmasked_ke
     assert torch.equal(model(ids, attention_mask=full), model(ids))
     model(ids, attention_mask=padded)
     assert [p is None for p in seen] == [True] * 4 + [False] * 2
+
+
+def test_a_tied_output_scaled_head_starts_with_t5_sized_logits():
+    """Original T5 scales the tied head's input by d_model**-0.5 and so draws its embeddings from N(0, 1)
+    (as transformers does): at init_std 0.02 the untrained logits had std 0.02 and learning crawled
+    (bench/RESULTS.md, span corruption vs T5)."""
+    torch.manual_seed(0)
+    t5 = build_model(tiny(arch="encoder_decoder", pos="t5_bias", tie_embeddings=True, scale_output=True)).eval()
+    assert 0.9 < t5.embeddings().weight.std().item() < 1.1
+    ids = torch.randint(0, t5.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert 0.5 < t5(ids, ids).std().item() < 2.0
+    llama = build_model(tiny(tie_embeddings=True))  # no output scaling: embeddings at init_std
+    assert 0.015 < llama.embeddings().weight.std().item() < 0.025
+    assert 0.015 < t5.encoder.layers[0].attn.qkv.weight.std().item() < 0.025  # the rest as before
