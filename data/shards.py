@@ -59,7 +59,13 @@ _BLOCK = 512
 
 
 class ShardError(UserError):
-    """A shard that cannot be read as the manifest describes it."""
+    """A shard that cannot be read as the manifest describes it: one line, also when a DataLoader
+    worker raised it (torch re-raises it in the parent with the worker's traceback as its message)."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(f"Caught {type(self).__name__}"):
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -292,14 +292,18 @@ def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True
 
 
 def _shuffle_windows(ids: np.ndarray, rng: np.random.Generator, buffer: int, windows: int = 256) -> None:
-    """Shuffle ``ids`` in place inside consecutive windows of ``buffer``: sorted by one uniform key
-    each, drawn in order from ``rng`` (a stable sort), a few hundred windows at a time, so the
-    temporary arrays stay small whatever the number of samples."""
+    """Shuffle ``ids`` in place inside consecutive windows of ``buffer``: each window sorted by one
+    uniform key a sample, drawn in order from ``rng`` (a stable sort per window), ``windows`` windows
+    at a time, so the temporary arrays stay small whatever the number of samples."""
     step = buffer * windows
     for at in range(0, len(ids), step):
         part = ids[at : at + step]
         keys = rng.random(len(part))
-        part[:] = part[np.lexsort((keys, np.arange(len(part)) // buffer))]
+        full = len(part) // buffer * buffer
+        order = np.argsort(keys[:full].reshape(-1, buffer), axis=1, kind="stable")
+        order += np.arange(0, full, buffer)[:, None]
+        tail = full + np.argsort(keys[full:], kind="stable")
+        part[:] = part[np.concatenate([order.reshape(-1), tail])]
 
 
 class EpochPlan:

@@ -105,14 +105,17 @@ def test_a_format_1_directory_loads_alike_with_a_one_line_hint(text_shards, tmp_
     np.testing.assert_array_equal(plans[0].rows(positions, (0,))[0][0], plans[1].rows(positions, (0,))[0][0])
 
 
-def test_window_shuffle_does_not_depend_on_how_many_windows_go_at_once():
-    ids = np.arange(10_007, dtype=np.int32)
-    one_go, few = ids.copy(), ids.copy()
-    _shuffle_windows(one_go, np.random.default_rng(5), 64, windows=10**6)
-    _shuffle_windows(few, np.random.default_rng(5), 64, windows=3)
-    np.testing.assert_array_equal(one_go, few)
-    assert not np.array_equal(one_go, ids)
-    np.testing.assert_array_equal(np.sort(one_go[:64]), ids[:64])  # a window keeps its samples
+def test_window_shuffle_is_a_stable_sort_of_each_window_by_its_keys_in_any_number_of_steps():
+    """The epoch order of before (one lexsort of all samples by window, then key) kept exactly."""
+    for n, buffer in [(10_007, 64), (1000, 16), (5, 8), (24_581, 8192)]:
+        ids = np.arange(n)
+        keys = np.random.default_rng(5).random(n)
+        reference = ids[np.lexsort((keys, ids // buffer))]
+        for windows in (3, 10**6):
+            mine = np.arange(n, dtype=np.int32)
+            _shuffle_windows(mine, np.random.default_rng(5), buffer, windows)
+            np.testing.assert_array_equal(mine, reference)
+        assert not np.array_equal(reference, ids)
 
 
 def test_shard_verify_command(text_shards, tmp_path, capsys):
@@ -129,3 +132,16 @@ def test_shard_verify_command(text_shards, tmp_path, capsys):
     old = format_1_copy(text_shards, tmp_path / "old")
     assert main(["shard", "verify", str(old)]) == 0
     assert "format 1: no index files" in capsys.readouterr().out
+
+
+def test_a_shard_found_damaged_in_a_loader_worker_is_one_line(text_shards, tokenizer, tmp_path):
+    from data.config import DataConfig
+    from data.loader import build_loader
+
+    root = shutil.copytree(text_shards, tmp_path / "c")
+    names = [corrupt(root, shard) for shard in range(len(ShardManifest.load(root).shards))]
+    cfg = DataConfig(train=str(root), seq_len=32, num_workers=2, verify_checksums=False)
+    loader = build_loader(cfg, objective="clm", tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=2, seed=0)
+    with pytest.raises(ShardError, match=r"does not match its sha256.*found when first read") as exc:
+        next(iter(loader))
+    assert "\n" not in str(exc.value) and any(name in str(exc.value) for name in names)
