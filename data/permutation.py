@@ -35,30 +35,39 @@ def seed_key(seed: Any) -> int:
 
 def subkeys(key: int, index: np.ndarray) -> np.ndarray:
     """One key per ``index`` (e.g. per shuffle window) derived from ``key``."""
-    return mix(np.uint64(key) + (np.asarray(index, np.uint64) + np.uint64(1)) * _GOLDEN)
+    return mix(np.uint64(key) + (np.asarray(index, np.uint64).reshape(-1) + np.uint64(1)) * _GOLDEN)
 
 
 def permute(x: Any, n: Any, key: Any) -> np.ndarray:
     """The image of each ``x`` (``0 <= x < n``) under the permutation of ``[0, n)`` keyed by ``key``;
     ``n`` and ``key`` are scalars or arrays the shape of ``x`` (one permutation per element)."""
-    x = np.asarray(x, np.uint64)
-    n = np.broadcast_to(np.asarray(n, np.uint64), x.shape)
-    key = np.broadcast_to(np.asarray(key, np.uint64), x.shape)
+    shape = np.shape(x)
+    x = np.asarray(x, np.uint64).reshape(-1)
+    scalar = np.ndim(n) == 0 and np.ndim(key) == 0
+    n = np.asarray(n, np.uint64).reshape(-1)
     bits = np.frexp(np.maximum(n, np.uint64(1)) - np.uint64(1))[1]  # bit length of n - 1 (exact below 2**53)
     half = ((bits + 1) // 2).astype(np.uint64)  # the smallest h with 4**h >= n
-    out = x.copy()
-    todo = np.flatnonzero(np.ones(x.shape, bool))
-    while len(todo):
-        out.flat[todo] = _encrypt(out.flat[todo], half.flat[todo], key.flat[todo])
-        todo = todo[out.flat[todo] >= n.flat[todo]]
-    return out.astype(np.int64)
+    rounds = [mix(np.asarray(key, np.uint64).reshape(-1) + np.uint64(r)) for r in range(ROUNDS)]
+    if not scalar:
+        n, half = np.broadcast_to(n, x.shape), np.broadcast_to(half, x.shape)
+        rounds = [np.broadcast_to(k, x.shape) for k in rounds]
+    out = _encrypt(x, half, rounds)
+    todo = np.flatnonzero(out >= n)
+    while len(todo):  # cycle walking
+        if scalar:
+            out[todo] = _encrypt(out[todo], half, rounds)
+            todo = todo[out[todo] >= n]
+        else:
+            out[todo] = _encrypt(out[todo], half[todo], [k[todo] for k in rounds])
+            todo = todo[out[todo] >= n[todo]]
+    return out.astype(np.int64).reshape(shape)
 
 
-def _encrypt(value: np.ndarray, half: np.ndarray, key: np.ndarray) -> np.ndarray:
+def _encrypt(value: np.ndarray, half: np.ndarray, rounds: list[np.ndarray]) -> np.ndarray:
     mask = (np.uint64(1) << half) - np.uint64(1)
     left, right = value >> half, value & mask
-    for r in range(ROUNDS):
-        left, right = right, left ^ (mix(right ^ mix(key + np.uint64(r))) & mask)
+    for key in rounds:
+        left, right = right, left ^ (mix(right ^ key) & mask)
     return (left << half) | right
 
 
