@@ -2,11 +2,11 @@
 billions of samples costs no memory (a table of ``n`` int32 would cost 4 bytes a sample per rank).
 
 A 4-round Feistel network (Luby–Rackoff: a pseudorandom permutation from 3 rounds on) with
-splitmix64's finaliser as round function permutes the ``2·h``-bit values, ``4**h`` the smallest
-power of four ≥ ``n``; a value that lands outside ``[0, n)`` is encrypted again until it is inside
-("cycle walking", as format-preserving encryption does): still a bijection of ``[0, n)``, and under
-4 rounds on average since ``4**h < 4·n``. numpy throughout: a million elements in tens of
-milliseconds.
+splitmix64's finaliser as round function permutes the ``b``-bit values, ``2**b`` the smallest
+power of two ≥ ``n`` (halves of ``b // 2`` and ``b - b // 2`` bits, whose widths swap each round);
+a value that lands outside ``[0, n)`` is encrypted again until it is inside ("cycle walking", as
+format-preserving encryption does): still a bijection of ``[0, n)``, under 2 encryptions on average
+since ``2**b < 2·n``, none when ``n`` is a power of two. numpy throughout.
 """
 
 from __future__ import annotations
@@ -45,30 +45,37 @@ def permute(x: Any, n: Any, key: Any) -> np.ndarray:
     x = np.asarray(x, np.uint64).reshape(-1)
     scalar = np.ndim(n) == 0 and np.ndim(key) == 0
     n = np.asarray(n, np.uint64).reshape(-1)
-    bits = np.frexp(np.maximum(n, np.uint64(1)) - np.uint64(1))[1]  # bit length of n - 1 (exact below 2**53)
-    half = ((bits + 1) // 2).astype(np.uint64)  # the smallest h with 4**h >= n
+    bits = np.frexp(np.maximum(n, np.uint64(1)) - np.uint64(1))[1].astype(np.uint64)  # bit length of n - 1
+    if (x >= n).any():  # cycle walking would never end
+        raise ValueError(f"permute: a value is not below n ({int(x.max())} >= {int(n.min())})")
     rounds = [mix(np.asarray(key, np.uint64).reshape(-1) + np.uint64(r)) for r in range(ROUNDS)]
     if not scalar:
-        n, half = np.broadcast_to(n, x.shape), np.broadcast_to(half, x.shape)
+        n, bits = np.broadcast_to(n, x.shape), np.broadcast_to(bits, x.shape)
         rounds = [np.broadcast_to(k, x.shape) for k in rounds]
-    out = _encrypt(x, half, rounds)
+    out = _encrypt(x, bits, rounds)
     todo = np.flatnonzero(out >= n)
     while len(todo):  # cycle walking
         if scalar:
-            out[todo] = _encrypt(out[todo], half, rounds)
+            out[todo] = _encrypt(out[todo], bits, rounds)
             todo = todo[out[todo] >= n]
         else:
-            out[todo] = _encrypt(out[todo], half[todo], [k[todo] for k in rounds])
+            out[todo] = _encrypt(out[todo], bits[todo], [k[todo] for k in rounds])
             todo = todo[out[todo] >= n[todo]]
     return out.astype(np.int64).reshape(shape)
 
 
-def _encrypt(value: np.ndarray, half: np.ndarray, rounds: list[np.ndarray]) -> np.ndarray:
-    mask = (np.uint64(1) << half) - np.uint64(1)
-    left, right = value >> half, value & mask
-    for key in rounds:
-        left, right = right, left ^ (mix(right ^ key) & mask)
-    return (left << half) | right
+def _encrypt(value: np.ndarray, bits: np.ndarray, rounds: list[np.ndarray]) -> np.ndarray:
+    """One pass of the unbalanced Feistel network over ``bits``-bit values (an even number of rounds,
+    so the halves end at the widths they started with)."""
+    one = np.uint64(1)
+    low = bits >> one
+    high = bits - low
+    widths = [(high, low), (low, high)]  # (left, right) bits before an even / odd round
+    left, right = value >> low, value & ((one << low) - one)
+    for r, key in enumerate(rounds):
+        left_bits = widths[r % 2][0]
+        left, right = right, left ^ (mix(right ^ key) & ((one << left_bits) - one))
+    return (left << low) | right
 
 
 class Permutation:

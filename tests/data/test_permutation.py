@@ -32,6 +32,11 @@ def test_one_permutation_per_element_of_n_and_key():
     np.testing.assert_array_equal(image[7:], permute(np.arange(3), 3, keys[7]))
 
 
+def test_a_value_outside_the_domain_is_refused():
+    with pytest.raises(ValueError, match="not below n"):
+        permute(np.array([3, 9]), 9, 1)
+
+
 def test_the_sequence_view():
     p = Permutation(50, 4)
     table = np.asarray(p)
