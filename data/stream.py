@@ -306,10 +306,10 @@ class EpochOrder:
     def __getitem__(self, positions: Any) -> Any:
         p = np.atleast_1d(np.asarray(positions, np.int64))
         q = p if self.mix_key is None else permute(p, self.length, self.mix_key)
-        source = np.searchsorted(self.take_start, q, "right") - 1
+        source = np.searchsorted(self.take_start, q, "right") - 1 if len(self.sources) > 1 else None
         out = np.empty(len(q), np.int64)
-        for si in np.unique(source).tolist():
-            at = source == si
+        for si in [0] if source is None else np.unique(source).tolist():
+            at = slice(None) if source is None else source == si
             firsts, starts, key = self.sources[si]
             k = (q[at] - self.take_start[si]) % starts[-1]
             if self.shuffle:
