@@ -75,9 +75,10 @@ class ShardSet:
     rank, so shards that fail raise (``on_corrupt="fail"``) or are left out and listed in
     ``skipped`` (``"skip"``) by the same decision on every rank, and the order stays identical across
     ranks. Without it, start-up checks only that each shard is there, of its size and a tar; the
-    rest is checked when a process first reads the shard, and a failure then raises whatever
-    ``on_corrupt`` says (the epoch's order is fixed by then). Format-1 directories (no index files)
-    and ``pipe:`` shards are indexed at start by walking their tars.
+    rest is checked when a process first reads the shard, and a failure then raises, also with
+    ``on_corrupt="skip"``: the epoch's order is fixed by then, and leaving the shard out on one rank
+    would break the equal shares. Format-1 directories (no index files) and ``pipe:`` shards are
+    indexed at start by walking their tars.
     """
 
     def __init__(
