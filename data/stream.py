@@ -345,23 +345,24 @@ class EpochPlan:
         if mode == "samples":
             self.num_units = len(order)
         elif mode == "chunks":
-            pieces = np.maximum(1, -(-self._lengths() // seq_len))
-            self.chunk_start = np.concatenate([[0], np.cumsum(pieces)])
+            self.chunk_start = self._cumulative(lambda lengths: np.maximum(1, -(-lengths // seq_len)))
             self.num_units = int(self.chunk_start[-1])
         elif mode == "rows":
-            self.token_start = np.concatenate([[0], np.cumsum(self._lengths())])
+            self.token_start = self._cumulative(lambda lengths: lengths)
             self.num_units = max(0, int(self.token_start[-1]) - 1) // seq_len
         else:
             raise ValueError(f"unknown unit mode {mode!r}")
         self.unit_order = None if unit_seed is None else Permutation(self.num_units, seed_key(unit_seed))
 
-    def _lengths(self, block: int = 1 << 20) -> np.ndarray:
-        """Each position's sample length in epoch order (chunks and rows need their cumulative sum:
-        8 bytes a sample, the one per-sample table a plan keeps)."""
+    def _cumulative(self, units_of: Any, block: int = 1 << 20) -> np.ndarray:
+        """``[0, u_0, u_0 + u_1, ...]`` of ``units_of(sample lengths)`` in epoch order, filled in place
+        a block at a time (chunks and rows need it: 8 bytes a sample, the one per-sample table a plan keeps)."""
         lengths = self.shards.length(self.field)
-        out = np.empty(len(self.order), np.int64)
-        for at in range(0, len(out), block):
-            out[at : at + block] = lengths[self.order[np.arange(at, min(at + block, len(out)))]]
+        out = np.zeros(len(self.order) + 1, np.int64)
+        for at in range(0, len(self.order), block):
+            positions = np.arange(at, min(at + block, len(self.order)))
+            out[at + 1 : at + 1 + block] = units_of(lengths[self.order[positions]])
+        np.cumsum(out, out=out)
         return out
 
     def unit(self, positions: Any) -> Any:

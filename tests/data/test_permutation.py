@@ -71,3 +71,14 @@ def test_a_samples_plan_holds_no_table_per_sample(shards):
             if hasattr(obj, "__dict__") else obj) if isinstance(v, np.ndarray)]
     assert held and max(a.size for a in held) <= len(shards.shard_start)
     assert sorted(plan.sample(u) for u in range(plan.num_units)) == list(range(shards.num_samples))
+
+
+def test_a_chunks_plan_cuts_every_sample_once(shards):
+    stream = SampleStream(shards, mode="chunks", seq_len=50, seed=2, rank=0, world_size=1, batch_size=4)
+    plan = stream.plan(0)
+    got = sorted(tuple(plan.chunk(u).tolist()) for u in range(plan.num_units))
+    expected = []
+    for sample in range(shards.num_samples):
+        tokens = shards.read(sample).tolist()
+        expected += [tuple(tokens[at : at + 50]) for at in range(0, max(1, len(tokens)), 50)]
+    assert got == sorted(expected)
