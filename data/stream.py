@@ -6,12 +6,10 @@ The idea is mosaicml streaming's, done on our tars:
   permuted, their samples laid end to end and shuffled inside windows of ``shuffle_buffer``
   samples; with several datasets each contributes ``round(N * weight / sum(weights))`` samples per
   epoch (cycling when upsampled) and the contributions are interleaved by a seeded permutation.
-  Computed per position (:class:`EpochOrder`, :mod:`data.permutation`): no per-sample table.
 * **Unit order** — the second level of the shuffle (Megatron's ``shuffle_idx``): when training, the
   epoch's units are permuted as a whole by a seeded permutation, so the ``B`` units of a micro-batch
   come from all over the epoch instead of being ``B`` neighbours of one or two documents (correlated
-  gradients, measurably worse models). Positions below are positions in this permuted order, also
-  computed per position.
+  gradients, measurably worse models). Positions below are positions in this permuted order.
 * **Units** — what a rank consumes: whole samples (``"samples"``), pieces of at most ``seq_len``
   tokens of each sample (``"chunks"``), or rows of the epoch's concatenated token stream
   (``"rows"``: row ``g`` is tokens ``[g*L, g*L + L + 1)``, overlapping the next row by one token so
@@ -32,14 +30,13 @@ import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.errors import UserError
-from data.permutation import Permutation, permute, seed_key, subkeys
 from data.shards import (
     REFERENCE_LOGPS,
     ShardError,
@@ -54,7 +51,6 @@ from data.shards import (
 
 UNIT_MODES = ("samples", "chunks", "rows")
 MAX_OPEN_SHARDS = 128
-ORDER_VERSION = 2  # 2: Feistel permutations per position (1: tables from numpy's generator)
 log = logging.getLogger("tessera.data")
 
 
@@ -154,9 +150,8 @@ class ShardSet:
         return {**self.__dict__, "_open": OrderedDict(), "_views": {}, "_indexes": OrderedDict()}
 
     def fingerprint(self) -> str:
-        """Hash of what defines the sample order: the order's version, shard checksums and weights
-        (a loader state saved under another order version is refused, not resumed at a wrong place)."""
-        h = hashlib.sha256(f"order {ORDER_VERSION}".encode())
+        """Hash of what defines the sample space: shard checksums and weights."""
+        h = hashlib.sha256()
         for source, m in zip(self.sources, self.manifests):
             h.update(f"{source.weight!r}".encode())
             for info in m.shards:
@@ -271,63 +266,45 @@ class ShardSet:
         return np.concatenate(parts)
 
 
-class EpochOrder:
-    """The flat sample ids of one epoch, position by position, with no per-sample table (a few
-    integers per shard): a pure function of (seed, epoch, manifests, weights).
-
-    Per source, its good shards are permuted and their samples laid end to end; with ``shuffle``
-    each window of ``buffer`` consecutive positions is permuted by a permutation of its own
-    (:mod:`data.permutation`). A source contributes ``round(N * weight / sum(weights))`` positions
-    (cycling when upsampled), and one permutation of the epoch's positions interleaves the sources.
-    ``order[positions]`` takes an int or an array; ``np.asarray(order)`` builds the whole table.
-    """
-
-    def __init__(self, shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> None:
-        self.shuffle, self.buffer = shuffle, max(1, buffer)
-        self.sources: list[tuple[np.ndarray, np.ndarray, int]] = []  # shard first ids, cumulative samples, key
-        for si, good in enumerate(shards.source_shards):
-            rng = np.random.default_rng([seed, epoch, si, 0x5EED])
-            order = rng.permutation(len(good)) if shuffle else np.arange(len(good))
-            firsts = np.array([good[i][0] for i in order], np.int64)
-            starts = np.concatenate([[0], np.cumsum([good[i][1] for i in order], dtype=np.int64)])
-            self.sources.append((firsts, starts.astype(np.int64), int(rng.integers(0, 2**63))))
-        sizes = [int(starts[-1]) for _, starts, _ in self.sources]
-        if len(sizes) == 1:
-            takes = sizes
-        else:
-            weights = np.array([s.weight for s in shards.sources], dtype=np.float64)
-            takes = [round(sum(sizes) * w / weights.sum()) if n else 0 for w, n in zip(weights, sizes)]
-        self.take_start = np.concatenate([[0], np.cumsum(takes, dtype=np.int64)])
-        self.length = int(self.take_start[-1])
-        self.mix_key = seed_key([seed, epoch, 0x313C]) if shuffle and len(sizes) > 1 else None
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, positions: Any) -> Any:
-        p = np.atleast_1d(np.asarray(positions, np.int64))
-        q = p if self.mix_key is None else permute(p, self.length, self.mix_key)
-        source = np.searchsorted(self.take_start, q, "right") - 1 if len(self.sources) > 1 else None
-        out = np.empty(len(q), np.int64)
-        for si in [0] if source is None else np.unique(source).tolist():
-            at = slice(None) if source is None else source == si
-            firsts, starts, key = self.sources[si]
-            k = (q[at] - self.take_start[si]) % starts[-1]
-            if self.shuffle:
-                base = k // self.buffer * self.buffer
-                k = base + permute(k - base, np.minimum(self.buffer, starts[-1] - base),
-                                   subkeys(key, k // self.buffer))
-            shard = np.searchsorted(starts, k, "right") - 1
-            out[at] = firsts[shard] + k - starts[shard]
-        return int(out[0]) if np.ndim(positions) == 0 else out.reshape(np.shape(positions))
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return self[np.arange(self.length)].astype(dtype or np.int64)
-
-
 def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> np.ndarray:
-    """Flat sample ids of one epoch, in order, as one array (``EpochOrder`` computes them on demand)."""
-    return np.asarray(EpochOrder(shards, seed, epoch, shuffle=shuffle, buffer=buffer))
+    """Flat sample ids of one epoch, in order: a pure function of its arguments."""
+    dtype = np.int32 if shards.num_samples < 2**31 else np.int64  # 4 bytes a sample below 2**31 samples
+    per_source = []
+    for si, good in enumerate(shards.source_shards):
+        rng = np.random.default_rng([seed, epoch, si, 0x5EED])
+        order = rng.permutation(len(good)) if shuffle else np.arange(len(good))
+        ids = np.concatenate([np.arange(good[i][0], good[i][0] + good[i][1], dtype=dtype) for i in order]) if good \
+            else np.zeros(0, dtype)
+        if shuffle and len(ids) > 1:
+            _shuffle_windows(ids, rng, max(1, buffer))
+        per_source.append(ids)
+    if len(per_source) == 1:
+        return per_source[0]
+    total = sum(len(ids) for ids in per_source)
+    weights = np.array([s.weight for s in shards.sources], dtype=np.float64)
+    takes = [round(total * w / weights.sum()) if len(ids) else 0 for w, ids in zip(weights, per_source)]
+    labels = np.repeat(np.arange(len(per_source)), takes)
+    if shuffle:
+        labels = np.random.default_rng([seed, epoch, 0x313C]).permutation(labels)
+    out = np.empty(len(labels), dtype)
+    for si, (ids, take) in enumerate(zip(per_source, takes)):
+        out[labels == si] = np.resize(ids, take)
+    return out
+
+
+def _shuffle_windows(ids: np.ndarray, rng: np.random.Generator, buffer: int, windows: int = 256) -> None:
+    """Shuffle ``ids`` in place inside consecutive windows of ``buffer``: each window sorted by one
+    uniform key a sample, drawn in order from ``rng`` (a stable sort per window), ``windows`` windows
+    at a time, so the temporary arrays stay small whatever the number of samples."""
+    step = buffer * windows
+    for at in range(0, len(ids), step):
+        part = ids[at : at + step]
+        keys = rng.random(len(part))
+        full = len(part) // buffer * buffer
+        order = np.argsort(keys[:full].reshape(-1, buffer), axis=1, kind="stable")
+        order += np.arange(0, full, buffer)[:, None]
+        tail = full + np.argsort(keys[full:], kind="stable")
+        part[:] = part[np.concatenate([order.reshape(-1), tail])]
 
 
 class EpochPlan:
@@ -338,7 +315,7 @@ class EpochPlan:
     """
 
     def __init__(
-        self, shards: ShardSet, order: EpochOrder | np.ndarray, mode: str, seq_len: int, field: int = 0,
+        self, shards: ShardSet, order: np.ndarray, mode: str, seq_len: int, field: int = 0,
         unit_seed: Sequence[int] | None = None,
     ) -> None:
         self.shards, self.order, self.mode, self.seq_len, self.field = shards, order, mode, seq_len, field
@@ -352,16 +329,18 @@ class EpochPlan:
             self.num_units = max(0, int(self.token_start[-1]) - 1) // seq_len
         else:
             raise ValueError(f"unknown unit mode {mode!r}")
-        self.unit_order = None if unit_seed is None else Permutation(self.num_units, seed_key(unit_seed))
+        self.unit_order = None  # 4 bytes a unit below 2**31 units (a 1T-token epoch of 2k rows: 2 GB)
+        if unit_seed is not None:
+            dtype = np.int32 if self.num_units < 2**31 else np.int64
+            self.unit_order = np.random.default_rng(unit_seed).permutation(np.arange(self.num_units, dtype=dtype))
 
-    def _cumulative(self, units_of: Any, block: int = 1 << 20) -> np.ndarray:
-        """``[0, u_0, u_0 + u_1, ...]`` of ``units_of(sample lengths)`` in epoch order, filled in place
-        a block at a time (chunks and rows need it: 8 bytes a sample, the one per-sample table a plan keeps)."""
+    def _cumulative(self, units_of: Callable[[np.ndarray], np.ndarray], block: int = 1 << 20) -> np.ndarray:
+        """``[0, u_0, u_0 + u_1, ...]`` of ``units_of(sample lengths)`` in epoch order, filled and summed
+        in place a block at a time (one 8-byte-a-sample array at the peak besides the lengths)."""
         lengths = self.shards.length(self.field)
         out = np.zeros(len(self.order) + 1, np.int64)
         for at in range(0, len(self.order), block):
-            positions = np.arange(at, min(at + block, len(self.order)))
-            out[at + 1 : at + 1 + block] = units_of(lengths[self.order[positions]])
+            out[at + 1 : at + 1 + block] = units_of(lengths[self.order[at : at + block]])
         np.cumsum(out, out=out)
         return out
 
@@ -432,7 +411,7 @@ class SampleStream:
         if epoch not in self._plans:
             if len(self._plans) > 2:
                 self._plans.pop(min(self._plans))
-            order = EpochOrder(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
+            order = epoch_order(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
             unit_seed = (self.seed, epoch, 0x0F17) if self.shuffle else None
             plan = EpochPlan(self.shards, order, self.mode, self.seq_len, self.field, unit_seed)
             if plan.num_units < self.world_size:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data.shards import INDEX_SUFFIX, ShardError, ShardManifest, check_shard, load_index, open_shard
-from data.stream import EpochPlan, ShardSet, Source, epoch_order
+from data.stream import EpochPlan, SampleStream, ShardSet, Source, _shuffle_windows, epoch_order
 from launch.cli import main
 
 
@@ -108,6 +108,19 @@ def test_a_format_1_directory_loads_alike_with_a_one_line_hint(text_shards, tmp_
     np.testing.assert_array_equal(plans[0].rows(positions, (0,))[0][0], plans[1].rows(positions, (0,))[0][0])
 
 
+def test_window_shuffle_is_a_stable_sort_of_each_window_by_its_keys_in_any_number_of_steps():
+    """The epoch order of before (one lexsort of all samples by window, then key) kept exactly."""
+    for n, buffer in [(10_007, 64), (1000, 16), (5, 8), (24_581, 8192)]:
+        ids = np.arange(n)
+        keys = np.random.default_rng(5).random(n)
+        reference = ids[np.lexsort((keys, ids // buffer))]
+        for windows in (3, 10**6):
+            mine = np.arange(n, dtype=np.int32)
+            _shuffle_windows(mine, np.random.default_rng(5), buffer, windows)
+            np.testing.assert_array_equal(mine, reference)
+        assert not np.array_equal(reference, ids)
+
+
 def test_shard_verify_command(text_shards, tmp_path, capsys):
     assert main(["shard", "verify", str(text_shards)]) == 0
     assert f"{text_shards}: " in capsys.readouterr().out
@@ -135,3 +148,15 @@ def test_a_shard_found_damaged_in_a_loader_worker_is_one_line(text_shards, token
     with pytest.raises(ShardError, match=r"does not match its sha256.*found when first read") as exc:
         next(iter(loader))
     assert "\n" not in str(exc.value) and any(name in str(exc.value) for name in names)
+
+
+def test_a_chunks_plan_cuts_every_sample_once(text_shards):
+    shards = ShardSet([Source(str(text_shards))], verify_checksums=False)
+    stream = SampleStream(shards, mode="chunks", seq_len=50, seed=2, rank=0, world_size=1, batch_size=4)
+    plan = stream.plan(0)
+    got = sorted(tuple(plan.chunk(u).tolist()) for u in range(plan.num_units))
+    expected = []
+    for sample in range(shards.num_samples):
+        tokens = shards.read(sample).tolist()
+        expected += [tuple(tokens[at : at + 50]) for at in range(0, max(1, len(tokens)), 50)]
+    assert got == sorted(expected)
