@@ -163,16 +163,14 @@ class ShardSet:
         copy per piece out of the shard's whole memory map."""
         dtype = self.dtypes[field]
         shards, local = self._locate(np.asarray(samples, np.int64))
-        offsets = np.empty(len(local), np.int64)
-        for shard in np.unique(shards).tolist():
-            at = shards == shard
-            offsets[at] = self._index(shard).offsets[local[at], field]
-        first = (offsets // dtype.itemsize + starts).tolist()
         ends = np.cumsum(lengths).tolist()
         out = np.empty(ends[-1] if ends else 0, dtype)
-        at = 0
-        for shard, begin, end in zip(shards.tolist(), first, ends):
-            out[at:end] = self._view(shard, dtype)[begin : begin + end - at]
+        at, last, view, offsets = 0, -1, None, None
+        for shard, sample, start, end in zip(shards.tolist(), local.tolist(), np.asarray(starts).tolist(), ends):
+            if shard != last:  # a row's pieces are neighbours in the epoch: mostly one shard
+                last, view, offsets = shard, self._view(shard, dtype), self._index(shard).offsets
+            begin = int(offsets[sample, field]) // dtype.itemsize + start
+            out[at:end] = view[begin : begin + end - at]
             at = end
         return out
 
