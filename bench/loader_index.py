@@ -15,8 +15,13 @@ measured after imports (the peak, VmHWM, reset there).
   ``git archive ef187f0``), by that code too, both with checksums at start (the default) and
   without. The code before needs the tars to walk, so it is measured on real sets only.
 
+With ``--per-batch``, the loader's speed after start-up too: CPU milliseconds per batch of 8 of the
+in-process loader (CLM rows at seq 2048 and 128, MLM chunks at 128) on 1,000 TinyStories documents,
+this tree and ``--base`` alternating, the median of 5 (CPU time, not wall time: it holds on a
+machine shared with other jobs).
+
     PYTHONPATH=. python bench/loader_index.py [--sizes 1M,10M,100M] [--real-sizes 100K,1M]
-        [--base DIR] [--work DIR] [--json PATH]
+        [--base DIR] [--per-batch] [--work DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -70,6 +75,50 @@ print(json.dumps({
     "worker_mb": len(pickle.dumps(stream)) / 2**20, "set_pickle_mb": len(pickle.dumps(shards)) / 2**20,
 }))
 """
+
+
+BATCH_PROBE = r"""
+import json, sys, time
+from data.config import DataConfig
+from data.loader import build_loader
+from data.tokenizer import load_tokenizer
+path, tokenizer, objective, seq_len = sys.argv[1], load_tokenizer(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+cfg = DataConfig.from_dict({"train": path, "seq_len": seq_len, "num_workers": 0})
+it = iter(build_loader(cfg, objective=objective, tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=0))
+next(it)
+start = time.process_time()
+for _ in range(200):
+    next(it)
+print(json.dumps((time.process_time() - start) / 200 * 1000))
+"""
+BATCH_CASES = (("clm", 2048), ("clm", 128), ("mlm", 128))
+
+
+def per_batch(work: Path, base: Path | None) -> list[dict]:
+    """CPU ms per batch of the in-process loader, this tree and ``base`` on the same tars."""
+    from data.make_shards import make_shards
+    from data.readers import iter_documents
+    from data.tokenizer import train_tokenizer
+
+    stories = ROOT / "examples" / "data" / "pretrain_tinystories_valid_head.txt"
+    train_tokenizer([d.text for d in iter_documents([stories])], work / "tokenizer", vocab_size=700,
+                    num_sentinels=16)
+    (work / "stories.txt").write_text("\n\n".join(stories.read_text().split("\n\n")[:1000]))
+    make_shards([str(work / "stories.txt")], work / "tokenizer", work / "batches", shard_bytes=150_000,
+                append_eos=True, txt_mode="block")
+    trees = [("after", ROOT, work / "batches")]
+    if base:
+        trees.append(("before", base, format_1_view(work / "batches", work / "batches-v1")))
+    times: dict[tuple, list[float]] = {}
+    for _ in range(5):
+        for code, tree, path in trees:
+            for objective, seq_len in BATCH_CASES:
+                env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+                argv = [sys.executable, "-c", BATCH_PROBE, str(path), str(work / "tokenizer"), objective, str(seq_len)]
+                done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=tree)
+                times.setdefault((code, objective, seq_len), []).append(json.loads(done.stdout.splitlines()[-1]))
+    return [{"code": code, "objective": o, "seq_len": n, "cpu_ms_per_batch": round(float(np.median(t)), 3)}
+            for (code, o, n), t in times.items()]
 
 
 def parse_count(text: str) -> int:
@@ -154,6 +203,7 @@ def main() -> int:
     parser.add_argument("--real-sizes", default="100K,1M", help="real tar sets (~1 KiB a sample on disk)")
     parser.add_argument("--per-shard", type=int, default=50_000, help="samples per shard")
     parser.add_argument("--base", type=Path, default=None, help="a checkout of the code before (see above)")
+    parser.add_argument("--per-batch", action="store_true", help="also CPU ms per batch, this tree vs --base")
     parser.add_argument("--work", type=Path, default=None, help="where the sets go (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "loader_index.json")
     args = parser.parse_args()
@@ -178,12 +228,16 @@ def main() -> int:
                             print(json.dumps(row), flush=True)
                 shutil.rmtree(path)
                 shutil.rmtree(work / f"{path.name}-v1", ignore_errors=True)
+        batches = per_batch(work, args.base) if args.per_batch else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
+    for row in batches:
+        print(f"per batch: {row['code']:6s} {row['objective']} seq {row['seq_len']:4d}: "
+              f"{row['cpu_ms_per_batch']:.3f} CPU ms")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"seq_len": SEQ_LEN, "world_size": WORLD, "per_shard": args.per_shard,
-                                     "rows": rows}, indent=1) + "\n")
+                                     "rows": rows, "per_batch": batches}, indent=1) + "\n")
     print(f"\n→ {args.json}")
     return 0
 

@@ -165,11 +165,12 @@ class ShardSet:
         shards, local = self._locate(np.asarray(samples, np.int64))
         ends = np.cumsum(lengths).tolist()
         out = np.empty(ends[-1] if ends else 0, dtype)
-        at, last, view, offsets = 0, -1, None, None
+        at, itemsize, opened = 0, dtype.itemsize, {}
         for shard, sample, start, end in zip(shards.tolist(), local.tolist(), np.asarray(starts).tolist(), ends):
-            if shard != last:  # a row's pieces are neighbours in the epoch: mostly one shard
-                last, view, offsets = shard, self._view(shard, dtype), self._index(shard).offsets
-            begin = int(offsets[sample, field]) // dtype.itemsize + start
+            if shard not in opened:
+                opened[shard] = self._view(shard, dtype), self._index(shard).offsets
+            view, offsets = opened[shard]
+            begin = offsets.item(sample, field) // itemsize + start
             out[at:end] = view[begin : begin + end - at]
             at = end
         return out
