@@ -11,11 +11,14 @@ header) and ``record`` (the UTF-8 JSON ``[name, record]`` of the source record, 
 online alignment's reward functions read). Token arrays are uint16 when the vocabulary
 fits, else uint32.
 
-``manifest.json`` beside the tars lists every shard (name, samples, tokens, bytes, sha256), the
-tokenizer's hash, the kind and the format version. The reader memory-maps a shard and builds an
-index of where each sample's arrays start by walking the tar headers, so a sample is a zero-copy
-numpy view. A shard that is missing, truncated, malformed or disagrees with the manifest raises a
-one-line :class:`ShardError` naming it.
+Beside each tar, ``NNNNN.idx.npy`` (format 2) holds where each sample's arrays lie in it: an int64
+array ``[2, samples, fields]`` of byte offsets and element counts, written with the tar (as
+Megatron's ``.idx`` and MosaicML's MDS index), so a reader never walks the tar headers.
+``manifest.json`` lists every shard (name, samples, tokens, bytes, sha256, and its index's bytes
+and sha256), the tokenizer's hash, the kind and the format version. Format-1 directories (no index
+files) still load: their tars are indexed by walking the headers. A sample is a zero-copy numpy
+view into the shard's memory map. A shard that is missing, truncated, malformed or disagrees with
+the manifest raises a one-line :class:`ShardError` naming it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import numpy as np
 from common.errors import UserError
 
 FORMAT = "tessera-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no index files (indexed on the fly)
+INDEX_SUFFIX = ".idx.npy"
 KINDS: dict[str, tuple[str, ...]] = {
     "text": ("tokens",),
     "sft": ("input_ids", "loss_mask"),
@@ -54,7 +59,13 @@ _BLOCK = 512
 
 
 class ShardError(UserError):
-    """A shard that cannot be read as the manifest describes it."""
+    """A shard that cannot be read as the manifest describes it: one line, also when a DataLoader
+    worker raised it (torch re-raises it in the parent with the worker's traceback as its message)."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(f"Caught {type(self).__name__}"):
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -68,6 +79,8 @@ class ShardInfo:
     tokens: int
     bytes: int
     sha256: str
+    index_bytes: int = 0  # the NNNNN.idx.npy beside the tar; 0 and None in format 1
+    index_sha256: str | None = None
 
 
 @dataclasses.dataclass
@@ -81,6 +94,7 @@ class ShardManifest:
     shards: list[ShardInfo]
     root: Path = Path(".")
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    version: int = FORMAT_VERSION
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -99,7 +113,7 @@ class ShardManifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "fields": list(self.fields),
+            "format": FORMAT, "version": self.version, "kind": self.kind, "fields": list(self.fields),
             "dtype": self.dtype, "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size},
             "num_samples": self.num_samples, "num_tokens": self.num_tokens,
             "shards": [dataclasses.asdict(s) for s in self.shards], **self.extra,
@@ -122,8 +136,9 @@ class ShardManifest:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:
                 raise ValueError("not a Tessera shard manifest")
-            if raw.get("version") != FORMAT_VERSION:
-                raise ValueError(f"format version {raw.get('version')}, this Tessera reads {FORMAT_VERSION}")
+            if raw.get("version") not in READABLE_VERSIONS:
+                raise ValueError(f"format version {raw.get('version')}, this Tessera reads "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}")
             if raw["kind"] not in KINDS:
                 raise ValueError(f"unknown kind {raw['kind']!r}")
             known = {"format", "version", "kind", "fields", "dtype", "tokenizer", "num_samples", "num_tokens",
@@ -134,7 +149,7 @@ class ShardManifest:
             return cls(
                 kind=raw["kind"], dtype=raw["dtype"], tokenizer_sha256=raw["tokenizer"]["sha256"],
                 vocab_size=int(raw["tokenizer"]["vocab_size"]), shards=shards,
-                root=path.parent, extra={k: v for k, v in raw.items() if k not in known},
+                root=path.parent, extra={k: v for k, v in raw.items() if k not in known}, version=raw["version"],
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{path}: malformed manifest ({exc})") from None
@@ -170,6 +185,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._samples = self._tokens = 0
         self._count = 0
+        self._index: list[list[int]] = []  # per sample of the open shard: offsets, then counts, of each field
 
     def write(self, arrays: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
         """Add one sample: an array per field of the kind (lists of ints are fine)."""
@@ -177,13 +193,18 @@ class ShardWriter:
             self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_shard)
                 self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
         key = f"{self._count:010d}"
+        offsets, counts = [], []
         for name in KINDS[self.kind]:
             array = np.asarray(arrays[name], dtype=self.manifest.field_dtype(name))
             buf = io.BytesIO()
             np.lib.format.write_array(buf, array, allow_pickle=False)
-            self._add(f"{key}.{name}.npy", buf.getvalue())
+            payload = buf.getvalue()
+            offsets.append(self._tar.offset + _BLOCK + len(payload) - array.nbytes)  # one USTAR header block
+            counts.append(array.size)
+            self._add(f"{key}.{name}.npy", payload)
             if name not in NON_TOKEN_FIELDS:
                 self._tokens += array.size
+        self._index.append(offsets + counts)
         if meta:
             self._add(f"{key}.json", json.dumps(dict(meta), ensure_ascii=False).encode())
         self._count += 1
@@ -213,10 +234,20 @@ class ShardWriter:
         self._tar.close()
         path = self._path(len(self.manifest.shards))
         data = path.read_bytes()
-        self.manifest.shards.append(
-            ShardInfo(path.name, self._samples, self._tokens, len(data), hashlib.sha256(data).hexdigest())
-        )
-        self._tar, self._samples, self._tokens = None, 0, 0
+        fields = len(KINDS[self.kind])
+        table = np.asarray(self._index, np.int64).reshape(-1, 2, fields).transpose(1, 0, 2)
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.ascontiguousarray(table), allow_pickle=False)
+        index = buf.getvalue()
+        index_path = path.with_suffix(INDEX_SUFFIX)
+        tmp = index_path.with_name(index_path.name + ".tmp")
+        tmp.write_bytes(index)
+        tmp.replace(index_path)
+        self.manifest.shards.append(ShardInfo(
+            path.name, self._samples, self._tokens, len(data), hashlib.sha256(data).hexdigest(),
+            len(index), hashlib.sha256(index).hexdigest(),
+        ))
+        self._tar, self._samples, self._tokens, self._index = None, 0, 0, []
 
 
 @dataclasses.dataclass
@@ -228,6 +259,16 @@ class ShardIndex:
     counts: np.ndarray
 
 
+def shard_path(manifest: ShardManifest, info: ShardInfo) -> Path:
+    path = manifest.root / info.name
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing")
+    size = path.stat().st_size
+    if size != info.bytes:
+        raise ShardError(f"shard {path} is {size} bytes, the manifest says {info.bytes} (truncated or replaced?)")
+    return path
+
+
 def open_shard(manifest: ShardManifest, info: ShardInfo, *, allow_pipe: bool = False) -> Any:
     """The shard's bytes as a buffer (a read-only memory map, or a pipe's output when allowed)."""
     if info.name.startswith("pipe:"):
@@ -237,31 +278,71 @@ def open_shard(manifest: ShardManifest, info: ShardInfo, *, allow_pipe: bool = F
         if done.returncode:
             raise ShardError(f"shard {info.name!r}: the command failed with status {done.returncode}")
         return done.stdout
-    path = manifest.root / info.name
-    if not path.is_file():
-        raise ShardError(f"shard {path} is missing")
-    size = path.stat().st_size
-    if size != info.bytes:
-        raise ShardError(f"shard {path} is {size} bytes, the manifest says {info.bytes} (truncated or replaced?)")
-    with path.open("rb") as f:
+    with shard_path(manifest, info).open("rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def check_shard(buf: Any, manifest: ShardManifest, info: ShardInfo, *, verify_checksum: bool) -> ShardIndex:
-    """Validate a shard's bytes against the manifest and index its samples."""
+def peek_shard(manifest: ShardManifest, info: ShardInfo) -> None:
+    """What is cheap to check before a shard is read: it is there, of the manifest's size, and a tar."""
+    path = shard_path(manifest, info)
+    with path.open("rb") as f:
+        if f.read(_BLOCK)[257:262] != b"ustar":
+            raise ShardError(f"shard {path} is malformed: no tar header at byte 0")
+
+
+def load_index(manifest: ShardManifest, info: ShardInfo) -> ShardIndex:
+    """A shard's index file, checked against its size and sha256 in the manifest (read with
+    ``allow_pickle=False``: nothing read back runs code)."""
+    path = manifest.root / Path(info.name).with_suffix(INDEX_SUFFIX)
+    if not path.is_file():
+        raise ShardError(f"index {path} is missing; run `tessera shard verify {manifest.root}`")
+    data = path.read_bytes()
+    if len(data) != info.index_bytes or hashlib.sha256(data).hexdigest() != info.index_sha256:
+        raise ShardError(f"index {path} does not match its size and sha256 in the manifest (corrupt or replaced)")
+    shape = (2, info.samples, len(manifest.fields))
+    try:
+        table = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ShardError(f"index {path} is malformed: {exc}") from None
+    if table.shape != shape or table.dtype != np.int64:
+        raise ShardError(f"index {path} holds {table.dtype} {table.shape}, expected int64 {shape}")
+    return ShardIndex(table[0], table[1])
+
+
+def check_shard(
+    buf: Any, manifest: ShardManifest, info: ShardInfo, *, verify_checksum: bool, index: ShardIndex | None = None,
+) -> ShardIndex:
+    """Validate a shard's bytes against the manifest (size, sha256, token ids) and return its index:
+    ``index`` (from its index file) checked against the bytes, or one built by walking the tar."""
     where = manifest.root / info.name
     if len(buf) != info.bytes:
         raise ShardError(f"shard {where} is {len(buf)} bytes, the manifest says {info.bytes} (truncated?)")
     if verify_checksum and hashlib.sha256(buf).hexdigest() != info.sha256:
         raise ShardError(f"shard {where} does not match its sha256 in the manifest (corrupt or replaced)")
-    try:
-        index = _index_tar(buf, manifest)
-    except ValueError as exc:
-        raise ShardError(f"shard {where} is malformed: {exc}") from None
+    if index is None:
+        try:
+            index = _index_tar(buf, manifest)
+        except ValueError as exc:
+            raise ShardError(f"shard {where} is malformed: {exc}") from None
+    else:
+        itemsize = np.array([manifest.field_dtype(f).itemsize for f in manifest.fields])
+        if (index.offsets < 0).any() or (index.offsets + index.counts * itemsize > len(buf)).any():
+            raise ShardError(f"shard {where}: its index points outside the tar")
     if len(index.offsets) != info.samples:
         raise ShardError(f"shard {where} holds {len(index.offsets)} samples, the manifest says {info.samples}")
     _check_token_ids(buf, manifest, index, where)
     return index
+
+
+def verify_shard(manifest: ShardManifest, info: ShardInfo) -> None:
+    """Every check there is, up front (``tessera shard verify``): size, sha256, the tar walked member
+    by member, token ids, and the index file equal to the walk."""
+    buf = open_shard(manifest, info)
+    walked = check_shard(buf, manifest, info, verify_checksum=True)
+    if info.index_sha256 is not None:
+        index = load_index(manifest, info)
+        if not (np.array_equal(index.offsets, walked.offsets) and np.array_equal(index.counts, walked.counts)):
+            raise ShardError(f"index of shard {manifest.root / info.name} disagrees with the tar's members")
 
 
 def _check_token_ids(buf: Any, manifest: ShardManifest, index: ShardIndex, where: Path) -> None:

@@ -28,18 +28,30 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.errors import UserError
-from data.shards import REFERENCE_LOGPS, ShardError, ShardManifest, check_shard, open_shard
+from data.shards import (
+    REFERENCE_LOGPS,
+    ShardError,
+    ShardIndex,
+    ShardInfo,
+    ShardManifest,
+    check_shard,
+    load_index,
+    open_shard,
+    peek_shard,
+)
 
 UNIT_MODES = ("samples", "chunks", "rows")
 MAX_OPEN_SHARDS = 128
+log = logging.getLogger("tessera.data")
 
 
 @dataclasses.dataclass
@@ -51,11 +63,18 @@ class Source:
 
 
 class ShardSet:
-    """Every sample of every source, validated and indexed; samples have flat integer ids.
+    """Every sample of every source; samples have flat integer ids, shard after shard.
 
-    Shards that fail validation raise (``on_corrupt="fail"``) or are left out and listed in
-    ``skipped`` (``"skip"``); either way every rank makes the same decision, so the order stays
-    identical across ranks.
+    Start-up costs time and memory in proportion to the shards, not the samples: a shard's index
+    file is loaded when the shard is first touched (at most ``MAX_OPEN_SHARDS`` held). With
+    ``verify_checksums`` every shard is checked in full at start (sha256, index, token ids) on every
+    rank, so shards that fail raise (``on_corrupt="fail"``) or are left out and listed in
+    ``skipped`` (``"skip"``) by the same decision on every rank, and the order stays identical across
+    ranks. Without it, start-up checks only that each shard is there, of its size and a tar; the
+    rest is checked when a process first reads the shard, and a failure then raises, also with
+    ``on_corrupt="skip"``: the epoch's order is fixed by then, and leaving the shard out on one rank
+    would break the equal shares. Format-1 directories (no index files) and ``pipe:`` shards are
+    indexed at start by walking their tars.
     """
 
     def __init__(
@@ -72,53 +91,63 @@ class ShardSet:
                 raise UserError(f"{m.root} holds {m.kind} shards from another tokenizer or kind than {first.root}; "
                                 "a mixture needs one tokenizer and one kind")
         self.kind, self.fields = first.kind, first.fields
-        self.allow_pipe = allow_pipe
+        self.dtypes = [first.field_dtype(f) for f in self.fields]
+        self.allow_pipe, self.verify_checksums = allow_pipe, verify_checksums
         self.skipped: list[str] = []
         self._pinned: dict[int, bytes] = {}  # pipe: shards, held in memory
         self._open: OrderedDict[int, Any] = OrderedDict()  # memory maps, least recently used first
         self._views: dict[tuple[int, str], np.ndarray] = {}
+        self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()  # loaded index files, likewise bounded
+        self._resident: dict[int, ShardIndex] = {}  # format-1 and pipe: shards, indexed at start
+        self._checked: set[int] = set()  # shards this process (or its parent) checked in full
+        self._skipped: set[int] = set()
         self._shard_paths: list[tuple[int, int]] = []
-        offsets, counts, shard_of = [], [], []
+        starts = [0]
         self.source_start: list[int] = []
         self.source_shards: list[list[tuple[int, int]]] = []  # (first flat id, samples) of each good shard
-        start = 0
         for si, m in enumerate(self.manifests):
-            self.source_start.append(start)
+            self.source_start.append(starts[-1])
             good = []
             for shi, info in enumerate(m.shards):
+                shard = len(self._shard_paths)
+                self._shard_paths.append((si, shi))
                 try:
-                    buf = open_shard(m, info, allow_pipe=allow_pipe)
-                    index = check_shard(buf, m, info, verify_checksum=verify_checksums)
+                    self._check_at_start(shard, m, info)
+                    good.append((starts[-1], info.samples))
                 except ShardError as exc:
                     if on_corrupt != "skip":
                         raise
                     self.skipped.append(str(exc))
-                    buf, index = None, None
-                n = info.samples
-                if index is None:
-                    offsets.append(np.zeros((n, len(self.fields)), np.int64))
-                    counts.append(np.zeros((n, len(self.fields)), np.int64))
-                else:
-                    offsets.append(index.offsets)
-                    counts.append(index.counts)
-                    good.append((start, n))
-                if isinstance(buf, bytes):
-                    self._pinned[len(self._shard_paths)] = buf
-                shard_of.append(np.full(n, len(self._shard_paths), np.int32))
-                self._shard_paths.append((si, shi))
-                start += n
+                    self._skipped.add(shard)
+                starts.append(starts[-1] + info.samples)
             self.source_shards.append(good)
-        self.num_samples = start
-        self.offsets = np.concatenate(offsets) if offsets else np.zeros((0, len(self.fields)), np.int64)
-        self.counts = np.concatenate(counts) if counts else np.zeros((0, len(self.fields)), np.int64)
-        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
-        self.dtypes = [first.field_dtype(f) for f in self.fields]
+            walked = sum(info.samples for info in m.shards if info.index_sha256 is None
+                         and not info.name.startswith("pipe:"))
+            if walked:
+                log.warning("%s: format-%d shards without index files; %d samples indexed at start by walking the "
+                            "tars (re-shard with `tessera shard` for a start-up that does not grow with the samples)",
+                            m.root, m.version, walked)
+        self.shard_start = np.asarray(starts, np.int64)
+        self.num_samples = int(self.shard_start[-1])
         if not any(self.source_shards):
             raise UserError("every shard was skipped as corrupt: " + "; ".join(self.skipped))
         self.reference_logps = self._reference_logps()
 
+    def _check_at_start(self, shard: int, m: ShardManifest, info: ShardInfo) -> None:
+        if info.name.startswith("pipe:") or info.index_sha256 is None:
+            buf = open_shard(m, info, allow_pipe=self.allow_pipe)
+            self._resident[shard] = check_shard(buf, m, info, verify_checksum=self.verify_checksums)
+            if isinstance(buf, bytes):
+                self._pinned[shard] = buf
+            self._checked.add(shard)
+        elif self.verify_checksums:
+            check_shard(open_shard(m, info), m, info, verify_checksum=True, index=load_index(m, info))
+            self._checked.add(shard)
+        else:
+            peek_shard(m, info)
+
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn reopen lazily
-        return {**self.__dict__, "_open": OrderedDict(), "_views": {}}
+        return {**self.__dict__, "_open": OrderedDict(), "_views": {}, "_indexes": OrderedDict()}
 
     def fingerprint(self) -> str:
         """Hash of what defines the sample space: shard checksums and weights."""
@@ -133,14 +162,37 @@ class ShardSet:
         """Concatenated pieces ``read(samples[k], field)[starts[k] : starts[k] + lengths[k]]``: one slice
         copy per piece out of the shard's whole memory map."""
         dtype = self.dtypes[field]
-        first = (self.offsets[samples, field] // dtype.itemsize + starts).tolist()
+        shards, local = self._locate(np.asarray(samples, np.int64))
         ends = np.cumsum(lengths).tolist()
         out = np.empty(ends[-1] if ends else 0, dtype)
-        at = 0
-        for shard, begin, end in zip(self.shard_of[samples].tolist(), first, ends):
-            out[at:end] = self._view(shard, dtype)[begin : begin + end - at]
+        at, itemsize, opened = 0, dtype.itemsize, {}
+        for shard, sample, start, end in zip(shards.tolist(), local.tolist(), np.asarray(starts).tolist(), ends):
+            if shard not in opened:
+                opened[shard] = self._view(shard, dtype), self._index(shard).offsets
+            view, offsets = opened[shard]
+            begin = offsets.item(sample, field) // itemsize + start
+            out[at:end] = view[begin : begin + end - at]
             at = end
         return out
+
+    def _locate(self, samples: Any) -> tuple[Any, Any]:
+        """(shard, sample inside it) of flat sample id(s)."""
+        shards = np.searchsorted(self.shard_start, samples, "right") - 1
+        return shards, samples - self.shard_start[shards]
+
+    def _index(self, shard: int) -> ShardIndex:
+        """A shard's index: indexed at start, or its index file loaded on first use (least recently
+        used dropped beyond ``MAX_OPEN_SHARDS``)."""
+        if shard in self._resident:
+            return self._resident[shard]
+        if shard in self._indexes:
+            self._indexes.move_to_end(shard)
+            return self._indexes[shard]
+        if len(self._indexes) >= MAX_OPEN_SHARDS:
+            self._indexes.popitem(last=False)
+        si, shi = self._shard_paths[shard]
+        index = self._indexes[shard] = load_index(self.manifests[si], self.manifests[si].shards[shi])
+        return index
 
     def _view(self, shard: int, dtype: np.dtype) -> np.ndarray:
         """A whole shard as one array of ``dtype`` (members are aligned to their item size)."""
@@ -150,9 +202,10 @@ class ShardSet:
         return self._views[key]
 
     def _buffer(self, shard: int) -> Any:
-        """The shard's bytes: pinned (pipe), or a memory map opened on first use. At most
-        ``MAX_OPEN_SHARDS`` maps stay open (each holds a file descriptor); the least recently used
-        is dropped, and closes once no array still refers to it."""
+        """The shard's bytes: pinned (pipe), or a memory map opened on first use, checked in full the
+        first time this process reads a shard not checked at start. At most ``MAX_OPEN_SHARDS`` maps
+        stay open (each holds a file descriptor); the least recently used is dropped, and closes once
+        no array still refers to it."""
         if shard in self._pinned:
             return self._pinned[shard]
         if shard in self._open:
@@ -163,17 +216,38 @@ class ShardSet:
             for key in [k for k in self._views if k[0] == old]:
                 del self._views[key]
         si, shi = self._shard_paths[shard]
-        buf = self._open[shard] = open_shard(self.manifests[si], self.manifests[si].shards[shi])
+        m = self.manifests[si]
+        buf = open_shard(m, m.shards[shi])
+        if shard not in self._checked:
+            try:
+                check_shard(buf, m, m.shards[shi], verify_checksum=True, index=self._index(shard))
+            except ShardError as exc:
+                raise ShardError(f"{exc}; found when first read (data.verify_checksums=false): "
+                                 f"`tessera shard verify {m.root}` finds bad shards before a run") from None
+            self._checked.add(shard)
+        self._open[shard] = buf
         return buf
 
     def length(self, field: int = 0) -> np.ndarray:
-        """Element counts of one field for every flat sample id."""
-        return self.counts[:, field]
+        """Element counts of one field for every flat sample id (0 in skipped shards): reads every
+        shard's index, once per epoch plan."""
+        out = np.zeros(self.num_samples, np.int64)
+        for shard in range(len(self._shard_paths)):
+            if shard not in self._skipped:
+                out[self.shard_start[shard] : self.shard_start[shard + 1]] = self._index(shard).counts[:, field]
+        return out
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[samples, fields]`` element counts (built on each call)."""
+        return np.stack([self.length(f) for f in range(len(self.fields))], 1)
 
     def read(self, sample: int, field: int = 0) -> np.ndarray:
         """A sample's array for one field: a zero-copy view into the shard's memory map."""
-        buf = self._buffer(int(self.shard_of[sample]))
-        return np.frombuffer(buf, self.dtypes[field], int(self.counts[sample, field]), int(self.offsets[sample, field]))
+        shard, local = (int(x) for x in self._locate(sample))
+        index = self._index(shard)
+        return np.frombuffer(self._buffer(shard), self.dtypes[field], int(index.counts[local, field]),
+                             int(index.offsets[local, field]))
 
     def _reference_logps(self) -> np.ndarray | None:
         """Precomputed reference log-probs ``[sample, (chosen, rejected)]`` saved beside preference shards."""
@@ -193,15 +267,15 @@ class ShardSet:
 
 def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> np.ndarray:
     """Flat sample ids of one epoch, in order: a pure function of its arguments."""
+    dtype = np.int32 if shards.num_samples < 2**31 else np.int64  # 4 bytes a sample below 2**31 samples
     per_source = []
     for si, good in enumerate(shards.source_shards):
         rng = np.random.default_rng([seed, epoch, si, 0x5EED])
         order = rng.permutation(len(good)) if shuffle else np.arange(len(good))
-        ids = np.concatenate([np.arange(good[i][0], good[i][0] + good[i][1]) for i in order]) if good else \
-            np.zeros(0, np.int64)
+        ids = np.concatenate([np.arange(good[i][0], good[i][0] + good[i][1], dtype=dtype) for i in order]) if good \
+            else np.zeros(0, dtype)
         if shuffle and len(ids) > 1:
-            keys = rng.random(len(ids))
-            ids = ids[np.lexsort((keys, np.arange(len(ids)) // max(1, buffer)))]
+            _shuffle_windows(ids, rng, max(1, buffer))
         per_source.append(ids)
     if len(per_source) == 1:
         return per_source[0]
@@ -211,10 +285,25 @@ def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True
     labels = np.repeat(np.arange(len(per_source)), takes)
     if shuffle:
         labels = np.random.default_rng([seed, epoch, 0x313C]).permutation(labels)
-    out = np.empty(len(labels), np.int64)
+    out = np.empty(len(labels), dtype)
     for si, (ids, take) in enumerate(zip(per_source, takes)):
         out[labels == si] = np.resize(ids, take)
     return out
+
+
+def _shuffle_windows(ids: np.ndarray, rng: np.random.Generator, buffer: int, windows: int = 256) -> None:
+    """Shuffle ``ids`` in place inside consecutive windows of ``buffer``: each window sorted by one
+    uniform key a sample, drawn in order from ``rng`` (a stable sort per window), ``windows`` windows
+    at a time, so the temporary arrays stay small whatever the number of samples."""
+    step = buffer * windows
+    for at in range(0, len(ids), step):
+        part = ids[at : at + step]
+        keys = rng.random(len(part))
+        full = len(part) // buffer * buffer
+        order = np.argsort(keys[:full].reshape(-1, buffer), axis=1, kind="stable")
+        order += np.arange(0, full, buffer)[:, None]
+        tail = full + np.argsort(keys[full:], kind="stable")
+        part[:] = part[np.concatenate([order.reshape(-1), tail])]
 
 
 class EpochPlan:
@@ -229,15 +318,13 @@ class EpochPlan:
         unit_seed: Sequence[int] | None = None,
     ) -> None:
         self.shards, self.order, self.mode, self.seq_len, self.field = shards, order, mode, seq_len, field
-        lengths = shards.length(field)[order]
         if mode == "samples":
             self.num_units = len(order)
         elif mode == "chunks":
-            pieces = np.maximum(1, -(-lengths // seq_len))
-            self.chunk_start = np.concatenate([[0], np.cumsum(pieces)])
+            self.chunk_start = self._cumulative(lambda lengths: np.maximum(1, -(-lengths // seq_len)))
             self.num_units = int(self.chunk_start[-1])
         elif mode == "rows":
-            self.token_start = np.concatenate([[0], np.cumsum(lengths)])
+            self.token_start = self._cumulative(lambda lengths: lengths)
             self.num_units = max(0, int(self.token_start[-1]) - 1) // seq_len
         else:
             raise ValueError(f"unknown unit mode {mode!r}")
@@ -245,6 +332,16 @@ class EpochPlan:
         if unit_seed is not None:
             dtype = np.int32 if self.num_units < 2**31 else np.int64
             self.unit_order = np.random.default_rng(unit_seed).permutation(np.arange(self.num_units, dtype=dtype))
+
+    def _cumulative(self, units_of: Callable[[np.ndarray], np.ndarray], block: int = 1 << 20) -> np.ndarray:
+        """``[0, u_0, u_0 + u_1, ...]`` of ``units_of(sample lengths)`` in epoch order, filled and summed
+        in place a block at a time (one 8-byte-a-sample array at the peak besides the lengths)."""
+        lengths = self.shards.length(self.field)
+        out = np.zeros(len(self.order) + 1, np.int64)
+        for at in range(0, len(self.order), block):
+            out[at + 1 : at + 1 + block] = units_of(lengths[self.order[at : at + block]])
+        np.cumsum(out, out=out)
+        return out
 
     def unit(self, positions: Any) -> Any:
         """The unit (or array of units) at epoch position(s) ``positions``."""

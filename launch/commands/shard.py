@@ -1,10 +1,13 @@
-"""`tessera shard INPUT... --tokenizer DIR --out DIR`: tokenize into webdataset shards + manifest.json."""
+"""`tessera shard INPUT... --tokenizer DIR --out DIR`: tokenize into webdataset shards + manifest.json.
+
+`tessera shard verify DIR...`: check every shard in full (exit 0; 2 with one line per damaged shard)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
+from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
 from data.shards import KINDS
 
@@ -13,10 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="text: .txt/.jsonl/.json (e.g. prep's documents.jsonl); sft/preference/unpaired/"
                              "prompt: .jsonl/.json; classification: label<TAB>text lines; "
-                             "seq2seq: 'IN: ... OUT: ...' lines")
-    parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (tessera tokenizer train, a model "
+                             "seq2seq: 'IN: ... OUT: ...' lines; or `verify DIR...`: check shard directories")
+    parser.add_argument("--tokenizer", help="a tokenizer directory (tessera tokenizer train, a model "
                         "directory) or a Hugging Face Hub id (its tokenizer.json, from the HF cache)")
-    parser.add_argument("--out", required=True, help="an empty output directory")
+    parser.add_argument("--out", help="an empty output directory")
     parser.add_argument("--kind", choices=list(KINDS), default="text")
     parser.add_argument("--shard-size", default="64MB", help="target bytes per shard (e.g. 64MB, 512KB)")
     parser.add_argument("--append-eos", action="store_true", help="text: end every document with EOS")
@@ -35,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from common.hub import local_or_hub
     from data.make_shards import make_shards, parse_size
 
+    if args.inputs[0] == "verify" and args.tokenizer is None:
+        return verify(args.inputs[1:])
+    if args.tokenizer is None or args.out is None:
+        raise UserError("tessera shard needs --tokenizer and --out (or: tessera shard verify DIR)")
+
     manifest, skipped = make_shards(
         args.inputs, local_or_hub(args.tokenizer), args.out, kind=args.kind, shard_bytes=parse_size(args.shard_size),
         append_eos=args.append_eos, add_bos=args.add_bos, text_field=args.text_field, txt_mode=args.txt_mode,
@@ -47,4 +55,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped {count:6d}  {reason}")
     for path, count in manifest.extra.get("invalid_utf8_bytes", {}).items():
         print(f"  replaced {count:5d}  bytes that are not UTF-8 in {path} (with U+FFFD)")
+    return 0
+
+
+def verify(directories: list[str]) -> int:
+    """Every shard of every directory checked in full; one line per damaged shard."""
+    from data.shards import ShardError, ShardManifest, verify_shard
+
+    if not directories:
+        raise UserError("tessera shard verify needs a shard directory")
+    damaged = 0
+    for directory in directories:
+        manifest = ShardManifest.load(directory)
+        for info in manifest.shards:
+            try:
+                verify_shard(manifest, info)
+            except ShardError as exc:
+                damaged += 1
+                print(exc)
+        note = "" if manifest.version > 1 else " (format 1: no index files; re-shard for a fast start)"
+        print(f"{directory}: {len(manifest.shards)} shards, {manifest.num_samples} samples checked{note}")
+    if damaged:
+        print(f"{damaged} damaged shard(s)")
+        return 2
     return 0

@@ -15,7 +15,7 @@ def test_manifest_and_round_trip(text_shards, tokenizer):
     assert m.kind == "text" and m.dtype == "<u2" and len(m.shards) >= 4
     assert m.tokenizer_sha256 == tokenizer.sha256
     raw = json.loads((text_shards / "manifest.json").read_text())
-    assert raw["version"] == 1 and raw["num_samples"] == m.num_samples == 1000
+    assert raw["version"] == 2 and raw["num_samples"] == m.num_samples == 1000
     for info in m.shards:
         data = (text_shards / info.name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (info.bytes, info.sha256)
