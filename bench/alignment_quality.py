@@ -22,7 +22,6 @@ chosen answer more log-probability outright).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.learning_quality import DATA, mean_sd, quiet, read_fields, tessera
+from bench.learning_quality import DATA, mean_sd, read_fields, seeded_main, tessera
 
 PAIRS = "pref_rasbt_instruction_data_with_preference.json"
 HELD_OUT_EVERY = 10
@@ -181,28 +180,9 @@ def preference_scores(policy_dir: Path, reference: np.ndarray, data: Prepared, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/alignment_quality.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the first {SMOKE.pairs} pairs, seed 0, {SMOKE.steps} DPO steps")
-    parser.add_argument("--work", type=Path, default=None, help="where shards and runs go (default: a temp dir)")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows and summary here")
-    args = parser.parse_args(argv)
-    try:
-        seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
-    budget = SMOKE if args.smoke else FULL
-    quiet()
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="alignment-quality-") as tmp:
-        report = run(seeds, budget, args.work or Path(tmp))
-    print(report["table"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return seeded_main(argv, "bench/alignment_quality.py", __doc__,
+                       f"the first {SMOKE.pairs} pairs, seed 0, {SMOKE.steps} DPO steps",
+                       run, SMOKE, FULL)
 
 
 METRICS = ("reward_accuracy", "dpo_loss", "logp_accuracy")

@@ -22,21 +22,19 @@ per side: held-out exact match, mean training reward over the first and last ten
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.learning_quality import mean_sd, quiet, read_fields, tessera
+from bench.learning_quality import mean_sd, read_fields, seeded_main, tessera
 
 FORGET_CARRY = 0.6
 MODEL = ("model.preset=tiny-llama", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
@@ -250,25 +248,9 @@ def run(seeds: list[int], budget: Budget, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/grpo_vs_trl.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"{SMOKE.sft_steps} SFT steps, {SMOKE.steps} GRPO steps, seed 0")
-    parser.add_argument("--work", type=Path, default=None, help="where shards and runs go (default: a temp dir)")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows and summary here")
-    args = parser.parse_args(argv)
-    try:
-        seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
-    quiet()
-    with tempfile.TemporaryDirectory(prefix="grpo-vs-trl-") as tmp:
-        report = run(seeds, SMOKE if args.smoke else FULL, args.work or Path(tmp))
-    print(report["table"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return seeded_main(argv, "bench/grpo_vs_trl.py", __doc__,
+                       f"{SMOKE.sft_steps} SFT steps, {SMOKE.steps} GRPO steps, seed 0",
+                       run, SMOKE, FULL)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -472,6 +473,32 @@ def quiet() -> None:
     logging.basicConfig(level=logging.WARNING)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def seeded_main(argv: list[str] | None, prog: str, doc: str, smoke_help: str,
+                run: Callable[[list[int], Any, Path], dict], smoke: Any, full: Any) -> int:
+    """The command line the peer benches share: --seeds, --smoke (seed 0, the ``smoke`` budget), --work,
+    --json; prints the report's table."""
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--work", type=Path, default=None, help="where shards and runs go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows and summary here")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
+    quiet()
+    with tempfile.TemporaryDirectory(prefix=Path(prog).stem.replace("_", "-") + "-") as tmp:
+        report = run(seeds, smoke if args.smoke else full, args.work or Path(tmp))
+    print(report["table"])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
 
 
 def choices(parser: argparse.ArgumentParser, value: str, known: dict, what: str) -> list[str]:

@@ -21,13 +21,11 @@ conversations (Tessera's shards): the mean NLL of the assistant tokens (and its 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 
 from bench.alignment_quality import Budget, start_model
-from bench.learning_quality import DATA, mean_sd, quiet, read_fields, tessera
+from bench.learning_quality import DATA, mean_sd, read_fields, seeded_main, tessera
 
 RECORDS = "sft_rasbt_instruction_data.json"
 HELD_OUT_EVERY = 10
@@ -197,25 +195,9 @@ def run(seeds: list[int], budget: Budget, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/sft_quality.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"the first {SMOKE.pairs} records, seed 0, {SMOKE.steps} SFT steps")
-    parser.add_argument("--work", type=Path, default=None, help="where shards and runs go (default: a temp dir)")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows and summary here")
-    args = parser.parse_args(argv)
-    try:
-        seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
-    quiet()
-    with tempfile.TemporaryDirectory(prefix="sft-quality-") as tmp:
-        report = run(seeds, SMOKE if args.smoke else FULL, args.work or Path(tmp))
-    print(report["table"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return seeded_main(argv, "bench/sft_quality.py", __doc__,
+                       f"the first {SMOKE.pairs} records, seed 0, {SMOKE.steps} SFT steps",
+                       run, SMOKE, FULL)
 
 
 if __name__ == "__main__":
