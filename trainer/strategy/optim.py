@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,3 +34,17 @@ def build_adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tor
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], norm: float, clip: float, lr: float,
+                  skip: bool) -> float:
+    """``clip_grad_norm_``'s scaling by a norm the strategy computed over its shards, then the step unless
+    skipped or the norm is not finite; gradients cleared either way. Returns the norm."""
+    limit = clip if clip > 0 else math.inf
+    if math.isfinite(norm) and norm > limit:
+        torch._foreach_mul_(grads, limit / (norm + 1e-6))
+    if not skip and math.isfinite(norm):
+        set_lr(optimizer, lr)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.strategy import materialize
-from trainer.strategy.optim import set_lr
+from trainer.strategy.optim import clip_and_step
 from trainer.strategy.single import TRAINED, Single
 
 
@@ -162,14 +161,8 @@ class Partitioned(Single):
         self._reduce_gradients()
         whole, split = self._trained(Layout.replicated, Layout.partial), self._trained(Layout.split)
         norm = self._norm([p.grad for p in whole], [p.grad for p in split])
-        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        if math.isfinite(norm) and norm > limit:  # as clip_grad_norm_
-            torch._foreach_mul_([_local(p.grad) for p in whole + split], limit / (norm + 1e-6))
-        if not skip and math.isfinite(norm):
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        grads = [_local(p.grad) for p in whole + split]
+        return clip_and_step(self.optimizer, grads, norm, self.cfg.grad_clip, lr, skip)
 
     @torch.no_grad()
     def weight_norm(self) -> float:

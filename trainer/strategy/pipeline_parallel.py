@@ -23,7 +23,6 @@ Evaluation runs forward only through the stages in order (:class:`RankStages`), 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from trainer.metrics import MetricSums
 from trainer.objectives import Batch, LossOutput
 from trainer.objectives.cross_entropy import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy
 from trainer.strategy import materialize
-from trainer.strategy.optim import build_adamw, set_lr
+from trainer.strategy.optim import build_adamw, clip_and_step
 from trainer.strategy.prepare import prepare
 from trainer.strategy.single import TRAINED, Single
 
@@ -309,14 +308,7 @@ class PipelineParallel(Single):
         if self.tied is not None:  # the embeddings' and the head's parts of the tied weight's gradient
             dist.all_reduce(self.tied.grad, group=self.tied_group)
         norm = self._norm([p.grad for p in self._counted()])
-        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        if math.isfinite(norm) and norm > limit:  # as clip_grad_norm_
-            torch._foreach_mul_([p.grad for p in params], limit / (norm + 1e-6))
-        if not skip and math.isfinite(norm):
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return clip_and_step(self.optimizer, [p.grad for p in params], norm, self.cfg.grad_clip, lr, skip)
 
     @torch.no_grad()
     def weight_norm(self) -> float:
