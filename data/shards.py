@@ -212,10 +212,11 @@ class ShardWriter:
         if self._tar.fileobj.tell() >= self.shard_bytes:
             self._close_shard()
 
-    def close(self) -> ShardManifest:
-        """Finish the last shard and write manifest.json."""
+    def close(self, *, allow_empty: bool = False) -> ShardManifest:
+        """Finish the last shard and write manifest.json (``allow_empty``: also one of no shards, as a
+        task of a task run may hold)."""
         self._close_shard()
-        if not self.manifest.shards:
+        if not self.manifest.shards and not allow_empty:
             raise UserError("no samples to write: every input document was empty or skipped")
         self.manifest.save()
         return self.manifest

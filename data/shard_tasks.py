@@ -1,0 +1,126 @@
+"""Sharding as tasks that a cluster engine runs: the single run's shards (:func:`data.make_shards.make_shards`),
+tar for tar, byte for byte.
+
+The inputs (in the single run's order) are dealt to N tasks in contiguous runs of files, as prep's are
+(:class:`data.prep_tasks.PrepPlan`): a file is the unit, so a document is read exactly as the single
+run reads it (its id, ``--txt-mode``'s split, a compressed file). Each task tokenizes its files into
+``OUT/tasks/task-NNNNN/`` (tars, index files, a manifest with sha256) and then writes a ``.done``
+marker: a rerun runs only the tasks without one. The merge reads every task's shards in order, each
+checked against its manifest's sha256, and writes them through one :class:`data.shards.ShardWriter`,
+so the shard boundaries, keys and manifest are the single run's and training sees the same samples in
+the same order (the loader's shuffle permutes shards: other boundaries would give another order).
+Tokenizing is the work that scales; the merge copies tokens, once, in one process, at disk speed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import UserError
+from data.make_shards import close_writer, make_shards, shard_writer
+from data.prep_tasks import PrepPlan, check_tasks, is_done, load_plan, mark_done, plan_tasks, span, task_dir
+from data.readers import expand_inputs
+from data.shards import KINDS, ShardInfo, ShardManifest, check_shard, load_index, open_shard
+from data.tasks import task_items
+from data.tokenizer import load_tokenizer
+
+
+def plan_shards(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, tasks: int, executor: str,
+                **settings: Any) -> tuple[PrepPlan, list[int]]:
+    """Check the inputs, tokenizer and output, write ``OUT/tasks/plan.json`` and return it with the
+    tasks still to run. ``settings``: :func:`make_shards`' keyword arguments (not ``num_workers``)."""
+    check_tasks(tasks)
+    defaults = {name: p.default for name, p in inspect.signature(make_shards).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name not in ("num_workers", "allow_empty")}
+    if unknown := set(settings) - set(defaults):
+        raise TypeError(f"plan_shards() got unknown settings {sorted(unknown)}")
+    settings = {**defaults, **settings}
+    out = Path(out_dir)
+    if (out / "manifest.json").exists() or any(out.glob("*.tar")):
+        raise UserError(f"{out} already holds shards; choose an empty --out directory")
+    kind = settings["kind"]
+    if kind not in KINDS:
+        raise UserError(f"unknown shard kind {kind!r}; choose from {', '.join(KINDS)}")
+    files = [str(p) for p in expand_inputs(inputs)]  # a missing input fails here, before anything is written
+    load_tokenizer(tokenizer_dir)
+    if kind == "classification" and settings["labels"] is None:  # every task needs the run's label order
+        settings["labels"] = task_items(files, kind)[1]["labels"]
+    settings["tokenizer_dir"] = str(Path(tokenizer_dir).resolve())
+    return plan_tasks(files, out, tasks, settings, executor)
+
+
+def run_task(work: Path, task: int) -> None:
+    """Tokenize task ``task``'s files into its folder; a no-op when it is already done."""
+    plan = load_plan(work)
+    if not 0 <= task < plan.tasks:
+        raise UserError(f"task {task} is not in this run's 0..{plan.tasks - 1}")
+    if is_done(work, plan, task):
+        return
+    folder = task_dir(work, task)
+    shutil.rmtree(folder, ignore_errors=True)  # what an unfinished attempt left
+    settings = dict(plan.settings)
+    make_shards(plan.files_of(task), settings.pop("tokenizer_dir"), folder, allow_empty=True, **settings)
+    mark_done(work, plan, task)
+
+
+def finish(work: Path, out_dir: str | Path) -> ShardManifest:
+    """Once every task is done: every task's samples, in order, into ``OUT``'s shards and manifest (the
+    single run's); removes ``OUT/tasks``."""
+    plan = load_plan(work)
+    unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
+    if unfinished:
+        raise UserError(f"{len(unfinished)} of {plan.tasks} shard tasks are not done (tasks {span(unfinished)}): "
+                        "rerun the same command to run them")
+    settings = plan.settings
+    tokenizer_dir = settings["tokenizer_dir"]
+    extra = {"labels": settings["labels"]} if settings["kind"] == "classification" else {}
+    writer = shard_writer(out_dir, load_tokenizer(tokenizer_dir), tokenizer_dir, kind=settings["kind"],
+                          shard_bytes=settings["shard_bytes"], append_eos=settings["append_eos"],
+                          add_bos=settings["add_bos"], extra=extra)
+    skipped: Counter[str] = Counter()
+    invalid_utf8: Counter[str] = Counter()
+    for task in range(plan.tasks):
+        manifest = ShardManifest.load(task_dir(work, task))
+        skipped.update(manifest.extra.get("skipped", {}))
+        invalid_utf8.update(manifest.extra.get("invalid_utf8_bytes", {}))
+        for info in manifest.shards:
+            for arrays, meta in read_samples(manifest, info):
+                writer.write(arrays, meta)
+    merged = close_writer(writer, skipped, invalid_utf8)
+    shutil.rmtree(work)
+    return merged
+
+
+def read_samples(manifest: ShardManifest, info: ShardInfo) -> Iterator[tuple[dict[str, np.ndarray], dict | None]]:
+    """A shard's samples in order, as (arrays by field, metadata or None), after checking its bytes
+    against the manifest (size, sha256, index, token ids). Arrays are read with ``allow_pickle=False``."""
+    with open_shard(manifest, info) as mapped:
+        check_shard(mapped, manifest, info, verify_checksum=True, index=load_index(manifest, info))
+        buf = bytes(mapped)
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict | None = None
+    key = None
+    with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tar:
+        for member in tar:
+            stem, _, ext = member.name.partition(".")
+            if stem != key and key is not None:
+                yield arrays, meta
+                arrays, meta = {}, None
+            key = stem
+            data = tar.extractfile(member).read()
+            if ext == "json":
+                meta = json.loads(data)
+            else:
+                arrays[ext.removesuffix(".npy")] = np.load(io.BytesIO(data), allow_pickle=False)
+    if key is not None:
+        yield arrays, meta
