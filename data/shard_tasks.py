@@ -31,7 +31,7 @@ from data.make_shards import close_writer, make_shards, shard_writer
 from data.prep_tasks import PrepPlan, check_tasks, is_done, load_plan, mark_done, plan_tasks, span, task_dir
 from data.readers import expand_inputs
 from data.shards import KINDS, ShardInfo, ShardManifest, check_shard, load_index, open_shard
-from data.tasks import task_items
+from data.tasks import TASK_KINDS, task_items
 from data.tokenizer import load_tokenizer
 
 
@@ -51,7 +51,12 @@ def plan_shards(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pat
     kind = settings["kind"]
     if kind not in KINDS:
         raise UserError(f"unknown shard kind {kind!r}; choose from {', '.join(KINDS)}")
-    files = [str(p) for p in expand_inputs(inputs)]  # a missing input fails here, before anything is written
+    if kind in TASK_KINDS:  # files of lines, any name, as the single run reads them
+        if missing := [p for p in inputs if not Path(p).is_file()]:
+            raise UserError(f"no such file: {missing[0]}")
+        files = [str(p) for p in inputs]
+    else:
+        files = [str(p) for p in expand_inputs(inputs)]  # a missing input fails here, before anything is written
     load_tokenizer(tokenizer_dir)
     if kind == "classification" and settings["labels"] is None:  # every task needs the run's label order
         settings["labels"] = task_items(files, kind)[1]["labels"]

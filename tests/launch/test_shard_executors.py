@@ -82,6 +82,20 @@ def test_more_tasks_than_files_leave_some_empty(corpus, tokenizer, tmp_path):
     assert_same_shards(tmp_path / "tasks", tmp_path / "single")
 
 
+def test_classification_tasks_share_the_run_s_label_order(tokenizer, tmp_path):
+    """Each file holds other labels: a task alone would number them otherwise."""
+    files = []
+    for i, labels in enumerate((["spam"], ["ham", "spam"], ["eggs"])):
+        path = tmp_path / f"part{i}.tsv"
+        path.write_text("".join(f"{label}\tmessage {i} {n} for {label}\n" for n in range(5) for label in labels))
+        files.append(str(path))
+    settings = {"kind": "classification", "shard_bytes": 4096}
+    single = make_shards(files, tokenizer, tmp_path / "single", num_workers=1, **settings)[0]
+    assert single.extra["labels"] == ["eggs", "ham", "spam"]
+    shard_with_tasks(files, tokenizer, tmp_path / "tasks", executor="local", tasks=3, workers=2, **settings)
+    assert_same_shards(tmp_path / "tasks", tmp_path / "single")
+
+
 def break_middle_file(corpus: Path, tmp_path: Path) -> tuple[Path, object]:
     """A copy of the corpus whose task-1 file has a line that is not JSON at its end; and the repair."""
     broken = tmp_path / "in"
