@@ -84,7 +84,7 @@ def task_dir(work: Path, task: int) -> Path:
 def load_plan(work: Path) -> PrepPlan:
     path = work / PLAN
     if not path.is_file():
-        raise UserError(f"{path} is missing: start the run with `tessera prep ... --out {work.parent}`")
+        raise UserError(f"{path} is missing: start the run with `tessera prep|shard ... --out {work.parent}`")
     return PrepPlan(**json.loads(path.read_text()))
 
 

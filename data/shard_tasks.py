@@ -26,9 +26,21 @@ import numpy as np
 
 from common.errors import UserError
 from data.make_shards import close_writer, make_shards, shard_writer
-from data.prep_tasks import PrepPlan, check_tasks, is_done, load_plan, mark_done, plan_tasks, span, task_dir
+from data.prep_tasks import (
+    DONE,
+    PLAN,
+    PrepPlan,
+    check_tasks,
+    is_done,
+    load_plan,
+    mark_done,
+    plan_tasks,
+    span,
+    task_dir,
+    work_dir,
+)
 from data.readers import expand_inputs
-from data.shards import KINDS, ShardInfo, ShardManifest, check_shard, load_index, open_shard
+from data.shards import INDEX_SUFFIX, KINDS, ShardError, ShardInfo, ShardManifest, check_shard, load_index, open_shard
 from data.shards import TAR_BLOCK as BLOCK
 from data.tasks import TASK_KINDS, task_items
 from data.tokenizer import load_tokenizer
@@ -45,7 +57,7 @@ def plan_shards(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pat
         raise TypeError(f"plan_shards() got unknown settings {sorted(unknown)}")
     settings = {**defaults, **settings}
     out = Path(out_dir)
-    if (out / "manifest.json").exists() or any(out.glob("*.tar")):
+    if (out / "manifest.json").exists() or (any(out.glob("*.tar")) and not (work_dir(out) / PLAN).is_file()):
         raise UserError(f"{out} already holds shards; choose an empty --out directory")
     kind = settings["kind"]
     if kind not in KINDS:
@@ -85,6 +97,9 @@ def finish(work: Path, out_dir: str | Path) -> ShardManifest:
     if unfinished:
         raise UserError(f"{len(unfinished)} of {plan.tasks} shard tasks are not done (tasks {span(unfinished)}): "
                         "rerun the same command to run them")
+    out = Path(out_dir)
+    for stale in [*out.glob("*.tar"), *out.glob(f"*{INDEX_SUFFIX}")]:  # what a merge that failed wrote
+        stale.unlink()
     settings = plan.settings
     tokenizer_dir = settings["tokenizer_dir"]
     extra = {"labels": settings["labels"]} if settings["kind"] == "classification" else {}
@@ -97,9 +112,13 @@ def finish(work: Path, out_dir: str | Path) -> ShardManifest:
         manifest = ShardManifest.load(task_dir(work, task))
         skipped.update(manifest.extra.get("skipped", {}))
         invalid_utf8.update(manifest.extra.get("invalid_utf8_bytes", {}))
-        for info in manifest.shards:
-            for sample in read_samples(manifest, info):
-                writer.copy_sample(*sample)
+        try:
+            for info in manifest.shards:
+                for sample in read_samples(manifest, info):
+                    writer.copy_sample(*sample)
+        except ShardError as error:
+            (task_dir(work, task) / DONE).unlink()
+            raise ShardError(f"{error}: task {task} is marked undone, rerun the same command to redo it") from None
     merged = close_writer(writer, skipped, invalid_utf8)
     shutil.rmtree(work)
     return merged

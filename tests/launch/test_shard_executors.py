@@ -96,6 +96,28 @@ def test_classification_tasks_share_the_run_s_label_order(tokenizer, tmp_path):
     assert_same_shards(tmp_path / "tasks", tmp_path / "single")
 
 
+def test_a_damaged_task_shard_stops_the_merge_and_only_its_task_is_redone(corpus, tokenizer, single, tmp_path):
+    """A task's tar changed after its task finished (disk, a stray writer): the merge checks it against
+    the task's manifest, names it in one line and writes no manifest; the rerun redoes that task alone
+    and replaces what the failed merge wrote."""
+    from data.shard_tasks import finish, plan_shards, run_task
+
+    _, pending = plan_shards([str(corpus)], tokenizer, tmp_path, 3, "local", **SETTINGS)
+    work = tmp_path / "tasks"
+    for task in pending:
+        run_task(work, task)
+    tar = sorted((work / "task-00001").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 1
+    tar.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"shard {tar} does not match its sha256.*task 1 is marked undone"):
+        finish(work, tmp_path)
+    assert not (tmp_path / "manifest.json").exists() and any(tmp_path.glob("*.tar"))  # task 0's, copied
+    _, ran = shard_with_tasks([str(corpus)], tokenizer, tmp_path, executor="local", tasks=3, **SETTINGS)
+    assert ran == [1]
+    assert_same_shards(tmp_path, single)
+
+
 def break_middle_file(corpus: Path, tmp_path: Path) -> tuple[Path, object]:
     """A copy of the corpus whose task-1 file has a line that is not JSON at its end; and the repair."""
     broken = tmp_path / "in"
