@@ -222,6 +222,8 @@ class ShardWriter:
                 self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
         data = bytearray(members)
         key = f"{self._count:010d}".encode()
+        if len(key) != 10:
+            raise UserError(f"{self.root}: over 10**10 samples; shard fewer documents per directory")
         for at in headers:
             data[at : at + len(key)] = key  # every writer's keys are 10 digits: the sizes stay
             data[at + 148 : at + 156] = b" " * 8  # the checksum is the header's byte sum with its field as spaces

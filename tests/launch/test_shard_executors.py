@@ -5,6 +5,7 @@ cross the tasks' files; a failed task is the only one a rerun runs."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,21 @@ def test_slurm_job_array_equals_the_single_process_run_also_after_a_failed_task(
     nodes = {line.split(" on ")[1].split()[0] for log in (tmp_path / "logs").glob("*.out")
              for line in log.read_text().splitlines() if line.startswith("tessera: job")}
     assert nodes <= {"n1", "n2"} and nodes, nodes
+
+
+@pytest.mark.slow
+def test_slurm_no_wait_submits_and_the_jobs_finish_the_run(slurm_cluster, corpus, tokenizer, single, tmp_path,
+                                                           monkeypatch):
+    from launch.slurm import wait_for
+
+    out = tmp_path / "out"
+    done = run_shard(corpus, tokenizer, out, "--executor", "slurm", "--no-wait", **slurm_cluster)
+    jobs = re.findall(r"submitted (?:task|merge) job (\d+)", done.stdout)
+    assert len(jobs) == 2 and "(--array=0-2)" in done.stdout and not (out / "manifest.json").exists(), done.stdout
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster["SLURM_CONF"])
+    wait_for(jobs, every_s=0.5)
+    (out / "slurm").rename(tmp_path / "logs")
+    assert_same_shards(out, single)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
