@@ -44,12 +44,12 @@ def make_shards(
     inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Path, *, kind: str = "text",
     shard_bytes: int = 64 << 20, append_eos: bool = False, add_bos: bool = False, text_field: str = "text",
     txt_mode: str = "auto", max_len: int | None = None, skip_bad: bool = False, metadata: bool = False,
-    num_workers: int = 1, labels: list[str] | None = None,
+    num_workers: int = 1, labels: list[str] | None = None, allow_empty: bool = False,
 ) -> tuple[ShardManifest, Counter[str]]:
     """Tokenize ``inputs`` and write shards of ``kind`` into ``out_dir``; returns the manifest and
     the counts of skipped records by reason (``skip_bad``: bad records and lines that are not JSON).
     ``labels`` fixes the label order of classification shards (default: sorted), so train and valid
-    splits agree."""
+    splits agree. ``allow_empty``: no samples make a manifest of no shards (a task's share)."""
     tokenizer = load_tokenizer(tokenizer_dir)
     extra: dict[str, Any] = {}
     skipped: Counter[str] = Counter()
@@ -63,26 +63,39 @@ def make_shards(
         items, extra = task_items(inputs, kind, labels)
     else:
         items = iter_records(inputs, skipped if skip_bad else None, invalid_utf8)
-    writer = ShardWriter(
-        out_dir, kind=kind, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
-        shard_bytes=shard_bytes,
-        extra={"tokenizer_path": str(Path(tokenizer_dir).resolve()), "append_eos": append_eos, "add_bos": add_bos,
-               **extra},
-    )
+    writer = shard_writer(out_dir, tokenizer, tokenizer_dir, kind=kind, shard_bytes=shard_bytes,
+                          append_eos=append_eos, add_bos=add_bos, extra=extra)
     options = {"kind": kind, "append_eos": append_eos, "add_bos": add_bos, "max_len": max_len, "skip_bad": skip_bad}
     for names, samples, reasons in _encode_chunks(items, str(tokenizer_dir), options, num_workers):
         skipped.update(reasons)
         for name, arrays in zip(names, samples):
             if arrays is not None:
                 writer.write(arrays, {"id": name} if metadata else None)
-    manifest = writer.close()
+    return close_writer(writer, skipped, invalid_utf8, allow_empty=allow_empty), skipped
+
+
+def shard_writer(out_dir: str | Path, tokenizer: TessTokenizer, tokenizer_dir: str | Path, *, kind: str,
+                 shard_bytes: int, append_eos: bool, add_bos: bool, extra: dict[str, Any]) -> ShardWriter:
+    """The writer of ``make_shards`` (and of a task run's merge): its manifest's extra keys."""
+    return ShardWriter(
+        out_dir, kind=kind, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
+        shard_bytes=shard_bytes,
+        extra={"tokenizer_path": str(Path(tokenizer_dir).resolve()), "append_eos": append_eos, "add_bos": add_bos,
+               **extra},
+    )
+
+
+def close_writer(writer: ShardWriter, skipped: Counter[str], invalid_utf8: Counter[str], *,
+                 allow_empty: bool = False) -> ShardManifest:
+    """Close ``writer``; the manifest also counts bytes replaced per file and records skipped by reason."""
+    manifest = writer.close(allow_empty=allow_empty)
     if invalid_utf8:  # replaced by U+FFFD, counted per file
         manifest.extra["invalid_utf8_bytes"] = dict(invalid_utf8)
     if skipped:
         manifest.extra["skipped"] = dict(skipped)
     if skipped or invalid_utf8:
         manifest.save()
-    return manifest, skipped
+    return manifest
 
 
 def _encode_chunks(

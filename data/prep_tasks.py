@@ -84,24 +84,36 @@ def task_dir(work: Path, task: int) -> Path:
 def load_plan(work: Path) -> PrepPlan:
     path = work / PLAN
     if not path.is_file():
-        raise UserError(f"{path} is missing: start the run with `tessera prep ... --out {work.parent}`")
+        raise UserError(f"{path} is missing: start the run with `tessera prep|shard ... --out {work.parent}`")
     return PrepPlan(**json.loads(path.read_text()))
 
 
 def plan_run(inputs: list[str | Path], out_dir: str | Path, tasks: int, settings: PrepSettings,
              executor: str) -> tuple[PrepPlan, list[int]]:
-    """Write ``OUT/tasks/plan.json`` and return it with the tasks still to run. The same plan as the
-    one there (inputs, task count, settings) keeps its finished tasks; another one starts afresh."""
-    if tasks < 1:
-        raise UserError(f"--tasks must be at least 1, got {tasks}")
+    """Check prep's inputs and settings, then :func:`plan_tasks`."""
+    check_tasks(tasks)
     files = [str(p) for p in expand_inputs(inputs)]  # a missing input fails here, before anything is written
     Screen(settings)  # a bad filter name, language or eval file fails here too, not in every task
-    plan = PrepPlan(files, tasks, asdict(settings))
+    plan, pending = plan_tasks(files, out_dir, tasks, asdict(settings), executor)
+    shutil.rmtree(work_dir(out_dir) / DEDUP, ignore_errors=True)  # buckets of an earlier attempt: tasks may change
+    return plan, pending
+
+
+def check_tasks(tasks: int) -> None:
+    if tasks < 1:
+        raise UserError(f"--tasks must be at least 1, got {tasks}")
+
+
+def plan_tasks(files: list[str], out_dir: str | Path, tasks: int, settings: dict[str, Any],
+               executor: str) -> tuple[PrepPlan, list[int]]:
+    """Write ``OUT/tasks/plan.json`` for ``files`` dealt to ``tasks`` (any command's task run: prep's,
+    shard's) and return it with the tasks still to run. The same plan as the one there (inputs, task
+    count, settings) keeps its finished tasks; another one starts afresh."""
+    plan = PrepPlan(files, tasks, settings)
     work = work_dir(out_dir)
     if (work / PLAN).is_file() and not load_plan(work).same_run(plan):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work / DEDUP, ignore_errors=True)  # buckets of an earlier attempt: tasks may change
     pending = [t for t in range(tasks) if not is_done(work, plan, t)]
     plan.attempt = {"executor": executor, "ran": pending, "started": time.time()}
     write_atomic(work / PLAN, json.dumps(asdict(plan), indent=1) + "\n")
@@ -166,7 +178,7 @@ def run_task(work: Path, task: int) -> None:
     summary = {"tally": tally.to_json(), "txt_modes": txt_modes(files, settings.txt_mode),
                "filters": [f.name for f in screen.filters]}
     write_atomic(out / "report.json", json.dumps(summary, ensure_ascii=False) + "\n")
-    write_atomic(out / DONE, json.dumps(_fingerprint(files)) + "\n")
+    mark_done(work, plan, task)
 
 
 def bucket_band(work: Path, band: int) -> None:
@@ -285,6 +297,11 @@ def _save(path: Path, array: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
     tmp.replace(path)
+
+
+def mark_done(work: Path, plan: PrepPlan, task: int) -> None:
+    """Task ``task`` finished: its ``.done`` marker, written last."""
+    write_atomic(task_dir(work, task) / DONE, json.dumps(_fingerprint(plan.files_of(task))) + "\n")
 
 
 def _fingerprint(files: list[str]) -> list[list[Any]]:

@@ -30,7 +30,7 @@ import json
 import mmap
 import subprocess
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ MASK_FIELDS = frozenset({"loss_mask"})
 BYTE_FIELDS = frozenset({"record"})  # UTF-8 text as uint8
 NON_TOKEN_FIELDS = MASK_FIELDS | BYTE_FIELDS | {"label"}  # not counted in the manifest's token totals
 REFERENCE_LOGPS = "reference_logps.npy"
-_BLOCK = 512
+TAR_BLOCK = 512
 
 
 class ShardError(UserError):
@@ -178,7 +178,7 @@ class ShardWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         if any(self.root.glob("*.tar")) or (self.root / "manifest.json").exists():
             raise UserError(f"{self.root} already holds shards; choose an empty --out directory")
-        self.kind, self.shard_bytes = kind, max(int(shard_bytes), _BLOCK * 4)
+        self.kind, self.shard_bytes = kind, max(int(shard_bytes), TAR_BLOCK * 4)
         self.dtype = token_dtype(vocab_size)
         self.manifest = ShardManifest(kind, self.dtype.str, tokenizer_sha256, vocab_size, [], self.root,
                                       dict(extra or {}))
@@ -199,7 +199,7 @@ class ShardWriter:
             buf = io.BytesIO()
             np.lib.format.write_array(buf, array, allow_pickle=False)
             payload = buf.getvalue()
-            offsets.append(self._tar.offset + _BLOCK + len(payload) - array.nbytes)  # one USTAR header block
+            offsets.append(self._tar.offset + TAR_BLOCK + len(payload) - array.nbytes)  # one USTAR header block
             counts.append(array.size)
             self._add(f"{key}.{name}.npy", payload)
             if name not in NON_TOKEN_FIELDS:
@@ -212,10 +212,37 @@ class ShardWriter:
         if self._tar.fileobj.tell() >= self.shard_bytes:
             self._close_shard()
 
-    def close(self) -> ShardManifest:
-        """Finish the last shard and write manifest.json."""
+    def copy_sample(self, members: bytes, headers: Sequence[int], offsets: Sequence[int],
+                    counts: Sequence[int]) -> None:
+        """Add one sample as another ShardWriter of this kind wrote it, without decoding it: its tar
+        members' bytes, where each member's header starts in them, and its fields' data offsets (in
+        them) and element counts. The members are renamed to this writer's next key (a task run's merge)."""
+        if self._tar is None:
+            self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_shard)
+                self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
+        data = bytearray(members)
+        key = f"{self._count:010d}".encode()
+        if len(key) != 10:
+            raise UserError(f"{self.root}: over 10**10 samples; shard fewer documents per directory")
+        for at in headers:
+            data[at : at + len(key)] = key  # every writer's keys are 10 digits: the sizes stay
+            data[at + 148 : at + 156] = b" " * 8  # the checksum is the header's byte sum with its field as spaces
+            data[at + 148 : at + 155] = b"%06o\0" % sum(data[at : at + TAR_BLOCK])
+        start = self._tar.offset
+        self._tar.fileobj.write(data)
+        self._tar.offset += len(data)
+        self._index.append([start + o for o in offsets] + list(counts))
+        self._tokens += sum(c for name, c in zip(KINDS[self.kind], counts) if name not in NON_TOKEN_FIELDS)
+        self._count += 1
+        self._samples += 1
+        if self._tar.fileobj.tell() >= self.shard_bytes:
+            self._close_shard()
+
+    def close(self, *, allow_empty: bool = False) -> ShardManifest:
+        """Finish the last shard and write manifest.json (``allow_empty``: also one of no shards, as a
+        task of a task run may hold)."""
         self._close_shard()
-        if not self.manifest.shards:
+        if not self.manifest.shards and not allow_empty:
             raise UserError("no samples to write: every input document was empty or skipped")
         self.manifest.save()
         return self.manifest
@@ -286,7 +313,7 @@ def peek_shard(manifest: ShardManifest, info: ShardInfo) -> None:
     """What is cheap to check before a shard is read: it is there, of the manifest's size, and a tar."""
     path = shard_path(manifest, info)
     with path.open("rb") as f:
-        if f.read(_BLOCK)[257:262] != b"ustar":
+        if f.read(TAR_BLOCK)[257:262] != b"ustar":
             raise ShardError(f"shard {path} is malformed: no tar header at byte 0")
 
 
@@ -374,16 +401,16 @@ def _index_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
     counts: list[list[int]] = []
     key = None
     pos, end = 0, len(buf)
-    while pos + _BLOCK <= end:
-        header = buf[pos : pos + _BLOCK]
-        if header.count(0) == _BLOCK:
+    while pos + TAR_BLOCK <= end:
+        header = buf[pos : pos + TAR_BLOCK]
+        if header.count(0) == TAR_BLOCK:
             break
         if header[257:262] != b"ustar":
             raise ValueError(f"no tar header at byte {pos}")
         name = header[:100].split(b"\0", 1)[0].decode()
         size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        data = pos + _BLOCK
-        pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        data = pos + TAR_BLOCK
+        pos = data + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
         if pos > end:
             raise ValueError(f"member {name} runs past the end of the file")
         stem, _, ext = name.partition(".")

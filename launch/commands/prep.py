@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
 
 
@@ -58,15 +57,16 @@ def run(args: argparse.Namespace) -> int:
         language_threshold=args.language_threshold, decontaminate=args.decontaminate,
         decontaminate_ngram=args.decontaminate_ngram, url_blocklist=args.url_blocklist,
     )
-    slurm_only = [flag for flag in ("no_wait", "partition", "account", "qos", "time", "mem") if getattr(args, flag)]
-    if slurm_only and args.executor != "slurm":
-        raise UserError(f"--{slurm_only[0].replace('_', '-')} is for --executor slurm")
+    from launch.executors import check_slurm_flags
+
+    check_slurm_flags(args, args.executor)
     if args.executor is None and args.tasks is None:
         from data.prepare import prepare
 
         report = prepare(args.inputs, args.out, **options)
     else:
-        from launch.prep_executors import SlurmOptions, prep_with_tasks
+        from launch.executors import SlurmOptions
+        from launch.prep_executors import prep_with_tasks
 
         slurm = SlurmOptions(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                              mem=args.mem, wait=not args.no_wait)

@@ -1,4 +1,6 @@
-"""`tessera shard INPUT... --tokenizer DIR --out DIR`: tokenize into webdataset shards + manifest.json.
+"""`tessera shard INPUT... --tokenizer DIR --out DIR [--executor local|ray|slurm --tasks N]`: tokenize into
+webdataset shards + manifest.json, in this process or as N tasks on a cluster engine
+(:mod:`launch.shard_executors`: the same shards).
 
 `tessera shard verify DIR...`: check every shard in full (exit 0; 2 with one line per damaged shard)."""
 
@@ -6,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 
 from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
@@ -31,24 +34,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classification: the label names in index order (default: sorted)")
     parser.add_argument("--skip-bad", action="store_true", help="conversations: skip (and count) bad records")
     parser.add_argument("--metadata", action="store_true", help="store each sample's source id as {key}.json")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="tokenizing processes (with --executor local: tasks side by side)")
+    parser.add_argument("--executor", choices=["local", "ray", "slurm"],
+                        help="tokenize as --tasks tasks (whole files each): local processes, Ray tasks (the cluster "
+                             "at RAY_ADDRESS, else a local one) or a SLURM job array, then merge into the shards "
+                             "one process writes; a rerun runs only the unfinished tasks (default: no tasks)")
+    parser.add_argument("--tasks", type=int, help="how many tasks the input files are dealt to (default 1)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="slurm: submit the task array and the merge job after it, print their ids and return")
+    for flag in ("--partition", "--account", "--qos"):
+        parser.add_argument(flag, help="slurm: the jobs' " + flag[2:])
+    parser.add_argument("--time", help="slurm: time limit per task (MM, HH:MM:SS or D-HH:MM:SS)")
+    parser.add_argument("--mem", help="slurm: memory per task (e.g. 8G)")
 
 
 def run(args: argparse.Namespace) -> int:
     from common.hub import local_or_hub
     from data.make_shards import make_shards, parse_size
+    from launch.executors import check_slurm_flags
 
     if args.inputs[0] == "verify" and args.tokenizer is None:
         return verify(args.inputs[1:])
     if args.tokenizer is None or args.out is None:
         raise UserError("tessera shard needs --tokenizer and --out (or: tessera shard verify DIR)")
 
-    manifest, skipped = make_shards(
-        args.inputs, local_or_hub(args.tokenizer), args.out, kind=args.kind, shard_bytes=parse_size(args.shard_size),
-        append_eos=args.append_eos, add_bos=args.add_bos, text_field=args.text_field, txt_mode=args.txt_mode,
-        max_len=args.max_len, skip_bad=args.skip_bad, metadata=args.metadata, num_workers=args.workers,
-        labels=args.labels,
-    )
+    check_slurm_flags(args, args.executor)
+    settings = dict(kind=args.kind, shard_bytes=parse_size(args.shard_size), append_eos=args.append_eos,
+                    add_bos=args.add_bos, text_field=args.text_field, txt_mode=args.txt_mode, max_len=args.max_len,
+                    skip_bad=args.skip_bad, metadata=args.metadata, labels=args.labels)
+    if args.executor is None and args.tasks is None:
+        manifest, skipped = make_shards(args.inputs, local_or_hub(args.tokenizer), args.out,
+                                        num_workers=args.workers, **settings)
+    else:
+        from launch.executors import SlurmOptions
+        from launch.shard_executors import shard_with_tasks
+
+        slurm = SlurmOptions(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+                             mem=args.mem, wait=not args.no_wait)
+        tasks = 1 if args.tasks is None else args.tasks
+        merged, ran = shard_with_tasks(args.inputs, local_or_hub(args.tokenizer), args.out,
+                                       executor=args.executor or "local", tasks=tasks, workers=args.workers,
+                                       slurm=slurm, **settings)
+        if merged is None:
+            return 0
+        print(f"{tasks} tasks on {args.executor or 'local'}: {len(ran)} ran, {tasks - len(ran)} were done")
+        manifest, skipped = merged, Counter(merged.extra.get("skipped", {}))
     print(f"{manifest.num_samples} {args.kind} samples, {manifest.num_tokens} tokens in "
           f"{len(manifest.shards)} shards → {args.out}/manifest.json")
     for reason, count in skipped.items():
