@@ -9,7 +9,7 @@ needs no logits either. Pure PyTorch; equal to the plain path up to float roundi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -86,15 +86,25 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCE.apply(rows[keep], weight, bias, flat[keep], chunk_size)
 
 
-def head_cross_entropy(labels: torch.Tensor, chunk_size: int, liger: bool = False, per_row: bool = False
-                       ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class HeadCrossEntropy:
     """The model's ``head_loss`` for ``labels [B, T]``: the summed chunked linear + CE, or with
-    ``per_row`` one sum per row ([B], one fused call each: its gradients assume a scalar output)."""
+    ``per_row`` one sum per row ([B], one fused call each: its gradients assume a scalar output).
+    A dataclass so that a strategy can recognise it and compute it its own way (vocab parallel)."""
 
-    def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if per_row:
-            return torch.stack([chunked_linear_cross_entropy(h, weight, t, bias, chunk_size, liger)
-                                for h, t in zip(hidden, labels)])
-        return chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_size, liger)
+    labels: torch.Tensor
+    chunk_size: int
+    liger: bool = False
+    per_row: bool = False
 
-    return loss
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.per_row:
+            return torch.stack([chunked_linear_cross_entropy(h, weight, t, bias, self.chunk_size, self.liger)
+                                for h, t in zip(hidden, self.labels)])
+        return chunked_linear_cross_entropy(hidden, weight, self.labels, bias, self.chunk_size, self.liger)
+
+
+def head_cross_entropy(labels: torch.Tensor, chunk_size: int, liger: bool = False,
+                       per_row: bool = False) -> HeadCrossEntropy:
+    """The model's ``head_loss`` for ``labels [B, T]`` (:class:`HeadCrossEntropy`)."""
+    return HeadCrossEntropy(labels, chunk_size, liger, per_row)
