@@ -119,10 +119,17 @@ def test_vocab_parallel_follows_one_process(corpus, tmp_path):
         torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_vocab_parallel_refuses_a_vocabulary_tp_does_not_divide(corpus, tmp_path):
+def test_vocab_parallel_refuses_a_vocabulary_tp_does_not_divide_and_can_be_turned_off(corpus, tmp_path):
+    """vocab 385 at tp=2: one line; with parallel.vocab_parallel=false the replicated head follows one process."""
     from spawn import RanksFailed
 
-    raw = tiny_config(corpus, tmp_path, "train.strategy=ddp", "parallel.tp=2")
-    raw["model"] = {**MODEL, "vocab_size": 385}
+    def config(name, *overrides):
+        raw = tiny_config(corpus, tmp_path / name, "train.max_steps=3", "checkpoint.save_final=false", *overrides)
+        raw["model"] = {**MODEL, "vocab_size": 385}
+        return raw
+
     with pytest.raises(RanksFailed, match=r"model\.vocab_size=385 must be a multiple of it"):
-        spawn(train, 2, raw)
+        spawn(train, 2, config("refused", "train.strategy=ddp", "parallel.tp=2"))
+    [single] = spawn(train, 1, config("single"))
+    tp, _ = spawn(train, 2, config("tp", "train.strategy=ddp", "parallel.tp=2", "parallel.vocab_parallel=false"))
+    np.testing.assert_allclose(tp.losses, single.losses, rtol=1e-5)
