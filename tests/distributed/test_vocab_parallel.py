@@ -52,15 +52,19 @@ def _other_heads(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return per_row @ torch.tensor([1.0, 0.5]) + own
 
 
-def _model(tied: bool):
+BERT = {"preset": "tiny-bert", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_seq_len": 64, "vocab_size": VOCAB}
+
+
+def _model(tied: bool | None):
+    """The llama-like model, tied or not; ``None``: a masked LM (its head's transform and bias)."""
     from model import ModelConfig, build_model
 
-    net = build_model(ModelConfig.from_dict({**MODEL, "tie_embeddings": tied}))
+    net = build_model(ModelConfig.from_dict(BERT if tied is None else {**MODEL, "tie_embeddings": tied}))
     net.init_weights(0)
     return net
 
 
-def _vocab_parallel_gradients(tied: bool, sequence_parallel: bool, train: dict
+def _vocab_parallel_gradients(tied: bool | None, sequence_parallel: bool, train: dict
                               ) -> tuple[float, dict, tuple, set[int]]:
     """Backwards on 2 ranks (tp=2): the chunked CE, every gradient (with :func:`_other_heads`') gathered
     whole, this rank's embedding shape and the last dimensions of every float tensor made in the
@@ -84,8 +88,8 @@ def _vocab_parallel_gradients(tied: bool, sequence_parallel: bool, train: dict
 
 @pytest.mark.parametrize(("tied", "sequence_parallel", "train"), [
     (True, False, {"strategy": "ddp"}), (False, False, {"strategy": "ddp"}), (True, True, {"strategy": "ddp"}),
-    (False, True, {"strategy": "ddp"}), (True, True, {"strategy": "fsdp"})],
-    ids=["tied", "untied", "tied-sp", "untied-sp", "tied-sp-fsdp"])
+    (False, True, {"strategy": "ddp"}), (True, True, {"strategy": "fsdp"}), (None, True, {"strategy": "ddp"})],
+    ids=["tied", "untied", "tied-sp", "untied-sp", "tied-sp-fsdp", "masked-lm-sp"])
 def test_vocab_parallel_gradients_equal_one_process(tied, sequence_parallel, train):
     reference = _model(tied)
     expected = _loss(reference, _batch())
