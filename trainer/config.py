@@ -193,6 +193,7 @@ class ParallelConfig(Config):
     cp: int = 1  # context parallel: ranks each sequence is split over (they share a batch)
     ep: int = 1  # expert parallel: ranks each MoE layer's experts are split over (divides ranks and n_experts)
     sequence_parallel: bool = False  # with tp: norms and residuals on 1/tp of the sequence (Megatron-SP)
+    vocab_parallel: bool = True  # with tp: embedding and LM head rows split, the loss from vocab-sharded logits
 
     def validate(self, where: str) -> None:
         for key in ("tp", "pp", "cp", "ep"):

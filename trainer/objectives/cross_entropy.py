@@ -3,15 +3,17 @@
 ``chunked_linear_cross_entropy(hidden, weight, labels)`` computes ``sum(CE(hidden @ weight.T, labels))``
 a chunk of rows at a time: logits of one chunk ([chunk, V]) exist at once, and the gradients for
 ``hidden`` and ``weight`` are computed in the same pass (as Liger-Kernel does), so the backward
-needs no logits either. Pure PyTorch; equal to the plain path up to float rounding.
+needs no logits either. Pure PyTorch; equal to the plain path up to float rounding. Under vocab
+parallel (trainer/strategy/vocab_parallel.py) the same pass runs on each rank's vocabulary shard.
 :func:`head_cross_entropy` wraps it as the ``head_loss`` a model computes inside its forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.collate import IGNORE_INDEX
@@ -28,8 +30,11 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                chunk_size: int):
-        """Every row of ``hidden`` has a target in ``labels`` (the caller dropped ignored ones)."""
+                chunk_size: int, vocab_start: int, group: dist.ProcessGroup | None):
+        """Every row of ``hidden`` has a target in ``labels`` (the caller dropped ignored ones). With
+        ``group``, ``weight`` holds the vocabulary rows from ``vocab_start`` (vocab parallel, as
+        Megatron's vocab-parallel cross-entropy): each row's max logit, then its sum of exponentials
+        and its target's logit are all-reduced; the gradient of ``hidden`` is this shard's part."""
         need_grad = any(ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
@@ -37,16 +42,24 @@ class _ChunkedLinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
-            target = labels[start : start + chunk_size]
+            target = labels[start : start + chunk_size] - vocab_start
+            inside = (target >= 0) & (target < weight.shape[0])  # all of them without a group
+            target = target.masked_fill(~inside, 0)[:, None]
             logits = (h @ weight.t()).float()
             if bias is not None:
                 logits += bias.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += (lse - picked).sum()
+            row_max = logits.max(dim=-1).values
+            if group is not None:
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            picked = logits.gather(1, target).squeeze(1).masked_fill(~inside, 0.0)
+            exp = logits.sub_(row_max[:, None]).exp_()
+            sums = torch.stack([exp.sum(dim=-1), picked])
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+            total += (sums[0].log() + row_max - sums[1]).sum()
             if need_grad:
-                grad_logits = torch.softmax(logits, dim=-1)
-                grad_logits.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
+                grad_logits = exp.div_(sums[0][:, None])
+                grad_logits.scatter_add_(1, target, -inside.float()[:, None])
                 grad_hidden[start : start + chunk_size] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 grad_weight += grad_logits.t() @ h.float()
                 grad_bias += grad_logits.sum(0)
@@ -64,6 +77,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
             None if ctx.bias_dtype is None else (grad_bias * grad_output).to(ctx.bias_dtype),
             None,
             None,
+            None,
+            None,
         )
 
 
@@ -74,27 +89,46 @@ def chunked_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_size: int = 4096,
     liger: bool = False,
+    vocab_start: int = 0,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Summed CE of ``hidden [..., D] @ weight[V, D].T (+ bias)`` against ``labels [...]`` (-100 ignored).
 
-    ``liger`` runs Liger-Kernel's fused linear + CE instead, on CUDA tensors (model.kernels=liger)."""
+    ``liger`` runs Liger-Kernel's fused linear + CE instead, on CUDA tensors (model.kernels=liger).
+    With ``group``, ``weight`` and ``bias`` are this rank's vocabulary rows from ``vocab_start``
+    (vocab parallel; Liger's kernel is not used then): the loss is whole on every rank."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
-    if kernels.use_liger(liger, rows):
+    if group is None and kernels.use_liger(liger, rows):
         return kernels.linear_cross_entropy(rows, weight, flat, bias)
     keep = flat != IGNORE_INDEX  # rows without a target cost nothing
-    return _ChunkedLinearCE.apply(rows[keep], weight, bias, flat[keep], chunk_size)
+    return _ChunkedLinearCE.apply(rows[keep], weight, bias, flat[keep], chunk_size, vocab_start, group)
 
 
-def head_cross_entropy(labels: torch.Tensor, chunk_size: int, liger: bool = False, per_row: bool = False
-                       ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class HeadCrossEntropy:
     """The model's ``head_loss`` for ``labels [B, T]``: the summed chunked linear + CE, or with
-    ``per_row`` one sum per row ([B], one fused call each: its gradients assume a scalar output)."""
+    ``per_row`` one sum per row ([B], one fused call each: its gradients assume a scalar output).
+    A dataclass so that a strategy can recognise it and compute it its own way (vocab parallel)."""
 
-    def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if per_row:
-            return torch.stack([chunked_linear_cross_entropy(h, weight, t, bias, chunk_size, liger)
-                                for h, t in zip(hidden, labels)])
-        return chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_size, liger)
+    labels: torch.Tensor
+    chunk_size: int
+    liger: bool = False
+    per_row: bool = False
 
-    return loss
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 vocab_start: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """``vocab_start`` and ``group``: as for :func:`chunked_linear_cross_entropy` (vocab parallel)."""
+        def summed(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return chunked_linear_cross_entropy(h, weight, labels, bias, self.chunk_size, self.liger, vocab_start,
+                                                group)
+
+        if self.per_row:
+            return torch.stack([summed(h, t) for h, t in zip(hidden, self.labels)])
+        return summed(hidden, self.labels)
+
+
+def head_cross_entropy(labels: torch.Tensor, chunk_size: int, liger: bool = False,
+                       per_row: bool = False) -> HeadCrossEntropy:
+    """The model's ``head_loss`` for ``labels [B, T]`` (:class:`HeadCrossEntropy`)."""
+    return HeadCrossEntropy(labels, chunk_size, liger, per_row)

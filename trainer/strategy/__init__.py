@@ -168,7 +168,8 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
     if parallel is not None and parallel.tp > 1:
         from trainer.strategy.tensor_parallel import TensorParallel
 
-        return TensorParallel(cfg, env, accumulation, size=parallel.tp, sequence_parallel=parallel.sequence_parallel)
+        return TensorParallel(cfg, env, accumulation, size=parallel.tp, sequence_parallel=parallel.sequence_parallel,
+                              vocab_parallel=parallel.vocab_parallel)
     if parallel is not None and parallel.pp > 1:
         from trainer.strategy.pipeline_parallel import PipelineParallel
 

@@ -45,6 +45,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def even_ranges(total: int, parts: int, offset: int = 0) -> list[torch.Tensor]:
+    """Each rank's indices when ``total`` splits into ``parts`` contiguous equal ranges (from ``offset``)."""
+    return [offset + r for r in torch.arange(total).split(total // parts)]
+
+
 class Partitioned(Single):
     mesh_dims = ("dp", "shard")
     sharded = False  # whether FSDP2 shards the split model (:meth:`shard`)

@@ -2,9 +2,11 @@
 
 The ``tp`` ranks of a group read the same batch. Each holds its share of every block's attention
 heads (its rows of the fused q/k/v projection, its columns of the output projection) and of the
-MLP's hidden units (its rows of gate/up, its columns of down); embeddings, norms and the LM head are
-replicated. Around each split pair, ``copy_to_tp`` (identity forward, all-reduce backward) and
-``reduce_from_tp`` (all-reduce forward, identity backward) keep the replicated activations and
+MLP's hidden units (its rows of gate/up, its columns of down); with ``parallel.vocab_parallel`` (the
+default) its rows of the token embeddings and the LM head (:mod:`trainer.strategy.vocab_parallel`);
+norms (and without vocab parallel, the embeddings and head) are replicated. Around each split pair,
+``copy_to_tp`` (identity forward, all-reduce backward) and ``reduce_from_tp`` (all-reduce forward,
+identity backward; both in :mod:`trainer.strategy.tp_collectives`) keep the replicated activations and
 their gradients whole on every rank.
 
 With ``parallel.sequence_parallel`` (Megatron-SP), the activations between the split pairs (norms,
@@ -28,96 +30,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError, UserError
+from common.errors import ConfigError
 from model.attention import Attention
 from model.blocks import Block, Stack
 from model.config import Pos
 from model.mlp import MLP
-from trainer.strategy.partitioned import Partitioned
-
-Collective = Callable[[torch.Tensor, dist.ProcessGroup], torch.Tensor]
-
-
-def _identity(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return x.view_as(x)
-
-
-def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
-    return out
-
-
-def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """The whole sequence (dim 1) from each rank's slice, in rank order."""
-    local = x.transpose(0, 1).contiguous()
-    out = local.new_empty(local.shape[0] * dist.get_world_size(group), *local.shape[1:])
-    dist.all_gather_into_tensor(out, local, group=group)
-    return out.transpose(0, 1)
-
-
-def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's slice of the sequence (dim 1), summed over the group."""
-    whole = x.transpose(0, 1).contiguous()
-    out = whole.new_empty(whole.shape[0] // dist.get_world_size(group), *whole.shape[1:])
-    dist.reduce_scatter_tensor(out, whole, group=group)
-    return out.transpose(0, 1)
-
-
-def _slice(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's slice of the sequence (dim 1)."""
-    size, length = dist.get_world_size(group), x.shape[1]
-    if length % size:
-        raise UserError(f"parallel.sequence_parallel splits each sequence over parallel.tp={size} ranks: a length "
-                        f"of {length} does not divide; use a data.seq_len that parallel.tp divides")
-    return x.chunk(size, dim=1)[dist.get_rank(group)]
-
-
-class _Exchange(torch.autograd.Function):
-    """A collective over the tp group in forward and its adjoint in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, op: Collective, adjoint: Collective):
-        ctx.group, ctx.adjoint = group, adjoint
-        return op(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.adjoint(grad, ctx.group), None, None, None
-
-
-def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Replicated in, replicated out; the input's gradient summed over the group."""
-    return _Exchange.apply(x, group, _identity, _all_reduce)
-
-
-def reduce_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Partial sums in, their (replicated) sum out."""
-    return _Exchange.apply(x, group, _all_reduce, _identity)
-
-
-def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sequence slices in, the whole sequence out, into split layers (their input gradients are partial)."""
-    return _Exchange.apply(x, group, _all_gather, _reduce_scatter)
-
-
-def reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Partial sums over the whole sequence in, this rank's slice of their sum out."""
-    return _Exchange.apply(x, group, _reduce_scatter, _all_gather)
-
-
-def scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Replicated in, this rank's sequence slice out."""
-    return _Exchange.apply(x, group, _slice, _all_gather)
-
-
-def unscatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sequence slices in, the whole (replicated) sequence out, into replicated layers."""
-    return _Exchange.apply(x, group, _all_gather, _slice)
+from trainer.strategy.partitioned import Partitioned, even_ranges
+from trainer.strategy.tp_collectives import (
+    copy_to_tp,
+    gather_sequence,
+    reduce_from_tp,
+    reduce_scatter_sequence,
+    scatter_sequence,
+    unscatter_sequence,
+)
+from trainer.strategy.vocab_parallel import split_vocabulary
 
 
 def _sequence_split(sequence: bool) -> bool:
@@ -160,10 +90,6 @@ class RowParallel(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
-def _ranges(total: int, parts: int, offset: int = 0) -> list[torch.Tensor]:
-    return [offset + r for r in torch.arange(total).split(total // parts)]
-
-
 def _cat(*per_rank: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(pieces) for pieces in zip(*per_rank)]
 
@@ -175,10 +101,11 @@ class TensorParallel(Partitioned):
     def shard_divisor(self) -> int:
         return self.env.world_size // self.size
 
-    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, sequence_parallel: bool = False) -> None:
+    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, sequence_parallel: bool = False,
+                 vocab_parallel: bool = True) -> None:
         super().__init__(cfg, env, accumulation, size)
         self.data_copies = size  # the mesh is (dp, tp), row-major: ranks d·tp … d·tp + tp-1 read batch d
-        self.sequence = sequence_parallel
+        self.sequence, self.vocab = sequence_parallel, vocab_parallel
         self.sharded = str(cfg.strategy) == "fsdp"
 
     def partition(self, model: nn.Module) -> None:
@@ -192,22 +119,28 @@ class TensorParallel(Partitioned):
         if cfg.n_experts or cfg.pos in (Pos.alibi, Pos.t5_bias):
             raise ConfigError("parallel.tp splits attention heads and dense MLPs: not for MoE models or per-head "
                               f"score biases (model.pos={cfg.pos})")
+        if self.vocab and cfg.vocab_size % tp:
+            raise ConfigError(f"parallel.vocab_parallel splits the vocabulary over parallel.tp={tp} ranks: "
+                              f"model.vocab_size={cfg.vocab_size} must be a multiple of it; pad the vocabulary "
+                              "or set parallel.vocab_parallel=false")
         self.make_mesh()
         for module in list(model.modules()):
             if isinstance(module, Attention):
                 self._split_attention(module)
             elif isinstance(module, MLP):
                 self._split_mlp(module)
+        if self.vocab:
+            split_vocabulary(model, self)
         if self.sequence:
             self._split_sequence(model)
 
     def _split_attention(self, attn: Attention) -> None:
         tp, hd, sp = self.size, attn.head_dim, self.sequence
         q_dim, kv_dim = attn.n_heads * hd, attn.n_kv_heads * hd
-        q, k, v = _ranges(q_dim, tp), _ranges(kv_dim, tp, q_dim), _ranges(kv_dim, tp, q_dim + kv_dim)
+        q, k, v = even_ranges(q_dim, tp), even_ranges(kv_dim, tp, q_dim), even_ranges(kv_dim, tp, q_dim + kv_dim)
         if attn.cross:
             attn.q = ColumnParallel(attn.q, q, self, gathered=sp)
-            attn.kv = ColumnParallel(attn.kv, _cat(_ranges(kv_dim, tp), _ranges(kv_dim, tp, kv_dim)), self)
+            attn.kv = ColumnParallel(attn.kv, _cat(even_ranges(kv_dim, tp), even_ranges(kv_dim, tp, kv_dim)), self)
         else:
             attn.qkv = ColumnParallel(attn.qkv, _cat(q, k, v), self, gathered=sp)
         attn.out = RowParallel(attn.out, q, self, sequence=sp)
@@ -218,9 +151,9 @@ class TensorParallel(Partitioned):
 
     def _split_mlp(self, mlp: MLP) -> None:
         tp, d_ff = self.size, mlp.down.in_features
-        rows = _cat(_ranges(d_ff, tp), _ranges(d_ff, tp, d_ff)) if mlp.gated else _ranges(d_ff, tp)
+        rows = _cat(even_ranges(d_ff, tp), even_ranges(d_ff, tp, d_ff)) if mlp.gated else even_ranges(d_ff, tp)
         mlp.up = ColumnParallel(mlp.up, rows, self, gathered=self.sequence)
-        mlp.down = RowParallel(mlp.down, _ranges(d_ff, tp), self, sequence=self.sequence)
+        mlp.down = RowParallel(mlp.down, even_ranges(d_ff, tp), self, sequence=self.sequence)
 
     def _split_sequence(self, model: nn.Module) -> None:
         """Hooks (the model is left as written): each stack's blocks run on sequence slices, their
