@@ -55,7 +55,8 @@ class DataObjective:
 DATA_OBJECTIVES = {
     "clm": DataObjective("text", "rows", token_level=True),
     "mlm": DataObjective("text", "chunks", token_level=True),
-    "span": DataObjective("text", "chunks", token_level=True),
+    # span reads full rows across documents, each row corrupted as one sequence: T5's own recipe
+    "span": DataObjective("text", "rows", token_level=True),
     "sft": DataObjective("sft", "samples", token_level=True, collate=collate_sft),  # rows under data.packing
     "preference": DataObjective("preference", "samples", token_level=False, collate=collate_preference,
                                 reference_logps=True),
@@ -144,7 +145,7 @@ class Batcher:
 
     def __call__(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch | PackedRows:
         if stream.mode == "rows":
-            return self._rows(stream, pieces)
+            return self._span_rows(stream, pieces) if self.objective == "span" else self._rows(stream, pieces)
         units = [(epoch, int(u)) for epoch, positions in pieces for u in positions]
         if stream.mode == "chunks":
             chunks = [stream.plan(e).chunk(u) for e, u in units]
@@ -164,6 +165,20 @@ class Batcher:
             return self.spec.collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len)
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return self.spec.collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
+
+    def _span_rows(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch:
+        """Span corruption of packed rows: each row's ``seq_len`` tokens (several documents, each
+        closed by the shards' EOS; the overlap token dropped, so rows tile the stream) corrupted as one
+        sequence, sentinels numbered over the row. This is T5's pretraining (documents concatenated,
+        no attention masks): sentinels unique within a row keep each target span unambiguous to the
+        decoder's cross-attention, which per-document corruption (sentinels restarting in each
+        document) would not be without cross-attention document masks."""
+        rows = [stream.plan(e).rows(u, (0,))[0][0][:, : stream.seq_len] for e, u in pieces]
+        units = [(e, int(u)) for e, positions in pieces for u in positions]
+        rngs = [np.random.default_rng([stream.seed, e, u, 0xA5C]) for e, u in units]
+        return collate_span(list(np.concatenate(rows)), rngs, pad_id=self.ids.pad, eos_id=self.ids.eos,
+                            sentinel_ids=self.ids.sentinels, density=self.cfg.span_noise_density,
+                            mean_span=self.cfg.span_mean_length)
 
     def _rows(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> PackedRows:
         fields = (0, 1) if self.objective == "sft" else (0,)
