@@ -54,8 +54,8 @@ class DataObjective:
 
 DATA_OBJECTIVES = {
     "clm": DataObjective("text", "rows", token_level=True),
-    "mlm": DataObjective("text", "chunks", token_level=True),
-    # span reads full rows across documents, each row corrupted as one sequence: T5's own recipe
+    # the encoder objectives read packed rows, each corrupted as one sequence (Batcher._corrupt)
+    "mlm": DataObjective("text", "rows", token_level=True),
     "span": DataObjective("text", "rows", token_level=True),
     "sft": DataObjective("sft", "samples", token_level=True, collate=collate_sft),  # rows under data.packing
     "preference": DataObjective("preference", "samples", token_level=False, collate=collate_preference,
@@ -144,20 +144,14 @@ class Batcher:
             raise UserError("span corruption needs sentinel tokens; train the tokenizer with them")
 
     def __call__(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch | PackedRows:
-        if stream.mode == "rows":
-            return self._span_rows(stream, pieces) if self.objective == "span" else self._rows(stream, pieces)
+        if stream.mode == "rows" and self.objective not in ("mlm", "span"):
+            return self._rows(stream, pieces)
         units = [(epoch, int(u)) for epoch, positions in pieces for u in positions]
+        if stream.mode == "rows":
+            rows = [stream.plan(e).rows(u, (0,))[0][0][:, : stream.seq_len] for e, u in pieces]
+            return self._corrupt(stream, list(np.concatenate(rows)), units)
         if stream.mode == "chunks":
-            chunks = [stream.plan(e).chunk(u) for e, u in units]
-            rngs = [np.random.default_rng([stream.seed, e, u, 0xA5C]) for e, u in units]
-            if self.objective == "mlm":
-                return collate_mlm(
-                    chunks, rngs, pad_id=self.ids.pad, mask_id=self.ids.mask, special_ids=np.array(self.ids.special),
-                    vocab_size=self.ids.vocab_size, probability=self.cfg.mlm_probability,
-                    mask_fraction=self.cfg.mlm_mask_fraction, random_fraction=self.cfg.mlm_random_fraction,
-                )
-            return collate_span(chunks, rngs, pad_id=self.ids.pad, eos_id=self.ids.eos, sentinel_ids=self.ids.sentinels,
-                                density=self.cfg.span_noise_density, mean_span=self.cfg.span_mean_length)
+            return self._corrupt(stream, [stream.plan(e).chunk(u) for e, u in units], units)
         samples = [stream.plan(e).sample(u) for e, u in units]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
@@ -166,19 +160,24 @@ class Batcher:
         logps = None if shards.reference_logps is None else shards.reference_logps[samples]
         return self.spec.collate(arrays, pad_id=self.ids.pad, seq_len=self.cfg.seq_len, reference_logps=logps)
 
-    def _span_rows(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> Batch:
-        """Span corruption of packed rows: each row's ``seq_len`` tokens (several documents, each
-        closed by the shards' EOS; the overlap token dropped, so rows tile the stream) corrupted as one
-        sequence, sentinels numbered over the row. This is T5's pretraining (documents concatenated,
-        no attention masks): sentinels unique within a row keep each target span unambiguous to the
-        decoder's cross-attention, which per-document corruption (sentinels restarting in each
-        document) would not be without cross-attention document masks."""
-        rows = [stream.plan(e).rows(u, (0,))[0][0][:, : stream.seq_len] for e, u in pieces]
-        units = [(e, int(u)) for e, positions in pieces for u in positions]
+    def _corrupt(self, stream: SampleStream, pieces: list[np.ndarray], units: list[tuple[int, int]]) -> Batch:
+        """MLM masking or span corruption of each piece, seeded by its (epoch, position).
+
+        Packed rows (``rows``: ``seq_len`` tokens of the document stream, several documents each
+        closed by the shards' EOS, the overlap token dropped so rows tile the stream) are corrupted as
+        one sequence each, with no document masks: the ``group_texts`` rows of BERT's and T5's own
+        pretraining. For span corruption that is also what keeps targets unambiguous: sentinels are
+        numbered over the row, where per-document corruption would restart them in every document
+        and the decoder's cross-attention (which has no document masks) could not tell them apart."""
         rngs = [np.random.default_rng([stream.seed, e, u, 0xA5C]) for e, u in units]
-        return collate_span(list(np.concatenate(rows)), rngs, pad_id=self.ids.pad, eos_id=self.ids.eos,
-                            sentinel_ids=self.ids.sentinels, density=self.cfg.span_noise_density,
-                            mean_span=self.cfg.span_mean_length)
+        if self.objective == "mlm":
+            return collate_mlm(
+                pieces, rngs, pad_id=self.ids.pad, mask_id=self.ids.mask, special_ids=np.array(self.ids.special),
+                vocab_size=self.ids.vocab_size, probability=self.cfg.mlm_probability,
+                mask_fraction=self.cfg.mlm_mask_fraction, random_fraction=self.cfg.mlm_random_fraction,
+            )
+        return collate_span(pieces, rngs, pad_id=self.ids.pad, eos_id=self.ids.eos, sentinel_ids=self.ids.sentinels,
+                            density=self.cfg.span_noise_density, mean_span=self.cfg.span_mean_length)
 
     def _rows(self, stream: SampleStream, pieces: Sequence[tuple[int, np.ndarray]]) -> PackedRows:
         fields = (0, 1) if self.objective == "sft" else (0,)
