@@ -95,23 +95,6 @@ def test_span_corruption_is_invertible_and_dense_as_asked(tokenizer):
     assert np.mean(noise) == pytest.approx(0.15, abs=0.03)
 
 
-def test_mlm_batches_are_masked_full_rows_of_packed_documents(text_shards, tokenizer):
-    """MLM reads the same ``seq_len``-token rows: no padding, several documents a row, targets and
-    kept tokens together the row itself."""
-    cfg = DataConfig.from_dict({"train": str(text_shards), "seq_len": 96, "num_workers": 0, "shuffle": False})
-    batch = next(iter(build_loader(cfg, objective="mlm", tokenizer=tokenizer, rank=0, world_size=1,
-                                   micro_batch_size=4, seed=0)))
-    shards = build_loader(cfg, objective="mlm", tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=4,
-                          seed=0).stream.shards
-    rows = np.concatenate([shards.read(i) for i in range(8)])[: 4 * 96].reshape(4, 96)
-    ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
-    assert ids.shape == (4, 96) and bool((batch["attention_mask"] == 1).all())
-    target = labels != IGNORE
-    np.testing.assert_array_equal(labels[target], rows[target])
-    assert (ids[~target] == rows[~target]).all() and 0.1 < target.mean() < 0.2
-    assert (rows == tokenizer.eos_id).sum() >= 4  # the rows do pack several documents
-
-
 def test_span_batches_are_corrupted_full_rows_of_packed_documents(text_shards, tokenizer):
     """Span corruption reads ``seq_len``-token rows that tile the document stream (several documents
     a row, each closed by EOS): every batch carries micro-batch × seq_len tokens, as the peer's
