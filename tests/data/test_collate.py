@@ -95,11 +95,25 @@ def test_span_corruption_is_invertible_and_dense_as_asked(tokenizer):
     assert np.mean(noise) == pytest.approx(0.15, abs=0.03)
 
 
-def test_span_loader_batch(text_shards, tokenizer):
-    cfg = DataConfig.from_dict({"train": str(text_shards), "seq_len": 96, "num_workers": 0})
-    batch = next(iter(build_loader(cfg, objective="span", tokenizer=tokenizer, rank=0, world_size=1,
-                                   micro_batch_size=4, seed=0)))
-    assert batch["input_ids"].shape[1] <= 96 and batch["labels"].shape == batch["decoder_input_ids"].shape
+def test_span_batches_are_corrupted_full_rows_of_packed_documents(text_shards, tokenizer):
+    """Span corruption reads ``seq_len``-token rows that tile the document stream (several documents
+    a row, each closed by EOS): every batch carries micro-batch × seq_len tokens, as the peer's
+    ``group_texts`` rows do, and undoing the corruption gives the row back exactly."""
+    cfg = DataConfig.from_dict({"train": str(text_shards), "seq_len": 96, "num_workers": 0, "shuffle": False})
+    loader = build_loader(cfg, objective="span", tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=4,
+                          seed=0)
+    batch = next(iter(loader))
+    shards, sentinels, eos = loader.stream.shards, tokenizer.sentinel_ids, tokenizer.eos_id
+    stream = np.concatenate([shards.read(i) for i in range(8)])
+    documents = []
+    for b in range(4):
+        inputs = batch["input_ids"][b][batch["attention_mask"][b] == 1].tolist()
+        targets = batch["labels"][b][batch["labels"][b] != IGNORE].tolist()
+        assert restore(inputs, targets, set(sentinels), eos) == stream[96 * b : 96 * (b + 1)].tolist()
+        used = [t for t in inputs if t in sentinels]
+        assert used == sentinels[: len(used)] and len(used) >= 2  # numbered over the row, not per document
+        documents.append(stream[96 * b : 96 * (b + 1)].tolist().count(eos))
+    assert sum(documents) >= 4  # the rows do pack several documents
     assert (batch["decoder_input_ids"][:, 0] == tokenizer.pad_id).all()
     labels, dec = batch["labels"], batch["decoder_input_ids"]
     real = batch["decoder_attention_mask"][:, 1:] == 1

@@ -68,26 +68,29 @@ def take(it, n):
     return [next(it) for _ in range(n)]
 
 
-def test_packed_rows_split_over_ranks_and_workers_partition_the_epoch(text_shards, tokenizer):
-    single = loader(text_shards, batch=8, tokenizer=tokenizer)
+@pytest.mark.parametrize("objective", ["clm", "span"])
+def test_packed_rows_split_over_ranks_and_workers_partition_the_epoch(text_shards, tokenizer, objective):
+    """Also span corruption's rows: each row is corrupted by its epoch position's seed, whoever reads it."""
+    single = loader(text_shards, batch=8, tokenizer=tokenizer, objective=objective)
     everything = rows(take(iter(single), len(single)))
     split = []
     for rank in range(2):
-        part = loader(text_shards, world=2, rank=rank, workers=2, batch=4, tokenizer=tokenizer)
+        part = loader(text_shards, world=2, rank=rank, workers=2, batch=4, tokenizer=tokenizer, objective=objective)
         split += rows(take(iter(part), len(part)))
     assert len(everything) > 500 and Counter(split) == Counter(everything)
 
 
-def test_resume_equals_the_uninterrupted_stream(text_shards, tokenizer):
-    full = loader(text_shards, workers=2, batch=8, tokenizer=tokenizer)
+@pytest.mark.parametrize("objective", ["clm", "span"])
+def test_resume_equals_the_uninterrupted_stream(text_shards, tokenizer, objective):
+    full = loader(text_shards, workers=2, batch=8, tokenizer=tokenizer, objective=objective)
     steps = len(full) + 37  # past an epoch boundary
     reference = take(iter(full), steps + 25)
-    first = loader(text_shards, workers=2, batch=8, tokenizer=tokenizer)
+    first = loader(text_shards, workers=2, batch=8, tokenizer=tokenizer, objective=objective)
     it = iter(first)
     take(it, steps)
     state = first.state_dict()
     assert state["epoch"] == 1
-    resumed = loader(text_shards, workers=0, batch=8, tokenizer=tokenizer)
+    resumed = loader(text_shards, workers=0, batch=8, tokenizer=tokenizer, objective=objective)
     resumed.load_state_dict(state)
     for a, b in zip(reference[steps:], take(iter(resumed), 25), strict=True):
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
