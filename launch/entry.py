@@ -37,20 +37,20 @@ def load(config: Path | None, overrides: list[str]):
 def train(task: str, config: Path | None, overrides: list[str]) -> None:
     """One rank of a run: config first (cheap to get wrong), then the rendezvous, then training."""
     cfg = load(config, overrides)
-    dist = env.setup()
-    if dist.world_size > 1:
-        print(f"tessera {task}: {dist.describe()}", file=sys.stderr, flush=True)
-    from torch.distributed import DistStoreError
+    with env.launched() as dist:
+        if dist.world_size > 1:
+            print(f"tessera {task}: {dist.describe()}", file=sys.stderr, flush=True)
+        from torch.distributed import DistStoreError
 
-    from trainer.run import run
+        from trainer.run import run
 
-    try:
-        run(cfg, task)
-    except DistStoreError as exc:  # the store is only used to meet: the others never came
-        raise UserError(
-            f"rendezvous at {dist.master_addr}:{dist.master_port} failed: {str(exc).splitlines()[0]} "
-            f"(are all {dist.world_size} ranks started? train.dist_timeout_s sets the wait)"
-        ) from None
+        try:
+            run(cfg, task)
+        except DistStoreError as exc:  # the store is only used to meet: the others never came
+            raise UserError(
+                f"rendezvous at {dist.master_addr}:{dist.master_port} failed: {str(exc).splitlines()[0]} "
+                f"(are all {dist.world_size} ranks started? train.dist_timeout_s sets the wait)"
+            ) from None
 
 
 def entry_args(config: Path | None, overrides: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -17,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 
 from common.errors import UserError
 from common.net import free_port
@@ -76,6 +77,26 @@ def export(dist: LauncherEnv, environ: MutableMapping[str, str] | None = None) -
         MASTER_ADDR=dist.master_addr,
         MASTER_PORT=str(dist.master_port),
     )
+
+
+EXPORTED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def launched(environ: MutableMapping[str, str] | None = None) -> Iterator[LauncherEnv]:
+    """:func:`setup` for one run, the exported variables put back as they were afterwards: a run called
+    in this process (a notebook, a bench) must not leave torchrun's variables behind, or a library
+    used later (accelerate, under transformers' Trainer) starts a process group of its own."""
+    e = os.environ if environ is None else environ
+    saved = {name: e.get(name) for name in EXPORTED}
+    try:
+        yield setup(e)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                e.pop(name, None)
+            else:
+                e[name] = value
 
 
 def backend() -> str:

@@ -44,6 +44,9 @@ def _int_env(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+_ADDED_ENV: list[str] = []  # launcher variables init_distributed set, which teardown removes
+
+
 def init_distributed(need_group: bool, timeout_s: int = 600) -> DistEnv:
     """Join (or create) the process group described by the environment; idempotent."""
     world_size = _int_env("WORLD_SIZE", 1)
@@ -58,13 +61,16 @@ def init_distributed(need_group: bool, timeout_s: int = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
     if (world_size > 1 or need_group) and not dist.is_initialized():
+        variables = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)}
         if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            variables = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **variables}
         for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if name not in os.environ:
+            if name not in os.environ and name not in variables:
                 raise UserError(f"{name} is not set; start multi-process runs with torchrun or tessera --nproc")
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        for name, value in variables.items():  # what torch reads; the launcher's own values stay
+            if name not in os.environ:
+                os.environ[name] = value
+                _ADDED_ENV.append(name)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
@@ -74,11 +80,16 @@ def init_distributed(need_group: bool, timeout_s: int = 600) -> DistEnv:
 
 
 def teardown(barrier: bool = True) -> None:
-    """Leave the process group; after a clean run a barrier first, so no rank exits while others talk."""
+    """Leave the process group; after a clean run a barrier first, so no rank exits while others talk.
+    The launcher variables :func:`init_distributed` added go too: left behind, they made libraries used
+    later in the same process (accelerate, under transformers' Trainer) start a process group of their own."""
     if dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+    for name in _ADDED_ENV:
+        os.environ.pop(name, None)
+    _ADDED_ENV.clear()
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:

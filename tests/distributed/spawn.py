@@ -18,6 +18,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed
+
 from common.net import free_port
 
 
@@ -55,6 +57,8 @@ def spawn(fn: Callable, world_size: int, *args: Any, env: dict[str, str] | None 
 
     ``start="spawn"`` starts fresh interpreters instead (slower): what CUDA needs once anything in
     this process may have initialised it."""
+    if start == "fork" and torch.distributed.is_initialized():  # the ranks would inherit it and hang on it
+        raise RuntimeError("a process group is open in the test process: whatever opened it must destroy it")
     ctx = mp.get_context(start)
     out = ctx.Queue()
     port = free_port()

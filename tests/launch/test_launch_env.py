@@ -121,3 +121,13 @@ def test_rendezvous_found_when_rank0_listens():
              "MASTER_PORT": str(server.getsockname()[1]), env.RDZV_TIMEOUT_VAR: "5"}
         assert env.setup(e).rank == 1
         assert e["LOCAL_WORLD_SIZE"] == "2"
+
+
+def test_a_run_in_this_process_leaves_the_environment_as_it_found_it():
+    """Left behind, torchrun's variables made accelerate (under transformers' Trainer, later in the same
+    process) start a gloo group that forked ranks inherited and hung on."""
+    environ = {"PATH": "/usr/bin", "MASTER_PORT": "29555"}
+    with env.launched(environ) as dist:
+        assert dist.world_size == 1
+        assert (environ["RANK"], environ["WORLD_SIZE"], environ["MASTER_PORT"]) == ("0", "1", "29555")
+    assert environ == {"PATH": "/usr/bin", "MASTER_PORT": "29555"}
