@@ -42,9 +42,10 @@ from data.prepare import (
     build_report,
     document_line,
     no_documents,
+    screened,
     write_atomic,
 )
-from data.readers import expand_inputs, iter_documents, txt_modes
+from data.readers import expand_inputs, txt_modes
 
 WORK = "tasks"
 PLAN = "plan.json"
@@ -128,12 +129,18 @@ def is_done(work: Path, plan: PrepPlan, task: int) -> bool:
         return False
 
 
-def run_task(work: Path, task: int) -> None:
-    """Screen task ``task``'s files and write its folder; a no-op when it is already done."""
+def plan_of_pending(work: Path, task: int) -> PrepPlan | None:
+    """The run's plan when task ``task`` still has to run; None when it is done."""
     plan = load_plan(work)
     if not 0 <= task < plan.tasks:
         raise UserError(f"task {task} is not in this run's 0..{plan.tasks - 1}")
-    if is_done(work, plan, task):
+    return None if is_done(work, plan, task) else plan
+
+
+def run_task(work: Path, task: int) -> None:
+    """Screen task ``task``'s files and write its folder; a no-op when it is already done."""
+    plan = plan_of_pending(work, task)
+    if plan is None:
         return
     settings = PrepSettings(**plan.settings)
     screen, near = Screen(settings), settings.minhash()
@@ -155,14 +162,7 @@ def run_task(work: Path, task: int) -> None:
             batch.clear()
             batch_chars = 0
 
-        for doc in iter_documents(files, text_field=settings.text_field, txt_mode=settings.txt_mode,
-                                  skipped=tally.skipped, invalid_utf8=tally.invalid_utf8):
-            tally.seen += 1
-            tally.bytes_in += len(doc.text.encode("utf-8"))
-            verdict = screen(doc)
-            if isinstance(verdict, str):
-                tally.note(verdict, doc.id, doc.text)
-                continue
+        for doc, verdict in screened(files, settings, screen, tally):
             redacted: Counter[str] = Counter()
             line, size = document_line(doc.id, verdict.text, doc.meta, redacted if settings.pii else None)
             kept.write(line)

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,21 @@ def document_line(doc_id: str, text: str, meta: dict[str, Any], redacted: Counte
     return json.dumps({"id": doc_id, "text": text, **meta}, ensure_ascii=False) + "\n", len(text.encode("utf-8"))
 
 
+def screened(files: list, settings: PrepSettings, screen: Screen, tally: Tally
+             ) -> Iterator[tuple[Document, TextView]]:
+    """The documents of ``files`` that ``screen`` keeps; every document read is counted in ``tally`` and
+    every one removed noted there with its reason. The one pass the single run and every task share."""
+    for doc in iter_documents(files, text_field=settings.text_field, txt_mode=settings.txt_mode,
+                              skipped=tally.skipped, invalid_utf8=tally.invalid_utf8):
+        tally.seen += 1
+        tally.bytes_in += len(doc.text.encode("utf-8"))
+        verdict = screen(doc)
+        if isinstance(verdict, str):
+            tally.note(verdict, doc.id, doc.text)
+            continue
+        yield doc, verdict
+
+
 def prepare(inputs: Iterable[str | Path], out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Run the pipeline in this process and write ``out_dir/documents.jsonl`` and ``out_dir/report.json``;
     returns the report. ``options`` are :class:`PrepSettings`' fields."""
@@ -186,14 +201,7 @@ def prepare(inputs: Iterable[str | Path], out_dir: str | Path, **options: Any) -
     pending_chars = 0
     partial = out / "documents.jsonl.partial"  # renamed when complete: a failed run leaves no half file
     with partial.open("w", encoding="utf-8") as sink:
-        for doc in iter_documents(inputs, text_field=settings.text_field, txt_mode=settings.txt_mode,
-                                  skipped=tally.skipped, invalid_utf8=tally.invalid_utf8):
-            tally.seen += 1
-            tally.bytes_in += len(doc.text.encode("utf-8"))
-            verdict = screen(doc)
-            if isinstance(verdict, str):
-                tally.note(verdict, doc.id, doc.text)
-                continue
+        for doc, verdict in screened(inputs, settings, screen, tally):
             pending.append((doc, verdict))
             pending_chars += len(verdict.text)
             if pending_chars >= DEDUP_BATCH_CHARS:

@@ -34,6 +34,7 @@ from data.prep_tasks import (
     is_done,
     load_plan,
     mark_done,
+    plan_of_pending,
     plan_tasks,
     span,
     task_dir,
@@ -77,10 +78,8 @@ def plan_shards(inputs: list[str], tokenizer_dir: str | Path, out_dir: str | Pat
 
 def run_task(work: Path, task: int) -> None:
     """Tokenize task ``task``'s files into its folder; a no-op when it is already done."""
-    plan = load_plan(work)
-    if not 0 <= task < plan.tasks:
-        raise UserError(f"task {task} is not in this run's 0..{plan.tasks - 1}")
-    if is_done(work, plan, task):
+    plan = plan_of_pending(work, task)
+    if plan is None:
         return
     folder = task_dir(work, task)
     shutil.rmtree(folder, ignore_errors=True)  # what an unfinished attempt left
