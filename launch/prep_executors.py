@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.errors import UserError, exit_status
 from data.prep_tasks import bands_of, bucket_band, finish, is_done, load_plan, plan_run, run_task, work_dir
 from data.prep_tasks import span as _span
 from data.prepare import PrepSettings
@@ -79,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         "band": lambda: bucket_band(work, int(os.environ["SLURM_ARRAY_TASK_ID"])),
         "merge": lambda: finish(work, args.out),
     }
-    stage = stages[args.stage]
-    try:
-        stage()
-    except UserError as error:
-        print(f"tessera prep: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    def run_stage() -> None:  # a stage's own result (the merge's report) is not a status
+        stages[args.stage]()
+
+    return exit_status("tessera prep", run_stage)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
+from common.errors import UserError, exit_status
 from data.prep_tasks import is_done, load_plan, span, work_dir
 from data.shard_tasks import finish, plan_shards, run_task
 from data.shards import ShardManifest
@@ -67,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         "task": lambda: run_task(work, int(os.environ["SLURM_ARRAY_TASK_ID"])),
         "merge": lambda: finish(work, args.out),
     }
-    try:
+
+    def run_stage() -> None:  # a stage's own result (the merge's report) is not a status
         stages[args.stage]()
-    except UserError as error:
-        print(f"tessera shard: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status("tessera shard", run_stage)
 
 
 if __name__ == "__main__":
