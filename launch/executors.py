@@ -6,6 +6,7 @@ starting when the one before ended well.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
 import os
@@ -39,6 +40,15 @@ class SlurmOptions:
     time: str | None = None
     mem: str | None = None
     wait: bool = True
+
+
+def add_slurm_flags(parser: argparse.ArgumentParser) -> None:
+    """The job options of ``--executor slurm`` (prep and shard alike); :func:`check_slurm_flags` refuses them
+    with another executor."""
+    for flag in ("--partition", "--account", "--qos"):
+        parser.add_argument(flag, help="slurm: the jobs' " + flag[2:])
+    parser.add_argument("--time", help="slurm: time limit per task (MM, HH:MM:SS or D-HH:MM:SS)")
+    parser.add_argument("--mem", help="slurm: memory per task (e.g. 8G)")
 
 
 def check_slurm_flags(args: object, executor: str | None) -> None:

@@ -13,6 +13,7 @@ from collections import Counter
 from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
 from data.shards import KINDS
+from launch.executors import add_slurm_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, help="how many tasks the input files are dealt to (default 1)")
     parser.add_argument("--no-wait", action="store_true",
                         help="slurm: submit the task array and the merge job after it, print their ids and return")
-    for flag in ("--partition", "--account", "--qos"):
-        parser.add_argument(flag, help="slurm: the jobs' " + flag[2:])
-    parser.add_argument("--time", help="slurm: time limit per task (MM, HH:MM:SS or D-HH:MM:SS)")
-    parser.add_argument("--mem", help="slurm: memory per task (e.g. 8G)")
+    add_slurm_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
