@@ -3,7 +3,9 @@ across pipeline sizes (checkpoints hold the plain model's names)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,40 @@ def test_two_stages_per_rank_with_data_parallel_and_tied_embeddings_follow_the_s
     resume_from(tmp_path / "pp", tmp_path / "pp_to_single", 5)
     [at_one] = spawn(train, 1, config(corpus, tmp_path / "pp_to_single", *common, tied=True))
     np.testing.assert_allclose(at_one.losses, single.losses[5:], rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def chats(corpus, tmp_path_factory) -> Path:
+    """Instruction-following conversations (33 to 173 tokens) as SFT shards: train/ and valid/."""
+    from data.make_shards import make_shards
+
+    root = tmp_path_factory.mktemp("chats")
+    records = json.loads((Path(__file__).parents[2] / "examples/data/sft_rasbt_instruction_data.json").read_text())
+    for split, part in (("train", records[:160]), ("valid", records[160:200])):
+        (root / f"{split}.json").write_text(json.dumps(part))
+        make_shards([str(root / f"{split}.json")], corpus.tokenizer, root / split, kind="sft", shard_bytes=8 << 10)
+    return root
+
+
+def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tmp_path):
+    """SFT at pp=2 (1F1B): labels on assistant tokens only, micro-batches as wide as their longest
+    conversation (most under data.seq_len=128), which the stages get right-padded to 128. The losses,
+    the evaluation (forward through the pipeline, unpadded) and the final weights follow one process."""
+    common = (f"data.train={chats / 'train'}", f"data.valid={chats / 'valid'}", "data.seq_len=128",
+              "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=6", "train.eval_every=6",
+              "checkpoint.save_final=true")
+
+    def sft_config(name, *overrides):
+        raw = config(corpus, tmp_path / name, *common, *overrides)
+        raw["model"]["max_seq_len"] = 128
+        return raw
+
+    [single] = spawn(train, 1, sft_config("single"), "sft")
+    pp, pp1 = spawn(train, 2, sft_config("pp", "train.strategy=ddp", "parallel.pp=2"), "sft")
+    assert pp.losses == pp1.losses
+    np.testing.assert_allclose(pp.losses, single.losses, rtol=1e-5)
+    assert pp.tokens_seen == single.tokens_seen
+    np.testing.assert_allclose(pp.eval_loss, single.eval_loss, rtol=1e-5)
+    expected, got = final_weights(single), final_weights(pp)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -12,7 +12,9 @@ soon as it is made. Tied embeddings live on the first stage and, as a copy, on t
 their gradients (Megatron's embedding group) and so stay equal.
 
 The ranks of a pipeline read the same micro-batches (the mesh is (dp, pp), pp inner); the loop's
-gradient accumulation becomes the schedule's micro-batches. Every stage gets the resolved position ids
+gradient accumulation becomes the schedule's micro-batches. The objective is the next-token loss of
+pretraining (clm) or of SFT (its labels only on assistant tokens); as the stages keep the shapes of their
+first step, SFT's micro-batches are right-padded to data.seq_len. Every stage gets the resolved position ids
 and the document ids / padding mask as keyword inputs; the last one computes the summed loss (its head
 inside the loss, as the model's ``head_loss``) times the loop's ``world / global_count``, so gradients
 are those of the single-process run (``scale_grads=False``). Gradients are averaged over dp, their norm
@@ -159,9 +161,10 @@ class RankStages(StagePart):
 class PipelineParallel(Single):
     mesh_dims = ("dp", "pp")
 
-    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, schedule: str = "1F1B") -> None:
+    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, schedule: str = "1F1B",
+                 seq_len: int = 0) -> None:
         super().__init__(cfg, env, accumulation)
-        self.size = size
+        self.size, self.seq_len = size, seq_len
         self.schedule_class = get_schedule_class(str(schedule))
         self.schedule_name = str(schedule)
         self.data_copies = size  # ranks p·pp … p·pp + pp-1 form one pipeline and read batch p
@@ -250,15 +253,25 @@ class PipelineParallel(Single):
         self.loss_sums.append(loss_sum.detach())
         return loss_sum * self.scale
 
+    def _full_width(self, batch: Batch) -> Batch:
+        """``batch`` right-padded to data.seq_len: the stages keep the shapes of their first step, and an
+        SFT micro-batch is as wide as its longest conversation. The padding has no target and, behind
+        every real token under the causal mask, changes no real token's output."""
+        missing = self.seq_len - batch["input_ids"].shape[1]
+        if missing <= 0:
+            return batch
+        fill = {"labels": IGNORE_INDEX}  # input ids, attention mask (0: padding), positions, documents: 0
+        return {key: F.pad(value, (0, missing), value=fill.get(key, 0)) for key, value in batch.items()}
+
     def forward_backward(self, micro_batches: list[Batch], scale: float, loss: Callable, objective) -> MetricSums:
         from trainer.objectives.clm import CausalLM
 
-        if not isinstance(objective, CausalLM) or objective.data_objective != "clm":
-            raise ConfigError("parallel.pp trains the clm objective (decoder pretraining) only; "
+        if not isinstance(objective, CausalLM):
+            raise ConfigError("parallel.pp trains the clm and sft objectives (a decoder's next-token loss) only; "
                               f"{type(objective).__name__} is not supported")
         inputs, labels, kwargs = [], [], []
         for batch in micro_batches:
-            batch = to_device(batch, self.env.device)
+            batch = self._full_width(to_device(batch, self.env.device))
             (input_ids,), extra = objective.model_inputs(batch)
             extra["position_ids"] = resolve_positions(input_ids, extra.get("attention_mask"),
                                                       extra.get("document_ids"), extra.get("position_ids"))
