@@ -187,3 +187,31 @@ def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tm
     expected, got = final_weights(single), final_weights(pp)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("schedule", "n_layers"), [("1F1B", 2), ("Interleaved1F1B", 4)])
+def test_moe_through_the_pipeline_follows_the_single_process_run(corpus, tmp_path, schedule, n_layers):
+    """tiny-moe (tied, dropless, load-balancing and z losses) at pp=2 with activation checkpointing: one MoE
+    block per stage (1F1B), or 4 stages, two a rank, the last holding the head alone (Interleaved1F1B). Each
+    stage's router losses reach the gradients through its own backward, so losses, weights, gradient norms and
+    the ``moe/*`` metrics (over every stage's layers) follow one process."""
+    moe = {"preset": "tiny-moe", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "moe_d_ff": 32, "max_seq_len": 64,
+           "router_aux_loss_coef": 0.1, "router_z_loss_coef": 0.01, "n_layers": n_layers}
+    common = ("train.global_batch_size=8", "train.max_steps=6", "checkpoint.save_final=true")
+
+    def moe_config(name, *overrides):
+        raw = tiny_config(corpus, tmp_path / name, *common, *overrides)
+        raw["model"] = dict(moe)
+        return raw
+
+    [single] = spawn(train, 1, moe_config("single"))
+    pp, _ = spawn(train, 2, moe_config("pp", "train.strategy=ddp", "parallel.pp=2", f"parallel.pp_schedule={schedule}",
+                                       "train.activation_checkpointing=full"))
+    np.testing.assert_allclose(pp.losses, single.losses, rtol=1e-5)
+    for a, b in zip(*((tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("single", "pp"))):
+        expected, got = json.loads(a), json.loads(b)
+        for key in ("moe/router_loss", "moe/aux_loss", "moe/z_loss", "moe/load/0", "moe/load/3", "grad_norm"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    expected, got = final_weights(single), final_weights(pp)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
