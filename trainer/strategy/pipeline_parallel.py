@@ -335,11 +335,13 @@ class PipelineParallel(Single):
         """``batch`` right-padded to data.seq_len: the stages keep the shapes of their first step, and an
         SFT micro-batch is as wide as its longest conversation. The padding has no target and, behind
         every real token under the causal mask, changes no real token's output."""
-        missing = self.seq_len - batch["input_ids"].shape[1]
+        shape = batch["input_ids"].shape
+        missing = self.seq_len - shape[1]
         if missing <= 0:
             return batch
         fill = {"labels": IGNORE_INDEX}  # input ids, attention mask (0: padding), positions, documents: 0
-        return {key: F.pad(value, (0, missing), value=fill.get(key, 0)) for key, value in batch.items()}
+        return {key: F.pad(value, (0, missing), value=fill.get(key, 0)) if value.shape == shape else value
+                for key, value in batch.items()}
 
     def forward_backward(self, micro_batches: list[Batch], scale: float, loss: Callable, objective) -> MetricSums:
         from trainer.objectives.clm import CausalLM
