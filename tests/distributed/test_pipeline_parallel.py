@@ -152,17 +152,25 @@ def test_two_stages_per_rank_with_data_parallel_and_tied_embeddings_follow_the_s
     np.testing.assert_allclose(at_one.losses, single.losses[5:], rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def chats(corpus, tmp_path_factory) -> Path:
-    """Instruction-following conversations (33 to 173 tokens) as SFT shards: train/ and valid/."""
+EXAMPLES = Path(__file__).parents[2] / "examples" / "data"
+
+
+def _shards(corpus, root: Path, source: str, kind: str) -> Path:
+    """The first 200 records of ``source`` as ``kind`` shards under the corpus tokenizer: train/ and valid/."""
     from data.make_shards import make_shards
 
-    root = tmp_path_factory.mktemp("chats")
-    records = json.loads((Path(__file__).parents[2] / "examples/data/sft_rasbt_instruction_data.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    records = json.loads((EXAMPLES / source).read_text())
     for split, part in (("train", records[:160]), ("valid", records[160:200])):
         (root / f"{split}.json").write_text(json.dumps(part))
-        make_shards([str(root / f"{split}.json")], corpus.tokenizer, root / split, kind="sft", shard_bytes=8 << 10)
+        make_shards([str(root / f"{split}.json")], corpus.tokenizer, root / split, kind=kind, shard_bytes=8 << 10)
     return root
+
+
+@pytest.fixture(scope="module")
+def chats(corpus, tmp_path_factory) -> Path:
+    """Instruction-following conversations (33 to 173 tokens) as SFT shards."""
+    return _shards(corpus, tmp_path_factory.mktemp("chats"), "sft_rasbt_instruction_data.json", "sft")
 
 
 def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tmp_path):
@@ -187,6 +195,18 @@ def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tm
     expected, got = final_weights(single), final_weights(pp)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_preference_alignment_through_the_pipeline_is_refused_in_one_line(corpus, tmp_path):
+    """A reference-free preference loss (SimPO: no frozen model to refuse first) stops at the first step."""
+    from spawn import RanksFailed
+
+    pairs = _shards(corpus, tmp_path / "pairs", "pref_rasbt_instruction_data_with_preference.json", "preference")
+    raw = config(corpus, tmp_path / "run", f"data.train={pairs / 'train'}", "data.valid=null", "align.loss=simpo",
+                 "train.global_batch_size=8", "train.strategy=ddp", "parallel.pp=2")
+    with pytest.raises(RanksFailed, match=r"parallel\.pp trains the clm and sft objectives .*; "
+                                          r"PreferenceObjective is not supported$"):
+        spawn(train, 2, raw, "align")
 
 
 @pytest.mark.parametrize(("schedule", "n_layers"), [("1F1B", 2), ("Interleaved1F1B", 4)])
