@@ -389,8 +389,8 @@ class RunConfig(Config):
             if size > 1 and self.lora.enabled:
                 raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
         pp = self.parallel.pp
-        if pp > 1 and self.train.objective not in (None, ObjectiveName.clm):
-            raise ConfigError(f"parallel.pp={pp} trains train.objective=clm only, not {self.train.objective}")
+        if pp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
+            raise ConfigError(f"parallel.pp={pp} trains train.objective=clm or sft, not {self.train.objective}")
         cp = self.parallel.cp
         if cp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
             raise ConfigError(f"parallel.cp={cp} trains train.objective=clm or sft, not {self.train.objective}")

@@ -103,7 +103,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
         trainable, total = trainable_summary(net)
         log.info("lora: rank %d on %s; trainable parameters %d of %d (%.3f%%)", cfg.lora.rank,
                  ", ".join(cfg.lora.targets), trainable, total, 100 * trainable / total)
-    strategy = build_strategy(cfg.train, env, accumulation, cfg.parallel)
+    strategy = build_strategy(cfg.train, env, accumulation, cfg.parallel, cfg.data.seq_len)
     wrapped = strategy.wrap(net)
     objective = build_objective(name, ObjectiveContext(name, cfg, tokenizer, strategy, wrapped))
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly

@@ -3,7 +3,9 @@ across pipeline sizes (checkpoints hold the plain model's names)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,88 @@ def test_two_stages_per_rank_with_data_parallel_and_tied_embeddings_follow_the_s
     resume_from(tmp_path / "pp", tmp_path / "pp_to_single", 5)
     [at_one] = spawn(train, 1, config(corpus, tmp_path / "pp_to_single", *common, tied=True))
     np.testing.assert_allclose(at_one.losses, single.losses[5:], rtol=1e-4)
+
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "data"
+
+
+def _shards(corpus, root: Path, source: str, kind: str) -> Path:
+    """The first 200 records of ``source`` as ``kind`` shards under the corpus tokenizer: train/ and valid/."""
+    from data.make_shards import make_shards
+
+    root.mkdir(parents=True, exist_ok=True)
+    records = json.loads((EXAMPLES / source).read_text())
+    for split, part in (("train", records[:160]), ("valid", records[160:200])):
+        (root / f"{split}.json").write_text(json.dumps(part))
+        make_shards([str(root / f"{split}.json")], corpus.tokenizer, root / split, kind=kind, shard_bytes=8 << 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def chats(corpus, tmp_path_factory) -> Path:
+    """Instruction-following conversations (33 to 173 tokens) as SFT shards."""
+    return _shards(corpus, tmp_path_factory.mktemp("chats"), "sft_rasbt_instruction_data.json", "sft")
+
+
+def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tmp_path):
+    """SFT at pp=2 (1F1B): labels on assistant tokens only, micro-batches as wide as their longest
+    conversation (most under data.seq_len=128), which the stages get right-padded to 128. The losses,
+    the evaluation (forward through the pipeline, unpadded) and the final weights follow one process."""
+    common = (f"data.train={chats / 'train'}", f"data.valid={chats / 'valid'}", "data.seq_len=128",
+              "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=6", "train.eval_every=6",
+              "checkpoint.save_final=true")
+
+    def sft_config(name, *overrides):
+        raw = config(corpus, tmp_path / name, *common, *overrides)
+        raw["model"]["max_seq_len"] = 128
+        return raw
+
+    [single] = spawn(train, 1, sft_config("single"), "sft")
+    pp, pp1 = spawn(train, 2, sft_config("pp", "train.strategy=ddp", "parallel.pp=2"), "sft")
+    assert pp.losses == pp1.losses
+    np.testing.assert_allclose(pp.losses, single.losses, rtol=1e-5)
+    assert pp.tokens_seen == single.tokens_seen
+    np.testing.assert_allclose(pp.eval_loss, single.eval_loss, rtol=1e-5)
+    expected, got = final_weights(single), final_weights(pp)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_preference_alignment_through_the_pipeline_is_refused_in_one_line(corpus, tmp_path):
+    """A reference-free preference loss (SimPO: no frozen model to refuse first) stops at the first step."""
+    from spawn import RanksFailed
+
+    pairs = _shards(corpus, tmp_path / "pairs", "pref_rasbt_instruction_data_with_preference.json", "preference")
+    raw = config(corpus, tmp_path / "run", f"data.train={pairs / 'train'}", "data.valid=null", "align.loss=simpo",
+                 "train.global_batch_size=8", "train.strategy=ddp", "parallel.pp=2")
+    with pytest.raises(RanksFailed, match=r"parallel\.pp trains the clm and sft objectives .*; "
+                                          r"PreferenceObjective is not supported$"):
+        spawn(train, 2, raw, "align")
+
+
+@pytest.mark.parametrize(("schedule", "n_layers"), [("1F1B", 2), ("Interleaved1F1B", 4)])
+def test_moe_through_the_pipeline_follows_the_single_process_run(corpus, tmp_path, schedule, n_layers):
+    """tiny-moe (tied, dropless, load-balancing and z losses) at pp=2 with activation checkpointing: one MoE
+    block per stage (1F1B), or 4 stages, two a rank, the last holding the head alone (Interleaved1F1B). Each
+    stage's router losses reach the gradients through its own backward, so losses, weights, gradient norms and
+    the ``moe/*`` metrics (over every stage's layers) follow one process."""
+    moe = {"preset": "tiny-moe", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "moe_d_ff": 32, "max_seq_len": 64,
+           "router_aux_loss_coef": 0.1, "router_z_loss_coef": 0.01, "n_layers": n_layers}
+    common = ("train.global_batch_size=8", "train.max_steps=6", "checkpoint.save_final=true")
+
+    def moe_config(name, *overrides):
+        raw = tiny_config(corpus, tmp_path / name, *common, *overrides)
+        raw["model"] = dict(moe)
+        return raw
+
+    [single] = spawn(train, 1, moe_config("single"))
+    pp, _ = spawn(train, 2, moe_config("pp", "train.strategy=ddp", "parallel.pp=2", f"parallel.pp_schedule={schedule}",
+                                       "train.activation_checkpointing=full"))
+    np.testing.assert_allclose(pp.losses, single.losses, rtol=1e-5)
+    for a, b in zip(*((tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("single", "pp"))):
+        expected, got = json.loads(a), json.loads(b)
+        for key in ("moe/router_loss", "moe/aux_loss", "moe/z_loss", "moe/load/0", "moe/load/3", "grad_norm"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    expected, got = final_weights(single), final_weights(pp)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -157,10 +157,10 @@ STRATEGIES = {"single": ("single", "Single"), "ddp": ("ddp", "DDP"), "fsdp": ("f
 
 
 def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
-                   parallel: ParallelConfig | None = None) -> Strategy:
+                   parallel: ParallelConfig | None = None, seq_len: int = 0) -> Strategy:
     """The strategy of ``cfg.strategy``; with ``parallel.ep``, ``parallel.tp``, ``parallel.pp`` or
     ``parallel.cp`` > 1 (config-checked: one of them; pp with ddp, the others with ddp or fsdp),
-    expert, tensor, pipeline or context parallel."""
+    expert, tensor, pipeline or context parallel. ``seq_len``: data.seq_len, the width of pp's micro-batches."""
     if parallel is not None and parallel.ep > 1:
         from trainer.strategy.expert_parallel import ExpertParallel
 
@@ -173,7 +173,8 @@ def build_strategy(cfg: TrainConfig, env: DistEnv, accumulation: int = 1,
     if parallel is not None and parallel.pp > 1:
         from trainer.strategy.pipeline_parallel import PipelineParallel
 
-        return PipelineParallel(cfg, env, accumulation, size=parallel.pp, schedule=parallel.pp_schedule)
+        return PipelineParallel(cfg, env, accumulation, size=parallel.pp, schedule=parallel.pp_schedule,
+                                seq_len=seq_len)
     if parallel is not None and parallel.cp > 1:
         from trainer.strategy import context_parallel
 

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from trainer.strategy import materialize
 from trainer.strategy.optim import clip_and_step
 from trainer.strategy.single import TRAINED, Single
+from trainer.strategy.tp_collectives import pad_to
 
 
 class Layout(enum.Enum):
@@ -69,10 +70,13 @@ class Partitioned(Single):
         self.shard_group, self.dp_group = self.mesh.get_group(self.mesh_dims[1]), self.mesh.get_group(self.mesh_dims[0])
         self.shard_rank = dist.get_rank(self.shard_group)
 
-    def split(self, tensor: torch.Tensor, dim: int, indices: list[torch.Tensor]) -> nn.Parameter:
+    def split(self, tensor: torch.Tensor, dim: int, indices: list[torch.Tensor],
+              size: int | None = None) -> nn.Parameter:
         """This rank's part of ``tensor`` (``indices[shard_rank]`` along ``dim``) as a parameter that
-        gathers back to ``tensor``'s layout."""
-        param = nn.Parameter(tensor.detach().index_select(dim, indices[self.shard_rank]).clone())
+        gathers back to ``tensor``'s layout; with ``size``, zeros after it up to that length (padding,
+        left out of checkpoints: a padded vocabulary's last shard)."""
+        part = tensor.detach().index_select(dim, indices[self.shard_rank])
+        param = nn.Parameter(pad_to(part, dim, size).clone() if size else part.clone())
         self._split_ids[id(param)] = (dim, indices)
         return param
 
@@ -196,15 +200,15 @@ class Partitioned(Single):
         shape = list(local.shape)
         shape[dim] = sum(len(i) for i in indices)
         whole = local.new_empty(shape)
-        for index, piece in zip(indices, pieces):
-            whole.index_copy_(dim, index.to(whole.device), piece)
+        for index, piece in zip(indices, pieces):  # a padded piece's zeros past its indices are dropped
+            whole.index_copy_(dim, index.to(whole.device), piece.narrow(dim, 0, len(index)))
         return whole
 
     def _piece(self, name: str, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """This rank's piece of the whole tensor ``name``, laid out as ``like`` (a DTensor under FSDP2)."""
         if name in self.splits:
             dim, indices = self.splits[name]
-            whole = whole.index_select(dim, indices[self.shard_rank].to(whole.device))
+            whole = pad_to(whole.index_select(dim, indices[self.shard_rank].to(whole.device)), dim, like.shape[dim])
         if isinstance(like, DTensor):
             return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
         return whole

@@ -12,7 +12,10 @@ soon as it is made. Tied embeddings live on the first stage and, as a copy, on t
 their gradients (Megatron's embedding group) and so stay equal.
 
 The ranks of a pipeline read the same micro-batches (the mesh is (dp, pp), pp inner); the loop's
-gradient accumulation becomes the schedule's micro-batches. Every stage gets the resolved position ids
+gradient accumulation becomes the schedule's micro-batches. The objective is the next-token loss of
+pretraining (clm) or of SFT (its labels only on assistant tokens); as the stages keep the shapes of their
+first step, SFT's micro-batches are right-padded to data.seq_len. MoE blocks' router losses never reach the
+last stage: each stage adds its own to its backward (:class:`StageRouters`). Every stage gets the resolved position ids
 and the document ids / padding mask as keyword inputs; the last one computes the summed loss (its head
 inside the loss, as the model's ``head_loss``) times the loop's ``world / global_count``, so gradients
 are those of the single-process run (``scale_grads=False``). Gradients are averaged over dp, their norm
@@ -23,6 +26,7 @@ Evaluation runs forward only through the stages in order (:class:`RankStages`), 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +46,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from common.errors import ConfigError
+from model.moe import MoE, RouterStats, moe_layers, pop_router_stats
 from model.transformer import HeadLoss, TransformerLM, resolve_positions
 from trainer.distributed import to_device
 from trainer.metrics import MetricSums
@@ -156,12 +161,85 @@ class RankStages(StagePart):
         return out
 
 
+class _RouterLossGradient(torch.autograd.Function):
+    """The identity on a stage's output whose backward also gives the stage's router loss the gradient
+    ``weight`` (Megatron's ``MoEAuxLossAutoScaler``): that loss reaches the stage's parameters through the
+    stage's own backward, as if the pipeline's loss held it."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, router_loss: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.save_for_backward(router_loss)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (router_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(router_loss, ctx.weight), None
+
+
+class StageRouters:
+    """The MoE router losses (load balancing, z-loss) of this rank's stages. What a stage's layers record
+    in its forward of micro-batch b back-propagates with b's weight in the step (its loss units times the
+    loop's scale, as the loop adds router losses), and becomes b's ``moe/*`` metrics, summed over the
+    pipeline's stages. The schedule names the micro-batch in a keyword input the hooks take out."""
+
+    def __init__(self, parts: dict[int, StagePart], n_experts: int, group: dist.ProcessGroup) -> None:
+        self.n_experts, self.group = n_experts, group
+        self.weights: list[float] = []
+        self.stats: dict[tuple[int, int], RouterStats] = {}  # (stage, micro-batch) -> what its layers recorded
+        self.micro_batch: int | None = None  # of the stage forward running now
+        for stage, part in parts.items():
+            layers = moe_layers(part)
+            part.register_forward_pre_hook(functools.partial(self._before, layers), with_kwargs=True)
+            part.register_forward_hook(functools.partial(self._after, stage, layers), with_kwargs=True)
+
+    def _before(self, layers: list[MoE], part: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        pop_router_stats(layers)  # what backward's recomputation (activation checkpointing) recorded
+        micro_batch = kwargs.pop("micro_batch", None)  # None: evaluation
+        self.micro_batch = None if micro_batch is None else int(micro_batch[0])
+        return args, kwargs
+
+    def _after(self, stage: int, layers: list[MoE], part: nn.Module, args: tuple, kwargs: dict,
+               output: torch.Tensor) -> torch.Tensor | None:
+        stats = pop_router_stats(layers)
+        if stats is None or self.micro_batch is None:
+            return None
+        self.stats[stage, self.micro_batch] = stats  # the shape inference's forward is overwritten
+        return _RouterLossGradient.apply(output, stats.loss, self.weights[self.micro_batch])
+
+    def start(self, labels: list[torch.Tensor], scale: float) -> torch.Tensor:
+        """Before a step over micro-batches of ``labels``: their weights, and the ``micro_batch`` keyword
+        input (each row's micro-batch)."""
+        self.weights, self.stats = [scale * float((t != IGNORE_INDEX).sum()) for t in labels], {}
+        return torch.cat([torch.full((len(t),), i, device=t.device) for i, t in enumerate(labels)])
+
+    def metrics(self, units: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each micro-batch's ``moe/*`` metrics as the loop makes them (sums over its ``units``): the
+        router loss summed over the pipeline's layers, the statistics their means."""
+        rows = torch.zeros(len(units), 5 + self.n_experts, dtype=torch.float64, device=units[0].device)
+        for (_, micro_batch), stats in self.stats.items():  # summed over layers: router loss; aux, z, dropped, load
+            layers = stats.counts.shape[0]
+            means = torch.stack([stats.aux_loss, stats.z_loss, stats.dropped]).to(rows)
+            rows[micro_batch] += torch.cat([stats.loss.detach().to(rows)[None], means * layers,
+                                            rows.new_tensor([layers]), stats.load.to(rows) * layers])
+        dist.all_reduce(rows, group=self.group)
+        out = []
+        for row, count in zip(rows, units):
+            share = count / row[4]  # the units over the layers
+            out.append({"moe/router_loss": row[0] * count, "moe/aux_loss": row[1] * share,
+                        "moe/z_loss": row[2] * share, "moe/dropped": row[3] * share,
+                        **{f"moe/load/{e}": load * share for e, load in enumerate(row[5:])}})
+        return out
+
+
 class PipelineParallel(Single):
     mesh_dims = ("dp", "pp")
 
-    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, schedule: str = "1F1B") -> None:
+    def __init__(self, cfg, env, accumulation: int = 1, size: int = 2, schedule: str = "1F1B",
+                 seq_len: int = 0) -> None:
         super().__init__(cfg, env, accumulation)
-        self.size = size
+        self.size, self.seq_len = size, seq_len
         self.schedule_class = get_schedule_class(str(schedule))
         self.schedule_name = str(schedule)
         self.data_copies = size  # ranks p·pp … p·pp + pp-1 form one pipeline and read batch p
@@ -177,8 +255,9 @@ class PipelineParallel(Single):
         if not isinstance(model, TransformerLM) or not cfg.causal:
             raise ConfigError("parallel.pp cuts a decoder (model.arch=decoder, an LM head) into stages; "
                               "encoders, encoder-decoders and classifiers are not supported")
-        if cfg.n_experts:
-            raise ConfigError("parallel.pp with MoE blocks is not supported yet (their router losses)")
+        if cfg.n_experts and cfg.router_bias_update_rate:
+            raise ConfigError("parallel.pp with model.router_bias_update_rate > 0 is not supported (the expert "
+                              "biases balance over every MoE layer at once); use router_aux_loss_coef")
         if n_stages > cfg.n_layers:
             raise ConfigError(f"parallel.pp={pp} with {self.schedule_name} makes {n_stages} stages, more than "
                               f"model.n_layers={cfg.n_layers}")
@@ -219,6 +298,8 @@ class PipelineParallel(Single):
                                                 loss_fn=self._loss, scale_grads=False)
         except ValueError as e:  # the schedule's own limits (micro-batches against stages)
             raise ConfigError(f"parallel.pp_schedule={self.schedule_name}: {e}") from None
+        self.routers = StageRouters(self.model.parts, model.config.n_experts, self.pp_group) \
+            if model.config.n_experts else None
         self.optimizer = build_adamw(self.model, self.cfg, self.env.device)
         return self.model
 
@@ -250,15 +331,27 @@ class PipelineParallel(Single):
         self.loss_sums.append(loss_sum.detach())
         return loss_sum * self.scale
 
+    def _full_width(self, batch: Batch) -> Batch:
+        """``batch`` right-padded to data.seq_len: the stages keep the shapes of their first step, and an
+        SFT micro-batch is as wide as its longest conversation. The padding has no target and, behind
+        every real token under the causal mask, changes no real token's output."""
+        shape = batch["input_ids"].shape
+        missing = self.seq_len - shape[1]
+        if missing <= 0:
+            return batch
+        fill = {"labels": IGNORE_INDEX}  # input ids, attention mask (0: padding), positions, documents: 0
+        return {key: F.pad(value, (0, missing), value=fill.get(key, 0)) if value.shape == shape else value
+                for key, value in batch.items()}
+
     def forward_backward(self, micro_batches: list[Batch], scale: float, loss: Callable, objective) -> MetricSums:
         from trainer.objectives.clm import CausalLM
 
-        if not isinstance(objective, CausalLM) or objective.data_objective != "clm":
-            raise ConfigError("parallel.pp trains the clm objective (decoder pretraining) only; "
+        if not isinstance(objective, CausalLM):
+            raise ConfigError("parallel.pp trains the clm and sft objectives (a decoder's next-token loss) only; "
                               f"{type(objective).__name__} is not supported")
         inputs, labels, kwargs = [], [], []
         for batch in micro_batches:
-            batch = to_device(batch, self.env.device)
+            batch = self._full_width(to_device(batch, self.env.device))
             (input_ids,), extra = objective.model_inputs(batch)
             extra["position_ids"] = resolve_positions(input_ids, extra.get("attention_mask"),
                                                       extra.get("document_ids"), extra.get("position_ids"))
@@ -266,18 +359,22 @@ class PipelineParallel(Single):
             labels.append(batch["labels"])
             kwargs.append(extra)
         self.scale, self.loss_sums = scale, []
+        inputs_by_key = {key: torch.cat([k[key] for k in kwargs]) for key in kwargs[0]}
+        if self.routers is not None:
+            inputs_by_key["micro_batch"] = self.routers.start(labels, scale)
         with self.autocast():
-            self.schedule.step(torch.cat(inputs), target=torch.cat(labels), return_outputs=False,
-                               **{key: torch.cat([k[key] for k in kwargs]) for key in kwargs[0]})
+            self.schedule.step(torch.cat(inputs), target=torch.cat(labels), return_outputs=False, **inputs_by_key)
         # every rank of the pipeline reports the last stage's loss sums; the first
         # step's shape inference also ran the loss once: the micro-batches' come last
         n = len(micro_batches)
         sums = torch.stack(self.loss_sums[-n:]).double() if self.loss_sums else \
             torch.zeros(n, dtype=torch.float64, device=self.env.device)
         dist.broadcast(sums, group_src=self.ranks[-1], group=self.pp_group)
+        counts = [(target != IGNORE_INDEX).sum() for target in labels]
+        routers = self.routers.metrics(counts) if self.routers is not None else [{}] * n
         metrics = MetricSums()
-        for loss_sum, target in zip(sums, labels):
-            metrics.add(LossOutput(loss_sum=loss_sum, count=(target != IGNORE_INDEX).sum()))
+        for loss_sum, count, router in zip(sums, counts, routers):
+            metrics.add(LossOutput(loss_sum=loss_sum, count=count, metrics=router))
         return metrics
 
     def _trained(self) -> list[nn.Parameter]:

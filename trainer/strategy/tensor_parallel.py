@@ -119,10 +119,6 @@ class TensorParallel(Partitioned):
         if cfg.n_experts or cfg.pos in (Pos.alibi, Pos.t5_bias):
             raise ConfigError("parallel.tp splits attention heads and dense MLPs: not for MoE models or per-head "
                               f"score biases (model.pos={cfg.pos})")
-        if self.vocab and cfg.vocab_size % tp:
-            raise ConfigError(f"parallel.vocab_parallel splits the vocabulary over parallel.tp={tp} ranks: "
-                              f"model.vocab_size={cfg.vocab_size} must be a multiple of it; pad the vocabulary "
-                              "or set parallel.vocab_parallel=false")
         self.make_mesh()
         for module in list(model.modules()):
             if isinstance(module, Attention):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from common.errors import UserError
 
@@ -93,16 +94,24 @@ def unscatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     return Exchange.apply(x, group, _all_gather, _slice)
 
 
-def _gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``x`` with zeros after its own entries along ``dim`` up to ``size`` (a padded vocabulary shard)."""
+    missing = size - x.shape[dim]
+    return F.pad(x, [0, 0] * (x.ndim - 1 - dim % x.ndim) + [0, missing]) if missing else x
+
+
+def _gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int, size: int) -> torch.Tensor:
     pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, x.contiguous(), group=group)
-    return torch.cat(pieces, dim)
+    return torch.cat(pieces, dim).narrow(dim, 0, size)
 
 
-def _own(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    return x.chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].contiguous()
+def _own(x: torch.Tensor, group: dist.ProcessGroup, dim: int, rows: int) -> torch.Tensor:
+    return pad_to(x, dim, rows * dist.get_world_size(group)).narrow(dim, rows * dist.get_rank(group), rows).contiguous()
 
 
-def gather_vocabulary(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    """Vocabulary shards along ``dim`` in, the whole vocabulary out (its gradient: this rank's shard)."""
-    return Exchange.apply(x, group, functools.partial(_gather, dim=dim), functools.partial(_own, dim=dim))
+def gather_vocabulary(x: torch.Tensor, group: dist.ProcessGroup, dim: int, size: int) -> torch.Tensor:
+    """Vocabulary shards (equal, the last one padded) along ``dim`` in, the whole ``size`` entries out
+    (its gradient: this rank's shard, zero on the padding)."""
+    return Exchange.apply(x, group, functools.partial(_gather, dim=dim, size=size),
+                          functools.partial(_own, dim=dim, rows=x.shape[dim]))
