@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 
 from common.net import free_port
@@ -54,6 +55,7 @@ print(" ".join(sorted(name for name in names if "gloo" in name)))
 """
 
 
+@pytest.mark.slow
 def test_teardown_ends_the_groups_threads_before_exit():
     """After teardown no gloo thread of the run's group is left running. Left for interpreter shutdown to
     tear down (torch.distributed.nn, first imported by DDP while the group was up, held it in its default
