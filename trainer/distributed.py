@@ -72,11 +72,21 @@ def init_distributed(need_group: bool, timeout_s: int = 600) -> DistEnv:
                 os.environ[name] = value
                 _ADDED_ENV.append(name)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        _bind_world_defaults_to_none()
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
+
+
+def _bind_world_defaults_to_none() -> None:
+    """Import torch.distributed.nn while no process group exists. Its functions take ``group=group.WORLD``
+    as a default argument, evaluated at import: imported later (DDP and DCP import it), they hold the live
+    group for good, and destroy_process_group leaves its gloo threads and sockets running until interpreter
+    shutdown tears them down in no set order (a rank that finished its run then aborted at exit:
+    "terminate called without an active exception"). Imported first, the defaults are None."""
+    import torch.distributed.nn  # noqa: F401
 
 
 def teardown(barrier: bool = True) -> None:
