@@ -7,9 +7,15 @@ partial ones): replicated ones
 over the world, divided by the world size (what DDP's average gives); split ones over their dp
 replicas, divided by :attr:`shard_divisor`; partial ones (whole tensors whose gradient each rank of a
 shard group holds a part of: sequence-parallel norms, per-head q/k norms) over the world, divided by
-dp. The gradient norm counts each tensor once. Checkpoints and ``full_state_dict`` hold whole
-tensors, gathered over dp and the shard group, under the plain model's names and layout, so a
-checkpoint resumes under ddp, fsdp or another mesh.
+dp. The gradient norm counts each tensor once.
+
+Checkpoints hold whole tensors under the plain model's names and shapes, so a checkpoint resumes under
+ddp, fsdp, one process or another mesh, and any of theirs here; but no rank holds a whole split tensor:
+each writes only its own blocks of the split tensors and their Adam moments (its rows of [q|k|v] are
+several runs of the whole; under FSDP2 its dp shard of them), and a load reads only the blocks it holds,
+DCP planning the reads across layouts (:mod:`trainer.strategy.dcp_chunks`). ``full_state_dict`` (the
+``model/`` export) streams: one tensor at a time gathered whole over the shard group (and dp), kept on
+rank 0 only.
 """
 
 from __future__ import annotations
