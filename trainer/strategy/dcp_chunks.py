@@ -6,8 +6,11 @@ A tensor-parallel split is an index set, not one slice: rank r holds rows q_r, k
 [q|k|v] weight, three runs of the whole tensor, and under FSDP2 only its dp shard of those. DTensor
 describes one block per rank, so :class:`Chunks` implements DCP's ``_Checkpointable`` protocol itself
 (``__create_write_items__``, ``__create_chunk_list__``, ``__get_tensor_shard__``; torch/distributed/
-_checkpointable.py, which DTensor and torchrec's ``LocalShardsWrapper`` implement): several blocks per
-rank, each a view of the rank's local tensor. DCP then plans the reads of any other layout chunk by chunk.
+_checkpointable.py, which DTensor and torchrec's ``LocalShardsWrapper`` implement, as does Megatron-LM's
+``CheckpointableShardedTensor``, megatron/core/dist_checkpointing/strategies/checkpointable.py at 7cbcca674):
+several blocks per rank, each a view of the rank's local tensor. DCP then plans the reads of any other
+layout chunk by chunk. (ShardedTensor, the other way to give several blocks per rank, is deprecated in
+torch 2.13 and all-gathers its metadata per tensor.)
 """
 
 from __future__ import annotations
