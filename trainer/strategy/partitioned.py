@@ -209,9 +209,14 @@ class Partitioned(Single):
 
     def _state(self) -> dict:
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
-        # new per-parameter dicts: those of ``get_state_dict`` are the optimizer's own
-        optim_state = {**optim_state, "state": {name: dict(entry) for name, entry in optim_state["state"].items()}}
-        return {"model": model_state, "optim": optim_state}
+        return self._copy({"model": model_state, "optim": optim_state})  # its per-parameter dicts: the optimizer's
+
+    @staticmethod
+    def _copy(state: dict) -> dict:
+        """New dicts (the model's, each parameter's optimizer state) over the same tensors."""
+        optim = state["optim"]
+        return {"model": dict(state["model"]),
+                "optim": {**optim, "state": {name: dict(entry) for name, entry in optim["state"].items()}}}
 
     @staticmethod
     def _tensors(state: dict) -> Iterator[tuple[str, dict, str]]:
@@ -226,8 +231,7 @@ class Partitioned(Single):
     def _chunked(self, state: dict) -> dict:
         """``state`` with each split tensor as :class:`~trainer.strategy.dcp_chunks.Chunks` of the whole
         one (views of this rank's piece); whole tensors (FSDP2's DTensors of them) as they are."""
-        optim = {**state["optim"], "state": {name: dict(entry) for name, entry in state["optim"]["state"].items()}}
-        chunked = {"model": dict(state["model"]), "optim": optim}
+        chunked = self._copy(state)
         for name, holder, key in self._tensors(chunked):
             if name in self.splits:
                 dim, indices = self.splits[name]
