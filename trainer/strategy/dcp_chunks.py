@@ -72,19 +72,17 @@ def split_chunks(tensor: torch.Tensor, dim: int, indices: torch.Tensor, whole_si
     """:class:`Chunks` of this rank's piece ``tensor`` of a whole tensor: the piece holds the whole's
     ``indices`` along ``dim`` (all of it along the other dims); under FSDP2 ``tensor`` is a DTensor
     sharded over dp and this rank holds one block of the piece."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    if isinstance(tensor, DTensor):
-        [chunk] = tensor.__create_chunk_list__()  # where the dp shard lies in the piece
-        offsets = list(chunk.offsets)
+    if isinstance(tensor, DTensor):  # where this rank's dp shard lies in the piece
+        local, [shard] = tensor.to_local(), tensor.__create_chunk_list__()
+        offsets = list(shard.offsets)
     else:
-        offsets = [0] * tensor.ndim
+        local, offsets = tensor, [0] * tensor.ndim
     whole_shape = list(tensor.shape)
     whole_shape[dim] = whole_size
+    held = indices[offsets[dim]:offsets[dim] + local.shape[dim]]  # of the whole, along ``dim``
     blocks = []
-    rows = indices[offsets[dim]:offsets[dim] + local.shape[dim]]
-    if local.numel():
-        for position, start, length in _runs(rows):
-            block_offsets = list(offsets)
-            block_offsets[dim] = start
-            blocks.append((local.narrow(dim, position, length), torch.Size(block_offsets)))
+    for position, start, length in _runs(held) if local.numel() else ():
+        block_offsets = list(offsets)
+        block_offsets[dim] = start
+        blocks.append((local.narrow(dim, position, length), torch.Size(block_offsets)))
     return Chunks(torch.Size(whole_shape), local, blocks)
