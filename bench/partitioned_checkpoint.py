@@ -9,8 +9,8 @@ moments exist), then saves and loads a checkpoint two ways:
     also over dp) on every rank, DCP writing the whole tensors, and a load reading whole tensors on
     every rank.
 Reported per setting (the largest rank): the peak resident memory the save and the load added
-(VmHWM after resetting it), their seconds, and the bytes this rank wrote. Each setting runs in fresh
-processes.
+(VmHWM after resetting it before each), their seconds, and the bytes this rank wrote. The settings
+run one after the other in one set of fresh processes.
 
     PYTHONPATH=. python bench/partitioned_checkpoint.py [--ranks 4 --tp 2 --layers 8 --d-model 768] [--json PATH]
     PYTHONPATH=. python bench/partitioned_checkpoint.py --smoke     # tiny shapes, what CI runs
@@ -34,6 +34,7 @@ from bench.init_host_memory import KIB_PER_GIB, _reset_peak, _status_kib
 GIB = 2**30
 SMOKE_SHAPE = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "vocab_size": 64,
                "tie_embeddings": False}
+STRATEGIES = ("ddp", "fsdp")
 MODES = ("pieces", "gathered")
 
 
@@ -45,8 +46,7 @@ def _gathered_state(parallel) -> dict:
     return state
 
 
-def _rank(rank: int, ranks: int, port: int, strategy: str, tp: int, mode: str, shape: dict[str, Any], directory: str,
-          out: Any) -> None:
+def _rank(rank: int, ranks: int, port: int, tp: int, shape: dict[str, Any], directory: str, out: Any) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch
@@ -59,36 +59,39 @@ def _rank(rank: int, ranks: int, port: int, strategy: str, tp: int, mode: str, s
 
     torch.set_num_threads(1)
     env = init_distributed(need_group=True)
-    with torch.device("meta"):  # materialised block by block by the strategy, as in the trainer
-        net = build_model(ModelConfig.from_dict(shape))
-    parallel = TensorParallel(TrainConfig.from_dict({"strategy": strategy, "seed": 0}), env, size=tp)
-    wrapped = parallel.wrap(net)
-    tokens = torch.randint(0, shape["vocab_size"], (1, 65), generator=torch.Generator().manual_seed(rank))
-    logits = wrapped(tokens[:, :-1])
-    parallel.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
-    parallel.step(1e-3)
-    del logits
-    path = Path(directory)
-    row = {"rank": rank}
-    for action in ("save", "load"):
-        barrier()
-        _reset_peak()
-        start_kib, start = _status_kib("VmRSS"), time.perf_counter()
-        if mode == "pieces":
-            getattr(parallel, action)(path)
-        elif action == "save":
-            dcp.save(_gathered_state(parallel), checkpoint_id=path / "dcp")
-        else:
-            dcp.load(_gathered_state(parallel), checkpoint_id=path / "dcp")
-        row[f"{action}_s"] = time.perf_counter() - start
-        row[f"{action}_peak_gib"] = (_status_kib("VmHWM") - start_kib) / KIB_PER_GIB
-    row["written_gib"] = sum(f.stat().st_size for f in (path / "dcp").glob(f"__{rank}_*.distcp")) / GIB
-    out.put(row)
+    rows = []
+    for strategy in STRATEGIES:
+        with torch.device("meta"):  # materialised block by block by the strategy, as in the trainer
+            net = build_model(ModelConfig.from_dict(shape))
+        parallel = TensorParallel(TrainConfig.from_dict({"strategy": strategy, "seed": 0}), env, size=tp)
+        wrapped = parallel.wrap(net)
+        tokens = torch.randint(0, shape["vocab_size"], (1, 65), generator=torch.Generator().manual_seed(rank))
+        logits = wrapped(tokens[:, :-1])
+        parallel.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
+        parallel.step(1e-3)
+        del net, wrapped, logits
+        for mode in MODES:
+            path = Path(directory) / f"{strategy}_{mode}"
+            row = {"strategy": strategy, "mode": mode}
+            for action in ("save", "load"):
+                barrier()
+                _reset_peak()  # a peak of its own for each action, whatever ran before in this process
+                start_kib, start = _status_kib("VmRSS"), time.perf_counter()
+                if mode == "pieces":
+                    getattr(parallel, action)(path)
+                else:
+                    getattr(dcp, action)(_gathered_state(parallel), checkpoint_id=path / "dcp")
+                row[f"{action}_s"] = time.perf_counter() - start
+                row[f"{action}_peak_gib"] = (_status_kib("VmHWM") - start_kib) / KIB_PER_GIB
+            row["written_gib"] = sum(f.stat().st_size for f in (path / "dcp").glob(f"__{rank}_*.distcp")) / GIB
+            rows.append(row)
+        del parallel
+    out.put(rows)
     teardown()
 
 
-def measure(strategy: str, tp: int, mode: str, shape: dict[str, Any], ranks: int) -> dict[str, Any]:
-    """One setting in fresh processes: the largest rank's figures."""
+def measure(tp: int, shape: dict[str, Any], ranks: int) -> list[dict[str, Any]]:
+    """Every setting, one after the other in the same fresh processes: the largest rank's figures of each."""
     from common.net import free_port
 
     port = free_port()
@@ -96,17 +99,17 @@ def measure(strategy: str, tp: int, mode: str, shape: dict[str, Any], ranks: int
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as directory:
-        procs = [ctx.Process(target=_rank, args=(r, ranks, port, strategy, tp, mode, shape, directory, out))
-                 for r in range(ranks)]
+        procs = [ctx.Process(target=_rank, args=(r, ranks, port, tp, shape, directory, out)) for r in range(ranks)]
         for p in procs:
             p.start()
-        rows = [out.get(timeout=1800) for _ in procs]
+        per_rank = [out.get(timeout=3600) for _ in procs]
         for p in procs:
             p.join()
             if p.exitcode:
-                raise RuntimeError(f"a rank of {strategy}/{mode} exited with {p.exitcode}")
-    return {"strategy": strategy, "tp": tp, "mode": mode,
-            **{key: max(r[key] for r in rows) for key in rows[0] if key != "rank"}}
+                raise RuntimeError(f"a rank exited with {p.exitcode}")
+    return [{**first, "tp": tp, **{key: max(rows[i][key] for rows in per_rank) for key in first
+                                   if key not in ("strategy", "mode")}}
+            for i, first in enumerate(per_rank[0])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         params = sum(p.numel() for p in build_model(ModelConfig.from_dict(shape)).parameters())
     ranks = 2 if args.smoke else args.ranks
     tp = 2 if args.smoke else args.tp
-    rows = [measure(strategy, tp, mode, shape, ranks) for strategy in ("ddp", "fsdp") for mode in MODES]
+    rows = measure(tp, shape, ranks)
     whole_gib = params * 4 * 3 / GIB  # fp32 weights and two Adam moments
     print(f"{ranks} ranks (gloo, CPU), tp={tp}; {params / 1e6:.1f}M parameters, fp32 weights + Adam moments "
           f"{whole_gib:.2f} GiB")
