@@ -209,7 +209,7 @@ class Partitioned(Single):
 
     def _state(self) -> dict:
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
-        return self._copy({"model": model_state, "optim": optim_state})  # its per-parameter dicts: the optimizer's
+        return self._copy({"model": model_state, "optim": optim_state})  # (its per-parameter dicts are the optimizer's)
 
     @staticmethod
     def _copy(state: dict) -> dict:
