@@ -107,9 +107,9 @@ def test_sequence_parallel_follows_one_process(corpus, tmp_path, arch):
 @pytest.mark.slow
 def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(corpus, tmp_path):
     """tp=2 × dp=2 with sequence parallel on 4 ranks (2 "nodes"), dp as ddp and as FSDP2: 10 steps
-    within 1e-4 of one process. The fsdp run's step-5 checkpoint resumes at dp=4 (ddp, no tp) and at
-    tp=4 (sequence parallel, fsdp over dp=1) with the uninterrupted run's losses; the single-process
-    run's resumes at tp=2 × dp=2 (fsdp) with its own."""
+    within 1e-4 of one process. The fsdp run's step-5 checkpoint resumes at dp=4 (ddp and fsdp, no tp),
+    at tp=2 × dp=2 under ddp and at tp=4 (sequence parallel, fsdp over dp=1) with the uninterrupted run's
+    losses; the single-process run's resumes at tp=2 × dp=2 (fsdp) with its own."""
     model = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 4, "d_ff": 64, "max_seq_len": 64}
     common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
               "checkpoint.save_final=true")
@@ -132,6 +132,8 @@ def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(co
             torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{strategy}: {name}")
 
     resumes = (("dp4", runs["fsdp"][0], ("train.strategy=ddp", "train.micro_batch_size=2")),
+               ("dp4_fsdp", runs["fsdp"][0], ("train.strategy=fsdp", "train.micro_batch_size=2")),
+               ("tp2_ddp", runs["fsdp"][0], ("train.strategy=ddp", *tp_sp)),
                ("tp4", runs["fsdp"][0], ("train.strategy=fsdp", "parallel.tp=4", "parallel.sequence_parallel=true",
                                          "train.micro_batch_size=8")),
                ("from_single", single, ("train.strategy=fsdp", *tp_sp)))

@@ -15,7 +15,7 @@ from spawn import spawn
 def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path):
     """tp=2 × dp=2 on 4 ranks (2 "nodes"): each rank holds half of every block's heads and MLP units;
     the two ranks of a tp group read the same batch, so the global batch is 2 groups' micro-batches."""
-    dense = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64}
+    dense = {"preset": "tiny-llama", "d_model": 32, "n_heads": 8, "n_kv_heads": 4, "d_ff": 64, "max_seq_len": 64}
     common = ("train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=10",
               "checkpoint.save_final=true")
 
@@ -38,13 +38,18 @@ def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path
     for name, tensor in ddp_weights.items():
         torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
-    # the step-5 checkpoint resumes at dp=4 (ddp, micro-batch 2): whole tensors, one loader state per tp group
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "tp" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
-    (resumed / "checkpoints" / "latest").write_text("step_000005")
-    raw = config("resumed", "train.strategy=ddp", "train.micro_batch_size=2")
-    again = spawn(train, 4, raw)
-    np.testing.assert_allclose(again[0].losses, tp[0].losses[5:], rtol=1e-4)
+    # the step-5 checkpoint (each rank wrote its pieces) resumes at dp=4 (ddp and fsdp, micro-batch 2: one
+    # loader state per tp group), at tp=4 and at tp=2 × dp=2 under fsdp, and goes on as uninterrupted
+    resumes = {"dp4_ddp": ("train.strategy=ddp", "train.micro_batch_size=2"),
+               "dp4_fsdp": ("train.strategy=fsdp", "train.micro_batch_size=2"),
+               "tp4": ("train.strategy=ddp", "parallel.tp=4", "train.micro_batch_size=8"),
+               "tp2_fsdp": ("train.strategy=fsdp", "parallel.tp=2")}
+    for name, overrides in resumes.items():
+        resumed = tmp_path / name
+        shutil.copytree(tmp_path / "tp" / "checkpoints" / "step_000005", resumed / "checkpoints" / "step_000005")
+        (resumed / "checkpoints" / "latest").write_text("step_000005")
+        again = spawn(train, 4, config(name, *overrides), env={"LOCAL_WORLD_SIZE": "2"} if name == "tp2_fsdp" else None)
+        np.testing.assert_allclose(again[0].losses, tp[0].losses[5:], rtol=1e-4, err_msg=name)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "encoder_decoder"])

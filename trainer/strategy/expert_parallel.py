@@ -5,8 +5,8 @@ Every rank reads its own data, as under DDP. In an MoE layer a rank sends each t
 to the rank holding its expert (an all-to-all within the ep group), runs its own experts on what it
 receives, and sends the outputs back (all-to-all; both differentiable). An expert's gradient then
 already holds the contributions of every token of its ep group: summed over its dp replicas, it is
-divided by the world size like a replicated tensor's. Gradient sync, norms and whole-tensor
-checkpoints: :mod:`trainer.strategy.partitioned`.
+divided by the world size like a replicated tensor's. Gradient sync, norms and checkpoints (each
+rank's experts, as blocks of the whole tensors): :mod:`trainer.strategy.partitioned`.
 
 With ``train.strategy=fsdp`` (torchtitan's dp2ep ``apply_fsdp``, models/llama4/infra/parallelize.py
 at 1e8f9acd1): each layer's experts are sharded by FSDP2 over the dp ranks holding the same experts,

@@ -7,9 +7,15 @@ partial ones): replicated ones
 over the world, divided by the world size (what DDP's average gives); split ones over their dp
 replicas, divided by :attr:`shard_divisor`; partial ones (whole tensors whose gradient each rank of a
 shard group holds a part of: sequence-parallel norms, per-head q/k norms) over the world, divided by
-dp. The gradient norm counts each tensor once. Checkpoints and ``full_state_dict`` hold whole
-tensors, gathered over dp and the shard group, under the plain model's names and layout, so a
-checkpoint resumes under ddp, fsdp or another mesh.
+dp. The gradient norm counts each tensor once.
+
+Checkpoints hold whole tensors under the plain model's names and shapes, so a checkpoint resumes under
+ddp, fsdp, one process or another mesh, and any of theirs here; but no rank holds a whole split tensor:
+each writes only its own blocks of the split tensors and their Adam moments (its rows of [q|k|v] are
+several runs of the whole; under FSDP2 its dp shard of them), and a load reads only the blocks it holds,
+DCP planning the reads across layouts (:mod:`trainer.strategy.dcp_chunks`). ``full_state_dict`` (the
+``model/`` export) streams: one tensor at a time gathered whole over the shard group (and dp), kept on
+rank 0 only.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from trainer.strategy import materialize
+from trainer.strategy.dcp_chunks import split_chunks
 from trainer.strategy.optim import clip_and_step
 from trainer.strategy.single import TRAINED, Single
 from trainer.strategy.tp_collectives import pad_to
@@ -187,7 +194,7 @@ class Partitioned(Single):
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.sharded else super().autocast()  # FSDP2's policy casts
 
-    # -- checkpoints: whole tensors, named and laid out as in the plain model ---------------------
+    # -- checkpoints: each rank's pieces of the whole tensors, named as in the plain model -----------
 
     def _gather(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """The whole tensor ``name`` from this rank's piece of it (every rank calls it)."""
@@ -204,20 +211,16 @@ class Partitioned(Single):
             whole.index_copy_(dim, index.to(whole.device), piece.narrow(dim, 0, len(index)))
         return whole
 
-    def _piece(self, name: str, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """This rank's piece of the whole tensor ``name``, laid out as ``like`` (a DTensor under FSDP2)."""
-        if name in self.splits:
-            dim, indices = self.splits[name]
-            whole = pad_to(whole.index_select(dim, indices[self.shard_rank].to(whole.device)), dim, like.shape[dim])
-        if isinstance(like, DTensor):
-            return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
-        return whole
-
     def _state(self) -> dict:
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=TRAINED)
-        # new per-parameter dicts: those of ``get_state_dict`` are the optimizer's own
-        optim_state = {**optim_state, "state": {name: dict(entry) for name, entry in optim_state["state"].items()}}
-        return {"model": model_state, "optim": optim_state}
+        return self._copy({"model": model_state, "optim": optim_state})  # (its per-parameter dicts are the optimizer's)
+
+    @staticmethod
+    def _copy(state: dict) -> dict:
+        """New dicts (the model's, each parameter's optimizer state) over the same tensors."""
+        optim = state["optim"]
+        return {"model": dict(state["model"]),
+                "optim": {**optim, "state": {name: dict(entry) for name, entry in optim["state"].items()}}}
 
     @staticmethod
     def _tensors(state: dict) -> Iterator[tuple[str, dict, str]]:
@@ -229,28 +232,34 @@ class Partitioned(Single):
                 if value.ndim:  # not the scalar step
                     yield name, entry, key
 
-    def _whole_state(self) -> dict:
-        state = self._state()
-        for name, holder, key in self._tensors(state):
-            holder[key] = self._gather(name, holder[key])
-        return state
+    def _chunked(self, state: dict) -> dict:
+        """``state`` with each split tensor as :class:`~trainer.strategy.dcp_chunks.Chunks` of the whole
+        one (views of this rank's piece); whole tensors (FSDP2's DTensors of them) as they are."""
+        chunked = self._copy(state)
+        for name, holder, key in self._tensors(chunked):
+            if name in self.splits:
+                dim, indices = self.splits[name]
+                holder[key] = split_chunks(holder[key], dim, indices[self.shard_rank],
+                                           sum(len(i) for i in indices))
+        return chunked
 
     def save(self, path: Path) -> None:
-        dcp.save(self._whole_state(), checkpoint_id=path / "dcp")
+        dcp.save(self._chunked(self._state()), checkpoint_id=path / "dcp")
 
     def load(self, path: Path) -> None:
-        state, pieces = self._whole_state(), self._state()  # the whole shapes to read into; this rank's layout
-        dcp.load(state, checkpoint_id=path / "dcp")
-        for (name, holder, key), (_, like, _) in zip(self._tensors(state), self._tensors(pieces)):
-            holder[key] = self._piece(name, holder[key], like[key])
+        state = self._state()
+        dcp.load(self._chunked(state), checkpoint_id=path / "dcp")  # into views of ``state``'s tensors
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=TRAINED)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Whole tensors on rank 0, gathered one at a time (each rank holds one whole tensor at once)."""
         frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
         state = {}
         for name, tensor in self.model.state_dict().items():
             if name in frozen:  # a LoRA run's base, as ignore_frozen_params leaves it out
                 continue
-            state[name] = self._gather(name, tensor.detach()).cpu().clone()
+            whole = self._gather(name, tensor.detach())
+            if self.env.is_main:
+                state[name] = whole.cpu().clone()
         return state if self.env.is_main else None

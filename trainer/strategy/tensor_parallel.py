@@ -22,7 +22,7 @@ The model's fused q/k/v and gate/up projections are why this is not DTensor's ``
 that shards rows contiguously, handing rank 0 all of q, and a layout that shards well (torchtitan's
 ``FusedQKVLinear``, head-major per kv group) would change model/ and its checkpoints. With
 ``train.strategy=fsdp`` FSDP2 shards the tp-split blocks over the dp sub-mesh. Gradient sync, norms
-and whole-tensor checkpoints (which reshard across meshes): :mod:`trainer.strategy.partitioned`.
+and checkpoints (each rank's pieces of whole tensors, which reshard across meshes): :mod:`trainer.strategy.partitioned`.
 """
 
 from __future__ import annotations
