@@ -42,7 +42,7 @@ def text_shards(tokenizer_dir, tmp_path_factory) -> Path:
     subset = tmp_path_factory.mktemp("subset") / "stories.txt"
     blocks = STORIES.read_text().split("\n\n")[:1000]
     subset.write_text("\n\n".join(blocks))
-    make_shards([str(subset)], tokenizer_dir, out, shard_bytes=150_000, append_eos=True, num_workers=2,
+    make_shards([str(subset)], tokenizer_dir, out, shard_bytes=30_000, append_eos=True, num_workers=2,
                 txt_mode="block")
     return out
 

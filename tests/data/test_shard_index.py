@@ -17,7 +17,7 @@ from launch.cli import main
 def test_the_index_file_equals_a_walk_of_the_tar(fixture, request):
     root = request.getfixturevalue(fixture)
     m = ShardManifest.load(root)
-    assert m.version == 2
+    assert m.version == 3
     for info in m.shards:
         walked = check_shard(open_shard(m, info), m, info, verify_checksum=True)
         index = load_index(m, info)

@@ -15,7 +15,7 @@ def test_manifest_and_round_trip(text_shards, tokenizer):
     assert m.kind == "text" and m.dtype == "<u2" and len(m.shards) >= 4
     assert m.tokenizer_sha256 == tokenizer.sha256
     raw = json.loads((text_shards / "manifest.json").read_text())
-    assert raw["version"] == 2 and raw["num_samples"] == m.num_samples == 1000
+    assert raw["version"] == 3 and raw["num_samples"] == m.num_samples == 1000
     for info in m.shards:
         data = (text_shards / info.name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (info.bytes, info.sha256)
@@ -28,16 +28,28 @@ def test_manifest_and_round_trip(text_shards, tokenizer):
     assert tokenizer.decode(tokens[:-1]) == story + "\n"
 
 
-def test_stock_webdataset_reads_our_tars(text_shards):
+@pytest.mark.parametrize("fixture", ["text_shards", "preference_shards"])
+def test_stock_webdataset_reads_our_packed_tars(fixture, request):
+    """Stock webdataset yields packs; split by their lengths they are our samples, in order."""
     import webdataset as wds
 
-    m = ShardManifest.load(text_shards)
-    url = str(text_shards / m.shards[0].name)
-    samples = list(wds.WebDataset(url, shardshuffle=False).decode())
-    assert len(samples) == m.shards[0].samples
-    ours = ShardSet([Source(str(text_shards))])
-    assert samples[3]["__key__"] == "0000000003"
-    np.testing.assert_array_equal(samples[3]["tokens.npy"], ours.read(3))
+    root = request.getfixturevalue(fixture)
+    m = ShardManifest.load(root)
+    ours = ShardSet([Source(str(root))])
+    urls = [str(root / info.name) for info in m.shards]
+    packs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert len(packs) < m.num_samples / 10  # packed, not a tar sample per document
+    sample = 0
+    for pack in packs:
+        assert pack["__key__"] == f"{sample:010d}"  # a pack's key: the number of its first sample
+        lengths = pack["lengths.npy"]
+        assert lengths.shape[1] == len(m.fields)
+        for field, name in enumerate(m.fields):
+            pieces = np.split(pack[f"{name}.npy"], np.cumsum(lengths[:, field])[:-1])
+            for k, piece in enumerate(pieces):
+                np.testing.assert_array_equal(piece, ours.read(sample + k, field))
+        sample += len(lengths)
+    assert sample == m.num_samples
 
 
 def test_sft_and_preference_kinds(sft_shards, preference_shards, tokenizer):
