@@ -15,15 +15,16 @@ header) and ``record`` (the UTF-8 JSON ``[name, record]`` of the source record, 
 online alignment's reward functions read). Token arrays are uint16 when the vocabulary
 fits, else uint32.
 
-Beside each tar, ``NNNNN.idx.npy`` holds where each sample's arrays lie in it: an int64 array
-``[2, samples, fields]`` of byte offsets and element counts, one row per sample (not per pack),
-written with the tar (as Megatron's ``.idx`` and MosaicML's MDS index), so a reader never walks the
-tar headers and sample ids stay per document. ``manifest.json`` lists every shard (name, samples,
-tokens, bytes, sha256, and its index's bytes and sha256), the tokenizer's hash, the kind and the
-format version. Older directories still load through the same index: format 2 (one tar sample per
-sample, with index files) as it is, format 1 (no index files) by walking the tars. A sample is a
-zero-copy numpy view into the shard's memory map. A shard that is missing, truncated, malformed or
-disagrees with the manifest raises a one-line :class:`ShardError` naming it.
+Beside each tar, ``NNNNN.idx.npy`` holds where each sample's arrays lie in it: an array ``[2, samples,
+fields]`` of byte offsets and element counts (uint32 for tars below 4 GiB, else int64; format 2:
+int64), a row per sample, not per pack, written with the tar (as Megatron's ``.idx`` and MosaicML's
+MDS index), so a reader never walks the tar headers and sample ids stay per document.
+``manifest.json`` lists every shard (name, samples, tokens, bytes, sha256, and its index's bytes and
+sha256), the tokenizer's hash, the kind and the format version. Older directories still load through
+the same index: format 2 (one tar sample per sample, with index files) as it is, format 1 (no index
+files) by walking the tars. A sample is a zero-copy numpy view into the shard's memory map. A shard
+that is missing, truncated, malformed or disagrees with the manifest raises a one-line
+:class:`ShardError` naming it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ INDEX_SUFFIX = ".idx.npy"
 PACK_BYTES = 1 << 20  # payload of a pack (format 3): consecutive samples in one tar sample
 LENGTHS = "lengths"  # a pack's member of its samples' element counts per field
 LENGTHS_DTYPE = np.dtype("<u4")
+INDEX_DTYPES = ("<u4", "<i8")  # 4 bytes for tars below 4 GiB (format 3); format 2 wrote int64
 KINDS: dict[str, tuple[str, ...]] = {
     "text": ("tokens",),
     "sft": ("input_ids", "loss_mask"),
@@ -272,7 +274,8 @@ class ShardWriter:
         data = path.read_bytes()
         fields = len(KINDS[self.kind])
         table = np.concatenate(self._index).reshape(-1, 2, fields).transpose(1, 0, 2)
-        index = _npy_bytes(np.ascontiguousarray(table))
+        small = len(data) < 2**32  # then every offset and count fits 4 bytes: half the index
+        index = _npy_bytes(np.ascontiguousarray(table, INDEX_DTYPES[0] if small else INDEX_DTYPES[1]))
         index_path = path.with_suffix(INDEX_SUFFIX)
         tmp = index_path.with_name(index_path.name + ".tmp")
         tmp.write_bytes(index)
@@ -346,8 +349,10 @@ def load_index(manifest: ShardManifest, info: ShardInfo) -> ShardIndex:
         table = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:
         raise ShardError(f"index {path} is malformed: {exc}") from None
-    if table.shape != shape or table.dtype != np.int64:
-        raise ShardError(f"index {path} holds {table.dtype} {table.shape}, expected int64 {shape}")
+    if table.shape != shape or table.dtype.str not in INDEX_DTYPES:
+        raise ShardError(f"index {path} holds {table.dtype} {table.shape}, expected {' or '.join(INDEX_DTYPES)} "
+                         f"{shape}")
+    table = table.astype(np.int64, copy=False)
     return ShardIndex(table[0], table[1])
 
 
