@@ -9,7 +9,8 @@ file of the shard directory (tars, index files, manifest) over the manifest's to
 labels and bytes are not tokens). With ``--base DIR`` each tree writes its own shards of the same
 documents (a subprocess with ``PYTHONPATH=DIR``), and the in-process loader (``num_workers=0``, batch 8)
 is timed on each tree's own shards: CPU ms per batch over 200 batches, the trees alternating, median
-of 5 (CPU time: wall clocks are unusable on a shared, loaded machine).
+of 5 (CPU time: wall clocks are unusable on a shared, loaded machine); and the two trees' first 200
+batches are compared (sha256 of their tensors): the same documents in the same order give the same.
 
     PYTHONPATH=. python bench/shard_bytes.py [--base DIR] [--repeats 5] [--json PATH]
 """
@@ -62,7 +63,7 @@ writer.close()
 """
 
 BATCH = r"""
-import json, sys, time
+import hashlib, json, sys, time
 from data.config import DataConfig
 from data.loader import build_loader
 from data.tokenizer import load_tokenizer
@@ -73,7 +74,13 @@ next(it)
 start = time.process_time()
 for _ in range(200):
     next(it)
-print(json.dumps((time.process_time() - start) / 200 * 1000))
+ms = (time.process_time() - start) / 200 * 1000
+digest = hashlib.sha256()  # the first 200 batches, to compare the trees' batches
+it = iter(build_loader(cfg, objective=objective, tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=0))
+for batch in (next(it) for _ in range(200)):
+    for key in sorted(batch):
+        digest.update(key.encode() + batch[key].numpy().tobytes())
+print(json.dumps([ms, digest.hexdigest()]))
 """
 
 
@@ -114,34 +121,41 @@ def main() -> int:
             run(tree, SHARD, str(DATA), str(tok), str(work / code), json.dumps(CORPORA), SHORT_DOCS)
             sizes[code] = {name: on_disk(work / code / name) for name in [*CORPORA, SHORT_DOCS]}
         times: dict[str, dict[str, list[float]]] = {code: {} for code, _ in trees}
+        batches: dict[str, dict[str, set[str]]] = {code: {} for code, _ in trees}
         for _ in range(args.repeats):
             for code, tree in trees:
                 for objective, seq_len, corpus in BATCH_CASES:
-                    out = run(tree, BATCH, str(work / code / corpus), str(tok), objective, str(seq_len))
-                    times[code].setdefault(f"{objective} seq {seq_len} on {corpus}", []).append(json.loads(out))
+                    ms, digest = json.loads(run(tree, BATCH, str(work / code / corpus), str(tok), objective,
+                                                str(seq_len)))
+                    case = f"{objective} seq {seq_len} on {corpus}"
+                    times[code].setdefault(case, []).append(ms)
+                    batches[code].setdefault(case, set()).add(digest)
     cpu_ms = {code: {case: round(sorted(t)[len(t) // 2], 3) for case, t in cases.items()}
               for code, cases in times.items()}
-    print_table(sizes, cpu_ms)
+    same = {case: len({d for code in batches for d in batches[code][case]}) == 1
+            for case in cpu_ms["after"]} if args.base else {}
+    print_table(sizes, cpu_ms, same)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"sizes": sizes, "cpu_ms_per_batch": cpu_ms, "times": times}, indent=1) + "\n")
+    args.json.write_text(json.dumps({"sizes": sizes, "cpu_ms_per_batch": cpu_ms, "times": times,
+                                     "same_batches": same}, indent=1) + "\n")
     print(f"\n→ {args.json}")
     return 0
 
 
-def print_table(sizes: dict[str, dict], cpu_ms: dict[str, dict]) -> None:
+def print_table(sizes: dict[str, dict], cpu_ms: dict[str, dict], same: dict[str, bool]) -> None:
     codes = list(sizes)
     print("| corpus | kind | samples | tokens/sample | " + " | ".join(
-        f"{c} v{next(iter(sizes[c].values()))['version']} MB | {c} B/token" for c in codes) + " |")
-    print("|---|---|---:|---:|" + "---:|---:|" * len(codes))
+        f"{c} v{next(iter(sizes[c].values()))['version']} shards | MB | B/token" for c in codes) + " |")
+    print("|---|---|---:|---:|" + "---:|---:|---:|" * len(codes))
     kinds = {name: kind for name, (_, kind, _) in CORPORA.items()} | {SHORT_DOCS: "text"}
     for name, row in sizes[codes[0]].items():
-        cells = " | ".join(f"{sizes[c][name]['bytes'] / 1e6:.2f} | {sizes[c][name]['bytes_per_token']:.2f}"
-                           for c in codes)
+        cells = " | ".join(f"{sizes[c][name]['shards']} | {sizes[c][name]['bytes'] / 1e6:.2f} | "
+                           f"{sizes[c][name]['bytes_per_token']:.2f}" for c in codes)
         print(f"| {name} | {kinds[name]} | {row['samples']} | {row['tokens_per_sample']} | {cells} |")
-    print("\n| loader case (CPU ms per batch of 8, median) | " + " | ".join(codes) + " |")
-    print("|---|" + "---:|" * len(codes))
+    print("\n| loader case (CPU ms per batch of 8, median) | " + " | ".join(codes) + " | the same 200 batches |")
+    print("|---|" + "---:|" * len(codes) + "---|")
     for case in cpu_ms[codes[0]]:
-        print(f"| {case} | " + " | ".join(f"{cpu_ms[c][case]:.3f}" for c in codes) + " |")
+        print(f"| {case} | " + " | ".join(f"{cpu_ms[c][case]:.3f}" for c in codes) + f" | {same.get(case, '-')} |")
 
 
 if __name__ == "__main__":
