@@ -368,7 +368,7 @@ def check_shard(
         raise ShardError(f"shard {where} does not match its sha256 in the manifest (corrupt or replaced)")
     if index is None:
         try:
-            index = walk_tar(buf, manifest)
+            index = _walk_tar(buf, manifest)
         except ValueError as exc:
             raise ShardError(f"shard {where} is malformed: {exc}") from None
     else:
@@ -437,7 +437,7 @@ def _check_token_ids(buf: Any, manifest: ShardManifest, index: ShardIndex, where
                              "another tokenizer)")
 
 
-def walk_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
+def _walk_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
     """A shard's index built by walking its tar's headers (and where its metadata lies): a tar sample is
     one sample, or a pack of several when it has a ``lengths.npy`` member (format 3)."""
     fields = manifest.fields
