@@ -12,7 +12,7 @@ is timed on each tree's own shards: CPU ms per batch over 200 batches, the trees
 of 5 (CPU time: wall clocks are unusable on a shared, loaded machine); and the two trees' first 200
 batches are compared (sha256 of their tensors): the same documents in the same order give the same.
 
-    PYTHONPATH=. python bench/shard_bytes.py [--base DIR] [--repeats 5] [--json PATH]
+    PYTHONPATH=. python bench/shard_bytes.py [--base DIR] [--repeats 5] [--smoke] [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ CORPORA = {  # name: (files, kind, make_shards options)
 }
 SHORT_DOCS = "tinystories, 40-token documents"
 BATCH_CASES = (("clm", 2048, "tinystories_valid_head"), ("clm", 128, SHORT_DOCS), ("sft", 512, "sft_alpaca"))
+SMOKE_CORPORA = ("tinystories_valid_head", "sft_rasbt")  # --smoke: these, one timing each
+SMOKE_CASES = (("clm", 128, SHORT_DOCS), ("sft", 512, "sft_rasbt"))
 
 SHARD = r"""
 import json, sys
@@ -103,12 +105,15 @@ def on_disk(root: Path) -> dict:
             "tokens_per_sample": round(tokens / manifest["num_samples"], 1)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, default=None, help="a checkout of the code before (e.g. main)")
     parser.add_argument("--repeats", type=int, default=5, help="loader timings per tree and case (median)")
+    parser.add_argument("--smoke", action="store_true", help=f"only {', '.join(SMOKE_CORPORA)}, one timing each")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "shard_bytes.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    corpora = {name: CORPORA[name] for name in SMOKE_CORPORA} if args.smoke else CORPORA
+    cases, repeats = (SMOKE_CASES, 1) if args.smoke else (BATCH_CASES, args.repeats)
     trees = [("after", ROOT)] + ([("before", args.base.resolve())] if args.base else [])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -118,13 +123,13 @@ def main() -> int:
             "vocab_size=8192)", *[str(DATA / f) for f in ENGLISH], str(tok))
         sizes: dict[str, dict] = {}
         for code, tree in trees:
-            run(tree, SHARD, str(DATA), str(tok), str(work / code), json.dumps(CORPORA), SHORT_DOCS)
-            sizes[code] = {name: on_disk(work / code / name) for name in [*CORPORA, SHORT_DOCS]}
+            run(tree, SHARD, str(DATA), str(tok), str(work / code), json.dumps(corpora), SHORT_DOCS)
+            sizes[code] = {name: on_disk(work / code / name) for name in [*corpora, SHORT_DOCS]}
         times: dict[str, dict[str, list[float]]] = {code: {} for code, _ in trees}
         batches: dict[str, dict[str, set[str]]] = {code: {} for code, _ in trees}
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for code, tree in trees:
-                for objective, seq_len, corpus in BATCH_CASES:
+                for objective, seq_len, corpus in cases:
                     ms, digest = json.loads(run(tree, BATCH, str(work / code / corpus), str(tok), objective,
                                                 str(seq_len)))
                     case = f"{objective} seq {seq_len} on {corpus}"
