@@ -1,4 +1,4 @@
-"""The index file written beside each tar, lazy checks, format-1 directories and `tessera shard verify`."""
+"""The index file written beside each tar, lazy checks, format-1 and format-2 directories and `tessera shard verify`."""
 
 import hashlib
 import io
