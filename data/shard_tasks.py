@@ -6,11 +6,12 @@ The inputs (in the single run's order) are dealt to N tasks in contiguous runs o
 run reads it (its id, ``--txt-mode``'s split, a compressed file). Each task tokenizes its files into
 ``OUT/tasks/task-NNNNN/`` (tars, index files, a manifest with sha256) and then writes a ``.done``
 marker: a rerun runs only the tasks without one. The merge reads every task's shards in order, each
-checked against its manifest (sha256, index, token ids), and copies each sample's tar members,
-renamed to the run's key, through one :class:`data.shards.ShardWriter` (no decoding), so the shard
+checked against its manifest (sha256, the tar walked, index, token ids), and writes each sample's
+arrays and metadata (no tokenizing) through one :class:`data.shards.ShardWriter`, so the packs, shard
 boundaries, keys and manifest are the single run's and training sees the same samples in the same
 order (the loader's shuffle permutes shards: other boundaries would give another order). Tokenizing is
-the work that scales; the merge is a byte copy in one process (about 5% of the single run's time).
+the work that scales; the merge copies arrays in one process (3% of the single run's CPU time on 5.3M
+tokens of 62k documents).
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ from __future__ import annotations
 import inspect
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from common.errors import UserError
 from data.make_shards import close_writer, make_shards, shard_writer
@@ -41,8 +39,7 @@ from data.prep_tasks import (
     work_dir,
 )
 from data.readers import expand_inputs
-from data.shards import INDEX_SUFFIX, KINDS, ShardError, ShardInfo, ShardManifest, check_shard, load_index, open_shard
-from data.shards import TAR_BLOCK as BLOCK
+from data.shards import INDEX_SUFFIX, KINDS, ShardError, ShardManifest, read_documents
 from data.tasks import TASK_KINDS, task_items
 from data.tokenizer import load_tokenizer
 
@@ -113,36 +110,11 @@ def finish(work: Path, out_dir: str | Path) -> ShardManifest:
         invalid_utf8.update(manifest.extra.get("invalid_utf8_bytes", {}))
         try:
             for info in manifest.shards:
-                for sample in read_samples(manifest, info):
-                    writer.copy_sample(*sample)
+                for arrays, meta in read_documents(manifest, info):
+                    writer.write(arrays, meta)
         except ShardError as error:
             (task_dir(work, task) / DONE).unlink()
             raise ShardError(f"{error}: task {task} is marked undone, rerun the same command to redo it") from None
     merged = close_writer(writer, skipped, invalid_utf8)
     shutil.rmtree(work)
     return merged
-
-
-def read_samples(manifest: ShardManifest, info: ShardInfo) -> Iterator[tuple[bytes, list[int], np.ndarray, np.ndarray]]:
-    """A shard's samples in order, as :meth:`data.shards.ShardWriter.copy_sample` takes them (member
-    bytes, header starts, data offsets, counts), after checking the shard against its manifest (size,
-    sha256, index file, token ids)."""
-    with open_shard(manifest, info) as mapped:
-        index = check_shard(mapped, manifest, info, verify_checksum=True, index=load_index(manifest, info))
-        buf = bytes(mapped)
-    members = _member_starts(buf)
-    firsts = np.searchsorted(members, (index.offsets[:, 0] // BLOCK - 1) * BLOCK)  # a sample's first header
-    ends = np.append(members[firsts[1:]], members[-1]) if len(firsts) else firsts
-    for sample, (first, start, end) in enumerate(zip(firsts, members[firsts], ends)):
-        headers = members[first : np.searchsorted(members, end)] - start
-        yield buf[start:end], headers.tolist(), (index.offsets[sample] - start).tolist(), index.counts[sample].tolist()
-
-
-def _member_starts(buf: bytes) -> np.ndarray:
-    """Where each member's header starts, and last where the end-of-archive blocks start."""
-    starts, pos = [], 0
-    while pos + BLOCK <= len(buf) and buf[pos : pos + BLOCK].count(0) != BLOCK:
-        starts.append(pos)
-        size = int(buf[pos + 124 : pos + 136].strip(b"\0 ") or b"0", 8)
-        pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-    return np.asarray([*starts, pos], np.int64)

@@ -1,8 +1,12 @@
 """The shard format: webdataset tar files of token arrays, a manifest, and a fast indexed reader.
 
-A sample is a group of tar members sharing a key: ``{key}.{field}.npy`` (little-endian numpy arrays)
-and optionally ``{key}.json`` (metadata). Stock webdataset reads these tars as they are. The fields
-depend on the kind: text → ``tokens``; sft → ``input_ids`` and ``loss_mask`` (uint8);
+Samples are packed (format 3): consecutive samples share one tar sample, keyed by its first sample's
+number, that holds per field ``{key}.{field}.npy`` (little-endian numpy array: the field's arrays of
+its samples end to end), ``{key}.lengths.npy`` (uint32 ``[samples, fields]``: each sample's element
+counts, to split them) and, with metadata, ``{key}.json`` (a list: an object per sample). A pack
+holds up to about 1 MiB of payload, so a short document costs its tokens and a few bytes, not a tar
+header and an .npy header of its own. Stock webdataset reads these tars as they are and yields packs.
+The fields depend on the kind: text → ``tokens``; sft → ``input_ids`` and ``loss_mask`` (uint8);
 preference → ``prompt``, ``chosen``, ``rejected``; unpaired (KTO) → ``prompt``, ``completion``, ``label``
 (1 desirable, 0 undesirable); classification → ``input_ids`` and ``label``
 (the label's index; the names are the manifest's ``labels``); seq2seq → ``source``, ``target``
@@ -11,14 +15,16 @@ header) and ``record`` (the UTF-8 JSON ``[name, record]`` of the source record, 
 online alignment's reward functions read). Token arrays are uint16 when the vocabulary
 fits, else uint32.
 
-Beside each tar, ``NNNNN.idx.npy`` (format 2) holds where each sample's arrays lie in it: an int64
-array ``[2, samples, fields]`` of byte offsets and element counts, written with the tar (as
-Megatron's ``.idx`` and MosaicML's MDS index), so a reader never walks the tar headers.
-``manifest.json`` lists every shard (name, samples, tokens, bytes, sha256, and its index's bytes
-and sha256), the tokenizer's hash, the kind and the format version. Format-1 directories (no index
-files) still load: their tars are indexed by walking the headers. A sample is a zero-copy numpy
-view into the shard's memory map. A shard that is missing, truncated, malformed or disagrees with
-the manifest raises a one-line :class:`ShardError` naming it.
+Beside each tar, ``NNNNN.idx.npy`` holds where each sample's arrays lie in it: an array ``[2, samples,
+fields]`` of byte offsets and element counts (uint32 for tars below 4 GiB, else int64; format 2:
+int64), a row per sample, not per pack, written with the tar (as Megatron's ``.idx`` and MosaicML's
+MDS index), so a reader never walks the tar headers and sample ids stay per document.
+``manifest.json`` lists every shard (name, samples, tokens, bytes, sha256, and its index's bytes and
+sha256), the tokenizer's hash, the kind and the format version. Older directories still load through
+the same index: format 2 (one tar sample per sample, with index files) as it is, format 1 (no index
+files) by walking the tars. A sample is a zero-copy numpy view into the shard's memory map. A shard
+that is missing, truncated, malformed or disagrees with the manifest raises a one-line
+:class:`ShardError` naming it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import json
 import mmap
 import subprocess
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +45,13 @@ import numpy as np
 from common.errors import UserError
 
 FORMAT = "tessera-shards"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: no index files (indexed on the fly)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: no index files (indexed on the fly); 1 and 2: one tar sample per sample
 INDEX_SUFFIX = ".idx.npy"
+PACK_BYTES = 1 << 20  # payload of a pack (format 3): consecutive samples in one tar sample
+LENGTHS = "lengths"  # a pack's member of its samples' element counts per field
+LENGTHS_DTYPE = np.dtype("<u4")
+INDEX_DTYPES = ("<u4", "<i8")  # 4 bytes for tars below 4 GiB (format 3); format 2 wrote int64
 KINDS: dict[str, tuple[str, ...]] = {
     "text": ("tokens",),
     "sft": ("input_ids", "loss_mask"),
@@ -166,11 +176,16 @@ def _check_shard_name(name: Any) -> None:
 
 
 class ShardWriter:
-    """Writes samples into numbered tar shards of about ``shard_bytes`` each, then the manifest."""
+    """Writes samples into numbered tar shards of about ``shard_bytes`` each, then the manifest.
+
+    Consecutive samples are packed: a pack is one tar sample holding each field's arrays of its
+    samples end to end (up to ``pack_bytes`` of payload, or what fills the shard) and their lengths,
+    so a short document costs its tokens, not a tar header and an .npy header of its own.
+    """
 
     def __init__(
         self, out_dir: str | Path, *, kind: str, vocab_size: int, tokenizer_sha256: str,
-        shard_bytes: int = 64 << 20, extra: Mapping[str, Any] | None = None,
+        shard_bytes: int = 64 << 20, pack_bytes: int = PACK_BYTES, extra: Mapping[str, Any] | None = None,
     ) -> None:
         if kind not in KINDS:
             raise UserError(f"unknown shard kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -178,74 +193,70 @@ class ShardWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         if any(self.root.glob("*.tar")) or (self.root / "manifest.json").exists():
             raise UserError(f"{self.root} already holds shards; choose an empty --out directory")
-        self.kind, self.shard_bytes = kind, max(int(shard_bytes), TAR_BLOCK * 4)
+        self.kind, self.shard_bytes, self.pack_bytes = kind, max(int(shard_bytes), TAR_BLOCK * 4), int(pack_bytes)
         self.dtype = token_dtype(vocab_size)
         self.manifest = ShardManifest(kind, self.dtype.str, tokenizer_sha256, vocab_size, [], self.root,
                                       dict(extra or {}))
+        self._dtypes = [self.manifest.field_dtype(name) for name in KINDS[kind]]
         self._tar: tarfile.TarFile | None = None
         self._samples = self._tokens = 0
         self._count = 0
-        self._index: list[list[int]] = []  # per sample of the open shard: offsets, then counts, of each field
+        self._index: list[np.ndarray] = []  # per pack of the open shard: [samples, offsets then counts of each field]
+        self._pack: list[list[np.ndarray]] = []  # the open pack: per sample, an array per field
+        self._pack_meta: list[dict[str, Any] | None] = []
+        self._pack_payload = 0
 
     def write(self, arrays: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
         """Add one sample: an array per field of the kind (lists of ints are fine)."""
-        if self._tar is None:
-            self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_shard)
-                self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
-        key = f"{self._count:010d}"
-        offsets, counts = [], []
-        for name in KINDS[self.kind]:
-            array = np.asarray(arrays[name], dtype=self.manifest.field_dtype(name))
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, array, allow_pickle=False)
-            payload = buf.getvalue()
-            offsets.append(self._tar.offset + TAR_BLOCK + len(payload) - array.nbytes)  # one USTAR header block
-            counts.append(array.size)
-            self._add(f"{key}.{name}.npy", payload)
-            if name not in NON_TOKEN_FIELDS:
-                self._tokens += array.size
-        self._index.append(offsets + counts)
-        if meta:
-            self._add(f"{key}.json", json.dumps(dict(meta), ensure_ascii=False).encode())
-        self._count += 1
-        self._samples += 1
-        if self._tar.fileobj.tell() >= self.shard_bytes:
-            self._close_shard()
-
-    def copy_sample(self, members: bytes, headers: Sequence[int], offsets: Sequence[int],
-                    counts: Sequence[int]) -> None:
-        """Add one sample as another ShardWriter of this kind wrote it, without decoding it: its tar
-        members' bytes, where each member's header starts in them, and its fields' data offsets (in
-        them) and element counts. The members are renamed to this writer's next key (a task run's merge)."""
-        if self._tar is None:
-            self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_shard)
-                self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
-        data = bytearray(members)
-        key = f"{self._count:010d}".encode()
-        if len(key) != 10:
-            raise UserError(f"{self.root}: over 10**10 samples; shard fewer documents per directory")
-        for at in headers:
-            data[at : at + len(key)] = key  # every writer's keys are 10 digits: the sizes stay
-            data[at + 148 : at + 156] = b" " * 8  # the checksum is the header's byte sum with its field as spaces
-            data[at + 148 : at + 155] = b"%06o\0" % sum(data[at : at + TAR_BLOCK])
-        start = self._tar.offset
-        self._tar.fileobj.write(data)
-        self._tar.offset += len(data)
-        self._index.append([start + o for o in offsets] + list(counts))
-        self._tokens += sum(c for name, c in zip(KINDS[self.kind], counts) if name not in NON_TOKEN_FIELDS)
-        self._count += 1
-        self._samples += 1
-        if self._tar.fileobj.tell() >= self.shard_bytes:
-            self._close_shard()
+        sample = [np.asarray(arrays[name], dtype).reshape(-1) for name, dtype in zip(KINDS[self.kind], self._dtypes)]
+        self._pack.append(sample)
+        self._pack_meta.append(dict(meta) if meta else None)
+        self._pack_payload += sum(a.nbytes for a in sample)
+        room = self.shard_bytes - (self._tar.offset if self._tar is not None else 0)
+        if self._pack_payload >= min(self.pack_bytes, room):
+            self._write_pack()
 
     def close(self, *, allow_empty: bool = False) -> ShardManifest:
         """Finish the last shard and write manifest.json (``allow_empty``: also one of no shards, as a
         task of a task run may hold)."""
+        self._write_pack()
         self._close_shard()
         if not self.manifest.shards and not allow_empty:
             raise UserError("no samples to write: every input document was empty or skipped")
         self.manifest.save()
         return self.manifest
+
+    def _write_pack(self) -> None:
+        """The open pack as one tar sample keyed by its first sample's number: ``lengths.npy``
+        (``[samples, fields]`` element counts), a ``{field}.npy`` per field, and ``.json`` (a list, a
+        metadata object per sample) when any sample has metadata; its samples' rows in the index."""
+        if not self._pack:
+            return
+        if self._tar is None:
+            self._tar = tarfile.open(  # noqa: SIM115 (closed by _close_shard)
+                self._path(len(self.manifest.shards)), "w", format=tarfile.USTAR_FORMAT)
+        key = f"{self._count:010d}"
+        lengths = np.array([[a.size for a in sample] for sample in self._pack], LENGTHS_DTYPE)
+        self._add(f"{key}.{LENGTHS}.npy", _npy_bytes(lengths))
+        offsets = np.empty(lengths.shape, np.int64)
+        for field, (name, dtype) in enumerate(zip(KINDS[self.kind], self._dtypes)):
+            column = np.concatenate([sample[field] for sample in self._pack]).astype(dtype, copy=False)
+            payload = _npy_bytes(column)
+            start = self._tar.offset + TAR_BLOCK + len(payload) - column.nbytes  # one USTAR header block
+            ends = np.cumsum(lengths[:, field], dtype=np.int64)
+            offsets[:, field] = start + (ends - lengths[:, field]) * dtype.itemsize
+            self._add(f"{key}.{name}.npy", payload)
+            if name not in NON_TOKEN_FIELDS:
+                self._tokens += int(ends[-1])
+        if any(self._pack_meta):
+            metas = [meta or {} for meta in self._pack_meta]
+            self._add(f"{key}.json", json.dumps(metas, ensure_ascii=False).encode())
+        self._index.append(np.concatenate([offsets, lengths.astype(np.int64)], 1))
+        self._count += len(self._pack)
+        self._samples += len(self._pack)
+        self._pack, self._pack_meta, self._pack_payload = [], [], 0
+        if self._tar.fileobj.tell() >= self.shard_bytes:
+            self._close_shard()
 
     def _add(self, name: str, payload: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -262,10 +273,9 @@ class ShardWriter:
         path = self._path(len(self.manifest.shards))
         data = path.read_bytes()
         fields = len(KINDS[self.kind])
-        table = np.asarray(self._index, np.int64).reshape(-1, 2, fields).transpose(1, 0, 2)
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(table), allow_pickle=False)
-        index = buf.getvalue()
+        table = np.concatenate(self._index).reshape(-1, 2, fields).transpose(1, 0, 2)
+        small = len(data) < 2**32  # then every offset and count fits 4 bytes: half the index
+        index = _npy_bytes(np.ascontiguousarray(table, INDEX_DTYPES[0] if small else INDEX_DTYPES[1]))
         index_path = path.with_suffix(INDEX_SUFFIX)
         tmp = index_path.with_name(index_path.name + ".tmp")
         tmp.write_bytes(index)
@@ -277,13 +287,21 @@ class ShardWriter:
         self._tar, self._samples, self._tokens, self._index = None, 0, 0, []
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 @dataclasses.dataclass
 class ShardIndex:
     """Where each sample's arrays lie in a shard: byte offsets of the data and element counts,
-    both ``[samples, fields]``."""
+    both ``[samples, fields]``; a walk of the tar also finds its ``.json`` members, ``[members, 3]``:
+    the first sample each describes, the byte offset of its text and its size."""
 
     offsets: np.ndarray
     counts: np.ndarray
+    metadata: np.ndarray | None = None
 
 
 def shard_path(manifest: ShardManifest, info: ShardInfo) -> Path:
@@ -331,8 +349,10 @@ def load_index(manifest: ShardManifest, info: ShardInfo) -> ShardIndex:
         table = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:
         raise ShardError(f"index {path} is malformed: {exc}") from None
-    if table.shape != shape or table.dtype != np.int64:
-        raise ShardError(f"index {path} holds {table.dtype} {table.shape}, expected int64 {shape}")
+    if table.shape != shape or table.dtype.str not in INDEX_DTYPES:
+        raise ShardError(f"index {path} holds {table.dtype} {table.shape}, expected {' or '.join(INDEX_DTYPES)} "
+                         f"{shape}")
+    table = table.astype(np.int64, copy=False)
     return ShardIndex(table[0], table[1])
 
 
@@ -348,7 +368,7 @@ def check_shard(
         raise ShardError(f"shard {where} does not match its sha256 in the manifest (corrupt or replaced)")
     if index is None:
         try:
-            index = _index_tar(buf, manifest)
+            index = _walk_tar(buf, manifest)
         except ValueError as exc:
             raise ShardError(f"shard {where} is malformed: {exc}") from None
     else:
@@ -361,15 +381,38 @@ def check_shard(
     return index
 
 
-def verify_shard(manifest: ShardManifest, info: ShardInfo) -> None:
+def verify_shard(manifest: ShardManifest, info: ShardInfo) -> tuple[Any, ShardIndex]:
     """Every check there is, up front (``tessera shard verify``): size, sha256, the tar walked member
-    by member, token ids, and the index file equal to the walk."""
+    by member, token ids, and the index file equal to the walk. Returns the shard's bytes and walk."""
     buf = open_shard(manifest, info)
     walked = check_shard(buf, manifest, info, verify_checksum=True)
     if info.index_sha256 is not None:
         index = load_index(manifest, info)
         if not (np.array_equal(index.offsets, walked.offsets) and np.array_equal(index.counts, walked.counts)):
             raise ShardError(f"index of shard {manifest.root / info.name} disagrees with the tar's members")
+    return buf, walked
+
+
+def read_documents(manifest: ShardManifest, info: ShardInfo) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
+    """A shard's samples in order, each as its arrays by field and its metadata (None without), after
+    every check of :func:`verify_shard`: what :meth:`ShardWriter.write` takes (a task run's merge)."""
+    mapped, walked = verify_shard(manifest, info)
+    buf = bytes(mapped)  # the arrays outlive the memory map
+    metadata: list[Any] = [None] * info.samples
+    for first, start, size in walked.metadata.tolist():
+        try:
+            value = json.loads(buf[start : start + size])
+        except ValueError as exc:
+            raise ShardError(f"shard {manifest.root / info.name}: bad metadata at byte {start} ({exc})") from None
+        values = value if isinstance(value, list) else [value]  # format 3: a list per pack; 1 and 2: per sample
+        if first + len(values) > info.samples:
+            raise ShardError(f"shard {manifest.root / info.name}: metadata at byte {start} for samples it lacks")
+        metadata[first : first + len(values)] = [v or None for v in values]
+    for sample in range(info.samples):
+        arrays = {name: np.frombuffer(buf, manifest.field_dtype(name), int(walked.counts[sample, field]),
+                                      int(walked.offsets[sample, field]))
+                  for field, name in enumerate(manifest.fields)}
+        yield arrays, metadata[sample]
 
 
 def _check_token_ids(buf: Any, manifest: ShardManifest, index: ShardIndex, where: Path) -> None:
@@ -394,12 +437,43 @@ def _check_token_ids(buf: Any, manifest: ShardManifest, index: ShardIndex, where
                              "another tokenizer)")
 
 
-def _index_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
-    fields = {name: i for i, name in enumerate(manifest.fields)}
-    itemsize = [manifest.field_dtype(name).itemsize for name in manifest.fields]
-    offsets: list[list[int]] = []
-    counts: list[list[int]] = []
-    key = None
+def _walk_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
+    """A shard's index built by walking its tar's headers (and where its metadata lies): a tar sample is
+    one sample, or a pack of several when it has a ``lengths.npy`` member (format 3)."""
+    fields = manifest.fields
+    itemsize = np.array([manifest.field_dtype(name).itemsize for name in fields], np.int64)
+    offsets: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    metadata: list[tuple[int, int, int]] = []
+    samples = 0
+
+    def add(key: str, members: dict[str, tuple[int, int]]) -> int:
+        """The rows of tar sample ``key`` (its members: extension → header offset, size); its sample count."""
+        if "json" in members:
+            start, size = members.pop("json")
+            metadata.append((samples, start, size))
+        data = []
+        for name in fields:
+            if f"{name}.npy" not in members:
+                raise ValueError(f"sample {key} lacks its {name} member")
+            data.append(_npy_data(buf, *members.pop(f"{name}.npy")))
+        starts = np.array([start for start, _ in data], np.int64)
+        sizes = np.array([size for _, size in data], np.int64)
+        if f"{LENGTHS}.npy" in members:
+            start, size = _npy_data(buf, *members.pop(f"{LENGTHS}.npy"))
+            lengths = np.frombuffer(buf, LENGTHS_DTYPE, size // LENGTHS_DTYPE.itemsize, start).astype(np.int64)
+            lengths = lengths.reshape(-1, len(fields))
+            if not (lengths.sum(0) * itemsize == sizes).all():
+                raise ValueError(f"pack {key}: its lengths disagree with its arrays' sizes")
+        else:
+            lengths = (sizes // itemsize)[None]
+        if members:
+            raise ValueError(f"unexpected member {key}.{next(iter(members))} for kind {manifest.kind}")
+        counts.append(lengths)
+        offsets.append(starts + (np.cumsum(lengths, 0) - lengths) * itemsize)
+        return len(lengths)
+
+    key, members = None, {}
     pos, end = 0, len(buf)
     while pos + TAR_BLOCK <= end:
         header = buf[pos : pos + TAR_BLOCK]
@@ -414,25 +488,21 @@ def _index_tar(buf: Any, manifest: ShardManifest) -> ShardIndex:
         if pos > end:
             raise ValueError(f"member {name} runs past the end of the file")
         stem, _, ext = name.partition(".")
-        if ext == "json":
-            continue
-        field = fields.get(ext[:-4]) if ext.endswith(".npy") else None
-        if field is None:
-            raise ValueError(f"unexpected member {name} for kind {manifest.kind}")
         if stem != key:
-            key = stem
-            offsets.append([-1] * len(fields))
-            counts.append([0] * len(fields))
-        start, nbytes = _npy_data(buf, data, size)
-        offsets[-1][field] = start
-        counts[-1][field] = nbytes // itemsize[field]
+            if key is not None:
+                samples += add(key, members)
+            key, members = stem, {}
+        if ext in members:
+            raise ValueError(f"member {name} appears twice")
+        members[ext] = (data, size)
     else:
         raise ValueError("the end-of-archive marker is missing (truncated?)")
-    index = ShardIndex(np.asarray(offsets, dtype=np.int64).reshape(-1, len(fields)),
-                       np.asarray(counts, dtype=np.int64).reshape(-1, len(fields)))
-    if (index.offsets < 0).any():
-        raise ValueError("a sample lacks one of its fields")
-    return index
+    if key is not None:
+        add(key, members)
+    width = len(fields)
+    return ShardIndex(np.concatenate(offsets) if offsets else np.zeros((0, width), np.int64),
+                      np.concatenate(counts) if counts else np.zeros((0, width), np.int64),
+                      np.asarray(metadata, np.int64).reshape(-1, 3))
 
 
 def _npy_data(buf: Any, start: int, size: int) -> tuple[int, int]:

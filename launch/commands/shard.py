@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", type=lambda s: s.split(","), default=None, metavar="A,B,...",
                         help="classification: the label names in index order (default: sorted)")
     parser.add_argument("--skip-bad", action="store_true", help="conversations: skip (and count) bad records")
-    parser.add_argument("--metadata", action="store_true", help="store each sample's source id as {key}.json")
+    parser.add_argument("--metadata", action="store_true",
+                        help="store each sample's source id (its pack's {key}.json: a list, an object per sample)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="tokenizing processes (with --executor local: tasks side by side)")
     parser.add_argument("--executor", choices=["local", "ray", "slurm"],

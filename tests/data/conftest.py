@@ -42,7 +42,7 @@ def text_shards(tokenizer_dir, tmp_path_factory) -> Path:
     subset = tmp_path_factory.mktemp("subset") / "stories.txt"
     blocks = STORIES.read_text().split("\n\n")[:1000]
     subset.write_text("\n\n".join(blocks))
-    make_shards([str(subset)], tokenizer_dir, out, shard_bytes=150_000, append_eos=True, num_workers=2,
+    make_shards([str(subset)], tokenizer_dir, out, shard_bytes=30_000, append_eos=True, num_workers=2,
                 txt_mode="block")
     return out
 
@@ -51,7 +51,7 @@ def text_shards(tokenizer_dir, tmp_path_factory) -> Path:
 def sft_shards(tokenizer_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft_shards") / "shards"
     make_shards([str(EXAMPLES / "sft_rasbt_instruction_data.json")], tokenizer_dir, out, kind="sft",
-                shard_bytes=200_000)
+                shard_bytes=40_000)
     return out
 
 
@@ -59,5 +59,5 @@ def sft_shards(tokenizer_dir, tmp_path_factory) -> Path:
 def preference_shards(tokenizer_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("preference_shards") / "shards"
     make_shards([str(EXAMPLES / "pref_rasbt_instruction_data_with_preference.json")], tokenizer_dir, out,
-                kind="preference", shard_bytes=200_000)
+                kind="preference", shard_bytes=40_000)
     return out

@@ -1,12 +1,17 @@
-"""The index file written beside each tar, lazy checks, format-1 directories and `tessera shard verify`."""
+"""The index file written beside each tar, lazy checks, format-1 and format-2 directories and `tessera shard verify`."""
 
+import hashlib
+import io
+import itertools
 import json
 import logging
 import pickle
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from data.shards import INDEX_SUFFIX, ShardError, ShardManifest, check_shard, load_index, open_shard
 from data.stream import EpochPlan, SampleStream, ShardSet, Source, _shuffle_windows, epoch_order
@@ -17,7 +22,7 @@ from launch.cli import main
 def test_the_index_file_equals_a_walk_of_the_tar(fixture, request):
     root = request.getfixturevalue(fixture)
     m = ShardManifest.load(root)
-    assert m.version == 2
+    assert m.version == 3
     for info in m.shards:
         walked = check_shard(open_shard(m, info), m, info, verify_checksum=True)
         index = load_index(m, info)
@@ -81,15 +86,76 @@ def test_a_damaged_index_is_named_and_skipped_like_a_shard(text_shards, tmp_path
         lazy.read(int(lazy.shard_start[2]))
 
 
+def format_2_copy(src, dst):
+    """The same samples, shard for shard, as format 2 wrote them: a tar sample per sample
+    (``{number}.{field}.npy``), an index file per tar, manifest version 2."""
+    m = ShardManifest.load(src)
+    shards = ShardSet([Source(str(src))])
+    raw = json.loads((src / "manifest.json").read_text())
+    raw["version"] = 2
+    dst.mkdir()
+    sample = 0
+    for info, entry in zip(m.shards, raw["shards"]):
+        path, rows = dst / info.name, []
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for _ in range(info.samples):
+                offsets, counts = [], []
+                for field, name in enumerate(m.fields):
+                    array = shards.read(sample, field)
+                    buf = io.BytesIO()
+                    np.lib.format.write_array(buf, array, allow_pickle=False)
+                    member = tarfile.TarInfo(f"{sample:010d}.{name}.npy")
+                    member.size = len(buf.getvalue())
+                    offsets.append(tar.offset + 512 + member.size - array.nbytes)
+                    counts.append(array.size)
+                    tar.addfile(member, io.BytesIO(buf.getvalue()))
+                rows.append(offsets + counts)
+                sample += 1
+        index = path.with_suffix(INDEX_SUFFIX)
+        np.save(index, np.array(rows, np.int64).reshape(-1, 2, len(m.fields)).transpose(1, 0, 2).copy())
+        for key, file in (("", path), ("index_", index)):
+            entry[f"{key}bytes"] = file.stat().st_size
+            entry[f"{key}sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(raw))
+    return dst
+
+
 def format_1_copy(src, dst):
-    """The same tars as a format-1 directory: no index files, the manifest as the last format wrote it."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"*{INDEX_SUFFIX}"))
+    """The same samples as a format-1 directory: format 2's tars, no index files."""
+    format_2_copy(src, dst)
     raw = json.loads((dst / "manifest.json").read_text())
     raw["version"] = 1
     for shard in raw["shards"]:
         del shard["index_bytes"], shard["index_sha256"]
+        (dst / shard["name"]).with_suffix(INDEX_SUFFIX).unlink()
     (dst / "manifest.json").write_text(json.dumps(raw))
     return dst
+
+
+@pytest.mark.parametrize(("fixture", "objective"), [("text_shards", "clm"), ("sft_shards", "sft")])
+def test_format_2_directories_load_and_batch_exactly_as_the_packed_shards(fixture, objective, tokenizer, tmp_path,
+                                                                         capsys, request):
+    """Packing changes the bytes on disk, not the samples: with the same samples per shard, the loader's
+    batches of a format-2 copy equal the packed shards' (so the same order and the same learning)."""
+    from data.config import DataConfig
+    from data.loader import build_loader
+
+    packed = request.getfixturevalue(fixture)
+    old = format_2_copy(packed, tmp_path / "old")
+    assert main(["shard", "verify", str(old), str(packed)]) == 0, capsys.readouterr().out
+    disk = [sum(f.stat().st_size for f in root.iterdir()) for root in (old, packed)]
+    assert disk[1] < disk[0] / 3
+    batches = []
+    for root in (old, packed):
+        cfg = DataConfig(train=str(root), seq_len=64)
+        loader = build_loader(cfg, objective=objective, tokenizer=tokenizer, rank=0, world_size=1,
+                              micro_batch_size=4, seed=5)
+        batches.append([{k: v.clone() for k, v in b.items()} for b in itertools.islice(iter(loader), 40)])
+    assert len(batches[0]) == 40
+    for before, after in zip(*batches):
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key]), key
 
 
 def test_a_format_1_directory_loads_alike_with_a_one_line_hint(text_shards, tmp_path, caplog):
@@ -99,8 +165,8 @@ def test_a_format_1_directory_loads_alike_with_a_one_line_hint(text_shards, tmp_
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "format-1 shards without index files; 1000 samples indexed at start" in lines[0]
     assert "re-shard with `tessera shard`" in lines[0]
-    after = ShardSet([Source(str(text_shards))])
-    assert after.fingerprint() == before.fingerprint()  # a checkpoint made on either resumes on the other
+    after = ShardSet([Source(str(format_2_copy(text_shards, tmp_path / "format-2")))])
+    assert after.fingerprint() == before.fingerprint()  # the same tars: a checkpoint on either resumes on the other
     np.testing.assert_array_equal(epoch_order(before, 3, 1), epoch_order(after, 3, 1))
     np.testing.assert_array_equal(before.counts, after.counts)
     plans = [EpochPlan(s, epoch_order(s, 3, 1), "rows", 64, unit_seed=(3, 1, 9)) for s in (before, after)]

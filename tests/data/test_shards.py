@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from common.errors import UserError
-from data.shards import ShardError, ShardManifest, ShardWriter, check_shard, open_shard
+from data.shards import ShardError, ShardManifest, ShardWriter, check_shard, open_shard, read_documents, verify_shard
 from data.stream import ShardSet, Source
+from launch.cli import main
 
 
 def test_manifest_and_round_trip(text_shards, tokenizer):
@@ -15,7 +16,7 @@ def test_manifest_and_round_trip(text_shards, tokenizer):
     assert m.kind == "text" and m.dtype == "<u2" and len(m.shards) >= 4
     assert m.tokenizer_sha256 == tokenizer.sha256
     raw = json.loads((text_shards / "manifest.json").read_text())
-    assert raw["version"] == 2 and raw["num_samples"] == m.num_samples == 1000
+    assert raw["version"] == 3 and raw["num_samples"] == m.num_samples == 1000
     for info in m.shards:
         data = (text_shards / info.name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (info.bytes, info.sha256)
@@ -28,16 +29,28 @@ def test_manifest_and_round_trip(text_shards, tokenizer):
     assert tokenizer.decode(tokens[:-1]) == story + "\n"
 
 
-def test_stock_webdataset_reads_our_tars(text_shards):
+@pytest.mark.parametrize("fixture", ["text_shards", "preference_shards"])
+def test_stock_webdataset_reads_our_packed_tars(fixture, request):
+    """Stock webdataset yields packs; split by their lengths they are our samples, in order."""
     import webdataset as wds
 
-    m = ShardManifest.load(text_shards)
-    url = str(text_shards / m.shards[0].name)
-    samples = list(wds.WebDataset(url, shardshuffle=False).decode())
-    assert len(samples) == m.shards[0].samples
-    ours = ShardSet([Source(str(text_shards))])
-    assert samples[3]["__key__"] == "0000000003"
-    np.testing.assert_array_equal(samples[3]["tokens.npy"], ours.read(3))
+    root = request.getfixturevalue(fixture)
+    m = ShardManifest.load(root)
+    ours = ShardSet([Source(str(root))])
+    urls = [str(root / info.name) for info in m.shards]
+    packs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert len(packs) < m.num_samples / 10  # packed, not a tar sample per document
+    sample = 0
+    for pack in packs:
+        assert pack["__key__"] == f"{sample:010d}"  # a pack's key: the number of its first sample
+        lengths = pack["lengths.npy"]
+        assert lengths.shape[1] == len(m.fields)
+        for field, name in enumerate(m.fields):
+            pieces = np.split(pack[f"{name}.npy"], np.cumsum(lengths[:, field])[:-1])
+            for k, piece in enumerate(pieces):
+                np.testing.assert_array_equal(piece, ours.read(sample + k, field))
+        sample += len(lengths)
+    assert sample == m.num_samples
 
 
 def test_sft_and_preference_kinds(sft_shards, preference_shards, tokenizer):
@@ -58,6 +71,51 @@ def test_uint32_for_large_vocabularies(tmp_path):
     m = w.close()
     assert m.dtype == "<u4"
     np.testing.assert_array_equal(ShardSet([Source(str(tmp_path))]).read(0), [1, 69_999, 65_536])
+
+
+def test_packs_split_by_payload_and_round_trip_arrays_and_metadata(tmp_path):
+    """Several packs a shard (pack_bytes) and packs cut where a shard fills: every sample reads back as
+    written, by the index and by walking the tar, with its metadata (a sample may have none)."""
+    rng = np.random.default_rng(0)
+    fields = ("prompt", "chosen", "rejected")
+    samples = [[rng.integers(0, 500, rng.integers(0, 40)) for _ in fields] for _ in range(300)]
+    writer = ShardWriter(tmp_path, kind="preference", vocab_size=500, tokenizer_sha256="x", shard_bytes=12_000,
+                         pack_bytes=1000)
+    for i, arrays in enumerate(samples):
+        writer.write(dict(zip(fields, arrays)), {"id": f"doc-{i}", "é": i} if i % 3 else None)
+    m = writer.close()
+    shards = ShardSet([Source(str(tmp_path))])
+    got, packs = [], 0
+    for info in m.shards:
+        walked = verify_shard(m, info)[1]
+        packs += len(walked.metadata)
+        got += list(read_documents(m, info))
+    assert len(m.shards) > 3 and packs > 2 * len(m.shards)
+    assert m.num_tokens == sum(a.size for arrays in samples for a in arrays)
+    for i, (arrays, (read, meta)) in enumerate(zip(samples, got, strict=True)):
+        assert meta == ({"id": f"doc-{i}", "é": i} if i % 3 else None)
+        for field, name in enumerate(fields):
+            np.testing.assert_array_equal(read[name], arrays[field])
+            np.testing.assert_array_equal(shards.read(i, field), arrays[field])
+
+
+def test_a_pack_whose_lengths_disagree_with_its_arrays_is_malformed(text_shards, tmp_path, capsys):
+    """A tar that hashes as its manifest says but whose lengths.npy lies: `tessera shard verify` names it."""
+    root = shutil.copytree(text_shards, tmp_path / "c")
+    m = ShardManifest.load(root)
+    info, path = m.shards[0], root / m.shards[0].name
+    data = bytearray(path.read_bytes())
+    lengths = data.index(b"\x93NUMPY", data.index(b"0000000000.lengths.npy"))
+    start = lengths + 10 + int.from_bytes(data[lengths + 8 : lengths + 10], "little")
+    data[start : start + 4] = (int.from_bytes(data[start : start + 4], "little") + 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["shards"][0]["sha256"] = hashlib.sha256(data).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(raw))
+    assert main(["shard", "verify", str(root)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"shard {root / info.name} is malformed: pack 0000000000: its lengths disagree with its "
+                      "arrays' sizes")
 
 
 def corrupt_copy(src, dst, how):
