@@ -1,7 +1,8 @@
 """RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/align/lora/parallel.
 
 Load it with ``common.config.load_config(RunConfig, path, overrides)``. Checks that need the
-world size (global batch divisibility) happen in :func:`trainer.run.run`, once it is known.
+command (:meth:`RunConfig.check_task`) happen as it starts, before the rendezvous; those that need
+the world size (global batch divisibility) in :func:`trainer.run.run`, once it is known.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 from data.config import DataConfig
 from model.config import ModelConfig
 from model.lora import LoraConfig
-from trainer.objectives import ObjectiveName
+from trainer.objectives import OBJECTIVES, TASKS, ObjectiveName, objective_name
 from trainer.objectives.policy_gradient import LossAggregation
 
 
@@ -388,12 +389,15 @@ class RunConfig(Config):
                                   f"over the data-parallel ranks, not {self.train.strategy}")
             if size > 1 and self.lora.enabled:
                 raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
-        pp = self.parallel.pp
-        if pp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
-            raise ConfigError(f"parallel.pp={pp} trains train.objective=clm or sft, not {self.train.objective}")
+        objective = self.train.objective
+        if objective is not None:
+            chosen_by = [str(loss) for loss in AlignLoss if loss.objective is objective]
+            if chosen_by and objective is not self.align.loss.objective:
+                raise ConfigError(f"train.objective={objective} disagrees with align.loss={self.align.loss}, which "
+                                  f"trains {self.align.loss.objective}: set align.loss to {' or '.join(chosen_by)} "
+                                  "and leave train.objective unset")
+            self.check_parallel_objective(objective, "")
         cp = self.parallel.cp
-        if cp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
-            raise ConfigError(f"parallel.cp={cp} trains train.objective=clm or sft, not {self.train.objective}")
         if cp > 1 and self.data.seq_len % (2 * cp):
             raise ConfigError(f"parallel.cp={cp} cuts each sequence into {2 * cp} chunks: data.seq_len="
                               f"{self.data.seq_len} must be a multiple of {2 * cp}")
@@ -421,6 +425,31 @@ class RunConfig(Config):
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"
             )
+
+    def check_task(self, task: str) -> None:
+        """The refusals that need the command (tessera pretrain|sft|align), made before any work: the
+        objective it trains (train.objective, or what the task implies) must be one of the task's and
+        one the parallel section can split."""
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        name = objective_name(self, task)
+        trained_by = OBJECTIVES[name].task
+        if trained_by != task:
+            valid = ", ".join(str(n) for n, spec in OBJECTIVES.items() if spec.task == task)
+            raise ConfigError(f"train.objective={name} is trained by tessera {trained_by}, not tessera {task} "
+                              f"(whose objectives are {valid}); run tessera {trained_by} or change train.objective")
+        if self.train.objective is None:
+            implied = {"pretrain": f"model.arch={self.model.arch}", "sft": "tessera sft",
+                       "align": f"align.loss={self.align.loss}"}[task]
+            self.check_parallel_objective(name, f" (the objective of {implied})")
+
+    def check_parallel_objective(self, objective: ObjectiveName, why: str) -> None:
+        """pp and cp split a decoder's next-token loss only (``why`` says where ``objective`` came from)."""
+        for key in ("pp", "cp"):
+            size = getattr(self.parallel, key)
+            if size > 1 and objective not in (ObjectiveName.clm, ObjectiveName.sft):
+                raise ConfigError(f"parallel.{key}={size} trains train.objective=clm or sft, not {objective}{why}; "
+                                  f"set parallel.{key}=1 to train it")
 
     @property
     def checkpoint_dir(self) -> Path:
