@@ -95,6 +95,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
     spec = OBJECTIVES[name]
     n_labels = classifier_labels(cfg) if spec.class_labels else None
     net, model_cfg = build_run_model(cfg, spec.head, tokenizer.vocab_size, n_labels)
+    cfg.parallel.check_model(model_cfg)  # model.init's own shape, on the meta device: before any weight
     if cfg.lora.enabled and env.is_main:
         from model.lora import trainable_summary
 
