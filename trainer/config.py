@@ -130,7 +130,7 @@ class TrainConfig(Config):
     offload: Offload = Offload.none
     hsdp: bool = False  # fsdp: shard within a node, replicate across nodes
     deepspeed_config: Path | None = None  # the user's own ds_config JSON (zero*), checked against ours
-    objective: ObjectiveName | None = None  # unset: what the task and model.arch imply
+    objective: ObjectiveName | None = None  # unset: what the command and model.arch imply; else one of the command's
     loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
     dist_timeout_s: int = 600
 
