@@ -27,16 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser, nproc: bool) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
-def load(config: Path | None, overrides: list[str]):
-    """The validated RunConfig: defaults ← ``config`` ← ``overrides``."""
+def load(config: Path | None, overrides: list[str], task: str | None = None):
+    """The validated RunConfig: defaults ← ``config`` ← ``overrides``, checked for ``task`` if given."""
     from trainer.config import RunConfig
 
-    return load_config(RunConfig, config, overrides)
+    cfg = load_config(RunConfig, config, overrides)
+    if task is not None:
+        cfg.check_task(task)
+    return cfg
 
 
 def train(task: str, config: Path | None, overrides: list[str]) -> None:
     """One rank of a run: config first (cheap to get wrong), then the rendezvous, then training."""
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, task)
     with env.launched() as dist:
         if dist.world_size > 1:
             print(f"tessera {task}: {dist.describe()}", file=sys.stderr, flush=True)
@@ -65,7 +68,7 @@ def command(args: argparse.Namespace, task: str) -> int:
     if args.nproc == 1:
         train(task, args.config, args.overrides)
         return 0
-    load(args.config, args.overrides)  # a bad config fails here with one line, not once per rank
+    load(args.config, args.overrides, task)  # a bad config fails here with one line, not once per rank
     return local.spawn(f"launch.{task}", entry_args(args.config, args.overrides), args.nproc)
 
 

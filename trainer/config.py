@@ -1,7 +1,8 @@
 """RunConfig: everything one training run reads, in sections model/data/train/checkpoint/log/align/lora/parallel.
 
 Load it with ``common.config.load_config(RunConfig, path, overrides)``. Checks that need the
-world size (global batch divisibility) happen in :func:`trainer.run.run`, once it is known.
+command (:meth:`RunConfig.check_task`) happen as it starts, before the rendezvous; those that need
+the world size (global batch divisibility) in :func:`trainer.run.run`, once it is known.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 from data.config import DataConfig
-from model.config import ModelConfig
+from model.config import Arch, Attn, ModelConfig, Pos
 from model.lora import LoraConfig
-from trainer.objectives import ObjectiveName
+from trainer.objectives import OBJECTIVES, TASKS, ObjectiveName, objective_name
 from trainer.objectives.policy_gradient import LossAggregation
 
 
@@ -72,6 +73,10 @@ class PipelineSchedule(enum.StrEnum):
     zbv_zero_bubble = "ZBVZeroBubble"
     dual_pipe_v = "DualPipeV"
 
+    @property
+    def stages_per_rank(self) -> int:
+        return 1 if self in (PipelineSchedule.gpipe, PipelineSchedule.one_f_one_b) else 2
+
 
 class Offload(enum.StrEnum):
     none = "none"
@@ -125,7 +130,7 @@ class TrainConfig(Config):
     offload: Offload = Offload.none
     hsdp: bool = False  # fsdp: shard within a node, replicate across nodes
     deepspeed_config: Path | None = None  # the user's own ds_config JSON (zero*), checked against ours
-    objective: ObjectiveName | None = None  # unset: what the task and model.arch imply
+    objective: ObjectiveName | None = None  # unset: what the command and model.arch imply; else one of the command's
     loss_chunk_size: int = 4096  # rows per chunk of the linear+CE; 0 computes full logits
     dist_timeout_s: int = 600
 
@@ -205,6 +210,37 @@ class ParallelConfig(Config):
         if len(beyond) > 1:
             raise ConfigError(f"{' and '.join(beyond)}: one at a time for now (tp splits dense blocks, pp stages "
                               "them, cp splits sequences, ep splits the experts of MoE ones)")
+
+    def check_model(self, model: ModelConfig) -> None:
+        """What tp, pp, cp and ep cannot split in ``model``, refused before its weights exist: at load when
+        the model section is the model, else (model.init) on the loaded config. The strategies' ranks and
+        micro-batch checks need the world and wait for the run."""
+        tp, pp, cp, ep = self.tp, self.pp, self.cp, self.ep
+        biases = model.pos in (Pos.alibi, Pos.t5_bias)
+        if tp > 1 and (model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp):
+            raise ConfigError(f"parallel.tp={tp} must divide model.n_heads={model.n_heads}, the kv heads "
+                              f"({model.kv_heads}) and model.d_ff={model.d_ff}")
+        if tp > 1 and (model.n_experts or biases):
+            raise ConfigError("parallel.tp splits attention heads and dense MLPs: not for MoE models or per-head "
+                              f"score biases (model.pos={model.pos})")
+        if pp > 1 and not model.causal:
+            raise ConfigError("parallel.pp cuts a decoder (model.arch=decoder, an LM head) into stages; "
+                              "encoders, encoder-decoders and classifiers are not supported")
+        if pp > 1 and model.n_experts and model.router_bias_update_rate:
+            raise ConfigError("parallel.pp with model.router_bias_update_rate > 0 is not supported (the expert "
+                              "biases balance over every MoE layer at once); use router_aux_loss_coef")
+        if pp > 1 and pp * self.pp_schedule.stages_per_rank > model.n_layers:
+            raise ConfigError(f"parallel.pp={pp} with {self.pp_schedule} makes {pp * self.pp_schedule.stages_per_rank} "
+                              f"stages, more than model.n_layers={model.n_layers}")
+        if cp > 1 and (model.arch != Arch.decoder or model.n_experts):
+            raise ConfigError(f"parallel.cp splits the sequences of a dense decoder, not model.arch={model.arch}"
+                              + (" with experts" if model.n_experts else ""))
+        if cp > 1 and (biases or model.attn == Attn.flex):
+            raise ConfigError(f"parallel.cp masks eager or SDPA attention (model.attn=auto, sdpa or eager), not model."
+                              f"attn={model.attn} with model.pos={model.pos} (score biases and flex wait for a GPU)")
+        if ep > 1 and (not model.n_experts or model.n_experts % ep):
+            raise ConfigError(f"parallel.ep={ep} shards the experts: the model's n_experts={model.n_experts} "
+                              "must be a positive multiple of it")
 
 
 @dataclasses.dataclass
@@ -388,12 +424,20 @@ class RunConfig(Config):
                                   f"over the data-parallel ranks, not {self.train.strategy}")
             if size > 1 and self.lora.enabled:
                 raise ConfigError(f"parallel.{key}={size} with lora is not supported yet; drop one of them")
-        pp = self.parallel.pp
-        if pp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
-            raise ConfigError(f"parallel.pp={pp} trains train.objective=clm or sft, not {self.train.objective}")
+        objective = self.train.objective
+        if objective is not None:
+            chosen_by = [str(loss) for loss in AlignLoss if loss.objective is objective]
+            if chosen_by and objective is not self.align.loss.objective:
+                raise ConfigError(f"train.objective={objective} disagrees with align.loss={self.align.loss}, which "
+                                  f"trains {self.align.loss.objective}: set align.loss to {' or '.join(chosen_by)} "
+                                  "and leave train.objective unset")
+            self.check_parallel_objective(objective, "")
+        pp, per_step = self.parallel.pp, (self.train.global_batch_size or 0) // self.train.micro_batch_size
+        if pp > 1 and per_step < pp:  # the exact count needs the data-parallel ranks: the strategy checks it
+            raise ConfigError(f"parallel.pp={pp} needs at least {pp} micro-batches per step to fill the pipeline: "
+                              f"set train.global_batch_size to at least {pp} × micro_batch_size × data-parallel "
+                              f"ranks (micro_batch_size={self.train.micro_batch_size})")
         cp = self.parallel.cp
-        if cp > 1 and self.train.objective not in (None, ObjectiveName.clm, ObjectiveName.sft):
-            raise ConfigError(f"parallel.cp={cp} trains train.objective=clm or sft, not {self.train.objective}")
         if cp > 1 and self.data.seq_len % (2 * cp):
             raise ConfigError(f"parallel.cp={cp} cuts each sequence into {2 * cp} chunks: data.seq_len="
                               f"{self.data.seq_len} must be a multiple of {2 * cp}")
@@ -416,11 +460,38 @@ class RunConfig(Config):
         if self.lora.enabled and self.model.init is None:
             raise ConfigError("lora.rank > 0 adapts a pretrained model: set model.init to its checkpoint "
                               "or Hugging Face directory")
+        if self.model.init is None:  # else the loaded model's, in trainer.run before its weights
+            self.parallel.check_model(self.model)
         if self.model.init is None and not self.model.covers(self.data.seq_len):
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower data.seq_len or raise model.max_seq_len"
             )
+
+    def check_task(self, task: str) -> None:
+        """The refusals that need the command (tessera pretrain|sft|align), made before any work: the
+        objective it trains (train.objective, or what the task implies) must be one of the task's and
+        one the parallel section can split."""
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        name = objective_name(self, task)
+        trained_by = OBJECTIVES[name].task
+        if trained_by != task:
+            valid = ", ".join(str(n) for n, spec in OBJECTIVES.items() if spec.task == task)
+            raise ConfigError(f"train.objective={name} is trained by tessera {trained_by}, not tessera {task} "
+                              f"(whose objectives are {valid}); run tessera {trained_by} or change train.objective")
+        if self.train.objective is None:
+            implied = {"pretrain": f"model.arch={self.model.arch}", "sft": "tessera sft",
+                       "align": f"align.loss={self.align.loss}"}[task]
+            self.check_parallel_objective(name, f" (the objective of {implied})")
+
+    def check_parallel_objective(self, objective: ObjectiveName, why: str) -> None:
+        """pp and cp split a decoder's next-token loss only (``why`` says where ``objective`` came from)."""
+        for key in ("pp", "cp"):
+            size = getattr(self.parallel, key)
+            if size > 1 and objective not in (ObjectiveName.clm, ObjectiveName.sft):
+                raise ConfigError(f"parallel.{key}={size} trains train.objective=clm or sft, not {objective}{why}; "
+                                  f"set parallel.{key}=1 to train it")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -26,7 +26,6 @@ from trainer.loop import Trainer
 from trainer.objectives import OBJECTIVES, ObjectiveContext, build_objective, objective_name
 from trainer.strategy import build_strategy, needs_process_group
 
-TASKS = ("pretrain", "sft", "align")
 log = logging.getLogger("tessera.trainer")
 
 
@@ -58,8 +57,7 @@ def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
 
 def run(cfg: RunConfig, task: str, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train ``cfg`` for ``task``; every rank calls it. Extra ``callbacks`` run after the defaults."""
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    cfg.check_task(task)  # before the rendezvous, the model and the data: nothing is built for a refused run
     env = init_distributed(needs_process_group(cfg.train.strategy), cfg.train.dist_timeout_s)
     if env.is_main and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -97,6 +95,7 @@ def _run(cfg: RunConfig, task: str, env: DistEnv, extra: Sequence[Callback]) -> 
     spec = OBJECTIVES[name]
     n_labels = classifier_labels(cfg) if spec.class_labels else None
     net, model_cfg = build_run_model(cfg, spec.head, tokenizer.vocab_size, n_labels)
+    cfg.parallel.check_model(model_cfg)  # model.init's own shape, on the meta device: before any weight
     if cfg.lora.enabled and env.is_main:
         from model.lora import trainable_summary
 

@@ -198,15 +198,17 @@ def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tm
 
 
 def test_preference_alignment_through_the_pipeline_is_refused_in_one_line(corpus, tmp_path):
-    """A reference-free preference loss (SimPO: no frozen model to refuse first) stops at the first step."""
+    """A reference-free preference loss (SimPO: no frozen model to refuse first) is refused as the ranks start,
+    before the rendezvous, the model or the run directory."""
     from spawn import RanksFailed
 
     pairs = _shards(corpus, tmp_path / "pairs", "pref_rasbt_instruction_data_with_preference.json", "preference")
     raw = config(corpus, tmp_path / "run", f"data.train={pairs / 'train'}", "data.valid=null", "align.loss=simpo",
                  "train.global_batch_size=8", "train.strategy=ddp", "parallel.pp=2")
-    with pytest.raises(RanksFailed, match=r"parallel\.pp trains the clm and sft objectives .*; "
-                                          r"PreferenceObjective is not supported$"):
+    with pytest.raises(RanksFailed, match=r"parallel\.pp=2 trains train\.objective=clm or sft, not preference "
+                                          r"\(the objective of align\.loss=simpo\); set parallel\.pp=1 to train it$"):
         spawn(train, 2, raw, "align")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("schedule", "n_layers"), [("1F1B", 2), ("Interleaved1F1B", 4)])

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import UserError
 from launch.cli import main
+from launch.entry import load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +57,37 @@ def test_a_non_finite_value_in_a_yaml_recipe_exits_2_from_the_real_command(tmp_p
 
 
 def test_finite_values_still_load():
-    from launch.entry import load
-
     cfg = load(None, ["train.lr=1e-3", "train.global_batch_size=16", "log.every=5", "train.eval_every=0"])
     assert (cfg.train.lr, cfg.train.global_batch_size, cfg.log.every) == (1e-3, 16, 5)
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_what_the_command_cannot_train_exits_2_before_anything_is_written(nproc, tmp_path, capsys, monkeypatch):
+    """Preference alignment under pp is judged with the command's objective (trainer/config.py check_task):
+    refused once, by the parent of --nproc ranks too, before any rank, rendezvous or shard."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["align", "--nproc", nproc, "train.strategy=ddp", "parallel.pp=2",
+                 "train.global_batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("tessera align: error: parallel.pp=2 trains train.objective=clm or sft, not preference (the "
+                   "objective of align.loss=dpo); set parallel.pp=1 to train it\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_parallel_cannot_split_in_the_model_init_names_is_refused_before_its_weights(shards, tmp_path):
+    """With model.init the model section is not the model: its saved config is judged as it is read (meta
+    device), before the strategy loads its weights or asks for ranks; one line, nothing run."""
+    from reliability_runs import run_overrides
+
+    from model import ModelConfig, build_model
+    from model.io import save_pretrained
+    from trainer.run import run
+
+    init = save_pretrained(build_model(ModelConfig.from_dict({"preset": "tiny-moe", "vocab_size": 320})),
+                           tmp_path / "moe")
+    cfg = load(None, run_overrides(shards, tmp_path / "run", f"model.init={init}", "train.strategy=ddp",
+                                   "parallel.tp=2"), "pretrain")
+    with pytest.raises(UserError, match=r"^parallel\.tp splits attention heads and dense MLPs: not for MoE models "
+                                        r"or per-head score biases \(model\.pos=rope\)$"):
+        run(cfg, "pretrain")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.lock"]

@@ -16,7 +16,7 @@ def test_the_enum_and_the_lookup_are_made_from_the_rows():
     assert [str(name) for name in ObjectiveName] == list(ROWS)
     assert list(OBJECTIVES) == list(ObjectiveName)
     assert all(OBJECTIVES[ObjectiveName(name)] is spec for name, spec in ROWS.items())
-    assert load_config(RunConfig, None, ["train.objective=kto"]).train.objective is ObjectiveName.kto
+    assert load_config(RunConfig, None, ["train.objective=kto", "align.loss=kto"]).train.objective is ObjectiveName.kto
     with pytest.raises(ConfigError, match="'ppo2' is not one of clm, mlm"):
         load_config(RunConfig, None, ["train.objective=ppo2"])
 

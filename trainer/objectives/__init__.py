@@ -79,27 +79,31 @@ class ObjectiveContext:
     model: torch.nn.Module  # the trained model, already wrapped by the strategy (if any)
 
 
+TASKS = ("pretrain", "sft", "align")  # the training commands: tessera pretrain|sft|align
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
     """One row of :data:`OBJECTIVES`: what the run builds for the objective (its ``build`` is in
-    ``trainer/objectives/<name>.py``)."""
+    ``trainer/objectives/<name>.py``) and which command trains it."""
 
+    task: str  # the one of TASKS that trains it (another refuses train.objective at load)
     head: str = "lm"  # "lm" or "classifier" (a scalar or per-class head over the final hidden state)
     class_labels: bool = False  # the classifier's classes come from the shards' labels
 
 
 ROWS: dict[str, ObjectiveSpec] = {  # the one table to edit: its names make ObjectiveName
-    "clm": ObjectiveSpec(),
-    "mlm": ObjectiveSpec(),
-    "span": ObjectiveSpec(),
-    "sft": ObjectiveSpec(),
-    "preference": ObjectiveSpec(),
-    "reward": ObjectiveSpec(head="classifier"),
-    "classify": ObjectiveSpec(head="classifier", class_labels=True),
-    "seq2seq": ObjectiveSpec(),
-    "online": ObjectiveSpec(),
-    "kto": ObjectiveSpec(),
-    "ppo": ObjectiveSpec(),
+    "clm": ObjectiveSpec("pretrain"),
+    "mlm": ObjectiveSpec("pretrain"),
+    "span": ObjectiveSpec("pretrain"),
+    "sft": ObjectiveSpec("sft"),
+    "preference": ObjectiveSpec("align"),
+    "reward": ObjectiveSpec("align", head="classifier"),
+    "classify": ObjectiveSpec("sft", head="classifier", class_labels=True),
+    "seq2seq": ObjectiveSpec("sft"),
+    "online": ObjectiveSpec("align"),
+    "kto": ObjectiveSpec("align"),
+    "ppo": ObjectiveSpec("align"),
 }
 
 ObjectiveName = enum.StrEnum("ObjectiveName", {name: name for name in ROWS}, module=__name__)
