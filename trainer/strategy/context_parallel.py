@@ -30,8 +30,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from common.errors import ConfigError
 from model.attention import Attention, AttentionMask
-from model.config import Arch, Attn, Pos
 from model.transformer import resolve_positions
+from trainer.config import ParallelConfig
 from trainer.objectives.cross_entropy import IGNORE_INDEX
 from trainer.strategy.ddp import DDP
 from trainer.strategy.fsdp import FSDP
@@ -119,12 +119,7 @@ class ContextParallel:
         cfg, cp = model.config, self.size
         if self.env.world_size % cp:
             raise ConfigError(f"parallel.cp={cp} must divide the {self.env.world_size} ranks")
-        if cfg.arch != Arch.decoder or cfg.n_experts:
-            raise ConfigError(f"parallel.cp splits the sequences of a dense decoder, not model.arch={cfg.arch}"
-                              + (" with experts" if cfg.n_experts else ""))
-        if cfg.pos in (Pos.alibi, Pos.t5_bias) or cfg.attn == Attn.flex:
-            raise ConfigError(f"parallel.cp masks eager or SDPA attention (model.attn=auto, sdpa or eager), not "
-                              f"model.attn={cfg.attn} with model.pos={cfg.pos} (score biases and flex wait for a GPU)")
+        ParallelConfig(cp=cp).check_model(cfg)  # refused at load already; a guard for direct callers
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size // cp, cp), mesh_dim_names=("dp", "cp"))
         self.cp_group = mesh.get_group("cp")
         self.cp_rank = dist.get_rank(self.cp_group)

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 from common.errors import ConfigError
 from model.moe import Experts, moe_layers, run_experts
+from trainer.config import ParallelConfig
 from trainer.strategy.fsdp import fsdp_options, shard_model
 from trainer.strategy.partitioned import Partitioned
 
@@ -73,10 +74,7 @@ class ExpertParallel(Partitioned):
         layers = moe_layers(model)
         if self.env.world_size % self.size:
             raise ConfigError(f"parallel.ep={self.size} does not divide the {self.env.world_size} ranks")
-        if not layers or layers[0].n_experts % self.size:
-            experts = layers[0].n_experts if layers else 0
-            raise ConfigError(f"parallel.ep={self.size} shards the experts: the model's n_experts={experts} "
-                              "must be a positive multiple of it")
+        ParallelConfig(ep=self.size).check_model(model.config)  # refused at load already; a guard
         self.make_mesh()
         for layer in layers:
             layer.experts = ShardedExperts(layer.experts, self)

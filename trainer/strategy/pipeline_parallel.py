@@ -48,6 +48,7 @@ from torch.distributed.pipelining.schedules import (
 from common.errors import ConfigError
 from model.moe import MoE, RouterStats, moe_layers, pop_router_stats
 from model.transformer import HeadLoss, TransformerLM, resolve_positions
+from trainer.config import ParallelConfig, PipelineSchedule
 from trainer.distributed import to_device
 from trainer.metrics import MetricSums
 from trainer.objectives import Batch, LossOutput
@@ -248,19 +249,14 @@ class PipelineParallel(Single):
 
     # -- building the stages ----------------------------------------------------------------------
 
-    def _check(self, model: nn.Module, n_stages: int) -> None:
+    def _check(self, model: nn.Module) -> None:
         pp, cfg = self.size, model.config
         if self.env.world_size % pp:
             raise ConfigError(f"parallel.pp={pp} must divide the {self.env.world_size} ranks")
-        if not isinstance(model, TransformerLM) or not cfg.causal:
+        ParallelConfig(pp=pp, pp_schedule=PipelineSchedule(self.schedule_name)).check_model(cfg)  # as at load
+        if not isinstance(model, TransformerLM):
             raise ConfigError("parallel.pp cuts a decoder (model.arch=decoder, an LM head) into stages; "
                               "encoders, encoder-decoders and classifiers are not supported")
-        if cfg.n_experts and cfg.router_bias_update_rate:
-            raise ConfigError("parallel.pp with model.router_bias_update_rate > 0 is not supported (the expert "
-                              "biases balance over every MoE layer at once); use router_aux_loss_coef")
-        if n_stages > cfg.n_layers:
-            raise ConfigError(f"parallel.pp={pp} with {self.schedule_name} makes {n_stages} stages, more than "
-                              f"model.n_layers={cfg.n_layers}")
         if self.accumulation < pp:
             raise ConfigError(f"parallel.pp={pp} needs at least {pp} micro-batches per step to fill the pipeline, "
                               f"got {self.accumulation}: raise train.global_batch_size")
@@ -269,7 +265,7 @@ class PipelineParallel(Single):
         pp = self.size
         single = issubclass(self.schedule_class, PipelineScheduleSingle)
         n_stages = pp * (1 if single else 2)
-        self._check(model, n_stages)
+        self._check(model)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size // pp, pp), mesh_dim_names=self.mesh_dims)
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         self.ranks = stage_ranks(pp, n_stages, self.schedule_class in (ScheduleZBVZeroBubble, ScheduleDualPipeV))

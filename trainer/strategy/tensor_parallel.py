@@ -36,8 +36,8 @@ from torch import nn
 from common.errors import ConfigError
 from model.attention import Attention
 from model.blocks import Block, Stack
-from model.config import Pos
 from model.mlp import MLP
+from trainer.config import ParallelConfig
 from trainer.strategy.partitioned import Partitioned, even_ranges
 from trainer.strategy.tp_collectives import (
     copy_to_tp,
@@ -113,12 +113,7 @@ class TensorParallel(Partitioned):
         if self.env.world_size % tp or self.env.local_world_size % tp:
             raise ConfigError(f"parallel.tp={tp} must divide the {self.env.world_size} ranks and the "
                               f"{self.env.local_world_size} per node (a tp group stays inside a node)")
-        if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.d_ff % tp:
-            raise ConfigError(f"parallel.tp={tp} must divide model.n_heads={cfg.n_heads}, the kv heads "
-                              f"({cfg.kv_heads}) and model.d_ff={cfg.d_ff}")
-        if cfg.n_experts or cfg.pos in (Pos.alibi, Pos.t5_bias):
-            raise ConfigError("parallel.tp splits attention heads and dense MLPs: not for MoE models or per-head "
-                              f"score biases (model.pos={cfg.pos})")
+        ParallelConfig(tp=tp).check_model(cfg)  # refused at load already; a guard for direct callers
         self.make_mesh()
         for module in list(model.modules()):
             if isinstance(module, Attention):
