@@ -115,8 +115,8 @@ class ModelConfig(Config):
     bias: bool = False  # biases of linear layers and LayerNorm
     qkv_bias: bool = False  # biases on the query/key/value projections even when bias is false (Qwen2)
     dropout: float = 0.0
-    init_std: float = 0.02
-    init_scheme: InitScheme = InitScheme.normal
+    init_std: float = 0.02  # init_scheme=normal's spread
+    init_scheme: InitScheme = InitScheme.normal  # t5: T5's fan-in scales (the T5 presets)
     n_labels: int = 1  # outputs of the classifier / reward head
     n_experts: int = 0  # > 0: every block's MLP is a Mixture-of-Experts (model/moe.py)
     experts_per_token: int = 2  # top-k experts each token is routed to
