@@ -61,6 +61,11 @@ class Attn(enum.StrEnum):
     flex = "flex"
 
 
+class InitScheme(enum.StrEnum):
+    normal = "normal"  # N(0, init_std), residual output projections / sqrt(2 * blocks) (GPT-2, Megatron)
+    t5 = "t5"  # T5's fan-in scales (mesh-tensorflow, transformers): see TesseraModel.init_weights
+
+
 class Kernels(enum.StrEnum):
     torch = "torch"
     liger = "liger"
@@ -110,7 +115,8 @@ class ModelConfig(Config):
     bias: bool = False  # biases of linear layers and LayerNorm
     qkv_bias: bool = False  # biases on the query/key/value projections even when bias is false (Qwen2)
     dropout: float = 0.0
-    init_std: float = 0.02
+    init_std: float = 0.02  # init_scheme=normal's spread
+    init_scheme: InitScheme = InitScheme.normal  # t5: T5's fan-in scales (the T5 presets)
     n_labels: int = 1  # outputs of the classifier / reward head
     n_experts: int = 0  # > 0: every block's MLP is a Mixture-of-Experts (model/moe.py)
     experts_per_token: int = 2  # top-k experts each token is routed to

@@ -358,7 +358,7 @@ def _t5_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "d_ff": hf["d_ff"], "t5_num_buckets": hf.get("relative_attention_num_buckets", 32),
         "t5_max_distance": hf.get("relative_attention_max_distance", 128),
         "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
-        "scale_output": bool(scale), "pad_token_id": hf.get("pad_token_id") or 0,
+        "scale_output": bool(scale), "pad_token_id": hf.get("pad_token_id") or 0, "init_scheme": "t5",
     }
 
 

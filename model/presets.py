@@ -16,7 +16,7 @@ _BERT = {"arch": "encoder", "pos": "learned", "norm": "layernorm", "norm_eps": 1
          "mlp": "gelu", "gelu_tanh": False, "bias": True, "tie_embeddings": True}
 _T5 = {"arch": "encoder_decoder", "pos": "t5_bias", "norm": "rmsnorm", "norm_eps": 1e-6, "norm_position": "pre",
        "mlp": "geglu", "gelu_tanh": True, "bias": False, "attn_scale": 1.0, "t5_num_buckets": 32,
-       "t5_max_distance": 128}
+       "t5_max_distance": 128, "init_scheme": "t5"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": {**_GPT2, "vocab_size": 50257, "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072,

@@ -22,7 +22,7 @@ from torch import nn
 from common.errors import UserError
 from model.attention import Attention, KVCache
 from model.blocks import Block, Stack
-from model.config import Arch, ModelConfig, NormPosition, Pos
+from model.config import Arch, InitScheme, ModelConfig, NormPosition, Pos
 from model.lazy_weights import LazyTensor
 from model.mlp import MLP
 from model.moe import Experts
@@ -104,10 +104,14 @@ class TesseraModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Initialise: N(0, init_std) (token embeddings N(0, 1) under a tied head scaled by d_model**-0.5,
-        as T5), residual output projections scaled by 1/sqrt(2·blocks), zero biases, unit norms;
-        recompute fixed buffers (RoPE, sinusoidal, ALiBi). Random numbers come from ``seed`` when given,
-        else from torch's global RNG (so ``torch.manual_seed`` governs :func:`build_model`'s init).
+        """Initialise by ``init_scheme``. normal: N(0, init_std) (token embeddings N(0, 1) under a tied
+        head scaled by d_model**-0.5, as T5), residual output projections scaled by 1/sqrt(2·blocks).
+        t5 (T5's own, as mesh-tensorflow and transformers): every matrix N(0, fan_in**-0.5), queries
+        also by head_dim**-0.5 (T5 attention has no score scaling), token embeddings N(0, 1), other
+        tables and an untied head N(0, d_model**-0.5) (N(0, 1) when the head's input is scaled).
+        Both: zero biases, unit norms; recompute fixed buffers (RoPE, sinusoidal, ALiBi). Random numbers
+        come from ``seed`` when given, else from torch's global RNG (so ``torch.manual_seed`` governs
+        :func:`build_model`'s init).
         Meta tensors are left alone."""
         device = next(self.parameters()).device
         generator = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
@@ -153,37 +157,46 @@ class TesseraModel(nn.Module):
     def _initializer(self, generator: torch.Generator | None) -> Callable[[nn.Module], None]:
         """What :meth:`init_weights` does to one module (its own tensors only). LoRA adapters draw
         from a generator of their own, so the base weights are the same with adapters or without."""
-        std = self.config.init_std
+        cfg = self.config
         adapter_generator = None
         if generator is not None:
             adapter_generator = torch.Generator(generator.device).manual_seed(generator.initial_seed() + 1)
+        t5 = cfg.init_scheme == InitScheme.t5
+        std = cfg.d_model**-0.5 if t5 else cfg.init_std  # embedding tables and an untied, unscaled head
         residual_std = std / math.sqrt(2 * len(self.blocks()))
         residual = {id(m.out) for m in self.modules() if isinstance(m, Attention)}
         residual |= {id(m.down) for m in self.modules() if isinstance(m, MLP)}
-        # A tied head whose input is scaled by d_model**-0.5 (original T5) expects N(0, 1) embeddings, as
-        # T5 and transformers initialise them: at init_std its logits would start ~50x too flat.
+        queries = {id(m.q if m.cross else m.qkv): m.n_heads * m.head_dim
+                   for m in self.modules() if isinstance(m, Attention)}  # their first rows are the queries
+        # A head whose input is scaled by d_model**-0.5 (original T5) expects N(0, 1) weights, as T5 and
+        # transformers initialise them: at init_std 0.02 its logits would start ~50x too flat.
         tokens = self.embeddings()
-        tokens_std = 1.0 if self.config.scale_output and self.config.tie_embeddings else std
+        tokens_std = 1.0 if t5 or (cfg.scale_output and cfg.tie_embeddings) else std
 
         def normal(t: torch.Tensor, s: float) -> None:
             if not t.is_meta:
                 nn.init.normal_(t, 0.0, s, generator=generator)
 
+        def matrix(t: torch.Tensor, normal_std: float) -> None:  # [..., out, in]
+            normal(t, t.shape[-1] ** -0.5 if t5 else normal_std)
+
         def init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
-                normal(module.weight, residual_std if id(module) in residual else std)
+                matrix(module.weight, residual_std if id(module) in residual else std)
+                if t5 and id(module) in queries and not module.weight.is_meta:
+                    module.weight[: queries[id(module)]] *= cfg.head_dim**-0.5
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 normal(module.weight, tokens_std if module is tokens else std)
             elif isinstance(module, Experts):  # as the dense MLP: down is a residual output projection
-                normal(module.up, std)
-                normal(module.down, residual_std)
+                matrix(module.up, std)
+                matrix(module.down, residual_std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
             elif isinstance(module, OutputHead):
                 if module.weight is not None:
-                    normal(module.weight, std)
+                    normal(module.weight, 1.0 if t5 and cfg.scale_output else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             if hasattr(module, "reset_buffers"):

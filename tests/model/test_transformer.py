@@ -289,3 +289,37 @@ def test_a_tied_output_scaled_head_starts_with_t5_sized_logits():
     llama = build_model(tiny(tie_embeddings=True))  # no output scaling: embeddings at init_std
     assert 0.015 < llama.embeddings().weight.std().item() < 0.025
     assert 0.015 < t5.encoder.layers[0].attn.qkv.weight.std().item() < 0.025  # the rest as before
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_t5_init_scheme_draws_every_tensor_as_transformers_t5(tied):
+    """init_scheme=t5 (the T5 presets'): every tensor has the spread transformers gives the same
+    T5ForConditionalGeneration. The GPT-style init (init_std 0.02, residual projections / sqrt(2·blocks))
+    left the decoder's residual stream equal to its N(0, 1) input embedding: untrained, the model
+    predicted its own input token (span loss 11.5 against T5's 8.7) and trailed T5 (bench/RESULTS.md)."""
+    import transformers
+
+    from model import ModelConfig
+    from model.hf import config_to_hf, state_to_hf
+
+    cfg = ModelConfig.from_dict({"preset": "tiny-t5", "vocab_size": 2048, "d_model": 128, "n_heads": 4,
+                                 "d_ff": 352, "tie_embeddings": tied, "scale_output": tied})
+    assert cfg.init_scheme == "t5"
+    torch.manual_seed(0)
+    ours = state_to_hf(build_model(cfg).state_dict(), cfg)
+    reference = transformers.T5ForConditionalGeneration(transformers.T5Config(**config_to_hf(cfg))).state_dict()
+    assert set(ours) <= set(reference) and {k for k in reference if k not in ours} <= {
+        "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}  # transformers' aliases of shared.weight
+    for name, tensor in ours.items():
+        expected = reference[name]
+        assert tensor.shape == expected.shape, name
+        if name.endswith("layer_norm.weight"):
+            assert torch.equal(tensor, expected), name
+            continue
+        if name == "lm_head.weight" and not tied:  # fan-in, as mesh-tensorflow's dense layer: unit logits
+            assert abs(tensor.std().item() * 128**0.5 - 1) < 0.05  # (transformers: N(0, 1), logits' std √d)
+            continue
+        spread = tensor.std().item() / expected.std().item()
+        assert abs(spread - 1) < (0.25 if tensor.numel() < 1000 else 0.05), (name, spread)
+    torch.manual_seed(0)
+    assert build_model(tiny()).stack.layers[0].mlp.down.weight.std() < 0.015  # init_scheme=normal as before
