@@ -34,7 +34,7 @@ class C4Filter:
         for line in doc.lines:
             line = line.strip()
             words = line.split()
-            if 0 <= self.max_word_length < len(line) and any(len(w) > self.max_word_length for w in words):
+            if 0 <= self.max_word_length < len(line) and max(map(len, words)) > self.max_word_length:
                 continue
             if self.remove_citations:
                 line = CITATION.sub("", line)
