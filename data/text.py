@@ -137,8 +137,8 @@ class TextView:
 
     @functools.cached_property
     def plain_words(self) -> list[str]:
-        """Tokens with a character that is not punctuation."""
-        return [w for w in self.words if not is_punctuation(w)]
+        """Tokens with a character that is not punctuation (most start with one: one lookup decides)."""
+        return [w for w in self.words if w[0] not in PUNCTUATION or not is_punctuation(w)]
 
     def replace_text(self, text: str) -> None:
         """New text (a line filter kept only some lines): the cached splits are dropped."""

@@ -248,6 +248,17 @@ def test_gopher_quality_counts_like_datatrove():
     assert verdict(GopherQualityFilter(), " ".join(plain) + " the with") is None
 
 
+def test_has_letter_counts_what_the_letter_pattern_finds():
+    """The isalpha shortcut is exact: every alphabetic code point is one LETTER matches."""
+    import sys
+
+    from data.filters.gopher_quality import LETTER, has_letter
+
+    assert all(LETTER.match(c) for c in map(chr, range(sys.maxunicode + 1)) if c.isalpha())
+    words = ["word", "42", "x2", "²", "_", "--", "Ⅻ", "½a", "état", "٣", "ﬁ"]
+    assert has_letter(words) == sum(bool(LETTER.search(w)) for w in words) == 7  # ² and Ⅻ match, not alphabetic
+
+
 def test_repetition_lines_skip_blank_lines():
     """Paragraphs apart by blank lines: the blank lines are not repeated lines (datatrove splits at \\n+)."""
     text = "\n\n".join(" ".join(words(8, 100 + i)) for i in range(10))
