@@ -103,11 +103,13 @@ def deal(files: list[str], tasks: int) -> list[list[str | dict[str, Any]]]:
 
     offset = 0
     for file, size in zip(files, sizes):
-        cuts = [start - offset for start in share_starts if offset < start < offset + size]
+        first, last = bisect.bisect_right(share_starts, offset), bisect.bisect_left(share_starts, offset + size)
+        cuts = [start - offset for start in share_starts[first:last]]  # shares that begin inside the file
         pieces = split_lines(file, size, cuts) if cuts and splittable(file) else []
-        for piece in pieces if len(pieces) > 1 else ():
-            parts[task_at(offset + piece.start)].append(asdict(piece))
-        if len(pieces) <= 1:
+        if len(pieces) > 1:
+            for piece in pieces:
+                parts[task_at(offset + piece.start)].append(asdict(piece))
+        else:
             parts[task_at(offset + size // 2)].append(file)
         offset += size
     return parts
