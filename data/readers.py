@@ -102,24 +102,25 @@ def iter_documents(
     if txt_mode not in TXT_MODES:
         raise UserError(f"unknown txt mode {txt_mode!r}; choose from {', '.join(TXT_MODES)}")
     skipped = Counter() if skipped is None else skipped
-    for item in inputs:
-        if isinstance(item, LineRange):
-            with _Text(open_range(item), Path(item.path), invalid_utf8) as f:
-                yield from _jsonl(f, Path(item.path), text_field, item.line, item.record)
-            continue
-        yield from _documents_of(item, text_field, txt_mode, skipped, invalid_utf8)
+    sources: list[Path | LineRange] = []
+    for item in inputs:  # every input checked before the first document is read
+        sources += [item] if isinstance(item, LineRange) else expand_inputs([item])
+    for source in sources:
+        if isinstance(source, LineRange):
+            with _Text(open_range(source), Path(source.path), invalid_utf8) as f:
+                yield from _jsonl(f, Path(source.path), text_field, source.line, source.record)
+        else:
+            yield from _file_documents(source, text_field, txt_mode, skipped, invalid_utf8)
 
 
-def _documents_of(item: str | Path, text_field: str, txt_mode: str, skipped: Counter[str],
-                  invalid_utf8: Counter[str] | None) -> Iterator[Document]:
-    for path in expand_inputs([item]):
-        suffix = _suffix(path)
-        if suffix == ".parquet":
-            yield from _parquet(path, text_field)
-            continue
-        if suffix == ".warc":
-            yield from _warc(path, skipped)
-            continue
+def _file_documents(path: Path, text_field: str, txt_mode: str, skipped: Counter[str],
+                    invalid_utf8: Counter[str] | None) -> Iterator[Document]:
+    suffix = _suffix(path)
+    if suffix == ".parquet":
+        yield from _parquet(path, text_field)
+    elif suffix == ".warc":
+        yield from _warc(path, skipped)
+    else:
         with open_text(path, invalid_utf8) as f:
             if suffix == ".txt":
                 yield from _txt(f, path, resolve_txt_mode(path, txt_mode))
