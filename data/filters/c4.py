@@ -36,7 +36,7 @@ class C4Filter:
             words = line.split()
             if 0 <= self.max_word_length < len(line) and max(map(len, words)) > self.max_word_length:
                 continue
-            if self.remove_citations:
+            if self.remove_citations and "[" in line:  # every citation mark starts with one
                 line = CITATION.sub("", line)
             if self.filter_no_terminal_punct and (not line.endswith(END_PUNCTUATION) or line.endswith("...")):
                 continue
