@@ -44,13 +44,14 @@ class GopherRepetitionFilter:
     def __call__(self, doc: TextView) -> str | None:
         text = doc.text
         size = max(len(text), 1)
-        paragraphs = PARAGRAPH.split(text.strip())
+        blank_line = "\n\n" in text  # without one, the splits are one paragraph and plain lines
+        paragraphs = PARAGRAPH.split(text.strip()) if blank_line else [text.strip()]
         count, chars = find_duplicates(paragraphs)
         if count / len(paragraphs) > self.dup_para_frac:
             return "dup_para_frac"
         if chars / size > self.dup_para_char_frac:
             return "dup_para_char_frac"
-        lines = LINES.split(text)
+        lines = LINES.split(text) if blank_line else text.split("\n")
         count, chars = find_duplicates(lines)
         if count / len(lines) > self.dup_line_frac:
             return "dup_line_frac"
