@@ -26,6 +26,7 @@ _MAYBE_BLANK = np.zeros(256, bool)
 _MAYBE_BLANK[list(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \xc2\xe1\xe2\xe3")] = True
 _REST_OF_LINE = re.compile(rb"[^\r\n]*")
 
+
 @dataclass(frozen=True)
 class LineRange:
     """The lines of a plain .jsonl file from byte ``start`` (a line start) to byte ``end`` (a line start or the
@@ -98,7 +99,7 @@ def count_lines(f: BinaryIO, start: int, end: int, chunk_bytes: int = CHUNK) -> 
     left, carry = end - start, b""
     while left or carry:
         data = f.read(min(chunk_bytes, left))
-        left -= len(data)
+        left = left - len(data) if data else 0  # a file cut short since: its end is the range's
         chunk = carry + data
         cut = chunk.rfind(b"\n") + 1 if left else len(chunk)  # whole lines only; a \r\n is never cut apart
         body, carry = chunk[:cut], chunk[cut:]
@@ -108,6 +109,7 @@ def count_lines(f: BinaryIO, start: int, end: int, chunk_bytes: int = CHUNK) -> 
 
 
 def _count_whole_lines(body: bytes) -> tuple[int, int]:
+    """(lines, records) of ``body``, which starts at a line start and ends at one or at the file's end."""
     data = np.frombuffer(body, np.uint8)
     if not len(data):
         return 0, 0
