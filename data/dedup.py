@@ -105,10 +105,8 @@ class MinHashDedup:
         keys = keys[window]
         empty = np.flatnonzero(counts == 0)  # no words: one all-zero shingle, as for any empty text
         doc, keys = np.concatenate([doc, empty]), np.concatenate([keys, np.zeros(len(empty), np.uint64)])
-        order = np.lexsort((keys, doc))
+        order = np.argsort(doc, kind="stable")
         doc, keys = doc[order], keys[order]
-        distinct = np.concatenate([[True], (doc[1:] != doc[:-1]) | (keys[1:] != keys[:-1])])
-        doc, keys = doc[distinct], keys[distinct]  # a shingle's repeats cannot lower a minimum
         out = np.full((len(texts), len(self._a)), np.iinfo(np.uint64).max, np.uint64)
         hashed = np.empty((min(BLOCK, len(keys)), len(self._a)), np.uint64)
         for at in range(0, len(keys), BLOCK):  # bounded memory: BLOCK × bands × rows values at a time
