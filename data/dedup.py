@@ -108,13 +108,15 @@ class MinHashDedup:
         order = np.argsort(doc, kind="stable")
         doc, keys = doc[order], keys[order]
         out = np.full((len(texts), len(self._a)), np.iinfo(np.uint64).max, np.uint64)
+        hashed = np.empty((min(BLOCK, len(keys)), len(self._a)), np.uint64)
         for at in range(0, len(keys), BLOCK):  # bounded memory: BLOCK × bands × rows values at a time
-            block_doc = doc[at : at + BLOCK]
-            with np.errstate(over="ignore"):  # multiply-shift hashing, mod 2^64
-                hashed = keys[at : at + BLOCK, None] * self._a[None, :] + self._b[None, :]
+            block_doc, block = doc[at : at + BLOCK], hashed[: len(doc[at : at + BLOCK])]
+            with np.errstate(over="ignore"):  # multiply-shift hashing, mod 2^64, in place
+                np.multiply(keys[at : at + BLOCK, None], self._a[None, :], out=block)
+                block += self._b[None, :]
             first = np.flatnonzero(np.concatenate([[True], block_doc[1:] != block_doc[:-1]]))
             rows = block_doc[first]
-            out[rows] = np.minimum(out[rows], np.minimum.reduceat(hashed, first, axis=0))
+            out[rows] = np.minimum(out[rows], np.minimum.reduceat(block, first, axis=0))
         return (out >> np.uint64(32)).astype(np.uint32)
 
     def duplicates(self, texts: Sequence[str]) -> list[bool]:

@@ -1,11 +1,12 @@
 """Prep as tasks that a cluster engine runs: the same documents and report as :func:`data.prepare.prepare`.
 
-The inputs (in the single run's order) are dealt to N tasks in contiguous runs of files, so task
-order is document order. Each task screens its files (read, normalise, filter: the stages that
-look at one document) and writes, atomically, ``task-NNNNN/`` with ``kept.jsonl`` (the survivors'
-output lines, PII already redacted), ``notes.jsonl`` (per survivor: id, the head an example shows,
-text size, redactions), ``exact.u64`` (exact-dedup keys), ``signatures.u32`` (MinHash signatures)
-and ``report.json`` (its tally), then a ``.done`` marker naming its input files' sizes and times: a
+The inputs (in the single run's order) are dealt to N tasks by size in contiguous runs (:func:`deal`), a
+big plain .jsonl file cut between tasks at line starts (a compressed one stays whole), so task order is
+document order. Each task screens its part (read, normalise, filter: the stages that look at one
+document) and writes, atomically, ``task-NNNNN/`` with ``kept.jsonl`` (the survivors' output lines, PII
+already redacted), ``notes.jsonl`` (per survivor: id, the head an example shows, text size, redactions),
+``exact.u64`` (exact-dedup keys), ``signatures.u32`` (MinHash signatures) and ``report.json`` (its
+tally), then a ``.done`` marker naming its part and its input files' sizes and times: a
 finished task is not run again (unless its inputs changed), so a rerun after a failure runs only
 the unfinished ones. Dedup then runs as stages across tasks, as datatrove's MinHash does
 (signatures → band buckets → duplicate clusters → filter): exact keys merged (first copy kept);
@@ -19,6 +20,7 @@ the rest runs in one process: the merge writes ``documents.jsonl`` and one
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -33,6 +35,7 @@ import numpy as np
 
 from common.errors import UserError
 from data.dedup import ExactDedup, MinHashDedup, exact_key, first_copies, greedy_near_duplicates, shared_buckets
+from data.line_ranges import LineRange, split_lines
 from data.prepare import (
     DEDUP_BATCH_CHARS,
     EXAMPLE_CHARS,
@@ -45,7 +48,7 @@ from data.prepare import (
     screened,
     write_atomic,
 )
-from data.readers import expand_inputs, txt_modes
+from data.readers import expand_inputs, splittable, txt_modes
 
 WORK = "tasks"
 PLAN = "plan.json"
@@ -57,21 +60,59 @@ REASONS = {EXACT: ExactDedup.name, NEAR: MinHashDedup.name}
 
 @dataclass
 class PrepPlan:
-    """What a task run is: the inputs in order, how many tasks, the settings. ``attempt`` records the
-    latest submission (executor, tasks it ran, start time) for the report."""
+    """What a task run is: the inputs in order, how many tasks, the settings, and (prep's runs) what each
+    task reads: its ``parts``, whole files and line ranges of .jsonl files (:func:`deal`). ``attempt``
+    records the latest submission (executor, tasks it ran, start time) for the report."""
 
     inputs: list[str]
     tasks: int
     settings: dict[str, Any]
+    parts: list[list[str | dict[str, Any]]] | None = None
     attempt: dict[str, Any] = field(default_factory=dict)
 
     def files_of(self, task: int) -> list[str]:
-        """Task ``task``'s inputs: the ``task``-th of N contiguous, near-equal runs of files."""
+        """The files task ``task`` reads (some of them perhaps in part): without ``parts``, the ``task``-th
+        of N contiguous, near-equal runs of files."""
+        if self.parts is not None:
+            return list(dict.fromkeys(p if isinstance(p, str) else p["path"] for p in self.parts[task]))
         count = len(self.inputs)
         return self.inputs[task * count // self.tasks : (task + 1) * count // self.tasks]
 
+    def sources_of(self, task: int) -> list[str | LineRange]:
+        """What task ``task`` reads, in order: files, and line ranges of the .jsonl files split between tasks."""
+        if self.parts is None:
+            return list(self.files_of(task))
+        return [p if isinstance(p, str) else LineRange(**p) for p in self.parts[task]]
+
     def same_run(self, other: PrepPlan) -> bool:
         return (self.inputs, self.tasks, self.settings) == (other.inputs, other.tasks, other.settings)
+
+
+def deal(files: list[str], tasks: int) -> list[list[str | dict[str, Any]]]:
+    """Prep's inputs dealt to ``tasks`` by size, in order (task order is document order): the t-th task
+    takes about the t-th of N equal shares of all the bytes. A plain .jsonl file is cut at the first line
+    start of each share inside it (:func:`data.line_ranges.split_lines`); any other file (a compressed
+    one cannot be entered in the middle) goes whole to the task its middle byte falls in."""
+    sizes = [os.path.getsize(f) for f in files]
+    total = sum(sizes)
+    share_starts = [total * t // tasks for t in range(tasks)]
+    parts: list[list[str | dict[str, Any]]] = [[] for _ in range(tasks)]
+
+    def task_at(offset: int) -> int:
+        return bisect.bisect_right(share_starts, offset) - 1
+
+    offset = 0
+    for file, size in zip(files, sizes):
+        first, last = bisect.bisect_right(share_starts, offset), bisect.bisect_left(share_starts, offset + size)
+        cuts = [start - offset for start in share_starts[first:last]]  # shares that begin inside the file
+        pieces = split_lines(file, size, cuts) if cuts and splittable(file) else []
+        if len(pieces) > 1:
+            for piece in pieces:
+                parts[task_at(offset + piece.start)].append(asdict(piece))
+        else:
+            parts[task_at(offset + size // 2)].append(file)
+        offset += size
+    return parts
 
 
 def work_dir(out_dir: str | Path) -> Path:
@@ -95,7 +136,7 @@ def plan_run(inputs: list[str | Path], out_dir: str | Path, tasks: int, settings
     check_tasks(tasks)
     files = [str(p) for p in expand_inputs(inputs)]  # a missing input fails here, before anything is written
     Screen(settings)  # a bad filter name, language or eval file fails here too, not in every task
-    plan, pending = plan_tasks(files, out_dir, tasks, asdict(settings), executor)
+    plan, pending = plan_tasks(files, out_dir, tasks, asdict(settings), executor, deal(files, tasks))
     shutil.rmtree(work_dir(out_dir) / DEDUP, ignore_errors=True)  # buckets of an earlier attempt: tasks may change
     return plan, pending
 
@@ -105,12 +146,13 @@ def check_tasks(tasks: int) -> None:
         raise UserError(f"--tasks must be at least 1, got {tasks}")
 
 
-def plan_tasks(files: list[str], out_dir: str | Path, tasks: int, settings: dict[str, Any],
-               executor: str) -> tuple[PrepPlan, list[int]]:
+def plan_tasks(files: list[str], out_dir: str | Path, tasks: int, settings: dict[str, Any], executor: str,
+               parts: list[list[str | dict[str, Any]]] | None = None) -> tuple[PrepPlan, list[int]]:
     """Write ``OUT/tasks/plan.json`` for ``files`` dealt to ``tasks`` (any command's task run: prep's,
-    shard's) and return it with the tasks still to run. The same plan as the one there (inputs, task
-    count, settings) keeps its finished tasks; another one starts afresh."""
-    plan = PrepPlan(files, tasks, settings)
+    shard's; ``parts``: what each task reads, else contiguous runs of files) and return it with the tasks
+    still to run. The same plan as the one there (inputs, task count, settings) keeps its finished tasks
+    (those whose part is the same); another one starts afresh."""
+    plan = PrepPlan(files, tasks, settings, parts)
     work = work_dir(out_dir)
     if (work / PLAN).is_file() and not load_plan(work).same_run(plan):
         shutil.rmtree(work)
@@ -124,7 +166,7 @@ def plan_tasks(files: list[str], out_dir: str | Path, tasks: int, settings: dict
 def is_done(work: Path, plan: PrepPlan, task: int) -> bool:
     marker = task_dir(work, task) / DONE
     try:
-        return marker.is_file() and json.loads(marker.read_text()) == _fingerprint(plan.files_of(task))
+        return marker.is_file() and json.loads(marker.read_text()) == _fingerprint(plan, task)
     except FileNotFoundError:  # an input is gone: the task is not done (and will say so when run)
         return False
 
@@ -144,7 +186,6 @@ def run_task(work: Path, task: int) -> None:
         return
     settings = PrepSettings(**plan.settings)
     screen, near = Screen(settings), settings.minhash()
-    files = plan.files_of(task)
     out = task_dir(work, task)
     shutil.rmtree(out, ignore_errors=True)  # what an unfinished attempt left
     out.mkdir(parents=True)
@@ -162,7 +203,7 @@ def run_task(work: Path, task: int) -> None:
             batch.clear()
             batch_chars = 0
 
-        for doc, verdict in screened(files, settings, screen, tally):
+        for doc, verdict in screened(plan.sources_of(task), settings, screen, tally):
             redacted: Counter[str] = Counter()
             line, size = document_line(doc.id, verdict.text, doc.meta, redacted if settings.pii else None)
             kept.write(line)
@@ -175,7 +216,7 @@ def run_task(work: Path, task: int) -> None:
         flush()
     for name in ("kept.jsonl", "notes.jsonl", "exact.u64", "signatures.u32"):
         (out / f"{name}.tmp").replace(out / name)
-    summary = {"tally": tally.to_json(), "txt_modes": txt_modes(files, settings.txt_mode),
+    summary = {"tally": tally.to_json(), "txt_modes": txt_modes(plan.files_of(task), settings.txt_mode),
                "filters": [f.name for f in screen.filters]}
     write_atomic(out / "report.json", json.dumps(summary, ensure_ascii=False) + "\n")
     mark_done(work, plan, task)
@@ -301,12 +342,14 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 def mark_done(work: Path, plan: PrepPlan, task: int) -> None:
     """Task ``task`` finished: its ``.done`` marker, written last."""
-    write_atomic(task_dir(work, task) / DONE, json.dumps(_fingerprint(plan.files_of(task))) + "\n")
+    write_atomic(task_dir(work, task) / DONE, json.dumps(_fingerprint(plan, task)) + "\n")
 
 
-def _fingerprint(files: list[str]) -> list[list[Any]]:
-    """What a finished task's ``.done`` records: its files' paths, sizes and modification times."""
-    return [[f, (s := os.stat(f)).st_size, s.st_mtime_ns] for f in files]
+def _fingerprint(plan: PrepPlan, task: int) -> dict[str, Any]:
+    """What a finished task's ``.done`` records: its parts (when the plan has them: files change size, and
+    so do the shares) and its files' paths, sizes and modification times."""
+    return {"parts": plan.parts[task] if plan.parts is not None else None,
+            "files": [[f, (s := os.stat(f)).st_size, s.st_mtime_ns] for f in plan.files_of(task)]}
 
 
 def span(tasks: list[int]) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from common.errors import UserError
+from data.line_ranges import LineRange, open_range
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".warc")
 COMPRESSIONS = (".gz", ".zst")
@@ -92,22 +93,34 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def iter_documents(
-    inputs: Iterable[str | Path], *, text_field: str = "text", txt_mode: str = "auto",
+    inputs: Iterable[str | Path | LineRange], *, text_field: str = "text", txt_mode: str = "auto",
     skipped: Counter[str] | None = None, invalid_utf8: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Every document of every input, in order; records that give no document are counted in ``skipped``,
-    bytes that are not UTF-8 (replaced by U+FFFD) in ``invalid_utf8`` per file."""
+    """Every document of every input (a file, a directory, or a :class:`LineRange` of a .jsonl file), in
+    order; records that give no document are counted in ``skipped``, bytes that are not UTF-8 (replaced by
+    U+FFFD) in ``invalid_utf8`` per file."""
     if txt_mode not in TXT_MODES:
         raise UserError(f"unknown txt mode {txt_mode!r}; choose from {', '.join(TXT_MODES)}")
     skipped = Counter() if skipped is None else skipped
-    for path in expand_inputs(inputs):
-        suffix = _suffix(path)
-        if suffix == ".parquet":
-            yield from _parquet(path, text_field)
-            continue
-        if suffix == ".warc":
-            yield from _warc(path, skipped)
-            continue
+    sources: list[Path | LineRange] = []
+    for item in inputs:  # every input checked before the first document is read
+        sources += [item] if isinstance(item, LineRange) else expand_inputs([item])
+    for source in sources:
+        if isinstance(source, LineRange):
+            with _Text(open_range(source), Path(source.path), invalid_utf8) as f:
+                yield from _jsonl(f, Path(source.path), text_field, source.line, source.record)
+        else:
+            yield from _file_documents(source, text_field, txt_mode, skipped, invalid_utf8)
+
+
+def _file_documents(path: Path, text_field: str, txt_mode: str, skipped: Counter[str],
+                    invalid_utf8: Counter[str] | None) -> Iterator[Document]:
+    suffix = _suffix(path)
+    if suffix == ".parquet":
+        yield from _parquet(path, text_field)
+    elif suffix == ".warc":
+        yield from _warc(path, skipped)
+    else:
         with open_text(path, invalid_utf8) as f:
             if suffix == ".txt":
                 yield from _txt(f, path, resolve_txt_mode(path, txt_mode))
@@ -143,6 +156,11 @@ def _suffix(path: Path) -> str:
     if compression and (suffix == ".parquet" or (suffix == ".warc" and compression != ".gz")):
         return ""  # Parquet compresses inside the file; warcio reads gzip only
     return suffix
+
+
+def splittable(path: str | Path) -> bool:
+    """Whether the file can be read in parts (:mod:`data.line_ranges`): plain .jsonl, not compressed."""
+    return _suffix(Path(path)) == ".jsonl" and not Path(path).name.lower().endswith(COMPRESSIONS)
 
 
 def open_text(path: Path, invalid_utf8: Counter[str] | None = None) -> _Text:
@@ -330,11 +348,12 @@ def _passages(blocks: Iterator[list[str]]) -> Iterator[list[list[str]]]:
         yield group
 
 
-def _jsonl_objects(f: _Text, path: Path, skipped: Counter[str] | None = None) -> Iterator[tuple[int, int, Any]]:
-    """(1-based line, 0-based record index, record) per non-blank line; a line that is not JSON
-    fails, or is counted in ``skipped`` when given."""
-    index = 0
-    for lineno, line in enumerate(f, 1):
+def _jsonl_objects(f: _Text, path: Path, skipped: Counter[str] | None = None, first_line: int = 1,
+                   first_record: int = 0) -> Iterator[tuple[int, int, Any]]:
+    """(1-based line, 0-based record index, record) per non-blank line, numbered from ``first_line`` and
+    ``first_record``; a line that is not JSON fails, or is counted in ``skipped`` when given."""
+    index = first_record
+    for lineno, line in enumerate(f, first_line):
         if not line.strip():
             continue
         try:
@@ -356,8 +375,8 @@ def _json_array(f: _Text, path: Path) -> list[Any]:
     return data if isinstance(data, list) else [data]
 
 
-def _jsonl(f: _Text, path: Path, text_field: str) -> Iterator[Document]:
-    for lineno, index, record in _jsonl_objects(f, path):
+def _jsonl(f: _Text, path: Path, text_field: str, first_line: int = 1, first_record: int = 0) -> Iterator[Document]:
+    for lineno, index, record in _jsonl_objects(f, path, None, first_line, first_record):
         yield _from_record(record, f"{path}:{lineno}", f"{path.name}:{index}", text_field)
 
 

@@ -58,7 +58,7 @@ _UNITS = "|".join(map(re.escape, [
     "мбар", "Кб", "КБ", "кб", "Мб", "МБ", "мб", "Гб", "ГБ", "гб", "Тб", "ТБ"
 ]))
 _UNIT = re.compile(rf"\d(?=(?:{_UNITS})(?![\w\-/]))")  # 30|mph, 100|m, B2|G: where spaCy cuts a unit off
-_TOKEN = re.compile(
+_TOKEN_RULES = (
     r"(?:https?://|www\.)[^\s<>\"]*[^\s<>\"'.,;:!?)\]]"  # a URL, without the punctuation after it
     rf"|(?<!\w)(?=\w{{1,7}}\.)(?:(?:{_ABBREVIATIONS})\.|(?:[^\W\d_]\.){{2,}}|[A-Z]\.)(?![\w.])"  # Mr. U.S.A. J.
     r"|\d+(?:[.,:]\d+)+"  # 3.14, 1,000, 10:30
@@ -70,6 +70,11 @@ _TOKEN = re.compile(
     r"|\.{2,}|-{2,}"  # ellipses and dashes stay whole
     r"|[^\w\s]"  # any other mark on its own
 )
+# Most tokens are ASCII words that no rule above treats apart: nothing after them that could start a URL
+# (``:`` after http, ``.`` after www), an abbreviation's period, or a word's going on. Matched first, they are
+# what the rules would give (tests/data/test_text.py checks it on random text), a quarter faster.
+_PLAIN_WORD = r"[A-Za-z]++(?![\w'’\-/.$@:])"
+_TOKEN = re.compile(f"{_PLAIN_WORD}|{_TOKEN_RULES}")
 # Where spaCy cuts a contraction: before 's after any word, before n't after a verb (do|n't, ca|n't), before
 # 'd 'll 're 've 'm after a pronoun, and can|not (each stem in lower or title case). The pattern starts at
 # the cut, so the search is fast; the word before it is checked in ``_cut``.
@@ -137,8 +142,8 @@ class TextView:
 
     @functools.cached_property
     def plain_words(self) -> list[str]:
-        """Tokens with a character that is not punctuation."""
-        return [w for w in self.words if not is_punctuation(w)]
+        """Tokens with a character that is not punctuation (most start with one: one lookup decides)."""
+        return [w for w in self.words if w[0] not in PUNCTUATION or not is_punctuation(w)]
 
     def replace_text(self, text: str) -> None:
         """New text (a line filter kept only some lines): the cached splits are dropped."""

@@ -34,9 +34,9 @@ class C4Filter:
         for line in doc.lines:
             line = line.strip()
             words = line.split()
-            if 0 <= self.max_word_length < len(line) and any(len(w) > self.max_word_length for w in words):
+            if 0 <= self.max_word_length < len(line) and max(map(len, words)) > self.max_word_length:
                 continue
-            if self.remove_citations:
+            if self.remove_citations and "[" in line:  # every citation mark starts with one
                 line = CITATION.sub("", line)
             if self.filter_no_terminal_punct and (not line.endswith(END_PUNCTUATION) or line.endswith("...")):
                 continue

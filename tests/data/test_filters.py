@@ -166,6 +166,28 @@ def test_ngram_rules_decide_as_the_plain_reading_on_repetitive_text():
     assert len(decided) >= 6  # both rule families and keeps were exercised
 
 
+def test_covered_characters_bound_the_greedy_count_of_every_larger_n():
+    """What lets the n-gram rules stop early: the characters of the words that repeated n-grams cover are
+    at least the greedy walk's count for n and for every larger n."""
+    import numpy as np
+
+    from data.filters.gopher_repetition import covered_chars, repeated_chars
+
+    rng = random.Random(1)
+    for _ in range(300):
+        vocabulary = ["a", "bb", "ccc", "dddd", "the", "x"][: rng.randint(2, 6)]
+        words = [rng.choice(vocabulary) for _ in range(rng.randint(10, 90))]
+        chars = np.concatenate([[0], np.cumsum([len(w) for w in words])])
+        counts = {}
+        for n in range(2, 11):
+            seen: dict[tuple[str, ...], int] = {}  # n-gram → where it first occurs
+            starts = [seen.setdefault(tuple(words[i : i + n]), i) for i in range(len(words) - n + 1)]
+            first, grams = np.unique(starts, return_inverse=True)
+            repeats = np.flatnonzero(first[grams] < np.arange(len(grams)))
+            counts[n] = covered_chars(repeats, chars, n), repeated_chars(repeats, grams, first, chars, n)
+        assert all(counts[n][0] >= counts[m][1] for n in counts for m in counts if m >= n), (words, counts)
+
+
 def c4_doc(n_sentences: int, extra: str = "") -> str:
     return "\n".join(sentence(8, i) for i in range(n_sentences)) + extra
 
@@ -224,6 +246,17 @@ def test_gopher_quality_counts_like_datatrove():
         "gopher_below_alpha_threshold")  # half the tokens are semicolons
     assert verdict(GopherQualityFilter(), " ".join(plain) + " the" * 5) == "gopher_enough_stop_words"
     assert verdict(GopherQualityFilter(), " ".join(plain) + " the with") is None
+
+
+def test_has_letter_counts_what_the_letter_pattern_finds():
+    """The isalpha shortcut is exact: every alphabetic code point is one LETTER matches."""
+    import sys
+
+    from data.filters.gopher_quality import LETTER, has_letter
+
+    assert all(LETTER.match(c) for c in map(chr, range(sys.maxunicode + 1)) if c.isalpha())
+    words = ["word", "42", "x2", "²", "_", "--", "Ⅻ", "½a", "état", "٣", "ﬁ"]
+    assert has_letter(words) == sum(bool(LETTER.search(w)) for w in words) == 7  # ² and Ⅻ match, not alphabetic
 
 
 def test_repetition_lines_skip_blank_lines():

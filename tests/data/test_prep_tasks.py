@@ -1,6 +1,7 @@
 """The dedup stages across tasks give the streaming dedups' verdicts exactly."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -59,6 +60,38 @@ def test_files_are_dealt_in_contiguous_runs():
     plan = PrepPlan([f"f{i}" for i in range(7)], 3, {})
     assert [plan.files_of(t) for t in range(3)] == [["f0", "f1"], ["f2", "f3"], ["f4", "f5", "f6"]]
     assert [PrepPlan(["a"], 3, {}).files_of(t) for t in range(3)] == [[], [], ["a"]]
+
+
+def test_prep_deals_bytes_cutting_plain_jsonl_at_line_starts_and_keeping_compressed_files_whole(tmp_path):
+    """One big .jsonl, a .jsonl.gz and a .txt to 4 tasks: in order, the parts cover every file once; the
+    .jsonl is cut at line starts near the equal shares of all bytes; the compressed file goes whole."""
+    import gzip
+
+    from data.prep_tasks import deal
+
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": "word " * (i % 50)}) + "\n" for i in range(2000)))
+    packed = tmp_path / "small.jsonl.gz"
+    packed.write_bytes(gzip.compress(big.read_bytes()[:20_000]))
+    text = tmp_path / "notes.txt"
+    text.write_text("a line\n" * 500)
+    files = [str(big), str(packed), str(text)]
+    parts = deal(files, 4)
+    flat = [p for task in parts for p in task]
+    ranges = [p for p in flat if isinstance(p, dict)]
+    assert [p for p in flat if isinstance(p, str)] == [str(packed), str(text)]
+    assert [task[0] for task in parts] == ranges  # one range starts each task
+    assert [r["start"] for r in ranges] == [0] + [r["end"] for r in ranges[:-1]]
+    assert ranges[-1]["end"] == big.stat().st_size
+    data = big.read_bytes()
+    assert all(data[r["start"] - 1 : r["start"]] == b"\n" for r in ranges[1:])
+    assert [r["record"] for r in ranges] == [data[: r["start"]].count(b"\n") for r in ranges]
+    total = sum(map(os.path.getsize, files))
+    longest = max(map(len, data.splitlines(keepends=True)))
+    for task, r in enumerate(ranges[1:], 1):  # each cut at the first line start after its share's start
+        assert 0 <= r["start"] - total * task // 4 < longest
+    assert deal(files, 1) == [files]
+    assert deal([str(packed)], 3) == [[], [str(packed)], []]  # its middle byte is in the second share
 
 
 def _union_find_clusters(bands: list[np.ndarray]) -> list[set[int]]:

@@ -2,9 +2,12 @@
 
 Each expected split is what ``spacy.blank("en")`` produced for the text (spaCy 3, via datatrove 0.10)."""
 
+import random
+import re
+
 import pytest
 
-from data.text import TextView, is_punctuation, split_words
+from data.text import _TOKEN, _TOKEN_RULES, TextView, is_punctuation, split_words
 
 SPACY_SPLITS = [
     ("I'd you'd he'll they're we've I'm flay'd John'll I'LL",
@@ -45,3 +48,16 @@ def test_plain_words_drop_symbol_tokens():
     view = TextView("Well -- the end... (really) «ok» ___ 42 １ café!")
     assert view.plain_words == ["Well", "the", "end", "really", "ok", "42", "café"]
     assert is_punctuation("«…»") and not is_punctuation("a.")
+
+
+def test_the_plain_word_shortcut_splits_as_the_rules_alone():
+    """Random text made of the pieces the rules look at (URL starts, abbreviations, numbers, contractions,
+    word continuations, non-ASCII letters): the splitter with its shortcut cuts as the rules alone."""
+    rules = re.compile(_TOKEN_RULES)
+    pieces = ["http", "https", "://", "www", ".", "..", ":", "'", "’", "s", "t", "n", "ll", "-", "--", "/", "$", "@",
+              "word", "Mr", "U", "S", "J", "e", "g", "co", "uk", "3", "14", ",", "_", "é", "ß", "Ⅻ", " ", " ", "\n",
+              "(", ")", "\"", "!", "?", "x2", "mph", "cannot"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choices(pieces, k=rng.randint(1, 30)))
+        assert _TOKEN.findall(text) == rules.findall(text), text

@@ -92,6 +92,25 @@ def test_local_tasks_equal_the_single_process_run_with_other_stages(corpus, tmp_
         assert report["pii_redacted"]["email"] >= 3
 
 
+def test_local_tasks_cut_one_big_jsonl_and_equal_the_single_process_run(corpus, tmp_path):
+    """The corpus's .jsonl records as one file (the c4 ones without an id; lines ending in \\n, \\r\\n or a
+    blank line), cut into 4 tasks at line starts: the single run's documents byte for byte and its
+    report, default ids and duplicates across the cuts included."""
+    from data.prep_tasks import deal
+
+    big = tmp_path / "in" / "all.jsonl"
+    big.parent.mkdir()
+    rng = random.Random(2)
+    lines = [line for f in sorted(corpus.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    big.write_bytes(b"".join(line.encode() + rng.choice([b"\n", b"\r\n", b"\n\n"]) for line in lines))
+    assert [len(task) for task in deal([str(big)], 4)] == [1, 1, 1, 1]
+    expected = prepare([big], tmp_path / "single")
+    assert expected["removed"]["exact_duplicate"] >= 15 and expected["removed"]["near_duplicate"] >= 10
+    report = prep_with_tasks([big], tmp_path / "tasks", executor="local", tasks=4, workers=2)
+    assert_same_run(tmp_path / "tasks", report, ((tmp_path / "single" / "documents.jsonl").read_bytes(), expected))
+    assert '"id": "all.jsonl:' in (tmp_path / "tasks" / "documents.jsonl").read_text()
+
+
 def break_middle_file(corpus: Path, tmp_path: Path) -> tuple[Path, object]:
     """A copy of the corpus whose task-1 file has a line that is not JSON at its end; and the repair."""
     broken = tmp_path / "in"
