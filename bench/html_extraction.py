@@ -39,7 +39,6 @@ def extractors() -> dict[str, Extractor]:
     """Name → extract(html, url): Tessera's call, trafilatura's defaults (Tessera's call before this bench),
     trafilatura's fast mode (no fallback extractors), resiliparse's main-content extraction."""
     import trafilatura
-    from resiliparse.extract.html2text import extract_plain_text
 
     from data.readers import extract_main_text
 
@@ -48,8 +47,7 @@ def extractors() -> dict[str, Extractor]:
         "trafilatura, defaults (comments kept)": lambda page, url: trafilatura.extract(page, url=url) or "",
         "trafilatura, FineWeb settings + fast": lambda page, url: trafilatura.extract(
             page, url=url, favor_precision=True, include_comments=False, fast=True) or "",
-        "resiliparse, main content": lambda page, url: extract_plain_text(
-            page, main_content=True, alt_texts=False, list_bullets=False, comments=False),
+        "resiliparse, main content": lambda page, url: extract_main_text(page, url, "resiliparse") or "",
     }
 
 

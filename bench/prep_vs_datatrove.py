@@ -11,8 +11,8 @@ FineWebQualityFilter → MinhashDedupSignature``, chained in this process as its
 extractor runs pages in a sandbox process, as it always does; per-page timeout raised from 1 s to 10 s so
 that load on a shared machine cannot drop a page). Speed: MB of HTML per CPU-second of all the side's
 processes (= per core), the sides alternating repetition by repetition, medians; ratios are what to read on
-a shared machine. Two more rows swap Tessera's extraction for trafilatura's ``fast`` mode or for
-resiliparse (what-ifs: not options of ``tessera prep``); one times the WARC reading and trafilatura alone,
+a shared machine. One more row runs ``tessera prep --extractor resiliparse`` (no datatrove peer at these
+settings: its Trafilatura step is what both sides share); one times the WARC reading and trafilatura alone,
 the step both sides share, whose speed bounds how far ahead of datatrove a prep that extracts with it can
 be. Agreement (untimed): per page, kept or removed by the filters; after near dedup (datatrove's buckets
 and clustering stages run on its signatures); the kept text where both keep. ``--profile``: where
@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from bench.web_pages import build_pages, write_warc
 
@@ -52,11 +51,11 @@ def cpu_now() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def tessera(warc: Path, out: Path, dedup: str = "minhash") -> dict[str, str]:
-    """url → kept text of ``tessera prep``'s documents."""
+def tessera(warc: Path, out: Path, dedup: str = "minhash", extractor: str = "trafilatura") -> dict[str, str]:
+    """url → kept text of ``tessera prep --extractor EXTRACTOR``'s documents."""
     from data.prepare import prepare
 
-    prepare([warc], out, filters=FILTERS, dedup=dedup)
+    prepare([warc], out, filters=FILTERS, dedup=dedup, extractor=extractor)
     with (out / "documents.jsonl").open() as f:
         return {d["url"]: d["text"] for d in map(json.loads, f)}
 
@@ -69,26 +68,8 @@ def extraction_only(warc: Path, out: Path) -> dict[str, str]:
     return {d.meta["url"]: d.text for d in iter_documents([warc])}
 
 
-def resiliparse_text(page: str, url: str | None = None) -> str:
-    from resiliparse.extract.html2text import extract_plain_text
-
-    return extract_plain_text(page, main_content=True, alt_texts=False, list_bullets=False, comments=False)
-
-
-def trafilatura_fast_text(page: str, url: str | None = None) -> str | None:
-    import trafilatura
-
-    return trafilatura.extract(page, url=url, favor_precision=True, include_comments=False, fast=True)
-
-
 def tessera_resiliparse(warc: Path, out: Path, dedup: str = "minhash") -> dict[str, str]:
-    with mock.patch("data.readers.extract_main_text", resiliparse_text):
-        return tessera(warc, out, dedup)
-
-
-def tessera_fast(warc: Path, out: Path, dedup: str = "minhash") -> dict[str, str]:
-    with mock.patch("data.readers.extract_main_text", trafilatura_fast_text):
-        return tessera(warc, out, dedup)
+    return tessera(warc, out, dedup, extractor="resiliparse")
 
 
 def datatrove(warc: Path, out: Path) -> dict[str, str]:
@@ -172,8 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(pages)} pages, {megabytes:.2f} MB of HTML")
     sides: dict[str, Callable[[Path, Path], dict[str, str]]] = {
         "tessera prep": tessera, "datatrove 0.10": datatrove,
-        "tessera prep, trafilatura fast (what-if)": tessera_fast,
-        "tessera prep, resiliparse (what-if)": tessera_resiliparse,
+        "tessera prep --extractor resiliparse": tessera_resiliparse,
         "WARC reading + trafilatura alone (the ceiling)": extraction_only}
     cpu: dict[str, list[float]] = {name: [] for name in sides}
     wall: dict[str, list[float]] = {name: [] for name in sides}
@@ -197,7 +177,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     wall[name].append(time.perf_counter() - start)
         with contextlib.redirect_stderr(io.StringIO()):
             filtered = tessera(warc, tmp / "filters-only", dedup="none")
-            filtered_fast = tessera_fast(warc, tmp / "filters-only-fast", dedup="none")
             filtered_resiliparse = tessera_resiliparse(warc, tmp / "filters-only-resiliparse", dedup="none")
             last = tmp / f"datatrove-{names.index('datatrove 0.10')}-{args.reps - 1}"
             removed = datatrove_near_duplicates(last, list(kept["datatrove 0.10"]))
@@ -218,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["agreement"] = {
         "filters": agreement(urls, set(filtered), theirs_filtered),
         "after near dedup": agreement(urls, set(kept["tessera prep"]), theirs_final),
-        "filters, trafilatura fast what-if": agreement(urls, set(filtered_fast), theirs_filtered),
-        "filters, resiliparse what-if": agreement(urls, set(filtered_resiliparse), theirs_filtered),
+        "filters, --extractor resiliparse": agreement(urls, set(filtered_resiliparse), theirs_filtered),
         "near duplicates removed": {"tessera": len(filtered) - len(kept["tessera prep"]), "datatrove": len(removed)},
         "same kept words": len(same_text) / len(both_final) if both_final else None,
     }

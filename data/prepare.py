@@ -27,7 +27,7 @@ from data.filters.decontamination import DEFAULT_NGRAM, Decontamination
 from data.filters.language import DEFAULT_THRESHOLD, LanguageFilter
 from data.filters.url import URLBlocklist
 from data.pii import redact
-from data.readers import Document, expand_inputs, iter_documents, txt_modes
+from data.readers import Document, check_extractor, expand_inputs, is_warc, iter_documents, txt_modes
 from data.text import TextView, normalize
 
 STAGES = ("url_blocklist", "normalise", "language", "quality filters", "decontaminated", "exact_duplicate",
@@ -54,6 +54,7 @@ class PrepSettings:
 
     text_field: str = "text"
     txt_mode: str = "auto"
+    extractor: str = "trafilatura"  # WARC pages' main text: a key of data.readers.EXTRACTORS
     filters: str | list[str] = "gopher,c4,fineweb"
     dedup: str | list[str] = "exact,minhash"
     unicode_form: str = "NFC"
@@ -72,6 +73,7 @@ class PrepSettings:
         self.decontaminate = [str(p) for p in self.decontaminate] if self.decontaminate else None
         self.url_blocklist = str(self.url_blocklist) if self.url_blocklist else None
         self.dedup = parse_dedup(self.dedup)
+        check_extractor(self.extractor)
 
     def minhash(self) -> MinHashDedup | None:
         if "minhash" not in self.dedup:
@@ -165,7 +167,7 @@ def screened(files: list, settings: PrepSettings, screen: Screen, tally: Tally
     """The documents of ``files`` that ``screen`` keeps; every document read is counted in ``tally`` and
     every one removed noted there with its reason. The one pass the single run and every task share."""
     for doc in iter_documents(files, text_field=settings.text_field, txt_mode=settings.txt_mode,
-                              skipped=tally.skipped, invalid_utf8=tally.invalid_utf8):
+                              extractor=settings.extractor, skipped=tally.skipped, invalid_utf8=tally.invalid_utf8):
         tally.seen += 1
         tally.bytes_in += len(doc.text.encode("utf-8"))
         verdict = screen(doc)
@@ -230,6 +232,7 @@ def build_report(inputs: list[Path], settings: PrepSettings, filters: list[str],
     return {
         "inputs": [str(p) for p in inputs],
         "txt_modes": modes,
+        "extractor": s.extractor if any(is_warc(p) for p in inputs) else None,
         "documents_in": tally.seen, "documents_out": tally.kept,
         "skipped": dict(tally.skipped.most_common()), "removed": dict(tally.removed.most_common()),
         "examples": tally.examples,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from data.readers import TXT_MODE_HELP, TXT_MODES
+from data.readers import EXTRACTOR_HELP, EXTRACTORS, TXT_MODE_HELP, TXT_MODES
 from launch.executors import add_slurm_flags
 
 
@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text",
                         help="the text field of .jsonl/.json records or .parquet column (default text)")
     parser.add_argument("--txt-mode", choices=TXT_MODES, default="auto", help=TXT_MODE_HELP)
+    parser.add_argument("--extractor", choices=list(EXTRACTORS), default="trafilatura", help=EXTRACTOR_HELP)
     parser.add_argument("--filters", default="gopher,c4,fineweb",
                         help="comma list of gopher, gopher_quality, gopher_repetition, c4, fineweb; or none")
     parser.add_argument("--dedup", default="exact,minhash", help="comma list of exact, minhash; or none")
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = dict(
-        text_field=args.text_field, txt_mode=args.txt_mode, filters=args.filters,
+        text_field=args.text_field, txt_mode=args.txt_mode, extractor=args.extractor, filters=args.filters,
         dedup=args.dedup, unicode_form="" if args.unicode == "none" else args.unicode,
         minhash_bands=args.minhash_bands, minhash_rows=args.minhash_rows, minhash_ngram=args.minhash_ngram,
         pii=args.pii, languages=args.languages.split(",") if args.languages else None,
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if "executor" in report:
         tasks = report["executor"]
         print(f"  {tasks['tasks']} tasks on {tasks['name']}: {len(tasks['ran'])} ran, {tasks['reused']} were done")
+    if report["extractor"]:
+        print(f"  WARC pages' main text by {report['extractor']}")
     for path, mode in report["txt_modes"].items():
         print(f"  {path}: one document per {mode}")
     for reason, count in report["skipped"].items():

@@ -19,7 +19,9 @@ from launching import child_env
 
 from common.errors import UserError
 from data.prepare import prepare
+from launch import cli
 from launch.prep_executors import prep_with_tasks
+from tests.data.test_readers import BOILERPLATE, write_page_warc
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "data"
 TESSERA = str(Path(sys.executable).parent / "tessera")
@@ -109,6 +111,42 @@ def test_local_tasks_cut_one_big_jsonl_and_equal_the_single_process_run(corpus, 
     report = prep_with_tasks([big], tmp_path / "tasks", executor="local", tasks=4, workers=2)
     assert_same_run(tmp_path / "tasks", report, ((tmp_path / "single" / "documents.jsonl").read_bytes(), expected))
     assert '"id": "all.jsonl:' in (tmp_path / "tasks" / "documents.jsonl").read_text()
+
+
+def test_local_tasks_with_resiliparse_equal_one_task(tmp_path):
+    """Three WARC files of c4 articles in page furniture (some pages repeated in another file, one with a
+    few words changed): `tessera prep --extractor resiliparse --executor local --tasks 2` gives `--tasks 1`'s
+    documents and report, with resiliparse's text (it keeps the bylines that trafilatura leaves out)."""
+    c4 = [json.loads(line)["text"] for line in (EXAMPLES / "pretrain_c4_demo.jsonl").read_text().splitlines()]
+    rng = random.Random(1)
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    for part in range(3):
+        texts = c4[part * 40 : (part + 1) * 40] + [c4[rng.randrange(40)] for _ in range(4)]
+        texts[-1] = _copy(texts[-1], rng, "")["text"]
+        write_page_warc(crawl / f"cc-{part}.warc.gz", {
+            f"https://site{part}.example/{i}": f"<html><body><nav>{BOILERPLATE}</nav><article><h1>Post {i}</h1>"
+            f"<p class='byline'>By Ada Stone</p>{''.join(f'<p>{p}</p>' for p in text.splitlines())}</article>"
+            f"<footer>{BOILERPLATE}</footer></body></html>" for i, text in enumerate(texts)})
+    for tasks in (1, 2):
+        command = ["prep", str(crawl), "--out", str(tmp_path / f"tasks-{tasks}"), "--extractor", "resiliparse",
+                   "--executor", "local", "--tasks", str(tasks)]
+        assert cli.main(command) == 0
+    one = json.loads((tmp_path / "tasks-1" / "report.json").read_text())
+    assert one["extractor"] == "resiliparse" and one["documents_in"] == 132 and one["removed"]["exact_duplicate"] >= 4
+    documents = (tmp_path / "tasks-1" / "documents.jsonl").read_text()
+    assert "By Ada Stone" in documents and "Subscribe" not in documents
+    two = json.loads((tmp_path / "tasks-2" / "report.json").read_text())
+    assert two["executor"]["tasks"] == 2
+    assert_same_run(tmp_path / "tasks-2", two, (documents.encode(), one))
+
+
+def test_an_unknown_extractor_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["prep", str(tmp_path), "--out", str(tmp_path / "out"), "--extractor", "lxml"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert exit_.value.code == 2 and error.startswith("tessera prep: error: argument --extractor: invalid choice: "
+                                                      "'lxml' (choose from ") and "resiliparse" in error, error
 
 
 def break_middle_file(corpus: Path, tmp_path: Path) -> tuple[Path, object]:
