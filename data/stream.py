@@ -387,7 +387,7 @@ class UnitOrder:
     def __init__(self, num_units: int, seed: Sequence[int] | None, block: int) -> None:
         self.num_units, self.seed, self.block = num_units, None if seed is None else list(seed), max(1, block)
         self.num_blocks = max(1, -(-num_units // self.block))
-        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._groups: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.seed is None or self.num_blocks == 1:
             return
         self.tail = num_units - (self.num_blocks - 1) * self.block
@@ -406,14 +406,14 @@ class UnitOrder:
         np.cumsum(sizes, out=self.group_start[1:])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_perms": OrderedDict()}
+        return {**self.__dict__, "_groups": OrderedDict()}
 
     def __call__(self, positions: Any) -> Any:
         """The unit (or array of units) at epoch position(s) ``positions``."""
         if self.seed is None:
             return positions
         if self.num_blocks == 1:
-            return self._perm(0)[positions]
+            return self._group(0)[positions]
         p = np.asarray(positions, np.int64)
         shape, p = p.shape, p.reshape(-1)
         g = np.searchsorted(self.group_start, p, "right") - 1
@@ -426,25 +426,32 @@ class UnitOrder:
         size = np.where(first, m, rest)
         j = (np.where(first, o, after) % size + _rotation(g, index)) % size
         slot = j + (~first & (j >= short))
-        blocks = self.blocks[self.first_member[g] + slot]
         out = np.empty(len(p), np.int64)
-        for b in np.unique(blocks).tolist():
-            sel = blocks == b
-            out[sel] = b * self.block + self._perm(b)[index[sel]]
+        for group in np.unique(g).tolist():  # one, or two where a group ends
+            sel = g == group
+            slots, table = slot[sel], self._group(group)
+            out[sel] = self.blocks[self.first_member[group] + slots] * self.block + table[slots, index[sel]]
         return out.reshape(shape)
 
-    def _perm(self, b: int) -> np.ndarray:
-        """Block ``b``'s permutation (the last ``2 * BLOCKS_IN_FLIGHT`` kept)."""
-        if b in self._perms:
-            self._perms.move_to_end(b)
-            return self._perms[b]
-        if len(self._perms) >= 2 * BLOCKS_IN_FLIGHT:
-            self._perms.popitem(last=False)
-        size = min(self.block, self.num_units - b * self.block)
-        dtype = np.int32 if size < 2**31 else np.int64
-        seed = self.seed if self.num_blocks == 1 else [*self.seed, b]
-        perm = self._perms[b] = np.random.default_rng(seed).permutation(np.arange(size, dtype=dtype))
-        return perm
+    def _group(self, g: int) -> np.ndarray:
+        """Group ``g``'s block permutations, ``[blocks, block]`` (the last two groups kept); with one
+        block, its permutation."""
+        if g in self._groups:
+            self._groups.move_to_end(g)
+            return self._groups[g]
+        if len(self._groups) >= 2:
+            self._groups.popitem(last=False)
+        dtype = np.int32 if self.block < 2**31 else np.int64
+        if self.num_blocks == 1:
+            table = np.random.default_rng(self.seed).permutation(np.arange(self.num_units, dtype=dtype))
+        else:
+            blocks = self.blocks[self.first_member[g] : self.first_member[g] + self.members[g]].tolist()
+            table = np.zeros((len(blocks), self.block), dtype)
+            for slot, b in enumerate(blocks):
+                size = min(self.block, self.num_units - b * self.block)
+                table[slot, :size] = np.random.default_rng([*self.seed, b]).permutation(np.arange(size, dtype=dtype))
+        self._groups[g] = table
+        return table
 
 
 class EpochPlan:
@@ -471,6 +478,7 @@ class EpochPlan:
         self.num_spans = -(-order.num_samples // self.span)
         self._spans: OrderedDict[int, tuple[np.ndarray, Any]] = OrderedDict()
         self._shard_counts: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._span_begins: dict[int, int] = {}
         if mode == "samples":
             self.num_units = order.num_samples
         else:
@@ -516,22 +524,25 @@ class EpochPlan:
         self._shard_counts[k] = counts
         return counts
 
-    def _window_of(self, units: np.ndarray) -> np.ndarray:
-        """The shuffle window that holds each unit (one source)."""
-        layout = self.order.layout
+    def _span_of(self, units: np.ndarray) -> np.ndarray:
+        """The span that holds each unit (one source): the span of its shard's samples, or where a
+        shard straddles spans, the one whose first unit it has reached."""
+        start = self.order.layout.start
         k = np.searchsorted(self._shard_start, units, "right") - 1
-        at = np.empty_like(units)
-        for shard in np.unique(k).tolist():
-            sel = k == shard
-            inside = units[sel] - self._shard_start[shard]
-            at[sel] = layout.start[shard] + np.searchsorted(self._in_shard(shard), inside, "right")
-        return at // self.order.window
+        out, last = start[k] // self.span, (start[k + 1] - 1) // self.span
+        for i in np.flatnonzero(last > out).tolist():
+            out[i] += sum(int(units[i]) >= self._span_begin(s) for s in range(int(out[i]) + 1, int(last[i]) + 1))
+        return out
 
-    def _units_before(self, position: int) -> int:
-        """Units of the epoch before ``position``, a window boundary (one source)."""
-        k = int(np.searchsorted(self.order.layout.start, position, "right")) - 1
-        local = position - int(self.order.layout.start[k])
-        return int(self._shard_start[k]) + (int(self._in_shard(k)[local - 1]) if local else 0)
+    def _span_begin(self, s: int) -> int:
+        """Units of the epoch before span ``s`` (one source): per-shard totals up to its shard, and
+        its shard's counts before it (a window's total does not depend on the window's order)."""
+        if s not in self._span_begins:
+            position = s * self.span
+            k = int(np.searchsorted(self.order.layout.start, position, "right")) - 1
+            local = position - int(self.order.layout.start[k])
+            self._span_begins[s] = int(self._shard_start[k]) + (int(self._in_shard(k)[local - 1]) if local else 0)
+        return self._span_begins[s]
 
     def _table(self, s: int) -> tuple[np.ndarray, Any]:
         """Span ``s``: the flat ids at its positions and (rows, chunks) the units before each position
@@ -547,7 +558,7 @@ class EpochPlan:
         before = None
         if lengths is not None:
             before = np.empty(len(ids) + 1, np.int64)
-            before[0] = self._units_before(s * self.span) if self.order.layout is not None else 0
+            before[0] = self._span_begin(s) if self.order.layout is not None else 0
             np.cumsum(self._units(lengths), out=before[1:])
             before[1:] += before[0]
         self._spans[s] = ids, before
@@ -565,8 +576,7 @@ class EpochPlan:
     def _find(self, units: np.ndarray) -> np.ndarray:
         """The position of the sample holding each unit (rows: token, chunks: piece)."""
         out = np.empty_like(units)
-        windows = self._window_of(units) if self.num_spans > 1 else units
-        for s, sel in self._by_span(windows * self.order.window):
+        for s, sel in self._by_span(self._span_of(units) * self.span if self.num_spans > 1 else units):
             out[sel] = s * self.span + np.searchsorted(self._table(s)[1], units[sel], "right") - 1
         return out
 
@@ -580,17 +590,20 @@ class EpochPlan:
             ids[sel], begin[sel], end[sel] = table[local], before[local], before[local + 1]
         return ids, begin, end
 
-    def sample(self, position: int) -> int:
-        """The flat sample id of the ``samples`` unit at ``position``."""
-        p = int(self.unit(position))
-        return int(self._table(p // self.span)[0][p % self.span])
+    def samples(self, positions: np.ndarray) -> np.ndarray:
+        """The flat sample ids of the ``samples`` units at ``positions``."""
+        p = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
+        out = np.empty(len(p), np.int64)
+        for s, sel in self._by_span(p):
+            out[sel] = self._table(s)[0][p[sel] - s * self.span]
+        return out
 
-    def chunk(self, position: int) -> np.ndarray:
-        """The tokens of the ``chunks`` unit at ``position``: piece ``j`` of its sample."""
-        unit = np.array([int(self.unit(position))], np.int64)
-        (sample,), (begin,), _ = self._samples(self._find(unit))
-        j = int(unit[0] - begin)
-        return self.shards.read(int(sample), self.field)[j * self.seq_len : (j + 1) * self.seq_len]
+    def chunks(self, positions: np.ndarray) -> list[np.ndarray]:
+        """The tokens of the ``chunks`` units at ``positions``: piece ``j`` of its sample."""
+        units = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
+        samples, begins, _ = self._samples(self._find(units))
+        return [self.shards.read(sample, self.field)[j * self.seq_len : (j + 1) * self.seq_len]
+                for sample, j in zip(samples.tolist(), (units - begins).tolist())]
 
     def rows(self, positions: np.ndarray, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
         """The ``rows`` units at ``positions``, gathered with numpy: ``[len(positions), seq_len + 1]``
@@ -599,8 +612,8 @@ class EpochPlan:
         units = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
         n = self.seq_len + 1
         begins = units * self.seq_len
-        first = self._find(begins)
-        counts = self._find(begins + n - 1) - first + 1
+        first, last = np.split(self._find(np.concatenate([begins, begins + n - 1])), 2)
+        counts = last - first + 1
         row = np.repeat(np.arange(len(units)), counts)
         doc = np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         sample, doc_begin, doc_end = self._samples(doc)

@@ -151,7 +151,7 @@ def test_a_chunks_plan_cuts_every_sample_once(text_shards):
     shards = ShardSet([Source(str(text_shards))], verify_checksums=False)
     stream = SampleStream(shards, mode="chunks", seq_len=50, seed=2, rank=0, world_size=1, batch_size=4)
     plan = stream.plan(0)
-    got = sorted(tuple(plan.chunk(u).tolist()) for u in range(plan.num_units))
+    got = sorted(tuple(chunk.tolist()) for chunk in plan.chunks(np.arange(plan.num_units)))
     expected = []
     for sample in range(shards.num_samples):
         tokens = shards.read(sample).tolist()

@@ -43,7 +43,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shards):
     seen = units_seen(args, world, 2, batches=per_rank // 5)
     assert len(seen) == len(set(seen)) == world * (per_rank // 5) * 5 == shards.num_samples
     stream = SampleStream(rank=0, world_size=1, **args)
-    samples = Counter(stream.plan(e).sample(u) for e, u in seen)
+    samples = Counter(stream.plan(e).samples(np.array([u]))[0] for e, u in seen)
     assert set(samples) == set(range(shards.num_samples)) and set(samples.values()) == {1}
 
 
