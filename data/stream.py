@@ -341,7 +341,11 @@ class EpochOrder:
         self.num_windows = -(-self.num_samples // self.window)
 
     def _mixture(self, layouts: list[_Layout], seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-        per_source = [layout.ids(self.shards, 0, layout.num_samples, self.buffer, None)[0] for layout in layouts]
+        per_source, step = [], self.buffer * 256  # windows at a time: the keys stay small beside the ids
+        for layout in layouts:
+            n = layout.num_samples
+            parts = [layout.ids(self.shards, lo, min(n, lo + step), self.buffer, None)[0] for lo in range(0, n, step)]
+            per_source.append(np.concatenate(parts) if parts else layout.ids(self.shards, 0, 0, self.buffer, None)[0])
         total = sum(len(ids) for ids in per_source)
         weights = np.array([s.weight for s in self.shards.sources], dtype=np.float64)
         takes = [round(total * w / weights.sum()) if len(ids) else 0 for w, ids in zip(weights, per_source)]
@@ -371,9 +375,9 @@ def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True
 def _rotation(groups: np.ndarray, rounds: np.ndarray) -> np.ndarray:
     """A pseudo-random offset for each (group, round): hashed, so ranks striding over positions do
     not keep meeting the same block."""
-    mixed = (groups.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (rounds.astype(np.uint64)
-                                                                          * np.uint64(0xBF58476D1CE4E5B9))
-    return (mixed >> np.uint64(33)).astype(np.int64)
+    g = groups.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    r = rounds.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+    return ((g ^ r) >> np.uint64(33)).astype(np.int64)
 
 
 class UnitOrder:
@@ -447,7 +451,7 @@ class UnitOrder:
             return self._groups[g]
         if len(self._groups) >= 2:
             self._groups.popitem(last=False)
-        dtype = np.int32 if self.block < 2**31 else np.int64
+        dtype = np.int32 if min(self.block, self.num_units) < 2**31 else np.int64
         if self.num_blocks == 1:
             table = np.random.default_rng(self.seed).permutation(np.arange(self.num_units, dtype=dtype))
         else:
