@@ -646,7 +646,8 @@ class StreamState:
 
 class SampleStream:
     """The units one rank consumes, batch by batch, from a starting state; infinite for training,
-    one pass for evaluation (``epochs=1``, whose last batch may be short)."""
+    one pass for evaluation (``epochs=1``, whose last batch may be short). ``span``: the epoch
+    positions a plan computes at a time (default ``SPAN_SAMPLES``; small in tests)."""
 
     def __init__(
         self, shards: ShardSet, *, mode: str, seq_len: int, seed: int, rank: int, world_size: int,
