@@ -590,7 +590,7 @@ class EpochPlan:
             out[sel] = s * self.span + np.searchsorted(self._table(s)[1], units[sel], "right") - 1
         return out
 
-    def _samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _ids_and_bounds(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat ids at ``positions`` and the units before and up to the end of each."""
         ids = np.empty(len(positions), np.int64)
         begin, end = np.empty_like(ids), np.empty_like(ids)
@@ -611,7 +611,7 @@ class EpochPlan:
     def chunks(self, positions: np.ndarray) -> list[np.ndarray]:
         """The tokens of the ``chunks`` units at ``positions``: piece ``j`` of its sample."""
         units = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
-        samples, begins, _ = self._samples(self._find(units))
+        samples, begins, _ = self._ids_and_bounds(self._find(units))
         return [self.shards.read(sample, self.field)[j * self.seq_len : (j + 1) * self.seq_len]
                 for sample, j in zip(samples.tolist(), (units - begins).tolist())]
 
@@ -626,7 +626,7 @@ class EpochPlan:
         counts = last - first + 1
         row = np.repeat(np.arange(len(units)), counts)
         doc = np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        sample, doc_begin, doc_end = self._samples(doc)
+        sample, doc_begin, doc_end = self._ids_and_bounds(doc)
         seg_begin = np.maximum(doc_begin, begins[row])
         seg_len = np.minimum(doc_end, begins[row] + n) - seg_begin
         inside = seg_begin - doc_begin  # offset of the segment inside its document
