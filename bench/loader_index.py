@@ -4,21 +4,24 @@ Each row runs in a fresh process: build the :class:`data.stream.ShardSet`, then 
 plan (rank 0 of 8, seq_len 2048, as a trainer does before its first batch), in ``samples`` mode
 (SFT, preference, ...) and ``rows`` mode (packed CLM). Columns: seconds to open the shard set and
 to plan; resident memory added by each (RSS after, and the peak); the bytes a DataLoader worker
-started with spawn is sent (the pickled stream; fork workers share the parent's pages). Memory is
-measured after imports (the peak, VmHWM, reset there).
+started with spawn is sent (the pickled stream; fork workers share the parent's pages). Then the
+rank reads its first 250 batches of 8 through the plan (``samples``: each sample's array;
+``rows``: ``plan.rows``): CPU seconds of the first 50 (the plan's first spans computed), CPU ms a
+batch over the next 200, and the anonymous resident memory after them (not the shards' mapped
+pages). Memory is measured after imports (the peak, VmHWM, reset there).
 
 * **index-only** sets: manifest + ``NNNNN.idx.npy`` per shard + sparse tars (only their first
   header on disk), ``--per-shard`` samples each; start-up never reads payload, so this is the
-  start-up of a real set of that many samples with ``data.verify_checksums=false``.
+  start-up of a real set of that many samples with ``data.verify_checksums=false`` (for the batches
+  the shards are taken as checked: their payload reads as zeros).
 * **real** sets: tars written by ``ShardWriter`` (one short document a sample, ~1 KiB in the tar),
-  read by this tree and, with ``--base DIR`` (a checkout of the code before the index files, e.g.
-  ``git archive ef187f0``), by that code too, both with checksums at start (the default) and
-  without. The code before needs the tars to walk, so it is measured on real sets only.
+  with checksums at start (the default) and without.
 
-With ``--per-batch``, the loader's speed after start-up too: CPU milliseconds per batch of 8 of the
-in-process loader (CLM rows at seq 2048 and 128, MLM chunks at 128) on 1,000 TinyStories documents,
-this tree and ``--base`` alternating, the median of 5 (CPU time, not wall time: it holds on a
-machine shared with other jobs).
+With ``--base DIR`` (another checkout, e.g. ``git archive main``) every row is run by that code
+too, on the same sets. With ``--per-batch``, the loader's speed after start-up too: CPU
+milliseconds per batch of 8 of the in-process loader (CLM rows at seq 2048 and 128, MLM chunks at
+128) on 1,000 TinyStories documents, this tree and ``--base`` alternating, the median of 5 (CPU
+time, not wall time: it holds on a machine shared with other jobs).
 
     PYTHONPATH=. python bench/loader_index.py [--sizes 1M,10M,100M] [--real-sizes 100K,1M]
         [--base DIR] [--per-batch] [--work DIR] [--json PATH]
@@ -53,6 +56,10 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
 def peak():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
@@ -60,7 +67,7 @@ def peak():
 path, mode, verify, seq_len, world = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:])
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) restarts from here: imports are not counted
-base = rss()
+base, base_anon = rss(), anon()
 t0 = time.perf_counter()
 shards = ShardSet([Source(path)], verify_checksums=verify)
 t1 = time.perf_counter()
@@ -69,11 +76,25 @@ stream = SampleStream(shards, mode=mode, seq_len=seq_len, seed=0, rank=0, world_
                       batch_size=8)
 plan = stream.plan(0)
 t2 = time.perf_counter()
-print(json.dumps({
+out = {
     "samples": shards.num_samples, "open_s": t1 - t0, "plan_s": t2 - t1, "units": plan.num_units,
     "set_mb": (after_set - base) / 2**20, "rank_mb": (rss() - base) / 2**20, "peak_mb": (peak() - base) / 2**20,
     "worker_mb": len(pickle.dumps(stream)) / 2**20, "set_pickle_mb": len(pickle.dumps(shards)) / 2**20,
-}))
+}
+if not verify:
+    shards._checked.update(range(len(shards.shard_start) - 1))  # index-only tars: the payload reads as zeros
+cpu = [time.process_time()]
+for j in range(250):
+    positions = np.arange(j * 8, j * 8 + 8) * world % plan.num_units  # small sets wrap round
+    if mode == "rows":
+        plan.rows(positions, (0,))
+    else:
+        ids = plan.samples(positions) if hasattr(plan, "samples") else [plan.sample(int(p)) for p in positions]
+        [shards.read(int(i)) for i in ids]
+    if j in (49, 249):
+        cpu.append(time.process_time())
+out.update(warm_s=cpu[1] - cpu[0], batch_ms=(cpu[2] - cpu[1]) / 200 * 1000, steady_mb=(anon() - base_anon) / 2**20)
+print(json.dumps(out))
 """
 
 
@@ -108,7 +129,7 @@ def per_batch(work: Path, base: Path | None) -> list[dict]:
                 append_eos=True, txt_mode="block")
     trees = [("after", ROOT, work / "batches")]
     if base:
-        trees.append(("before", base, format_1_view(work / "batches", work / "batches-v1")))
+        trees.append(("before", base, work / "batches"))
     times: dict[tuple, list[float]] = {}
     for _ in range(5):
         for code, tree, path in trees:
@@ -176,18 +197,6 @@ def real_set(root: Path, samples: int, per_shard: int) -> Path:
     return root
 
 
-def format_1_view(root: Path, dst: Path) -> Path:
-    """The same tars under a format-1 manifest (what the code before the index files reads)."""
-    dst.mkdir()
-    raw = json.loads((root / "manifest.json").read_text())
-    raw["version"] = 1
-    for shard in raw["shards"]:
-        shard.pop("index_bytes"), shard.pop("index_sha256")
-        os.symlink(root / shard["name"], dst / shard["name"])
-    (dst / "manifest.json").write_text(json.dumps(raw))
-    return dst
-
-
 def probe(code: Path, path: Path, mode: str, verify: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-c", PROBE, str(path), mode, "1" if verify else "0", str(SEQ_LEN), str(WORLD)]
@@ -202,7 +211,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1M,10M,100M", help="index-only sets (samples)")
     parser.add_argument("--real-sizes", default="100K,1M", help="real tar sets (~1 KiB a sample on disk)")
     parser.add_argument("--per-shard", type=int, default=50_000, help="samples per shard")
-    parser.add_argument("--base", type=Path, default=None, help="a checkout of the code before (see above)")
+    parser.add_argument("--base", type=Path, default=None, help="another checkout to run alike (see above)")
     parser.add_argument("--per-batch", action="store_true", help="also CPU ms per batch, this tree vs --base")
     parser.add_argument("--work", type=Path, default=None, help="where the sets go (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "loader_index.json")
@@ -216,9 +225,8 @@ def main() -> int:
                 start = time.perf_counter()
                 (index_only_set if kind == "index-only" else real_set)(path, n, args.per_shard)
                 print(f"made {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
-                codes = [("after", ROOT, path)]
-                if args.base and kind == "real":
-                    codes.insert(0, ("before", args.base, format_1_view(path, work / f"{path.name}-v1")))
+                codes = [("before", args.base, path)] if args.base else []
+                codes.append(("after", ROOT, path))
                 for verify in ([False] if kind == "index-only" else [True, False]):
                     for code, tree, where in codes:
                         for mode in ("samples", "rows"):
@@ -227,7 +235,6 @@ def main() -> int:
                             rows.append(row)
                             print(json.dumps(row), flush=True)
                 shutil.rmtree(path)
-                shutil.rmtree(work / f"{path.name}-v1", ignore_errors=True)
         batches = per_batch(work, args.base) if args.per_batch else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -244,15 +251,16 @@ def main() -> int:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n| set | samples | code | checksums at start | mode | open s | plan s | set MB | rank MB | peak MB "
-          f"| worker MB |\n|{'---|' * 11}")
+          f"| worker MB | first 50 batches CPU s | CPU ms a batch | anon MB after 250 batches |\n|{'---|' * 14}")
     for r in rows:
+        checked = "yes" if r["checksums_at_start"] else "no"
+        head = f"| {r['set']} | {label(r['samples'])} | {r['code']} | {checked} | {r['mode']} |"
         if "error" in r:
-            print(f"| {r['set']} | {label(r['samples'])} | {r['code']} | {r['checksums_at_start']} | {r['mode']} | "
-                  f"error: {r['error']} |")
+            print(f"{head} error: {r['error']} |")
             continue
-        print(f"| {r['set']} | {label(r['samples'])} | {r['code']} | {'yes' if r['checksums_at_start'] else 'no'} | "
-              f"{r['mode']} | {r['open_s']:.2f} | {r['plan_s']:.2f} | {r['set_mb']:.0f} | {r['rank_mb']:.0f} | "
-              f"{r['peak_mb']:.0f} | {r['worker_mb']:.1f} |")
+        print(f"{head} {r['open_s']:.2f} | {r['plan_s']:.2f} | {r['set_mb']:.0f} | {r['rank_mb']:.0f} | "
+              f"{r['peak_mb']:.0f} | {r['worker_mb']:.1f} | {r['warm_s']:.2f} | {r['batch_ms']:.3f} | "
+              f"{r['steady_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ class Batcher:
             rows = [stream.plan(e).rows(u, (0,))[0][0][:, : stream.seq_len] for e, u in pieces]
             return self._corrupt(stream, list(np.concatenate(rows)), units)
         if stream.mode == "chunks":
-            return self._corrupt(stream, [stream.plan(e).chunk(u) for e, u in units], units)
-        samples = [stream.plan(e).sample(u) for e, u in units]
+            return self._corrupt(stream, [c for e, u in pieces for c in stream.plan(e).chunks(u)], units)
+        samples = [s for e, u in pieces for s in stream.plan(e).samples(u).tolist()]
         shards = stream.shards
         arrays = [tuple(shards.read(s, f) for f in range(len(shards.fields))) for s in samples]
         if not self.spec.reference_logps:

@@ -43,7 +43,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shards):
     seen = units_seen(args, world, 2, batches=per_rank // 5)
     assert len(seen) == len(set(seen)) == world * (per_rank // 5) * 5 == shards.num_samples
     stream = SampleStream(rank=0, world_size=1, **args)
-    samples = Counter(stream.plan(e).sample(u) for e, u in seen)
+    samples = Counter(stream.plan(e).samples(np.array([u]))[0] for e, u in seen)
     assert set(samples) == set(range(shards.num_samples)) and set(samples.values()) == {1}
 
 
@@ -132,20 +132,21 @@ def test_a_micro_batch_draws_its_rows_from_the_whole_epoch(text_shards, tokenize
     assert np.mean([np.ptp(u) for u in batches]) == 7  # positions are still consecutive: the split is unchanged
     in_order = EpochPlan(plan.shards, plan.order, "rows", plan.seq_len)  # position p is unit p
     (shuffled,), starts = plan.rows(np.arange(8), (0,))
-    (direct,), direct_starts = in_order.rows(plan.unit_order[:8], (0,))
+    (direct,), direct_starts = in_order.rows(plan.unit(np.arange(8)), (0,))
     np.testing.assert_array_equal(shuffled, direct)
     np.testing.assert_array_equal(starts, direct_starts)
 
 
 def test_the_unit_order_depends_on_seed_and_epoch_only(shards):
-    def plan(seed, epoch, rank=0, world=1, shuffle=True):
+    def order(seed, epoch, rank=0, world=1, shuffle=True):
         stream = SampleStream(shards=shards, mode="samples", seq_len=64, seed=seed, rank=rank, world_size=world,
                               batch_size=4, shuffle=shuffle)
-        return stream.plan(epoch)
+        plan = stream.plan(epoch)
+        return plan.unit(np.arange(plan.num_units))
 
-    order = plan(3, 0).unit_order
-    assert sorted(order.tolist()) == list(range(len(order)))
-    np.testing.assert_array_equal(order, plan(3, 0, rank=1, world=2).unit_order)
-    assert not np.array_equal(order, plan(3, 1).unit_order)
-    assert not np.array_equal(order, plan(4, 0).unit_order)
-    assert plan(3, 0, shuffle=False).unit_order is None  # evaluation reads its units in order
+    units = order(3, 0)
+    assert sorted(units.tolist()) == list(range(len(units)))
+    np.testing.assert_array_equal(units, order(3, 0, rank=1, world=2))
+    assert not np.array_equal(units, order(3, 1))
+    assert not np.array_equal(units, order(4, 0))
+    np.testing.assert_array_equal(order(3, 0, shuffle=False), np.arange(len(units)))  # evaluation reads in order
