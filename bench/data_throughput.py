@@ -134,7 +134,7 @@ def webdataset_rows(shard_dir: Path, seq_len: int, batch: int, workers: int, raw
 
 
 def memmap_rows(shard_dir: Path, work: Path, seq_len: int, batch: int, workers: int) -> Iterator[torch.Tensor]:
-    from data.stream import ShardSet, Source
+    from data.shard_set import ShardSet, Source
 
     shards = ShardSet([Source(str(shard_dir))])
     flat = np.concatenate([shards.read(i) for i in range(shards.num_samples)])

@@ -1,6 +1,6 @@
 """Loader start-up at scale (not a test): seconds and memory per rank and per worker, 1M–100M samples.
 
-Each row runs in a fresh process: build the :class:`data.stream.ShardSet`, then one rank's epoch
+Each row runs in a fresh process: build the :class:`data.shard_set.ShardSet`, then one rank's epoch
 plan (rank 0 of 8, seq_len 2048, as a trainer does before its first batch), in ``samples`` mode
 (SFT, preference, ...) and ``rows`` mode (packed CLM). Columns: seconds to open the shard set and
 to plan; resident memory added by each (RSS after, and the peak); the bytes a DataLoader worker
@@ -50,7 +50,8 @@ SEQ_LEN, WORLD = 2048, 8
 PROBE = r"""
 import json, pickle, sys, time
 import numpy as np
-from data.stream import SampleStream, ShardSet, Source
+from data.shard_set import ShardSet, Source
+from data.stream import SampleStream
 
 def rss():
     with open("/proc/self/statm") as f:

@@ -51,7 +51,7 @@ import numpy as np
 from data.make_shards import make_shards
 from data.shards import ShardManifest, ShardWriter
 from data.tokenizer import load_tokenizer
-from data.stream import ShardSet, Source
+from data.shard_set import ShardSet, Source
 data, tok_dir, out, corpora = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
 for name, (files, kind, options) in corpora.items():
     make_shards([str(data / f) for f in files], tok_dir, out / name, kind=kind, num_workers=1, **options)

@@ -34,7 +34,8 @@ from data.collate import (
     collate_unpaired,
 )
 from data.config import DataConfig
-from data.stream import SampleStream, ShardSet, Source, StreamState
+from data.shard_set import ShardSet, Source
+from data.stream import SampleStream, StreamState
 
 Batch = dict[str, torch.Tensor]
 STATE_VERSION = 1

@@ -131,7 +131,7 @@ def shard_logps(ctx: ObjectiveContext, reference: torch.nn.Module, shard_dir: Pa
     Rank r scores samples r, r+W, ...; every rank runs the same number of forwards (sharded models
     gather parameters together), the last batches padded with repeats that are dropped."""
     from data.collate import collate_preference
-    from data.stream import ShardSet, Source
+    from data.shard_set import ShardSet, Source
 
     env, cfg = ctx.strategy.env, ctx.cfg
     chunk_size = ctx.cfg.train.loss_chunk_size

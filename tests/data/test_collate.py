@@ -196,7 +196,8 @@ def test_wrong_kind_bad_config_and_eval_split(text_shards, sft_shards, tokenizer
 def test_mixture_follows_the_weights(text_shards, tmp_path, tokenizer):
     import shutil
 
-    from data.stream import ShardSet, Source, epoch_order
+    from data.epoch_plan import epoch_order
+    from data.shard_set import ShardSet, Source
 
     shutil.copytree(text_shards, tmp_path / "b")
     shards = ShardSet([Source(str(text_shards), 3.0), Source(str(tmp_path / "b"), 1.0)])

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from data.epoch_plan import EpochOrder, EpochPlan, _window_order, epoch_order
+from data.shard_set import ShardSet, Source
 from data.shards import INDEX_SUFFIX, ShardError, ShardManifest, check_shard, load_index, open_shard
-from data.stream import EpochOrder, EpochPlan, SampleStream, ShardSet, Source, _window_order, epoch_order
+from data.stream import SampleStream
 from launch.cli import main
 
 

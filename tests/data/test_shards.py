@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from common.errors import UserError
+from data.shard_set import ShardSet, Source
 from data.shards import ShardError, ShardManifest, ShardWriter, check_shard, open_shard, read_documents, verify_shard
-from data.stream import ShardSet, Source
 from launch.cli import main
 
 
@@ -178,9 +178,9 @@ def test_writer_refuses_a_used_directory(text_shards):
 
 
 def test_open_memory_maps_are_bounded(text_shards, monkeypatch):
-    import data.stream
+    import data.shard_set
 
-    monkeypatch.setattr(data.stream, "MAX_OPEN_SHARDS", 2)
+    monkeypatch.setattr(data.shard_set, "MAX_OPEN_SHARDS", 2)
     shards = ShardSet([Source(str(text_shards))])
     expected = [shards.read(i).copy() for i in range(shards.num_samples)]
     assert len(shards._open) <= 2

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from data.config import DataConfig
+from data.epoch_plan import EpochPlan, epoch_order
 from data.loader import build_loader
-from data.stream import EpochPlan, SampleStream, ShardSet, Source, StreamState, epoch_order
+from data.shard_set import ShardSet, Source
+from data.stream import SampleStream, StreamState
 
 
 @pytest.fixture(scope="module")

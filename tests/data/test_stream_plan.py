@@ -9,11 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import data.epoch_plan
 import data.stream
 from data.config import DataConfig
+from data.epoch_plan import EpochOrder, EpochPlan, UnitOrder, epoch_order
 from data.loader import build_loader
+from data.shard_set import ShardSet, Source
 from data.shards import ShardError
-from data.stream import EpochOrder, EpochPlan, SampleStream, ShardSet, Source, StreamState, UnitOrder, epoch_order
+from data.stream import SampleStream, StreamState
 
 SEQ = 64
 
@@ -89,7 +92,7 @@ def test_a_large_epoch_in_blocks_reads_every_unit_once(shards, mode):
     worth, groups of 8 interleaved; every unit exactly once, with the contents of the plan built whole."""
     plan = EpochPlan(shards, EpochOrder(shards, 1, 0, buffer=16), mode, SEQ, unit_seed=(1, 0, 0x0F17), span=32)
     units = plan.unit(np.arange(plan.num_units))
-    assert plan.unit.num_blocks > 2 * data.stream.BLOCKS_IN_FLIGHT
+    assert plan.unit.num_blocks > 2 * data.epoch_plan.BLOCKS_IN_FLIGHT
     assert sorted(units.tolist()) == list(range(plan.num_units))
     assert not np.array_equal(units, np.random.default_rng((1, 0, 0x0F17)).permutation(plan.num_units))
     expected = reference_units(shards, reference_order(shards, 1, 0, 16), mode)
@@ -118,9 +121,9 @@ def test_interleaved_blocks_are_a_permutation_and_a_batch_spans_blocks(units, bl
 def test_the_plan_never_holds_a_table_of_the_epoch(shards):
     plan = EpochPlan(shards, EpochOrder(shards, 1, 0, buffer=16), "rows", SEQ, unit_seed=(1, 0, 3), span=32)
     plan.rows(np.arange(plan.num_units), (0,))
-    assert len(plan._spans) <= 3 * data.stream.BLOCKS_IN_FLIGHT < plan.num_spans
+    assert len(plan._spans) <= 3 * data.epoch_plan.BLOCKS_IN_FLIGHT < plan.num_spans
     held = sum(a.size for s in plan._spans.values() for a in s) + sum(g.size for g in plan.unit._groups.values())
-    assert held < 3 * 32 * 3 * data.stream.BLOCKS_IN_FLIGHT + 2 * plan.unit.block * data.stream.BLOCKS_IN_FLIGHT
+    assert held < 3 * 32 * 3 * data.epoch_plan.BLOCKS_IN_FLIGHT + 2 * plan.unit.block * data.epoch_plan.BLOCKS_IN_FLIGHT
 
 
 @pytest.fixture
@@ -144,7 +147,7 @@ def take(it, n):
 
 def test_a_blocked_epoch_resumes_exactly_also_on_another_world_size(text_shards, tokenizer, small_spans):
     single = loader(text_shards, tokenizer, batch=8)
-    assert single.stream.plan(0).unit.num_blocks > data.stream.BLOCKS_IN_FLIGHT
+    assert single.stream.plan(0).unit.num_blocks > data.epoch_plan.BLOCKS_IN_FLIGHT
     reference = rows(take(iter(single), len(single) + 10))  # past the epoch's end
     first = loader(text_shards, tokenizer, workers=2, batch=8)
     it = iter(first)

@@ -56,7 +56,8 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 def training_samples(directory: Path) -> tuple[str, list[bytes]]:
     """What training reads: the data's fingerprint and epoch 0's samples in the loader's shuffled order."""
-    from data.stream import ShardSet, Source, epoch_order
+    from data.epoch_plan import epoch_order
+    from data.shard_set import ShardSet, Source
 
     shards = ShardSet([Source(str(directory))])
     return shards.fingerprint(), [shards.read(int(i)).tobytes() for i in epoch_order(shards, seed=3, epoch=0)]

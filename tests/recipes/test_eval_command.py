@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from recipe_data import DATA, SCAN_TEST, SMS
 
 from data.make_shards import make_shards
+from data.shard_set import ShardSet, Source
 from data.shards import ShardWriter
-from data.stream import ShardSet, Source
 from launch.cli import main
 from model import build_model
 from model.config import ModelConfig

@@ -8,8 +8,8 @@ import pytest
 from recipe_data import SCAN_TEST, SCAN_TRAIN, SMS
 
 from common.errors import UserError
+from data.shard_set import ShardSet, Source
 from data.shards import ShardManifest
-from data.stream import ShardSet, Source
 from data.tasks import label_list, manifest_labels, read_classification, read_seq2seq
 
 

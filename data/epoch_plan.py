@@ -1,0 +1,383 @@
+"""One epoch's order and units, computed a span of positions at a time: the sample order
+(:class:`EpochOrder`), the unit order (:class:`UnitOrder`) and what each unit reads (:class:`EpochPlan`).
+data/stream.py's docstring describes the whole stream."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from data.shard_set import ShardSet
+from data.shards import (
+    NON_TOKEN_FIELDS,
+    ShardError,
+)
+
+UNIT_MODES = ("samples", "chunks", "rows")
+
+
+SPAN_SAMPLES = 1 << 18  # epoch positions computed together (whole shuffle windows); also a unit block's reach
+BLOCKS_IN_FLIGHT = 8  # unit blocks read interleaved at a time in an epoch of several blocks
+
+
+def _window_order(keys: np.ndarray, buffer: int) -> np.ndarray:
+    """The permutation that sorts each consecutive window of ``buffer`` keys (a stable sort; the last
+    window may be short)."""
+    full = len(keys) // buffer * buffer
+    order = np.argsort(keys[:full].reshape(-1, buffer), axis=1, kind="stable")
+    order += np.arange(0, full, buffer)[:, None]
+    return np.concatenate([order.reshape(-1), full + np.argsort(keys[full:], kind="stable")])
+
+
+class _Layout:
+    """One source's shards in an epoch's order, laid end to end (its positions before the window
+    shuffle), and the generator state the window keys are drawn from: O(shards) to hold."""
+
+    def __init__(self, shards: ShardSet, good: list[tuple[int, int]], rng: np.random.Generator, shuffle: bool) -> None:
+        order = rng.permutation(len(good)) if shuffle else np.arange(len(good))
+        kept = [good[i] for i in order if good[i][1]]
+        self.first = np.array([first for first, _ in kept], np.int64)  # flat id of each shard's first sample
+        self.start = np.zeros(len(kept) + 1, np.int64)
+        np.cumsum(np.array([n for _, n in kept], np.int64), out=self.start[1:])
+        self.shard = np.searchsorted(shards.shard_start, self.first, "right") - 1  # flat shard index
+        self.num_samples = int(self.start[-1])
+        self.keys = rng.bit_generator.state if shuffle and self.num_samples > 1 else None
+
+    def ids(self, shards: ShardSet, lo: int, hi: int, buffer: int, field: int | None) -> tuple[np.ndarray, Any]:
+        """Flat ids at positions ``[lo, hi)`` (``lo`` a multiple of ``buffer``) after the window
+        shuffle; with ``field``, their element counts too. The keys of a window are the generator's
+        draws number ``lo...`` (PCG64 jumps there), so the order is the one all windows drawn in turn give."""
+        dtype = np.int32 if shards.num_samples < 2**31 else np.int64  # 4 bytes a sample below 2**31 samples
+        ids, counts = [np.zeros(0, dtype)], [np.zeros(0, np.int64)]
+        k = int(np.searchsorted(self.start, lo, "right")) - 1
+        while lo < hi and self.start[k] < hi:
+            at = int(self.start[k])
+            a, b = max(lo, at) - at, min(hi, int(self.start[k + 1])) - at
+            ids.append(np.arange(self.first[k] + a, self.first[k] + b, dtype=dtype))
+            if field is not None:
+                counts.append(shards._index(int(self.shard[k])).counts[a:b, field])
+            k += 1
+        out, lengths = np.concatenate(ids), np.concatenate(counts) if field is not None else None
+        if self.keys is not None:
+            bits = np.random.PCG64()
+            bits.state = self.keys
+            bits.advance(lo)
+            order = _window_order(np.random.Generator(bits).random(hi - lo), buffer)
+            out, lengths = out[order], None if lengths is None else lengths[order]
+        return out, lengths
+
+
+class EpochOrder:
+    """The flat sample ids of one epoch in order, a pure function of (seed, epoch, shard set): per
+    source its shards permuted, their samples laid end to end and shuffled inside windows of
+    ``buffer``; several sources are mixed by weight (see the module's docstring). One source's ids
+    are computed a range of windows at a time, on demand; a mixture's are materialised (4 bytes a
+    sample), and then the whole epoch is one window."""
+
+    def __init__(self, shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> None:
+        self.shards, self.buffer = shards, max(1, buffer)
+        layouts = [_Layout(shards, good, np.random.default_rng([seed, epoch, si, 0x5EED]), shuffle)
+                   for si, good in enumerate(shards.source_shards)]
+        self.layout: _Layout | None = layouts[0] if len(layouts) == 1 else None
+        self._ids = None if self.layout else self._mixture(layouts, seed, epoch, shuffle)
+        self.num_samples = self.layout.num_samples if self.layout else len(self._ids)
+        self.window = self.buffer if self.layout else max(1, self.num_samples)
+        self.num_windows = -(-self.num_samples // self.window)
+
+    def _mixture(self, layouts: list[_Layout], seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+        per_source, step = [], self.buffer * 256  # windows at a time: the keys stay small beside the ids
+        for layout in layouts:
+            n = layout.num_samples
+            parts = [layout.ids(self.shards, lo, min(n, lo + step), self.buffer, None)[0] for lo in range(0, n, step)]
+            per_source.append(np.concatenate(parts) if parts else layout.ids(self.shards, 0, 0, self.buffer, None)[0])
+        total = sum(len(ids) for ids in per_source)
+        weights = np.array([s.weight for s in self.shards.sources], dtype=np.float64)
+        takes = [round(total * w / weights.sum()) if len(ids) else 0 for w, ids in zip(weights, per_source)]
+        labels = np.repeat(np.arange(len(per_source)), takes)
+        if shuffle:
+            labels = np.random.default_rng([seed, epoch, 0x313C]).permutation(labels)
+        out = np.empty(len(labels), per_source[0].dtype)
+        for si, (ids, take) in enumerate(zip(per_source, takes)):
+            out[labels == si] = np.resize(ids, take)
+        return out
+
+    def ids(self, first: int, last: int, field: int | None = None) -> tuple[np.ndarray, Any]:
+        """Flat ids of windows ``[first, last)``; with ``field``, their element counts too."""
+        lo, hi = first * self.window, min(self.num_samples, last * self.window)
+        if self.layout is not None:
+            return self.layout.ids(self.shards, lo, hi, self.window, field)
+        ids = self._ids[lo:hi]
+        return ids, None if field is None else self.shards.length(field)[ids]
+
+
+def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> np.ndarray:
+    """All flat sample ids of one epoch, in order (materialised: 4 bytes a sample)."""
+    order = EpochOrder(shards, seed, epoch, shuffle=shuffle, buffer=buffer)
+    return order.ids(0, order.num_windows)[0]
+
+
+def _rotation(groups: np.ndarray, rounds: np.ndarray) -> np.ndarray:
+    """A pseudo-random offset for each (group, round): hashed, so ranks striding over positions do
+    not keep meeting the same block."""
+    g = groups.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    r = rounds.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+    return ((g ^ r) >> np.uint64(33)).astype(np.int64)
+
+
+class UnitOrder:
+    """Position → unit: the seeded permutation of an epoch's units (the second level of the shuffle),
+    computed a block at a time.
+
+    An epoch of one block (at most ``block`` units) is ``default_rng(seed).permutation(num_units)``.
+    A longer one is cut into blocks of ``block`` units (the last one shorter), the blocks are
+    permuted, and groups of up to ``BLOCKS_IN_FLIGHT`` of them (as equal as can be) are read in turn,
+    the blocks of a group interleaved, each in its own seeded permutation: the positions of a group
+    go round its blocks, one unit of each a round, in an order rotated round by round (a short block
+    drops out of the rounds once read). So a micro-batch draws from blocks far apart in the epoch,
+    and only a group's permutations are needed at a time. Without a seed, position ``p`` is unit
+    ``p`` (evaluation keeps its order).
+    """
+
+    def __init__(self, num_units: int, seed: Sequence[int] | None, block: int) -> None:
+        self.num_units, self.seed, self.block = num_units, None if seed is None else list(seed), max(1, block)
+        self.num_blocks = max(1, -(-num_units // self.block))
+        self._groups: OrderedDict[int, np.ndarray] = OrderedDict()
+        if self.seed is None or self.num_blocks == 1:
+            return
+        self.tail = num_units - (self.num_blocks - 1) * self.block
+        self.blocks = np.random.default_rng([*self.seed, 0xB10C]).permutation(self.num_blocks)
+        groups = -(-self.num_blocks // BLOCKS_IN_FLIGHT)  # of as equal sizes as can be: no group of one at the end
+        self.members = self.num_blocks // groups + (np.arange(groups) < self.num_blocks % groups)
+        self.first_member = np.concatenate([[0], np.cumsum(self.members)[:-1]])
+        at = int(np.flatnonzero(self.blocks == self.num_blocks - 1)[0])  # where the last (short) block went
+        group = int(np.searchsorted(self.first_member, at, "right")) - 1
+        sizes = self.members * self.block
+        sizes[group] -= self.block - self.tail
+        self.short = np.full(groups, -1)  # the short block's slot in its group, if shorter than a block
+        if self.tail < self.block:
+            self.short[group] = at - self.first_member[group]
+        self.group_start = np.zeros(groups + 1, np.int64)
+        np.cumsum(sizes, out=self.group_start[1:])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_groups": OrderedDict()}
+
+    def __call__(self, positions: Any) -> Any:
+        """The unit (or array of units) at epoch position(s) ``positions``."""
+        if self.seed is None:
+            return positions
+        if self.num_blocks == 1:
+            return self._group(0)[positions]
+        p = np.asarray(positions, np.int64)
+        shape, p = p.shape, p.reshape(-1)
+        g = np.searchsorted(self.group_start, p, "right") - 1
+        o = p - self.group_start[g]
+        m, short = self.members[g], self.short[g]
+        t = np.where(short >= 0, self.tail, self.block)  # units of each block read in rounds of all m
+        first = o < m * t
+        after, rest = o - m * t, np.maximum(m - 1, 1)  # then rounds of the m - 1 full blocks
+        index = np.where(first, o // m, t + after // rest)
+        size = np.where(first, m, rest)
+        j = (np.where(first, o, after) % size + _rotation(g, index)) % size
+        slot = j + (~first & (j >= short))
+        out = np.empty(len(p), np.int64)
+        for group in np.unique(g).tolist():  # one, or two where a group ends
+            sel = g == group
+            slots, table = slot[sel], self._group(group)
+            out[sel] = self.blocks[self.first_member[group] + slots] * self.block + table[slots, index[sel]]
+        return out.reshape(shape)
+
+    def _group(self, g: int) -> np.ndarray:
+        """Group ``g``'s block permutations, ``[blocks, block]`` (the last two groups kept); with one
+        block, its permutation."""
+        if g in self._groups:
+            self._groups.move_to_end(g)
+            return self._groups[g]
+        if len(self._groups) >= 2:
+            self._groups.popitem(last=False)
+        dtype = np.int32 if min(self.block, self.num_units) < 2**31 else np.int64
+        if self.num_blocks == 1:
+            table = np.random.default_rng(self.seed).permutation(np.arange(self.num_units, dtype=dtype))
+        else:
+            blocks = self.blocks[self.first_member[g] : self.first_member[g] + self.members[g]].tolist()
+            table = np.zeros((len(blocks), self.block), dtype)
+            for slot, b in enumerate(blocks):
+                size = min(self.block, self.num_units - b * self.block)
+                table[slot, :size] = np.random.default_rng([*self.seed, b]).permutation(np.arange(size, dtype=dtype))
+        self._groups[g] = table
+        return table
+
+
+class EpochPlan:
+    """One epoch's units: how many there are and what the unit at each position reads.
+
+    Position ``p`` holds unit ``unit(p)`` (:class:`UnitOrder`). Nothing is held per sample or per
+    unit for one source: sample ids, and for ``rows``/``chunks`` the units before each sample, are
+    computed a span of ``span`` epoch positions (whole shuffle windows) at a time when first needed,
+    the last few spans kept. A span's first count comes from per-shard totals (the manifest's token
+    counts for ``rows``; for ``chunks`` every shard's index is read once, at plan time) and the
+    in-shard counts before it, since a window's total does not depend on its order. Unit blocks
+    reach about a span's worth of samples, so an epoch of up to ``span`` samples is one block and one span.
+    """
+
+    def __init__(
+        self, shards: ShardSet, order: EpochOrder, mode: str, seq_len: int, field: int = 0,
+        unit_seed: Sequence[int] | None = None, span: int | None = None,
+    ) -> None:
+        if mode not in UNIT_MODES:
+            raise ValueError(f"unknown unit mode {mode!r}")
+        self.shards, self.order, self.mode, self.seq_len, self.field = shards, order, mode, seq_len, field
+        self.windows_per_span = max(1, (span or SPAN_SAMPLES) // order.window)
+        self.span = self.windows_per_span * order.window
+        self.num_spans = -(-order.num_samples // self.span)
+        self._spans: OrderedDict[int, tuple[np.ndarray, Any]] = OrderedDict()
+        self._shard_counts: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._span_begins: dict[int, int] = {}
+        if mode == "samples":
+            self.num_units = order.num_samples
+        else:
+            total = self._shard_totals() if order.layout is not None else int(self._table(0)[1][-1])
+            self.num_units = total if mode == "chunks" else max(0, total - 1) // seq_len
+        block = self.span * self.num_units // max(1, order.num_samples)
+        self.unit = UnitOrder(self.num_units, unit_seed, block)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn recompute what they need
+        return {**self.__dict__, "_spans": OrderedDict(), "_shard_counts": OrderedDict()}
+
+    def _units(self, lengths: np.ndarray) -> np.ndarray:
+        """Units of each sample of these lengths: its tokens (rows) or its pieces (chunks)."""
+        return lengths if self.mode == "rows" else np.maximum(1, -(-lengths // self.seq_len))
+
+    def _shard_totals(self) -> int:
+        """Units of each shard of the layout, summed: the epoch's units."""
+        shards, layout = self.shards, self.order.layout
+        infos = [shards.manifests[si].shards[shi] for si, shi in (shards._shard_paths[k] for k in layout.shard)]
+        token_fields = [f for f in shards.fields if f not in NON_TOKEN_FIELDS]
+        if self.mode == "rows" and token_fields == [shards.fields[self.field]]:
+            totals = [info.tokens for info in infos]  # the manifest's counts: nothing read at start
+        else:
+            totals = [int(self._units(shards._index(int(k)).counts[:, self.field]).sum()) for k in layout.shard]
+        self._shard_start = np.zeros(len(totals) + 1, np.int64)
+        np.cumsum(np.array(totals, np.int64), out=self._shard_start[1:])
+        self._shard_names = [f"{shards.manifests[shards._shard_paths[k][0]].root}/{info.name}"
+                             for k, info in zip(layout.shard, infos)]
+        return int(self._shard_start[-1])
+
+    def _in_shard(self, k: int) -> np.ndarray:
+        """Units up to and including each sample of the layout's shard ``k`` (a few shards kept)."""
+        if k in self._shard_counts:
+            self._shard_counts.move_to_end(k)
+            return self._shard_counts[k]
+        if len(self._shard_counts) >= 4 * BLOCKS_IN_FLIGHT:
+            self._shard_counts.popitem(last=False)
+        counts = np.cumsum(self._units(self.shards._index(int(self.order.layout.shard[k])).counts[:, self.field]))
+        expected = int(self._shard_start[k + 1] - self._shard_start[k])
+        if int(counts[-1]) != expected:
+            raise ShardError(f"{self._shard_names[k]}: its index counts {int(counts[-1])} tokens, the manifest "
+                             f"{expected}; run `tessera shard verify` on its directory")
+        self._shard_counts[k] = counts
+        return counts
+
+    def _span_of(self, units: np.ndarray) -> np.ndarray:
+        """The span that holds each unit (one source): the span of its shard's samples, or where a
+        shard straddles spans, the one whose first unit it has reached."""
+        start = self.order.layout.start
+        k = np.searchsorted(self._shard_start, units, "right") - 1
+        out, last = start[k] // self.span, (start[k + 1] - 1) // self.span
+        for i in np.flatnonzero(last > out).tolist():
+            out[i] += sum(int(units[i]) >= self._span_begin(s) for s in range(int(out[i]) + 1, int(last[i]) + 1))
+        return out
+
+    def _span_begin(self, s: int) -> int:
+        """Units of the epoch before span ``s`` (one source): per-shard totals up to its shard, and
+        its shard's counts before it (a window's total does not depend on the window's order)."""
+        if s not in self._span_begins:
+            position = s * self.span
+            k = int(np.searchsorted(self.order.layout.start, position, "right")) - 1
+            local = position - int(self.order.layout.start[k])
+            self._span_begins[s] = int(self._shard_start[k]) + (int(self._in_shard(k)[local - 1]) if local else 0)
+        return self._span_begins[s]
+
+    def _table(self, s: int) -> tuple[np.ndarray, Any]:
+        """Span ``s``: the flat ids at its positions and (rows, chunks) the units before each position
+        and after the last (the last ``3 * BLOCKS_IN_FLIGHT`` spans kept)."""
+        if s in self._spans:
+            self._spans.move_to_end(s)
+            return self._spans[s]
+        if len(self._spans) >= 3 * BLOCKS_IN_FLIGHT:
+            self._spans.popitem(last=False)
+        first = s * self.windows_per_span
+        field = None if self.mode == "samples" else self.field
+        ids, lengths = self.order.ids(first, first + self.windows_per_span, field)
+        before = None
+        if lengths is not None:
+            before = np.empty(len(ids) + 1, np.int64)
+            before[0] = self._span_begin(s) if self.order.layout is not None else 0
+            np.cumsum(self._units(lengths), out=before[1:])
+            before[1:] += before[0]
+        self._spans[s] = ids, before
+        return ids, before
+
+    def _by_span(self, positions: np.ndarray) -> Iterator[tuple[int, Any]]:
+        """(span, selection of ``positions`` in it) for each span they fall in."""
+        if self.num_spans <= 1:
+            yield 0, slice(None)
+            return
+        spans = positions // self.span
+        for s in np.unique(spans).tolist():
+            yield s, spans == s
+
+    def _find(self, units: np.ndarray) -> np.ndarray:
+        """The position of the sample holding each unit (rows: token, chunks: piece)."""
+        out = np.empty_like(units)
+        for s, sel in self._by_span(self._span_of(units) * self.span if self.num_spans > 1 else units):
+            out[sel] = s * self.span + np.searchsorted(self._table(s)[1], units[sel], "right") - 1
+        return out
+
+    def _ids_and_bounds(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat ids at ``positions`` and the units before and up to the end of each."""
+        ids = np.empty(len(positions), np.int64)
+        begin, end = np.empty_like(ids), np.empty_like(ids)
+        for s, sel in self._by_span(positions):
+            table, before = self._table(s)
+            local = positions[sel] - s * self.span
+            ids[sel], begin[sel], end[sel] = table[local], before[local], before[local + 1]
+        return ids, begin, end
+
+    def samples(self, positions: np.ndarray) -> np.ndarray:
+        """The flat sample ids of the ``samples`` units at ``positions``."""
+        p = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
+        out = np.empty(len(p), np.int64)
+        for s, sel in self._by_span(p):
+            out[sel] = self._table(s)[0][p[sel] - s * self.span]
+        return out
+
+    def chunks(self, positions: np.ndarray) -> list[np.ndarray]:
+        """The tokens of the ``chunks`` units at ``positions``: piece ``j`` of its sample."""
+        units = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
+        samples, begins, _ = self._ids_and_bounds(self._find(units))
+        return [self.shards.read(sample, self.field)[j * self.seq_len : (j + 1) * self.seq_len]
+                for sample, j in zip(samples.tolist(), (units - begins).tolist())]
+
+    def rows(self, positions: np.ndarray, fields: Sequence[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """The ``rows`` units at ``positions``, gathered with numpy: ``[len(positions), seq_len + 1]``
+        per field, and a bool array marking where a document begins inside each row (index 0 is
+        marked when a document starts exactly there)."""
+        units = np.asarray(self.unit(np.asarray(positions, np.int64)), np.int64)
+        n = self.seq_len + 1
+        begins = units * self.seq_len
+        first, last = np.split(self._find(np.concatenate([begins, begins + n - 1])), 2)
+        counts = last - first + 1
+        row = np.repeat(np.arange(len(units)), counts)
+        doc = np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        sample, doc_begin, doc_end = self._ids_and_bounds(doc)
+        seg_begin = np.maximum(doc_begin, begins[row])
+        seg_len = np.minimum(doc_end, begins[row] + n) - seg_begin
+        inside = seg_begin - doc_begin  # offset of the segment inside its document
+        starts = np.zeros((len(units), n), bool)
+        starts[row[inside == 0], (seg_begin - begins[row])[inside == 0]] = True
+        out = [self.shards.gather(sample, inside, seg_len, f).reshape(len(units), n) for f in fields]
+        return out, starts
