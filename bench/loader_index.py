@@ -99,8 +99,9 @@ print(json.dumps(out))
 """
 
 
+# CPU ms a batch (over 200 batches) and a digest of the first 200 batches (to compare two trees)
 BATCH_PROBE = r"""
-import json, sys, time
+import hashlib, json, sys, time
 from data.config import DataConfig
 from data.loader import build_loader
 from data.tokenizer import load_tokenizer
@@ -111,7 +112,13 @@ next(it)
 start = time.process_time()
 for _ in range(200):
     next(it)
-print(json.dumps((time.process_time() - start) / 200 * 1000))
+ms = (time.process_time() - start) / 200 * 1000
+digest = hashlib.sha256()  # the first 200 batches, to compare the trees' batches
+it = iter(build_loader(cfg, objective=objective, tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=0))
+for batch in (next(it) for _ in range(200)):
+    for key in sorted(batch):
+        digest.update(key.encode() + batch[key].numpy().tobytes())
+print(json.dumps([ms, digest.hexdigest()]))
 """
 BATCH_CASES = (("clm", 2048), ("clm", 128), ("mlm", 128))
 
@@ -138,7 +145,7 @@ def per_batch(work: Path, base: Path | None) -> list[dict]:
                 env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
                 argv = [sys.executable, "-c", BATCH_PROBE, str(path), str(work / "tokenizer"), objective, str(seq_len)]
                 done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True, cwd=tree)
-                times.setdefault((code, objective, seq_len), []).append(json.loads(done.stdout.splitlines()[-1]))
+                times.setdefault((code, objective, seq_len), []).append(json.loads(done.stdout.splitlines()[-1])[0])
     return [{"code": code, "objective": o, "seq_len": n, "cpu_ms_per_batch": round(float(np.median(t)), 3)}
             for (code, o, n), t in times.items()]
 

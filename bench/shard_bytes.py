@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.loader_index import BATCH_PROBE
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 ENGLISH = ["pretrain_tinyshakespeare.txt", "pretrain_war_and_peace_books_1_4.txt",
@@ -47,6 +49,8 @@ SMOKE_CASES = (("clm", 128, SHORT_DOCS), ("sft", 512, "sft_rasbt"))
 SHARD = r"""
 import json, sys
 from pathlib import Path
+
+from bench.loader_index import BATCH_PROBE
 import numpy as np
 from data.make_shards import make_shards
 from data.shards import ShardManifest, ShardWriter
@@ -64,26 +68,6 @@ for at in range(0, len(flat) - 40, 40):
 writer.close()
 """
 
-BATCH = r"""
-import hashlib, json, sys, time
-from data.config import DataConfig
-from data.loader import build_loader
-from data.tokenizer import load_tokenizer
-path, tokenizer, objective, seq_len = sys.argv[1], load_tokenizer(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-cfg = DataConfig.from_dict({"train": path, "seq_len": seq_len, "num_workers": 0})
-it = iter(build_loader(cfg, objective=objective, tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=0))
-next(it)
-start = time.process_time()
-for _ in range(200):
-    next(it)
-ms = (time.process_time() - start) / 200 * 1000
-digest = hashlib.sha256()  # the first 200 batches, to compare the trees' batches
-it = iter(build_loader(cfg, objective=objective, tokenizer=tokenizer, rank=0, world_size=1, micro_batch_size=8, seed=0))
-for batch in (next(it) for _ in range(200)):
-    for key in sorted(batch):
-        digest.update(key.encode() + batch[key].numpy().tobytes())
-print(json.dumps([ms, digest.hexdigest()]))
-"""
 
 
 def run(tree: Path, script: str, *argv: str) -> str:
@@ -130,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(repeats):
             for code, tree in trees:
                 for objective, seq_len, corpus in cases:
-                    ms, digest = json.loads(run(tree, BATCH, str(work / code / corpus), str(tok), objective,
+                    ms, digest = json.loads(run(tree, BATCH_PROBE, str(work / code / corpus), str(tok), objective,
                                                 str(seq_len)))
                     case = f"{objective} seq {seq_len} on {corpus}"
                     times[code].setdefault(case, []).append(ms)
