@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import final_weights, tiny_config, train
 from spawn import spawn
 
 from model import ModelConfig, build_model
 from model.transformer import resolve_positions
+from runs import assert_weights_follow, final_weights, tiny_config, train
 from trainer.callbacks import Callback
 from trainer.strategy.pipeline_parallel import StagePart, stage_blocks
 
@@ -93,8 +93,7 @@ def test_two_stage_pipeline_follows_the_single_process_run_and_resumes_across_pp
     assert not set(first) & set(second)  # the stages share no parameter
     expected, got = final_weights(single), final_weights(pp)  # gathered whole, under the plain names
     assert expected.keys() == got.keys() and set(first) | set(second) <= set(got)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(got, expected)
 
     resume_from(tmp_path / "pp", tmp_path / "pp_again", 5)
     again, _ = spawn(train, 2, config(corpus, tmp_path / "pp_again", *common, *pp_args))
@@ -144,8 +143,7 @@ def test_two_stages_per_rank_with_data_parallel_and_tied_embeddings_follow_the_s
     assert first <= set(names[0]) and second <= set(names[1]) and set(names[0]) & set(names[1]) == shared
     expected, got = final_weights(single), final_weights(results[0])
     assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(got, expected)
 
     resume_from(tmp_path / "pp", tmp_path / "pp_to_single", 5)
     [at_one] = spawn(train, 1, config(corpus, tmp_path / "pp_to_single", *common, tied=True))
@@ -193,8 +191,7 @@ def test_sft_through_two_stages_follows_the_single_process_run(corpus, chats, tm
     assert pp.tokens_seen == single.tokens_seen
     np.testing.assert_allclose(pp.eval_loss, single.eval_loss, rtol=1e-5)
     expected, got = final_weights(single), final_weights(pp)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(got, expected)
 
 
 def test_preference_alignment_through_the_pipeline_is_refused_in_one_line(corpus, tmp_path):
@@ -235,5 +232,4 @@ def test_moe_through_the_pipeline_follows_the_single_process_run(corpus, tmp_pat
         for key in ("moe/router_loss", "moe/aux_loss", "moe/z_loss", "moe/load/0", "moe/load/3", "grad_norm"):
             assert got[key] == pytest.approx(expected[key], rel=1e-5), key
     expected, got = final_weights(single), final_weights(pp)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(got, expected)

@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from runs import final_weights, tiny_config, train
 from spawn import spawn
+
+from runs import assert_weights_follow, final_weights, tiny_config, train
 
 MODELS = {
     # GQA, q/k norms (shared by the heads, so partial gradients on each tp rank even without sp)
@@ -99,9 +100,7 @@ def test_sequence_parallel_follows_one_process(corpus, tmp_path, arch):
     np.testing.assert_allclose(tp.losses, single.losses, rtol=1e-5)
     np.testing.assert_allclose(_grad_norms(tp), _grad_norms(single), rtol=1e-5)
     tp_weights = final_weights(tp)
-    for name, tensor in final_weights(single).items():  # the norms' too: their gradients summed right
-        torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_weights_follow(tp_weights, final_weights(single))  # the norms' too: their gradients summed right
 
 
 @pytest.mark.slow
@@ -128,8 +127,7 @@ def test_sequence_parallel_with_ddp_and_fsdp_follows_one_process_and_reshards(co
     for strategy, ranks in runs.items():  # whole tensors, plain layout
         weights = final_weights(ranks[0])
         assert weights.keys() == single_weights.keys()
-        for name, tensor in single_weights.items():
-            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{strategy}: {name}")
+        assert_weights_follow(weights, single_weights, f"{strategy}: ")
 
     resumes = (("dp4", runs["fsdp"][0], ("train.strategy=ddp", "train.micro_batch_size=2")),
                ("dp4_fsdp", runs["fsdp"][0], ("train.strategy=fsdp", "train.micro_batch_size=2")),

@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from runs import final_weights, tiny_config, train
 from spawn import spawn
+
+from runs import assert_weights_follow, final_weights, tiny_config, train
 
 
 @pytest.mark.slow
@@ -35,8 +35,7 @@ def test_tensor_parallel_follows_ddp_and_the_single_process_run(corpus, tmp_path
     assert tp[0].tokens_seen == ddp.tokens_seen  # the tp copies of a batch count once
     tp_weights, ddp_weights = final_weights(tp[0]), final_weights(ddp)  # whole tensors, plain layout
     assert tp_weights.keys() == ddp_weights.keys()
-    for name, tensor in ddp_weights.items():
-        torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(tp_weights, ddp_weights)
 
     # the step-5 checkpoint (each rank wrote its pieces) resumes at dp=4 (ddp and fsdp, micro-batch 2: one
     # loader state per tp group), at tp=4 and at tp=2 × dp=2 under fsdp, and goes on as uninterrupted

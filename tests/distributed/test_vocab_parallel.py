@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from runs import final_weights, tiny_config, train
 from spawn import spawn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from runs import assert_weights_follow, final_weights, tiny_config, train
 
 VOCAB = 96  # no other dimension of the model is 96 (or 48)
 MODEL = {"preset": "tiny-llama", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "max_seq_len": 64,
@@ -157,8 +158,7 @@ def test_vocab_parallel_follows_one_process(corpus, tmp_path):
     assert len(tp.losses) == 10
     np.testing.assert_allclose(tp.losses, single.losses, rtol=1e-5)
     tp_weights = final_weights(tp)
-    for name, tensor in final_weights(single).items():
-        torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(tp_weights, final_weights(single))
 
 
 def test_a_padded_vocabulary_follows_one_process_and_keeps_its_checkpoint_shapes(corpus, tmp_path):
@@ -175,8 +175,7 @@ def test_a_padded_vocabulary_follows_one_process_and_keeps_its_checkpoint_shapes
     np.testing.assert_allclose(tp.losses, single.losses, rtol=1e-5)
     tp_weights = final_weights(tp)
     assert tp_weights["embed.tokens.weight"].shape == (ODD, 32)
-    for name, tensor in final_weights(single).items():
-        torch.testing.assert_close(tp_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert_weights_follow(tp_weights, final_weights(single))
     for name, overrides in (("again-tp", ("train.strategy=ddp", "parallel.tp=2")), ("again-single", ())):
         checkpoints = tmp_path / name / "checkpoints"
         shutil.copytree(tmp_path / "tp" / "checkpoints" / "step_000003", checkpoints / "step_000003")
