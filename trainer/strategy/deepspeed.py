@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from common.errors import UserError
 from common.manifest import MANIFEST, write_manifest
 from trainer.checkpoint import read_state, verify
 from trainer.config import StrategyName, TrainConfig
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, barrier, release_at_teardown
 from trainer.strategy import Strategy, materialize
 from trainer.strategy.ds_config import build_ds_config
 from trainer.strategy.optim import build_adamw, set_lr
@@ -51,7 +52,13 @@ def import_deepspeed() -> Any:
     """Import deepspeed without the shared-memory comm op it compiles on CPU (~60 s, inference only)."""
     import deepspeed  # noqa: F401  (registers deepspeed.comm.torch in sys.modules)
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    backend = sys.modules["deepspeed.comm.torch"]
+    backend.build_shm_op = lambda: None
+    # barrier and monitored_barrier take group=GroupMember.WORLD as a default, evaluated at import: imported
+    # after the process group started (as here), they would hold it past teardown. None means WORLD to them too.
+    for method in (backend.TorchBackend.barrier, backend.TorchBackend.monitored_barrier):
+        method.__defaults__ = tuple(None if isinstance(value, dist.ProcessGroup) else value
+                                    for value in method.__defaults__)
     return sys.modules["deepspeed"]
 
 
@@ -72,6 +79,9 @@ class DeepSpeed(Strategy):
         # Offloaded states live on the CPU, where torch's fused AdamW needs no C++ build (DeepSpeedCPUAdam does).
         optimizer = build_adamw(model, self.cfg, torch.device("cpu") if offloaded else self.env.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # its gradient hooks live in autograd's C++ nodes, out of Python's garbage collector's reach: left
+        # there, they keep the engine, its optimizer and their data-parallel group alive until exit
+        release_at_teardown(self.model, lambda engine: engine.destroy())
         return self.model
 
     def place(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
