@@ -132,14 +132,16 @@ def teardown(barrier: bool = True) -> None:
     transformers' Trainer) start a process group of their own."""
     if dist.is_initialized() and barrier:
         dist.barrier()
-    _release_all()
-    if dist.is_initialized():
-        deepspeed_comm = sys.modules.get("deepspeed.comm")  # its destroy also drops the groups DeepSpeed keeps
-        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
-            deepspeed_comm.destroy_process_group()
-        else:
-            dist.destroy_process_group()
-    gc.collect()  # a wrapped model's reference cycles (FSDP2's hooks hold its state) hold its mesh and groups
+    try:
+        _release_all()
+    finally:
+        if dist.is_initialized():
+            deepspeed_comm = sys.modules.get("deepspeed.comm")  # its destroy also drops the groups DeepSpeed keeps
+            if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+                deepspeed_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
+            gc.collect()  # a wrapped model's reference cycles (FSDP2's hooks hold its state) hold its groups
     for name in _ADDED_ENV:
         os.environ.pop(name, None)
     _ADDED_ENV.clear()

@@ -52,8 +52,9 @@ strategy_name, tp = sys.argv[1], int(sys.argv[2])
 env = init_distributed(need_group=True)
 strategy = build_strategy(TrainConfig(strategy=strategy_name), env, parallel=ParallelConfig(tp=tp), seq_len=8)
 model = strategy.wrap(build_model(ModelConfig(vocab_size=64, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)))
-strategy.backward(model(torch.randint(0, 64, (2, 8))).float().pow(2).mean())  # one real step
-strategy.step(1e-3)
+for _ in range(2):  # real steps (ZeRO-3 caches its release plan once its first step traced the modules)
+    strategy.backward(model(torch.randint(0, 64, (2, 8))).float().pow(2).mean())
+    strategy.step(1e-3)
 del strategy, model  # what a run drops when it returns
 teardown()
 names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
@@ -62,14 +63,16 @@ print(" ".join(sorted(name for name in names if "gloo" in name)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "tp", "ranks"), [("ddp", 1, 1), ("fsdp", 1, 1), ("zero2", 1, 1), ("fsdp", 2, 2)],
-                         ids=["ddp", "fsdp", "zero2", "fsdp_tp"])
+@pytest.mark.parametrize(("strategy", "tp", "ranks"),
+                         [("ddp", 1, 1), ("fsdp", 1, 1), ("zero2", 1, 1), ("zero3", 1, 1), ("fsdp", 2, 2)],
+                         ids=["ddp", "fsdp", "zero2", "zero3", "fsdp_tp"])
 def test_teardown_ends_the_groups_threads_before_exit(strategy, tp, ranks):
     """After a step and teardown no gloo thread of the run's groups is left running. Left for interpreter
     shutdown to tear down, they made a rank that had finished a 2-node SLURM run abort at exit now and then
     ("terminate called without an active exception"). What held them: torch.distributed.nn's default
     arguments, first imported by DDP while the group was up; DTensor's caches, which keep FSDP2's and tensor
-    parallel's meshes; DeepSpeed's engine (its gradient hooks) and its own group references. A fresh
+    parallel's meshes; DeepSpeed's engine (its gradient hooks, ZeRO-3's module stack and release-plan cache)
+    and its own group references. A fresh
     interpreter per rank: this one may have imported torch.distributed.nn or deepspeed already."""
     env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER, "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).parents[2]))

@@ -62,6 +62,23 @@ def import_deepspeed() -> Any:
     return sys.modules["deepspeed"]
 
 
+def release_engine(engine: Any) -> None:
+    """Let go of what keeps a DeepSpeed engine, and the process groups it holds, alive past teardown: its
+    gradient hooks, in autograd's C++ nodes out of Python's garbage collector's reach (``destroy``); under
+    ZeRO-3 what ``destroy`` leaves (deepspeed 0.19.8, private names, guarded): the model on a module-level
+    stack, and a class-wide ``lru_cache`` keyed by the engine's parameter coordinator and its modules."""
+    engine.destroy()
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [module for module in stack if module is not engine.module]
+    coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
+                          "PartitionedParameterCoordinator", None)
+    wrapper = getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in getattr(wrapper, "__closure__", None) or ():  # the lru_cache sits under an NVTX wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
 class DeepSpeed(Strategy):
     def __init__(self, cfg: TrainConfig, env: DistEnv, accumulation: int = 1) -> None:
         super().__init__(cfg, env, accumulation)
@@ -79,9 +96,7 @@ class DeepSpeed(Strategy):
         # Offloaded states live on the CPU, where torch's fused AdamW needs no C++ build (DeepSpeedCPUAdam does).
         optimizer = build_adamw(model, self.cfg, torch.device("cpu") if offloaded else self.env.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        # its gradient hooks live in autograd's C++ nodes, out of Python's garbage collector's reach: left
-        # there, they keep the engine, its optimizer and their data-parallel group alive until exit
-        release_at_teardown(self.model, lambda engine: engine.destroy())
+        release_at_teardown(self.model, release_engine)
         return self.model
 
     def place(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
@@ -118,6 +133,7 @@ class DeepSpeed(Strategy):
         if self.stage < 3:
             return model  # ZeRO-1/2 shard optimizer state and gradients only: a frozen model stays whole
         engine, *_ = import_deepspeed().initialize(model=model, config=config)
+        release_at_teardown(engine, release_engine)
         engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
         return engine
 
