@@ -2,7 +2,8 @@
 
 Without those variables the run is one process; it still gets a one-rank gloo group when the
 strategy needs one (FSDP and DeepSpeed always talk through a process group). nccl on GPUs, gloo
-on CPU. ``launch/env.py`` maps other launchers' variables onto these before calling us.
+on CPU. ``launch/env.py`` maps other launchers' variables onto these before calling us. ``teardown``
+ends every group, leaving nothing that holds one (:func:`device_mesh`, :func:`release_at_teardown`).
 """
 
 from __future__ import annotations
@@ -148,12 +149,13 @@ def teardown(barrier: bool = True) -> None:
 
 
 def _release_all() -> None:
-    """Run :func:`release_at_teardown`'s releases (a function of its own: no local outlives it to hold an object)."""
-    for ref, release in _AT_TEARDOWN:
+    """Run :func:`release_at_teardown`'s releases, the latest first (a function of its own: no local outlives
+    it to hold an object through teardown's collection)."""
+    while _AT_TEARDOWN:
+        ref, release = _AT_TEARDOWN.pop()
         obj = ref()
         if obj is not None:
             release(obj)
-    _AT_TEARDOWN.clear()
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
