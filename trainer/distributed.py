@@ -2,21 +2,29 @@
 
 Without those variables the run is one process; it still gets a one-rank gloo group when the
 strategy needs one (FSDP and DeepSpeed always talk through a process group). nccl on GPUs, gloo
-on CPU. ``launch/env.py`` maps other launchers' variables onto these before calling us.
+on CPU. ``launch/env.py`` maps other launchers' variables onto these before calling us. ``teardown``
+ends every group, leaving nothing that holds one (:func:`device_mesh`, :func:`release_at_teardown`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
-from typing import Any
+import sys
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from common.errors import UserError
 from common.net import free_port
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +97,65 @@ def _bind_world_defaults_to_none() -> None:
     import torch.distributed.nn  # noqa: F401
 
 
+# (object, how to release it): what still holds a process group when teardown comes, held weakly
+_AT_TEARDOWN: list[tuple[weakref.ref, Callable[[Any], None]]] = []
+
+
+def release_at_teardown(obj: object, release: Callable[[Any], None]) -> None:
+    """Have :func:`teardown` call ``release(obj)`` before it ends the process group, if ``obj`` is alive then."""
+    _AT_TEARDOWN.append((weakref.ref(obj), release))
+
+
+def device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...] | None = None) -> DeviceMesh:
+    """``init_device_mesh`` whose process groups :func:`teardown` releases (every strategy makes its meshes here)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    release_at_teardown(mesh, _drop_mesh_groups)
+    return mesh
+
+
+def _drop_mesh_groups(mesh: DeviceMesh) -> None:
+    """DTensor's caches (sharding propagation, redistribution plans) keep a mesh alive for good, and the mesh
+    holds its groups in ``_pg_registry``. Private: torch 2.13 has no public way to let go of them; the
+    registry only serves torch.compile tracing, which has nothing left to trace once the groups are gone."""
+    registry = getattr(mesh, "_pg_registry", None)
+    if isinstance(registry, dict):
+        registry.clear()
+
+
 def teardown(barrier: bool = True) -> None:
     """Leave the process group; after a clean run a barrier first, so no rank exits while others talk.
-    The launcher variables :func:`init_distributed` added go too: left behind, they made libraries used
-    later in the same process (accelerate, under transformers' Trainer) start a process group of their own."""
-    if dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+    Nothing may hold a group afterwards: a gloo group still referenced runs its threads into interpreter
+    shutdown, which tears them down in no set order (a rank that had finished then aborted at exit now and
+    then: "terminate called without an active exception"). The launcher variables :func:`init_distributed`
+    added go too: left behind, they made libraries used later in the same process (accelerate, under
+    transformers' Trainer) start a process group of their own."""
+    if dist.is_initialized() and barrier:
+        dist.barrier()
+    try:
+        _release_all()
+    finally:
+        if dist.is_initialized():
+            deepspeed_comm = sys.modules.get("deepspeed.comm")  # its destroy also drops the groups DeepSpeed keeps
+            if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+                deepspeed_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
+            gc.collect()  # a wrapped model's reference cycles (FSDP2's hooks hold its state) hold its groups
     for name in _ADDED_ENV:
         os.environ.pop(name, None)
     _ADDED_ENV.clear()
+
+
+def _release_all() -> None:
+    """Run :func:`release_at_teardown`'s releases, the latest first (a function of its own: no local outlives
+    it to hold an object through teardown's collection)."""
+    while _AT_TEARDOWN:
+        ref, release = _AT_TEARDOWN.pop()
+        obj = ref()
+        if obj is not None:
+            release(obj)
 
 
 def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from common.errors import ConfigError
 from model.attention import Attention, AttentionMask
 from model.transformer import resolve_positions
 from trainer.config import ParallelConfig
+from trainer.distributed import device_mesh
 from trainer.objectives.cross_entropy import IGNORE_INDEX
 from trainer.strategy.ddp import DDP
 from trainer.strategy.fsdp import FSDP
@@ -120,7 +120,7 @@ class ContextParallel:
         if self.env.world_size % cp:
             raise ConfigError(f"parallel.cp={cp} must divide the {self.env.world_size} ranks")
         ParallelConfig(cp=cp).check_model(cfg)  # refused at load already; a guard for direct callers
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size // cp, cp), mesh_dim_names=("dp", "cp"))
+        mesh = device_mesh(self.env.device.type, (self.env.world_size // cp, cp), ("dp", "cp"))
         self.cp_group = mesh.get_group("cp")
         self.cp_rank = dist.get_rank(self.cp_group)
         for module in model.modules():

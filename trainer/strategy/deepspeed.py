@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from common.errors import UserError
 from common.manifest import MANIFEST, write_manifest
 from trainer.checkpoint import read_state, verify
 from trainer.config import StrategyName, TrainConfig
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, barrier, release_at_teardown
 from trainer.strategy import Strategy, materialize
 from trainer.strategy.ds_config import build_ds_config
 from trainer.strategy.optim import build_adamw, set_lr
@@ -51,8 +52,31 @@ def import_deepspeed() -> Any:
     """Import deepspeed without the shared-memory comm op it compiles on CPU (~60 s, inference only)."""
     import deepspeed  # noqa: F401  (registers deepspeed.comm.torch in sys.modules)
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    backend = sys.modules["deepspeed.comm.torch"]
+    backend.build_shm_op = lambda: None
+    # barrier and monitored_barrier take group=GroupMember.WORLD as a default, evaluated at import: imported
+    # after the process group started (as here), they would hold it past teardown. None means WORLD to them too.
+    for method in (backend.TorchBackend.barrier, backend.TorchBackend.monitored_barrier):
+        method.__defaults__ = tuple(None if isinstance(value, dist.ProcessGroup) else value
+                                    for value in method.__defaults__)
     return sys.modules["deepspeed"]
+
+
+def release_engine(engine: Any) -> None:
+    """Let go of what keeps a DeepSpeed engine, and the process groups it holds, alive past teardown: its
+    gradient hooks, in autograd's C++ nodes out of Python's garbage collector's reach (``destroy``); under
+    ZeRO-3 what ``destroy`` leaves (deepspeed 0.19.8, private names, guarded): the model on a module-level
+    stack, and a class-wide ``lru_cache`` keyed by the engine's parameter coordinator and its modules."""
+    engine.destroy()
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [module for module in stack if module is not engine.module]
+    coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
+                          "PartitionedParameterCoordinator", None)
+    wrapper = getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in getattr(wrapper, "__closure__", None) or ():  # the lru_cache sits under an NVTX wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 class DeepSpeed(Strategy):
@@ -72,6 +96,7 @@ class DeepSpeed(Strategy):
         # Offloaded states live on the CPU, where torch's fused AdamW needs no C++ build (DeepSpeedCPUAdam does).
         optimizer = build_adamw(model, self.cfg, torch.device("cpu") if offloaded else self.env.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        release_at_teardown(self.model, release_engine)
         return self.model
 
     def place(self, model: nn.Module, config: dict[str, Any]) -> nn.Module:
@@ -108,6 +133,7 @@ class DeepSpeed(Strategy):
         if self.stage < 3:
             return model  # ZeRO-1/2 shard optimizer state and gradients only: a frozen model stays whole
         engine, *_ = import_deepspeed().initialize(model=model, config=config)
+        release_at_teardown(engine, release_engine)
         engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
         return engine
 

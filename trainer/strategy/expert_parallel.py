@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from common.errors import ConfigError
 from model.moe import Experts, moe_layers, run_experts
 from trainer.config import ParallelConfig
+from trainer.distributed import device_mesh
 from trainer.strategy.fsdp import fsdp_options, shard_model
 from trainer.strategy.partitioned import Partitioned
 
@@ -85,5 +85,5 @@ class ExpertParallel(Partitioned):
         for layer in moe_layers(model):
             fully_shard(layer.experts, mesh=self.mesh["dp"], **options)
         self.whole_group = None  # the world
-        return shard_model(model, init_device_mesh(self.env.device.type, (self.env.world_size,)), self.cfg,
+        return shard_model(model, device_mesh(self.env.device.type, (self.env.world_size,)), self.cfg,
                            self.env.device)

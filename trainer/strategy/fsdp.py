@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from common.errors import ConfigError
+from trainer.distributed import device_mesh
 from trainer.strategy import materialize
 from trainer.strategy.single import Single
 
@@ -52,12 +53,10 @@ class FSDP(Single):
     def mesh(self) -> DeviceMesh:
         env = self.env
         if not self.cfg.hsdp:
-            return init_device_mesh(env.device.type, (env.world_size,))
+            return device_mesh(env.device.type, (env.world_size,))
         if env.world_size % env.local_world_size:
             raise ConfigError(f"train.hsdp: world size {env.world_size} is not nodes × {env.local_world_size}")
-        return init_device_mesh(
-            env.device.type, (env.num_nodes, env.local_world_size), mesh_dim_names=("replicate", "shard")
-        )
+        return device_mesh(env.device.type, (env.num_nodes, env.local_world_size), ("replicate", "shard"))
 
     def shard(self, model: nn.Module) -> nn.Module:
         return shard_model(model, self.mesh(), self.cfg, self.env.device)

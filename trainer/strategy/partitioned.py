@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from trainer.distributed import device_mesh
 from trainer.strategy import materialize
 from trainer.strategy.dcp_chunks import split_chunks
 from trainer.strategy.optim import clip_and_step
@@ -72,8 +72,7 @@ class Partitioned(Single):
         self.layouts: dict[str, Layout] = {}
 
     def make_mesh(self) -> None:
-        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size // self.size, self.size),
-                                     mesh_dim_names=self.mesh_dims)
+        self.mesh = device_mesh(self.env.device.type, (self.env.world_size // self.size, self.size), self.mesh_dims)
         self.shard_group, self.dp_group = self.mesh.get_group(self.mesh_dims[1]), self.mesh.get_group(self.mesh_dims[0])
         self.shard_rank = dist.get_rank(self.shard_group)
 

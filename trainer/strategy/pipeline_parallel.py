@@ -36,7 +36,6 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleSingle,
@@ -49,7 +48,7 @@ from common.errors import ConfigError
 from model.moe import MoE, RouterStats, moe_layers, pop_router_stats
 from model.transformer import HeadLoss, TransformerLM, resolve_positions
 from trainer.config import ParallelConfig, PipelineSchedule
-from trainer.distributed import to_device
+from trainer.distributed import device_mesh, to_device
 from trainer.metrics import MetricSums
 from trainer.objectives import Batch, LossOutput
 from trainer.objectives.cross_entropy import IGNORE_INDEX, cross_entropy_sum, head_cross_entropy
@@ -266,7 +265,7 @@ class PipelineParallel(Single):
         single = issubclass(self.schedule_class, PipelineScheduleSingle)
         n_stages = pp * (1 if single else 2)
         self._check(model)
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size // pp, pp), mesh_dim_names=self.mesh_dims)
+        mesh = device_mesh(self.env.device.type, (self.env.world_size // pp, pp), self.mesh_dims)
         self.pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
         self.ranks = stage_ranks(pp, n_stages, self.schedule_class in (ScheduleZBVZeroBubble, ScheduleDualPipeV))
         mine = [i for i, rank in enumerate(self.ranks) if rank == dist.get_rank(self.pp_group)]
