@@ -74,7 +74,8 @@ class SampleStream:
         if epoch not in self._plans:
             if len(self._plans) > 2:
                 self._plans.pop(min(self._plans))
-            order = EpochOrder(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
+            order = EpochOrder(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer,
+                               block=self.span)
             unit_seed = (self.seed, epoch, 0x0F17) if self.shuffle else None
             plan = EpochPlan(self.shards, order, self.mode, self.seq_len, self.field, unit_seed, self.span)
             if plan.num_units < self.world_size:
