@@ -21,6 +21,10 @@ UNIT_MODES = ("samples", "chunks", "rows")
 
 SPAN_SAMPLES = 1 << 18  # epoch positions computed together (whole shuffle windows); also a unit block's reach
 BLOCKS_IN_FLIGHT = 8  # unit blocks read interleaved at a time in an epoch of several blocks
+# The order's version, kept in the loader's state. 1 (states without one): one permutation of an epoch's
+# units and of a mixture's source labels; 2: both in blocks beyond SPAN_SAMPLES (an epoch up to one block
+# is ordered as in 1).
+ORDER_VERSION = 2
 
 
 def _window_order(keys: np.ndarray, buffer: int) -> np.ndarray:
@@ -139,8 +143,6 @@ class EpochOrder:
             ids, lengths = layout.ids(self.shards, first, last, self.buffer, field)
             pieces.append((ids[a - first : b - first], None if lengths is None else lengths[a - first : b - first]))
             lo += b - a
-        if not pieces:
-            return layout.ids(self.shards, 0, 0, self.buffer, field)
         ids = np.concatenate([i for i, _ in pieces])
         return ids, None if field is None else np.concatenate([c for _, c in pieces])
 
@@ -167,7 +169,9 @@ class EpochOrder:
         if self.layout is not None:
             lo, hi = first * self.window, min(self.num_samples, last * self.window)
             return self.layout.ids(self.shards, lo, hi, self.window, field)
-        blocks = [self._block(b, field) for b in range(first, min(last, self.num_windows))] or [self._block(0, field)]
+        blocks = [self._block(b, field) for b in range(first, min(last, self.num_windows))]
+        if not blocks:
+            return self.layouts[0].ids(self.shards, 0, 0, self.buffer, field)
         ids = np.concatenate([i for i, _ in blocks])
         return ids, None if field is None else np.concatenate([c for _, c in blocks])
 
@@ -274,12 +278,14 @@ class EpochPlan:
     """One epoch's units: how many there are and what the unit at each position reads.
 
     Position ``p`` holds unit ``unit(p)`` (:class:`UnitOrder`). Nothing is held per sample or per
-    unit for one source: sample ids, and for ``rows``/``chunks`` the units before each sample, are
-    computed a span of ``span`` epoch positions (whole shuffle windows) at a time when first needed,
-    the last few spans kept. A span's first count comes from per-shard totals (the manifest's token
-    counts for ``rows``; for ``chunks`` every shard's index is read once, at plan time) and the
-    in-shard counts before it, since a window's total does not depend on its order. Unit blocks
-    reach about a span's worth of samples, so an epoch of up to ``span`` samples is one block and one span.
+    unit: sample ids, and for ``rows``/``chunks`` the units before each sample, are computed a span of
+    ``span`` epoch positions (whole windows: shuffle windows, or a mixture's blocks) at a time when
+    first needed, the last few spans kept. A span's first count is, per source, its draws before the
+    span (:meth:`EpochOrder.draws`) counted from per-shard totals (the manifest's token counts for
+    ``rows``; for ``chunks`` every shard's index is read once, at plan time) and the in-shard counts
+    before them, since a window's total does not depend on its order (a mixture's draws into a
+    window: their lengths). Unit blocks reach about a span's worth of samples, so an epoch of up to
+    ``span`` samples is one block and one span.
     """
 
     def __init__(
@@ -306,6 +312,12 @@ class EpochPlan:
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn recompute what they need
         return {**self.__dict__, "_spans": OrderedDict(), "_shard_counts": OrderedDict()}
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the epoch is ordered in blocks (units, or a mixture's samples): its order differs
+        from order version 1's."""
+        return self.unit.num_blocks > 1 or (self.order.layout is None and self.order.num_windows > 1)
 
     def _units(self, lengths: np.ndarray) -> np.ndarray:
         """Units of each sample of these lengths: its tokens (rows) or its pieces (chunks)."""

@@ -294,3 +294,33 @@ def test_a_blocked_mixture_resumes_exactly_also_on_another_world_size(mixture, t
         halves += rows(take(iter(ld), (plan.num_units - 30 * 8) // 3))
     epoch = reference[: plan.num_units]
     assert Counter(halves) <= Counter(epoch[30 * 8 :]) and len(halves) >= len(epoch) - 30 * 8 - 2
+
+
+def test_a_state_from_before_order_versions_resuming_a_blocked_epoch_says_so_once(
+    mixture, tokenizer, small_spans, caplog, monkeypatch
+):
+    """Order version 1 ordered every epoch as one permutation: resuming its state into an epoch now in
+    blocks is logged in one line with the units affected; a current state, or an epoch of one block, not."""
+    paths = [s.path for s in mixture.sources]
+    first = mixture_loader(paths, tokenizer, batch=8)
+    take(iter(first), 30)
+    state = first.state_dict()
+    assert state["order"] == data.epoch_plan.ORDER_VERSION
+    old = {k: v for k, v in state.items() if k != "order"}
+    resumed = mixture_loader(paths, tokenizer, batch=8)
+    with caplog.at_level("WARNING", logger="tessera.data"):
+        resumed.load_state_dict(state)
+        assert not caplog.records
+        resumed.load_state_dict(old)
+    total = resumed.stream.plan(0).num_units
+    (record,) = caplog.records
+    assert "order version 1" in record.message and "\n" not in record.message
+    assert f"remaining {total - 240} units" in record.message and "of the 240 already read" in record.message
+    assert rows(take(iter(resumed), 3)) == rows(take(iter(first), 3))  # resumed all the same
+    caplog.clear()
+    monkeypatch.setattr(data.stream, "SPAN_SAMPLES", 1 << 18)
+    whole = mixture_loader(paths, tokenizer, batch=8)
+    assert not whole.stream.plan(0).blocked
+    with caplog.at_level("WARNING", logger="tessera.data"):
+        whole.load_state_dict(old)
+    assert not caplog.records
