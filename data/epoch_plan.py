@@ -77,8 +77,8 @@ class _Layout:
 def mixture_prefix(takes: Sequence[int], position: int) -> list[int]:
     """Each source's draws among a mixture epoch's first ``position`` samples (``takes`` per source in
     all): source ``s`` takes its part of what the sources from ``s`` on share, rounded down, and the
-    rest goes on. Each count grows with ``position`` (never back), they add up to ``position``, and
-    at the epoch's end they are ``takes``; within a factor of the weights up to ``len(takes) - 1``."""
+    rest goes on. Each count grows with ``position`` (never back), they add up to ``position``, at
+    the epoch's end they are ``takes``, and each is within ``len(takes)`` of its exact share."""
     left, rest, out = position, sum(takes), []
     for take in takes[:-1]:
         later = rest - take

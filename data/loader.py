@@ -7,7 +7,8 @@ A :class:`Loader` iterates batches (``dict[str, torch.Tensor]``, keys per object
 Resuming: ``state_dict()`` is a few integers that are **the same on every rank** (all ranks consume
 in lockstep; see :mod:`data.stream`). Save any rank's copy; ``load_state_dict(state)`` on any world
 size and any micro-batch size continues with exactly the units not yet consumed. A list of states
-(one per old rank) is accepted too. Changing ``seq_len``, the seed or the data is refused.
+(one per old rank) is accepted too. Changing ``seq_len``, the seed or the data is refused; a state
+saved under another order version (``ORDER_VERSION``) into an epoch it orders differently is logged.
 """
 
 from __future__ import annotations
