@@ -16,6 +16,9 @@ pages). Memory is measured after imports (the peak, VmHWM, reset there).
   the shards are taken as checked: their payload reads as zeros).
 * **real** sets: tars written by ``ShardWriter`` (one short document a sample, ~1 KiB in the tar),
   with checksums at start (the default) and without.
+* **mixture** sets: three index-only sources weighted as a web, code and math mixture
+  (``MIXTURE``: 70/20/10% of the samples, weights 0.5/0.3/0.2, so the last is upsampled), read as
+  one ``data.train`` list.
 
 With ``--base DIR`` (another checkout, e.g. ``git archive main``) every row is run by that code
 too, on the same sets. With ``--per-batch``, the loader's speed after start-up too: CPU
@@ -24,7 +27,7 @@ milliseconds per batch of 8 of the in-process loader (CLM rows at seq 2048 and 1
 time, not wall time: it holds on a machine shared with other jobs).
 
     PYTHONPATH=. python bench/loader_index.py [--sizes 1M,10M,100M] [--real-sizes 100K,1M]
-        [--base DIR] [--per-batch] [--work DIR] [--json PATH]
+        [--mixture-sizes 1M,10M,100M] [--base DIR] [--per-batch] [--work DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, WORLD = 2048, 8
+MIXTURE = ((0.7, 0.5), (0.2, 0.3), (0.1, 0.2))  # (share of the samples, weight) of each source
 
 PROBE = r"""
 import json, pickle, sys, time
@@ -66,11 +70,12 @@ def peak():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 path, mode, verify, seq_len, world = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:])
+sources = [Source(where, float(weight)) for where, weight in (p.rsplit("=", 1) for p in path.split(","))]
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) restarts from here: imports are not counted
 base, base_anon = rss(), anon()
 t0 = time.perf_counter()
-shards = ShardSet([Source(path)], verify_checksums=verify)
+shards = ShardSet(sources, verify_checksums=verify)
 t1 = time.perf_counter()
 after_set = rss()
 stream = SampleStream(shards, mode=mode, seq_len=seq_len, seed=0, rank=0, world_size=world,
@@ -205,9 +210,18 @@ def real_set(root: Path, samples: int, per_shard: int) -> Path:
     return root
 
 
-def probe(code: Path, path: Path, mode: str, verify: bool) -> dict:
+def mixture_set(root: Path, samples: int, per_shard: int) -> str:
+    """Index-only sources of ``MIXTURE``'s shares of ``samples``, as ``path=weight,...``."""
+    root.mkdir(parents=True)
+    return ",".join(f"{index_only_set(root / f'source{i}', round(samples * share), per_shard)}={weight}"
+                    for i, (share, weight) in enumerate(MIXTURE))
+
+
+def probe(code: Path, sources: str, mode: str, verify: bool) -> dict:
+    """One row in a fresh process; ``sources``: a shard directory, or ``path=weight,...``."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-c", PROBE, str(path), mode, "1" if verify else "0", str(SEQ_LEN), str(WORLD)]
+    sources = ",".join(p if "=" in p else f"{p}=1" for p in sources.split(","))
+    argv = [sys.executable, "-c", PROBE, sources, mode, "1" if verify else "0", str(SEQ_LEN), str(WORLD)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, cwd=code)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -218,6 +232,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1M,10M,100M", help="index-only sets (samples)")
     parser.add_argument("--real-sizes", default="100K,1M", help="real tar sets (~1 KiB a sample on disk)")
+    parser.add_argument("--mixture-sizes", default="1M,10M,100M", help="index-only three-source mixtures (samples)")
     parser.add_argument("--per-shard", type=int, default=50_000, help="samples per shard")
     parser.add_argument("--base", type=Path, default=None, help="another checkout to run alike (see above)")
     parser.add_argument("--per-batch", action="store_true", help="also CPU ms per batch, this tree vs --base")
@@ -227,15 +242,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="loader_index_", dir=args.work))
     rows = []
     try:
-        for kind, sizes in (("index-only", args.sizes), ("real", args.real_sizes)):
+        makers = {"index-only": index_only_set, "real": real_set, "mixture": mixture_set}
+        for kind, sizes in (("index-only", args.sizes), ("real", args.real_sizes), ("mixture", args.mixture_sizes)):
             for n in [parse_count(s) for s in sizes.split(",") if s]:
                 path = work / f"{kind}-{label(n)}"
                 start = time.perf_counter()
-                (index_only_set if kind == "index-only" else real_set)(path, n, args.per_shard)
+                where = str(makers[kind](path, n, args.per_shard))
                 print(f"made {path.name} in {time.perf_counter() - start:.0f} s", flush=True)
-                codes = [("before", args.base, path)] if args.base else []
-                codes.append(("after", ROOT, path))
-                for verify in ([False] if kind == "index-only" else [True, False]):
+                codes = [("before", args.base, where)] if args.base else []
+                codes.append(("after", ROOT, where))
+                for verify in ([True, False] if kind == "real" else [False]):
                     for code, tree, where in codes:
                         for mode in ("samples", "rows"):
                             row = {"set": kind, "samples": n, "shards": -(-n // args.per_shard), "code": code,

@@ -21,6 +21,10 @@ UNIT_MODES = ("samples", "chunks", "rows")
 
 SPAN_SAMPLES = 1 << 18  # epoch positions computed together (whole shuffle windows); also a unit block's reach
 BLOCKS_IN_FLIGHT = 8  # unit blocks read interleaved at a time in an epoch of several blocks
+# The order's version, kept in the loader's state. 1 (states without one): one permutation of an epoch's
+# units and of a mixture's source labels; 2: both in blocks beyond SPAN_SAMPLES (an epoch up to one block
+# is ordered as in 1).
+ORDER_VERSION = 2
 
 
 def _window_order(keys: np.ndarray, buffer: int) -> np.ndarray:
@@ -70,47 +74,106 @@ class _Layout:
         return out, lengths
 
 
+def mixture_prefix(takes: Sequence[int], position: int) -> list[int]:
+    """Each source's draws among a mixture epoch's first ``position`` samples (``takes`` per source in
+    all): source ``s`` takes its part of what the sources from ``s`` on share, rounded down, and the
+    rest goes on. Each count grows with ``position`` (never back), they add up to ``position``, at
+    the epoch's end they are ``takes``, and each is within ``len(takes)`` of its exact share."""
+    left, rest, out = position, sum(takes), []
+    for take in takes[:-1]:
+        later = rest - take
+        after = left * later // rest if rest else 0
+        out.append(left - after)
+        left, rest = after, later
+    return [*out, left]
+
+
 class EpochOrder:
     """The flat sample ids of one epoch in order, a pure function of (seed, epoch, shard set): per
     source its shards permuted, their samples laid end to end and shuffled inside windows of
-    ``buffer``; several sources are mixed by weight (see the module's docstring). One source's ids
-    are computed a range of windows at a time, on demand; a mixture's are materialised (4 bytes a
-    sample), and then the whole epoch is one window."""
+    ``buffer``. One source's ids are computed a range of windows at a time, on demand.
 
-    def __init__(self, shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> None:
-        self.shards, self.buffer = shards, max(1, buffer)
-        layouts = [_Layout(shards, good, np.random.default_rng([seed, epoch, si, 0x5EED]), shuffle)
-                   for si, good in enumerate(shards.source_shards)]
-        self.layout: _Layout | None = layouts[0] if len(layouts) == 1 else None
-        self._ids = None if self.layout else self._mixture(layouts, seed, epoch, shuffle)
-        self.num_samples = self.layout.num_samples if self.layout else len(self._ids)
-        self.window = self.buffer if self.layout else max(1, self.num_samples)
+    Several sources are mixed by weight: source ``s`` gives ``round(N * w_s / sum(w))`` draws an
+    epoch, its ``k``-th draw the id at position ``k % len(s)`` of its own order (cycling when
+    upsampled). The epoch's positions are cut into blocks of ``block`` (the windows of a mixture);
+    each block holds the draws :func:`mixture_prefix` gives up to its end less those up to its start,
+    its source labels permuted by the block's seeded generator. An epoch of one block is one
+    permutation of all labels, as before blocks.
+    """
+
+    def __init__(
+        self, shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096,
+        block: int = SPAN_SAMPLES,
+    ) -> None:
+        self.shards, self.buffer, self.seed, self.epoch, self.shuffle = shards, max(1, buffer), seed, epoch, shuffle
+        self.layouts = [_Layout(shards, good, np.random.default_rng([seed, epoch, si, 0x5EED]), shuffle)
+                        for si, good in enumerate(shards.source_shards)]
+        self.layout: _Layout | None = self.layouts[0] if len(self.layouts) == 1 else None
+        if self.layout is not None:
+            self.num_samples, self.window = self.layout.num_samples, self.buffer
+        else:
+            sizes = [layout.num_samples for layout in self.layouts]
+            total, weights = sum(sizes), np.array([s.weight for s in shards.sources], dtype=np.float64)
+            self.takes = [round(total * w / weights.sum()) if n else 0 for w, n in zip(weights, sizes)]
+            self.num_samples = sum(self.takes)
+            self.window = max(1, min(block, self.num_samples))
         self.num_windows = -(-self.num_samples // self.window)
 
-    def _mixture(self, layouts: list[_Layout], seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-        per_source, step = [], self.buffer * 256  # windows at a time: the keys stay small beside the ids
-        for layout in layouts:
-            n = layout.num_samples
-            parts = [layout.ids(self.shards, lo, min(n, lo + step), self.buffer, None)[0] for lo in range(0, n, step)]
-            per_source.append(np.concatenate(parts) if parts else layout.ids(self.shards, 0, 0, self.buffer, None)[0])
-        total = sum(len(ids) for ids in per_source)
-        weights = np.array([s.weight for s in self.shards.sources], dtype=np.float64)
-        takes = [round(total * w / weights.sum()) if len(ids) else 0 for w, ids in zip(weights, per_source)]
-        labels = np.repeat(np.arange(len(per_source)), takes)
-        if shuffle:
-            labels = np.random.default_rng([seed, epoch, 0x313C]).permutation(labels)
-        out = np.empty(len(labels), per_source[0].dtype)
-        for si, (ids, take) in enumerate(zip(per_source, takes)):
-            out[labels == si] = np.resize(ids, take)
-        return out
+    def draws(self, position: int) -> list[tuple[int, int]]:
+        """(source, draws of it) before epoch position ``position`` (a multiple of the window, or the
+        epoch's end)."""
+        if self.layout is not None:
+            return [(0, position)]
+        return list(enumerate(mixture_prefix(self.takes, position)))
+
+    def source_ids(self, source: int, lo: int, hi: int, field: int | None) -> tuple[np.ndarray, Any]:
+        """Draws ``[lo, hi)`` of one source (``k``: its position ``k % len``) and, with ``field``,
+        their element counts."""
+        layout, n = self.layouts[source], self.layouts[source].num_samples
+        if hi - lo >= n:  # the block covers the source whole: compute it once
+            ids, lengths = layout.ids(self.shards, 0, n, self.buffer, field)
+            at = np.arange(lo, hi) % n
+            return ids[at], None if lengths is None else lengths[at]
+        pieces = []
+        while lo < hi:  # at most two pieces: up to the source's end, then from its start
+            a = lo % n
+            b = min(n, a + hi - lo)
+            first = a // self.buffer * self.buffer
+            last = min(n, -(-b // self.buffer) * self.buffer)
+            ids, lengths = layout.ids(self.shards, first, last, self.buffer, field)
+            pieces.append((ids[a - first : b - first], None if lengths is None else lengths[a - first : b - first]))
+            lo += b - a
+        ids = np.concatenate([i for i, _ in pieces])
+        return ids, None if field is None else np.concatenate([c for _, c in pieces])
+
+    def _block(self, b: int, field: int | None) -> tuple[np.ndarray, Any]:
+        """A mixture's window ``b``: its sources' draws at the positions its permuted labels give."""
+        lo, hi = b * self.window, min(self.num_samples, (b + 1) * self.window)
+        before, upto = mixture_prefix(self.takes, lo), mixture_prefix(self.takes, hi)
+        labels = np.repeat(np.arange(len(self.takes)), np.subtract(upto, before))
+        if self.shuffle:
+            seed = [self.seed, self.epoch, 0x313C] + ([b] if self.num_windows > 1 else [])
+            labels = np.random.default_rng(seed).permutation(labels)
+        dtype = np.int32 if self.shards.num_samples < 2**31 else np.int64
+        ids, lengths = np.empty(len(labels), dtype), None if field is None else np.empty(len(labels), np.int64)
+        for si, (a, z) in enumerate(zip(before, upto)):
+            if z > a:
+                at = labels == si
+                ids[at], counts = self.source_ids(si, a, z, field)
+                if lengths is not None:
+                    lengths[at] = counts
+        return ids, lengths
 
     def ids(self, first: int, last: int, field: int | None = None) -> tuple[np.ndarray, Any]:
         """Flat ids of windows ``[first, last)``; with ``field``, their element counts too."""
-        lo, hi = first * self.window, min(self.num_samples, last * self.window)
         if self.layout is not None:
+            lo, hi = first * self.window, min(self.num_samples, last * self.window)
             return self.layout.ids(self.shards, lo, hi, self.window, field)
-        ids = self._ids[lo:hi]
-        return ids, None if field is None else self.shards.length(field)[ids]
+        blocks = [self._block(b, field) for b in range(first, min(last, self.num_windows))]
+        if not blocks:
+            return self.layouts[0].ids(self.shards, 0, 0, self.buffer, field)
+        ids = np.concatenate([i for i, _ in blocks])
+        return ids, None if field is None else np.concatenate([c for _, c in blocks])
 
 
 def epoch_order(shards: ShardSet, seed: int, epoch: int, *, shuffle: bool = True, buffer: int = 4096) -> np.ndarray:
@@ -215,12 +278,14 @@ class EpochPlan:
     """One epoch's units: how many there are and what the unit at each position reads.
 
     Position ``p`` holds unit ``unit(p)`` (:class:`UnitOrder`). Nothing is held per sample or per
-    unit for one source: sample ids, and for ``rows``/``chunks`` the units before each sample, are
-    computed a span of ``span`` epoch positions (whole shuffle windows) at a time when first needed,
-    the last few spans kept. A span's first count comes from per-shard totals (the manifest's token
-    counts for ``rows``; for ``chunks`` every shard's index is read once, at plan time) and the
-    in-shard counts before it, since a window's total does not depend on its order. Unit blocks
-    reach about a span's worth of samples, so an epoch of up to ``span`` samples is one block and one span.
+    unit: sample ids, and for ``rows``/``chunks`` the units before each sample, are computed a span of
+    ``span`` epoch positions (whole windows: shuffle windows, or a mixture's blocks) at a time when
+    first needed, the last few spans kept. A span's first count is, per source, its draws before the
+    span (:meth:`EpochOrder.draws`) counted from per-shard totals (the manifest's token counts for
+    ``rows``; for ``chunks`` every shard's index is read once, at plan time) and the in-shard counts
+    before them, since a window's total does not depend on its order (a mixture's draws into a
+    window: their lengths). Unit blocks reach about a span's worth of samples, so an epoch of up to
+    ``span`` samples is one block and one span.
     """
 
     def __init__(
@@ -234,12 +299,13 @@ class EpochPlan:
         self.span = self.windows_per_span * order.window
         self.num_spans = -(-order.num_samples // self.span)
         self._spans: OrderedDict[int, tuple[np.ndarray, Any]] = OrderedDict()
-        self._shard_counts: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._shard_counts: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._span_begins: dict[int, int] = {}
         if mode == "samples":
             self.num_units = order.num_samples
         else:
-            total = self._shard_totals() if order.layout is not None else int(self._table(0)[1][-1])
+            self._shard_totals()
+            total = self._units_before(order.num_samples)
             self.num_units = total if mode == "chunks" else max(0, total - 1) // seq_len
         block = self.span * self.num_units // max(1, order.num_samples)
         self.unit = UnitOrder(self.num_units, unit_seed, block)
@@ -247,59 +313,93 @@ class EpochPlan:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn recompute what they need
         return {**self.__dict__, "_spans": OrderedDict(), "_shard_counts": OrderedDict()}
 
+    @property
+    def blocked(self) -> bool:
+        """Whether the epoch is ordered in blocks (units, or a mixture's samples): its order differs
+        from order version 1's."""
+        return self.unit.num_blocks > 1 or (self.order.layout is None and self.order.num_windows > 1)
+
     def _units(self, lengths: np.ndarray) -> np.ndarray:
         """Units of each sample of these lengths: its tokens (rows) or its pieces (chunks)."""
         return lengths if self.mode == "rows" else np.maximum(1, -(-lengths // self.seq_len))
 
-    def _shard_totals(self) -> int:
-        """Units of each shard of the layout, summed: the epoch's units."""
-        shards, layout = self.shards, self.order.layout
-        infos = [shards.manifests[si].shards[shi] for si, shi in (shards._shard_paths[k] for k in layout.shard)]
-        token_fields = [f for f in shards.fields if f not in NON_TOKEN_FIELDS]
-        if self.mode == "rows" and token_fields == [shards.fields[self.field]]:
-            totals = [info.tokens for info in infos]  # the manifest's counts: nothing read at start
-        else:
-            totals = [int(self._units(shards._index(int(k)).counts[:, self.field]).sum()) for k in layout.shard]
-        self._shard_start = np.zeros(len(totals) + 1, np.int64)
-        np.cumsum(np.array(totals, np.int64), out=self._shard_start[1:])
-        self._shard_names = [f"{shards.manifests[shards._shard_paths[k][0]].root}/{info.name}"
-                             for k, info in zip(layout.shard, infos)]
-        return int(self._shard_start[-1])
+    def _shard_totals(self) -> None:
+        """Units of each shard of each source's layout, summed in layout order."""
+        shards, token_fields = self.shards, [f for f in self.shards.fields if f not in NON_TOKEN_FIELDS]
+        self._shard_start, self._shard_names = [], []
+        for layout in self.order.layouts:
+            infos = [shards.manifests[si].shards[shi] for si, shi in (shards._shard_paths[k] for k in layout.shard)]
+            if self.mode == "rows" and token_fields == [shards.fields[self.field]]:
+                totals = [info.tokens for info in infos]  # the manifest's counts: nothing read at start
+            else:
+                totals = [int(self._units(shards._index(int(k)).counts[:, self.field]).sum()) for k in layout.shard]
+            start = np.zeros(len(totals) + 1, np.int64)
+            np.cumsum(np.array(totals, np.int64), out=start[1:])
+            self._shard_start.append(start)
+            self._shard_names.append([f"{shards.manifests[shards._shard_paths[k][0]].root}/{info.name}"
+                                      for k, info in zip(layout.shard, infos)])
 
-    def _in_shard(self, k: int) -> np.ndarray:
-        """Units up to and including each sample of the layout's shard ``k`` (a few shards kept)."""
-        if k in self._shard_counts:
-            self._shard_counts.move_to_end(k)
-            return self._shard_counts[k]
+    def _in_shard(self, source: int, k: int) -> np.ndarray:
+        """Units up to and including each sample of shard ``k`` of a source's layout (a few shards kept)."""
+        if (source, k) in self._shard_counts:
+            self._shard_counts.move_to_end((source, k))
+            return self._shard_counts[source, k]
         if len(self._shard_counts) >= 4 * BLOCKS_IN_FLIGHT:
             self._shard_counts.popitem(last=False)
-        counts = np.cumsum(self._units(self.shards._index(int(self.order.layout.shard[k])).counts[:, self.field]))
-        expected = int(self._shard_start[k + 1] - self._shard_start[k])
+        shard = int(self.order.layouts[source].shard[k])
+        counts = np.cumsum(self._units(self.shards._index(shard).counts[:, self.field]))
+        expected = int(self._shard_start[source][k + 1] - self._shard_start[source][k])
         if int(counts[-1]) != expected:
-            raise ShardError(f"{self._shard_names[k]}: its index counts {int(counts[-1])} tokens, the manifest "
-                             f"{expected}; run `tessera shard verify` on its directory")
-        self._shard_counts[k] = counts
+            raise ShardError(f"{self._shard_names[source][k]}: its index counts {int(counts[-1])} tokens, the "
+                             f"manifest {expected}; run `tessera shard verify` on its directory")
+        self._shard_counts[source, k] = counts
         return counts
 
     def _span_of(self, units: np.ndarray) -> np.ndarray:
-        """The span that holds each unit (one source): the span of its shard's samples, or where a
-        shard straddles spans, the one whose first unit it has reached."""
+        """The span that holds each unit. One source: the span of its shard's samples, or where a
+        shard straddles spans, the one whose first unit it has reached; a mixture: found by bisection
+        over the spans' first units."""
+        if self.order.layout is None:
+            out = np.empty_like(units)
+            for i, unit in enumerate(units.tolist()):
+                lo, hi = 0, self.num_spans - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if self._span_begin(mid) <= unit else (lo, mid - 1)
+                out[i] = lo
+            return out
         start = self.order.layout.start
-        k = np.searchsorted(self._shard_start, units, "right") - 1
+        k = np.searchsorted(self._shard_start[0], units, "right") - 1
         out, last = start[k] // self.span, (start[k + 1] - 1) // self.span
         for i in np.flatnonzero(last > out).tolist():
             out[i] += sum(int(units[i]) >= self._span_begin(s) for s in range(int(out[i]) + 1, int(last[i]) + 1))
         return out
 
     def _span_begin(self, s: int) -> int:
-        """Units of the epoch before span ``s`` (one source): per-shard totals up to its shard, and
-        its shard's counts before it (a window's total does not depend on the window's order)."""
+        """Units of the epoch before span ``s``."""
         if s not in self._span_begins:
-            position = s * self.span
-            k = int(np.searchsorted(self.order.layout.start, position, "right")) - 1
-            local = position - int(self.order.layout.start[k])
-            self._span_begins[s] = int(self._shard_start[k]) + (int(self._in_shard(k)[local - 1]) if local else 0)
+            self._span_begins[s] = self._units_before(s * self.span)
         return self._span_begins[s]
+
+    def _units_before(self, position: int) -> int:
+        """Units of the epoch's first ``position`` samples (a span's start, or the epoch's end): per
+        source, its draws before it, whole laps of it at its total and the rest from per-shard totals
+        and its shard's counts before it (a window's total does not depend on the window's order),
+        the units of a window's first draws (a mixture) from their lengths."""
+        total = 0
+        for source, draws in self.order.draws(position):
+            layout = self.order.layouts[source]
+            if not layout.num_samples:
+                continue
+            laps, draws = divmod(draws, layout.num_samples)
+            aligned = draws // self.order.buffer * self.order.buffer
+            k = int(np.searchsorted(layout.start, aligned, "right")) - 1
+            local = aligned - int(layout.start[k])
+            total += laps * int(self._shard_start[source][-1]) + int(self._shard_start[source][k])
+            total += int(self._in_shard(source, k)[local - 1]) if local else 0
+            if draws > aligned:
+                total += int(self._units(self.order.source_ids(source, aligned, draws, self.field)[1]).sum())
+        return total
 
     def _table(self, s: int) -> tuple[np.ndarray, Any]:
         """Span ``s``: the flat ids at its positions and (rows, chunks) the units before each position
@@ -315,7 +415,7 @@ class EpochPlan:
         before = None
         if lengths is not None:
             before = np.empty(len(ids) + 1, np.int64)
-            before[0] = self._span_begin(s) if self.order.layout is not None else 0
+            before[0] = self._span_begin(s)
             np.cumsum(self._units(lengths), out=before[1:])
             before[1:] += before[0]
         self._spans[s] = ids, before

@@ -7,12 +7,14 @@ A :class:`Loader` iterates batches (``dict[str, torch.Tensor]``, keys per object
 Resuming: ``state_dict()`` is a few integers that are **the same on every rank** (all ranks consume
 in lockstep; see :mod:`data.stream`). Save any rank's copy; ``load_state_dict(state)`` on any world
 size and any micro-batch size continues with exactly the units not yet consumed. A list of states
-(one per old rank) is accepted too. Changing ``seq_len``, the seed or the data is refused.
+(one per old rank) is accepted too. Changing ``seq_len``, the seed or the data is refused; a state
+saved under another order version (``ORDER_VERSION``) into an epoch it orders differently is logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -34,11 +36,13 @@ from data.collate import (
     collate_unpaired,
 )
 from data.config import DataConfig
+from data.epoch_plan import ORDER_VERSION
 from data.shard_set import ShardSet, Source
 from data.stream import SampleStream, StreamState
 
 Batch = dict[str, torch.Tensor]
 STATE_VERSION = 1
+log = logging.getLogger("tessera.data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +292,8 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         state = self._current()
         return {"version": STATE_VERSION, "epoch": state.epoch, "consumed": state.consumed, "seed": self.stream.seed,
-                "unit": f"{self.stream.mode}:{self.stream.seq_len}", "data": self.stream.shards.fingerprint()}
+                "unit": f"{self.stream.mode}:{self.stream.seq_len}", "data": self.stream.shards.fingerprint(),
+                "order": ORDER_VERSION}
 
     def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
         if not isinstance(state, dict):  # one state per old rank: they are all the same
@@ -303,6 +308,25 @@ class Loader:
                 raise UserError(f"cannot resume the data loader: the checkpoint's {what} is {state.get(key)!r}, "
                                 f"this run's is {expected[key]!r}")
         self._start, self._yielded = StreamState(int(state["epoch"]), int(state["consumed"])), 0
+        self._warn_if_reordered(state.get("order", 1))
+
+    def _warn_if_reordered(self, order: int) -> None:
+        """One line when the state was saved under another order version in an epoch that version orders
+        differently: the rest of that epoch is read in this code's order, so some units already read come
+        again and as many are missed (once; later epochs are whole). Logged, not refused: the effect is
+        bounded by one epoch's remainder, and refusing would leave the run no way on but to start over."""
+        start = self._start
+        if order == ORDER_VERSION or self.finite or not start.consumed:
+            return
+        plan = self.stream.plan(start.epoch)
+        if not plan.blocked:
+            return
+        total = plan.num_units
+        log.warning("the data-loader state was saved by order version %d, this code's is %d, which orders epoch %d "
+                    "(%d %s) differently: its remaining %d units are read in the new order, so about %d of the %d "
+                    "already read come again and as many are missed; later epochs are unaffected",
+                    order, ORDER_VERSION, start.epoch, total, self.stream.mode, total - start.consumed,
+                    start.consumed * (total - start.consumed) // total, start.consumed)
 
     def _current(self) -> StreamState:
         if self.finite:

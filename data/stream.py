@@ -5,7 +5,8 @@ The idea is mosaicml streaming's, done on our tars:
 * **Epoch order** — a pure function of (seed, epoch, manifests, weights): per dataset, its shards are
   permuted, their samples laid end to end and shuffled inside windows of ``shuffle_buffer``
   samples; with several datasets each contributes ``round(N * weight / sum(weights))`` samples per
-  epoch (cycling when upsampled) and the contributions are interleaved by a seeded permutation.
+  epoch (cycling when upsampled) and the contributions are interleaved by a seeded permutation, a
+  block of ``SPAN_SAMPLES`` positions at a time beyond one block (:class:`EpochOrder`).
 * **Unit order** — the second level of the shuffle (Megatron's ``shuffle_idx``): when training, the
   epoch's units are permuted by a seeded permutation, so the ``B`` units of a micro-batch come from
   all over the epoch instead of being ``B`` neighbours of one or two documents (correlated
@@ -14,8 +15,7 @@ The idea is mosaicml streaming's, done on our tars:
   (:class:`UnitOrder`). Positions below are positions in this permuted order.
 * **At scale** — nothing is held per sample or per unit for one source: the order, and which
   tokens each unit reads, are computed a span of positions at a time when first needed
-  (:class:`EpochPlan`), so a rank's plan takes O(shards) time and memory to make. A mixture of
-  several sources holds its order (4 bytes a sample).
+  (:class:`EpochPlan`), so a rank's plan takes O(shards) time and memory to make, a mixture's too.
 * **Units** — what a rank consumes: whole samples (``"samples"``), pieces of at most ``seq_len``
   tokens of each sample (``"chunks"``), or rows of the epoch's concatenated token stream
   (``"rows"``: row ``g`` is tokens ``[g*L, g*L + L + 1)``, overlapping the next row by one token so
@@ -74,7 +74,8 @@ class SampleStream:
         if epoch not in self._plans:
             if len(self._plans) > 2:
                 self._plans.pop(min(self._plans))
-            order = EpochOrder(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer)
+            order = EpochOrder(self.shards, self.seed, epoch, shuffle=self.shuffle, buffer=self.shuffle_buffer,
+                               block=self.span)
             unit_seed = (self.seed, epoch, 0x0F17) if self.shuffle else None
             plan = EpochPlan(self.shards, order, self.mode, self.seq_len, self.field, unit_seed, self.span)
             if plan.num_units < self.world_size:
