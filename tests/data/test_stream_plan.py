@@ -145,23 +145,31 @@ def take(it, n):
     return [next(it) for _ in range(n)]
 
 
-def test_a_blocked_epoch_resumes_exactly_also_on_another_world_size(text_shards, tokenizer, small_spans):
-    single = loader(text_shards, tokenizer, batch=8)
-    assert single.stream.plan(0).unit.num_blocks > data.epoch_plan.BLOCKS_IN_FLIGHT
+def resumes_exactly(make, ranks):
+    """A blocked epoch of ``make(world, rank, workers, batch)``'s loader: a state after 30 batches resumes
+    the same rows (with workers or without), and the rest of the epoch on ``ranks`` ranks reads each
+    remaining row once (the last few, fewer than ``ranks``, dropped)."""
+    single = make(batch=8)
+    plan = single.stream.plan(0)
+    assert plan.unit.num_blocks > data.epoch_plan.BLOCKS_IN_FLIGHT
     reference = rows(take(iter(single), len(single) + 10))  # past the epoch's end
-    first = loader(text_shards, tokenizer, workers=2, batch=8)
+    first = make(workers=2, batch=8)
     it = iter(first)
     assert rows(take(it, 30)) == reference[: 30 * 8]
-    resumed = loader(text_shards, tokenizer, batch=8)
+    resumed = make(batch=8)
     resumed.load_state_dict(first.state_dict())
     assert rows(take(iter(resumed), len(single) - 20)) == reference[30 * 8 :][: (len(single) - 20) * 8]
-    halves = []  # the rest of the epoch on two ranks: each remaining row once
-    for rank in range(2):
-        ld = loader(text_shards, tokenizer, world=2, rank=rank, batch=1)
+    parts = []  # the rest of the epoch on ``ranks`` ranks: each remaining row once
+    for rank in range(ranks):
+        ld = make(world=ranks, rank=rank, batch=1)
         ld.load_state_dict(first.state_dict())
-        halves += rows(take(iter(ld), (single.stream.plan(0).num_units - 30 * 8) // 2))
-    epoch = reference[: single.stream.plan(0).num_units]
-    assert Counter(halves) <= Counter(epoch[30 * 8 :]) and len(halves) >= len(epoch) - 30 * 8 - 1
+        parts += rows(take(iter(ld), (plan.num_units - 30 * 8) // ranks))
+    epoch = reference[: plan.num_units]
+    assert Counter(parts) <= Counter(epoch[30 * 8 :]) and len(parts) >= len(epoch) - 30 * 8 - (ranks - 1)
+
+
+def test_a_blocked_epoch_resumes_exactly_also_on_another_world_size(text_shards, tokenizer, small_spans):
+    resumes_exactly(lambda **kw: loader(text_shards, tokenizer, **kw), ranks=2)
 
 
 def test_a_manifest_token_count_that_disagrees_with_the_index_is_one_line(text_shards, tmp_path):
@@ -277,23 +285,8 @@ def mixture_loader(paths, tokenizer, world=1, rank=0, workers=0, batch=4):
 
 def test_a_blocked_mixture_resumes_exactly_also_on_another_world_size(mixture, tokenizer, small_spans):
     paths = [s.path for s in mixture.sources]
-    single = mixture_loader(paths, tokenizer, batch=8)
-    plan = single.stream.plan(0)
-    assert plan.num_spans > 1 and plan.unit.num_blocks > data.epoch_plan.BLOCKS_IN_FLIGHT
-    reference = rows(take(iter(single), len(single) + 10))  # past the epoch's end
-    first = mixture_loader(paths, tokenizer, workers=2, batch=8)
-    it = iter(first)
-    assert rows(take(it, 30)) == reference[: 30 * 8]
-    resumed = mixture_loader(paths, tokenizer, batch=8)
-    resumed.load_state_dict(first.state_dict())
-    assert rows(take(iter(resumed), len(single) - 20)) == reference[30 * 8 :][: (len(single) - 20) * 8]
-    halves = []  # the rest of the epoch on three ranks: each remaining row once
-    for rank in range(3):
-        ld = mixture_loader(paths, tokenizer, world=3, rank=rank, batch=1)
-        ld.load_state_dict(first.state_dict())
-        halves += rows(take(iter(ld), (plan.num_units - 30 * 8) // 3))
-    epoch = reference[: plan.num_units]
-    assert Counter(halves) <= Counter(epoch[30 * 8 :]) and len(halves) >= len(epoch) - 30 * 8 - 2
+    assert mixture_loader(paths, tokenizer).stream.plan(0).num_spans > 1
+    resumes_exactly(lambda **kw: mixture_loader(paths, tokenizer, **kw), ranks=3)
 
 
 def test_a_state_from_before_order_versions_resuming_a_blocked_epoch_says_so_once(
