@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import UserError, exit_status
 from launch.slurm import BatchJob, array_spec, render_batch, submit
 
 RAY_LOCAL_STORE_BYTES = 128 << 20
@@ -42,9 +42,13 @@ class SlurmOptions:
     wait: bool = True
 
 
-def add_slurm_flags(parser: argparse.ArgumentParser) -> None:
-    """The job options of ``--executor slurm`` (prep and shard alike); :func:`check_slurm_flags` refuses them
-    with another executor."""
+def add_executor_flags(parser: argparse.ArgumentParser, executor_help: str, tasks_help: str,
+                       no_wait_help: str) -> None:
+    """``--executor``, ``--tasks``, ``--no-wait`` and the job options of ``--executor slurm`` (prep and shard
+    alike, each with its own help); :func:`check_slurm_flags` refuses the SLURM ones with another executor."""
+    parser.add_argument("--executor", choices=[e.value for e in Executor], help=executor_help)
+    parser.add_argument("--tasks", type=int, help=tasks_help)
+    parser.add_argument("--no-wait", action="store_true", help=no_wait_help)
     for flag in ("--partition", "--account", "--qos"):
         parser.add_argument(flag, help="slurm: the jobs' " + flag[2:])
     parser.add_argument("--time", help="slurm: time limit per task (MM, HH:MM:SS or D-HH:MM:SS)")
@@ -136,3 +140,38 @@ def raise_failures(failures: dict[int, BaseException], what: str, total: int, wo
     raise UserError(f"{len(failures)} of {total} {what} failed ({what.split()[-1][:-1]} {first}: {message}); the "
                     f"finished ones are kept in {work}: fix the cause and rerun the same command to run "
                     "only the others")
+
+
+def array_task() -> int:
+    """This SLURM array task's number: the task or band a job of :func:`submit_stages` runs."""
+    return int(os.environ["SLURM_ARRAY_TASK_ID"])
+
+
+def stage_main(module: str, command: str, stages: dict[str, Callable[[Path], object]], argv: list[str] | None) -> int:
+    """What a job of :func:`submit_stages` runs, ``python -m MODULE STAGE OUT``: ``stages[STAGE](OUT)``; a
+    user error is one line and status 2, the CLI's rule."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("stage", choices=list(stages))
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+
+    def run() -> None:  # a stage's own result (the merge's report) is not a status
+        stages[args.stage](args.out)
+
+    return exit_status(f"tessera {command}", run)
+
+
+def stage_failure(command: str, out: Path, jobs: dict[str, str], later: Callable[[], str]) -> UserError:
+    """Why waited-for jobs of :func:`submit_stages` left no result: the tasks that did not finish (a rerun
+    runs only those), else the failed later stage that ``later()`` names."""
+    from data.prep_tasks import is_done, load_plan, span, work_dir
+
+    work, logs = work_dir(out), out / "slurm"
+    plan = load_plan(work)
+    unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
+    if unfinished:
+        return UserError(f"{len(unfinished)} of {plan.tasks} {command} tasks failed (tasks {span(unfinished)}; logs: "
+                         f"{logs}/tessera-{command}-task-{jobs['task']}_*.out): fix the cause and rerun the same "
+                         "command to run only those")
+    stage = later()
+    return UserError(f"the {stage} job {jobs[stage]} failed: see {logs}/tessera-{command}-{stage}-{jobs[stage]}*.out")

@@ -8,19 +8,23 @@ then the bucket stage of each MinHash band, then the clusters and merge in one p
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError, exit_status
-from data.prep_tasks import bands_of, bucket_band, finish, is_done, load_plan, plan_run, run_task, work_dir
-from data.prep_tasks import span as _span
+from data.prep_tasks import bands_of, bucket_band, finish, plan_run, run_task, work_dir
 from data.prepare import PrepSettings
-from launch.executors import Executor, SlurmOptions, raise_failures, run_stage, submit_stages
+from launch.executors import (
+    Executor,
+    SlurmOptions,
+    array_task,
+    raise_failures,
+    run_stage,
+    stage_failure,
+    stage_main,
+    submit_stages,
+)
 from launch.slurm import wait_for
 
 
@@ -35,21 +39,20 @@ def prep_with_tasks(inputs: list[str], out_dir: str | Path, *, executor: Executo
     plan, pending = plan_run(inputs, out, tasks, PrepSettings(**options), executor.value)
     work = work_dir(out)
     if executor is Executor.slurm:
-        return _run_slurm(out, pending, plan.tasks, slurm or SlurmOptions())
+        return _run_slurm(out, pending, slurm or SlurmOptions())
     raise_failures(run_stage(executor, run_task, work, pending, workers), "prep tasks", plan.tasks, work)
     bands = bands_of(work)
     raise_failures(run_stage(executor, bucket_band, work, bands, workers), "MinHash bands", len(bands), work)
     return finish(work, out)
 
 
-def _run_slurm(out: Path, pending: list[int], tasks: int, options: SlurmOptions) -> dict[str, Any] | None:
+def _run_slurm(out: Path, pending: list[int], options: SlurmOptions) -> dict[str, Any] | None:
     """Three jobs, each starting when the one before ended well (``afterok``; cancelled otherwise): the
     unfinished tasks as an array, the bands' bucket stage as an array, then the clusters and merge.
     Every stage runs on the cluster, not on the submitting (login) node, and needs nobody to wait:
     ``--no-wait`` returns after submitting."""
     out = out.resolve()
     work = work_dir(out)
-    logs = out / "slurm"
     jobs = submit_stages("launch.prep_executors", "prep", out,
                          [("task", pending), ("band", bands_of(work)), ("merge", None)], options)
     if not options.wait:
@@ -57,33 +60,16 @@ def _run_slurm(out: Path, pending: list[int], tasks: int, options: SlurmOptions)
     wait_for(list(jobs.values()))
     if not work.exists() and (out / "report.json").is_file():  # the merge removes the work folder last
         return json.loads((out / "report.json").read_text())
-    plan = load_plan(work)
-    unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
-    if unfinished:
-        raise UserError(f"{len(unfinished)} of {tasks} prep tasks failed (tasks {_span(unfinished)}; logs: "
-                        f"{logs}/tessera-prep-task-{jobs['task']}_*.out): fix the cause and rerun the same command "
-                        "to run only those")
-    failed = "band" if "band" in jobs and bands_of(work) else "merge"
-    raise UserError(f"the {failed} job {jobs[failed]} failed: see {logs}/tessera-prep-{failed}-{jobs[failed]}*.out")
+    raise stage_failure("prep", out, jobs, lambda: "band" if "band" in jobs and bands_of(work) else "merge")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The SLURM jobs' entry: one array task, or the stages across tasks."""
-    parser = argparse.ArgumentParser(prog="python -m launch.prep_executors")
-    parser.add_argument("stage", choices=["task", "band", "merge"])
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args(argv)
-    work = work_dir(args.out)
-    stages: dict[str, Callable[[], Any]] = {
-        "task": lambda: run_task(work, int(os.environ["SLURM_ARRAY_TASK_ID"])),
-        "band": lambda: bucket_band(work, int(os.environ["SLURM_ARRAY_TASK_ID"])),
-        "merge": lambda: finish(work, args.out),
-    }
-
-    def run_stage() -> None:  # a stage's own result (the merge's report) is not a status
-        stages[args.stage]()
-
-    return exit_status("tessera prep", run_stage)
+    """The SLURM jobs' entry: one array task or band, or the clusters and merge."""
+    return stage_main("launch.prep_executors", "prep", {
+        "task": lambda out: run_task(work_dir(out), array_task()),
+        "band": lambda out: bucket_band(work_dir(out), array_task()),
+        "merge": lambda out: finish(work_dir(out), out),
+    }, argv)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,23 @@ processes, a Ray cluster, or a SLURM job array; then the merge in one process.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError, exit_status
-from data.prep_tasks import is_done, load_plan, span, work_dir
+from data.prep_tasks import work_dir
 from data.shard_tasks import finish, plan_shards, run_task
 from data.shards import ShardManifest
-from launch.executors import Executor, SlurmOptions, raise_failures, run_stage, submit_stages
+from launch.executors import (
+    Executor,
+    SlurmOptions,
+    array_task,
+    raise_failures,
+    run_stage,
+    stage_failure,
+    stage_main,
+    submit_stages,
+)
 from launch.slurm import wait_for
 
 
@@ -44,34 +49,18 @@ def _run_slurm(out: Path, pending: list[int], options: SlurmOptions) -> ShardMan
     if not options.wait:
         return None
     wait_for(list(jobs.values()))
-    work, logs = work_dir(out), out / "slurm"
+    work = work_dir(out)
     if not work.exists() and (out / "manifest.json").is_file():  # the merge removes the work folder last
         return ShardManifest.load(out)
-    plan = load_plan(work)
-    unfinished = [t for t in range(plan.tasks) if not is_done(work, plan, t)]
-    if unfinished:
-        raise UserError(f"{len(unfinished)} of {plan.tasks} shard tasks failed (tasks {span(unfinished)}; logs: "
-                        f"{logs}/tessera-shard-task-{jobs['task']}_*.out): fix the cause and rerun the same command "
-                        "to run only those")
-    raise UserError(f"the merge job {jobs['merge']} failed: see {logs}/tessera-shard-merge-{jobs['merge']}*.out")
+    raise stage_failure("shard", out, jobs, lambda: "merge")
 
 
 def main(argv: list[str] | None = None) -> int:
     """The SLURM jobs' entry: one array task, or the merge."""
-    parser = argparse.ArgumentParser(prog="python -m launch.shard_executors")
-    parser.add_argument("stage", choices=["task", "merge"])
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args(argv)
-    work = work_dir(args.out)
-    stages: dict[str, Callable[[], Any]] = {
-        "task": lambda: run_task(work, int(os.environ["SLURM_ARRAY_TASK_ID"])),
-        "merge": lambda: finish(work, args.out),
-    }
-
-    def run_stage() -> None:  # a stage's own result (the merge's report) is not a status
-        stages[args.stage]()
-
-    return exit_status("tessera shard", run_stage)
+    return stage_main("launch.shard_executors", "shard", {
+        "task": lambda out: run_task(work_dir(out), array_task()),
+        "merge": lambda out: finish(work_dir(out), out),
+    }, argv)
 
 
 if __name__ == "__main__":

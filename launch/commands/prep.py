@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from data.readers import EXTRACTOR_HELP, EXTRACTORS, TXT_MODE_HELP, TXT_MODES
-from launch.executors import add_slurm_flags
+from launch.executors import add_executor_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minhash-bands", type=int, default=14)
     parser.add_argument("--minhash-rows", type=int, default=8)
     parser.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
-    parser.add_argument("--executor", choices=["local", "ray", "slurm"],
-                        help="run as --tasks tasks: local processes, Ray tasks (the cluster at RAY_ADDRESS, else a "
-                             "local one), or SLURM job arrays; a rerun runs only the unfinished tasks "
-                             "(default: one process, no tasks)")
-    parser.add_argument("--tasks", type=int, help="how many tasks the inputs are dealt to (default 1)")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="slurm: submit the task, band and merge jobs (each after the one before), print "
-                             "their ids and return")
-    add_slurm_flags(parser)
+    add_executor_flags(
+        parser,
+        executor_help="run as --tasks tasks: local processes, Ray tasks (the cluster at RAY_ADDRESS, else a "
+                      "local one), or SLURM job arrays; a rerun runs only the unfinished tasks "
+                      "(default: one process, no tasks)",
+        tasks_help="how many tasks the inputs are dealt to (default 1)",
+        no_wait_help="slurm: submit the task, band and merge jobs (each after the one before), print "
+                     "their ids and return",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

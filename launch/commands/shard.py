@@ -13,7 +13,7 @@ from collections import Counter
 from common.errors import UserError
 from data.readers import TXT_MODE_HELP, TXT_MODES
 from data.shards import KINDS
-from launch.executors import add_slurm_flags
+from launch.executors import add_executor_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store each sample's source id (its pack's {key}.json: a list, an object per sample)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="tokenizing processes (with --executor local: tasks side by side)")
-    parser.add_argument("--executor", choices=["local", "ray", "slurm"],
-                        help="tokenize as --tasks tasks (whole files each): local processes, Ray tasks (the cluster "
-                             "at RAY_ADDRESS, else a local one) or a SLURM job array, then merge into the shards "
-                             "one process writes; a rerun runs only the unfinished tasks (default: no tasks)")
-    parser.add_argument("--tasks", type=int, help="how many tasks the input files are dealt to (default 1)")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="slurm: submit the task array and the merge job after it, print their ids and return")
-    add_slurm_flags(parser)
+    add_executor_flags(
+        parser,
+        executor_help="tokenize as --tasks tasks (whole files each): local processes, Ray tasks (the cluster "
+                      "at RAY_ADDRESS, else a local one) or a SLURM job array, then merge into the shards "
+                      "one process writes; a rerun runs only the unfinished tasks (default: no tasks)",
+        tasks_help="how many tasks the input files are dealt to (default 1)",
+        no_wait_help="slurm: submit the task array and the merge job after it, print their ids and return",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
